@@ -1,0 +1,35 @@
+"""Exact attention: dense (prefill) and over a selection (decode), with standard RoPE at true positions.
+
+The reference path applies the selection as a mask over the full cache: mathematically what the
+method computes, with no speedup. Fast paths (a fused CPU kernel, the host-side attention of the
+offload engine) must match :func:`attend_selected`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+
+def dense(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Ordinary causal attention, as transformers' SDPA integration computes it."""
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def attend_selected(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Softmax attention of each query head over the tokens its KV head keeps.
+
+    query (B, Hq, t, d); key/value (B, Hkv, n, d); keep (B, Hkv, n) bool.
+    Returns (B, t, Hq, d), the layout transformers' attention functions return.
+    """
+    B, Hq, t, d = query.shape
+    Hkv = key.shape[1]
+    G = Hq // Hkv
+    mask = keep.repeat_interleave(G, dim=1).unsqueeze(2)  # (B, Hq, 1, n)
+    k = key.repeat_interleave(G, dim=1)
+    v = value.repeat_interleave(G, dim=1)
+    out = F.scaled_dot_product_attention(query, k, v.to(query.dtype), attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2).contiguous()

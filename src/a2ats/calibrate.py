@@ -1,0 +1,138 @@
+"""Calibration: run the model densely over the offline corpus, accumulate H and collect pre-RoPE keys,
+then fit one query-aware codebook per layer per KV head (DESIGN.md §1.2).
+
+Two stages so that ablations share one forward pass: :func:`record` (streaming: H is a running
+d x d sum per KV head; queries are never kept) and :func:`fit`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .attention import dense
+from .assets import cache_dir
+from .codebook import Codebooks, CodebookSettings, fingerprint_id, model_fingerprint, weights_digest
+from .corpus import calibration_sequences
+from .hf import ModelPatch
+from .rope import WRoPE, undo_rotation
+
+
+@dataclass
+class Recording:
+    """What calibration keeps of the forward pass: per layer, H (Hkv, d, d) and the pre-RoPE keys (Hkv, N, d)."""
+
+    h: list[torch.Tensor]
+    keys: list[torch.Tensor]
+    tokens: int
+    seconds: float
+    fingerprint: dict = field(default_factory=dict)
+    digest: str = ""
+
+
+class _Recorder(ModelPatch):
+    def __init__(self, model, wrope_distance: int):
+        super().__init__(model)
+        self.wrope = WRoPE(self.rotary, wrope_distance)
+        self.h: list[torch.Tensor | None] = [None] * self.num_layers
+        self.keys: list[list[torch.Tensor]] = [[] for _ in range(self.num_layers)]
+
+    def attention(self, module, query, key, value, mask, scaling, dropout, kwargs):
+        (cos, sin), _ = self._current
+        layer = module.layer_idx
+        B, Hq, n, d = query.shape
+        Hkv = key.shape[1]
+        q_rot = self.wrope.query(undo_rotation(query, cos, sin)).reshape(B, Hkv, Hq // Hkv * n, d)
+        h = torch.einsum("bhnd,bhne->hde", q_rot, q_rot).to(torch.float64).cpu()  # pooled over the GQA group
+        self.h[layer] = h if self.h[layer] is None else self.h[layer] + h
+        k_pre = undo_rotation(key, cos, sin)  # (B, Hkv, n, d)
+        # fp16 halves the memory of the keys held for k-means; its precision is far below the VQ error.
+        self.keys[layer].append(k_pre.transpose(0, 1).reshape(Hkv, B * n, d).to("cpu", torch.float16))
+        return dense(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+@torch.inference_mode()
+def record(model, sequences: list[torch.Tensor], wrope_distance: int = 2048, progress: bool = True) -> Recording:
+    """Dense forward passes over ``sequences``; returns H and pre-RoPE keys of every layer."""
+    t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    base = getattr(model, model.base_model_prefix, model)  # skip the LM head: logits are not needed
+    with _Recorder(model, wrope_distance) as rec:
+        for seq in tqdm(sequences, desc="calibration forward", unit="seq", disable=not progress):
+            base(input_ids=seq.view(1, -1).to(device), use_cache=False)
+    keys = [torch.cat(k, dim=1) for k in rec.keys]
+    return Recording(
+        h=rec.h,
+        keys=keys,
+        tokens=sum(len(s) for s in sequences),
+        seconds=time.perf_counter() - t0,
+        fingerprint=model_fingerprint(model.config),
+        digest=weights_digest(model),
+    )
+
+
+def fit(recording: Recording, settings: CodebookSettings, progress: bool = True) -> Codebooks:
+    """Fit every layer's codebooks (the KV heads of a layer together) from a recording."""
+    t0 = time.perf_counter()
+    cents, chols, iters = [], [], []
+    n_tokens = recording.keys[0].shape[1]
+    if settings.n_centroids > n_tokens:
+        raise ValueError(
+            f"{settings.n_centroids} centroids need at least as many calibration tokens, got {n_tokens}: "
+            "use more tokens or fewer centroids"
+        )
+    for layer in tqdm(range(len(recording.keys)), desc="k-means per layer", unit="layer", disable=not progress):
+        c, l, info = Codebooks.fit_layer(recording.keys[layer], recording.h[layer], settings)
+        cents.append(c)
+        chols.append(l)
+        iters.append(info["iterations"])
+    info = {
+        "calibration_tokens": recording.tokens,
+        "forward_seconds": round(recording.seconds, 1),
+        "fit_seconds": round(time.perf_counter() - t0, 1),
+        "lloyd_iterations_mean": sum(iters) / len(iters),
+    }
+    return Codebooks(torch.stack(cents), torch.stack(chols), recording.fingerprint, settings, recording.digest, info)
+
+
+def calibrate(model, tokenizer, settings: CodebookSettings | None = None, progress: bool = True) -> Codebooks:
+    """Build codebooks for ``model`` from the built-in offline corpus."""
+    settings = settings or CodebookSettings()
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    seq_len = min(settings.seq_len, max_pos) if max_pos else settings.seq_len
+    seqs = calibration_sequences(tokenizer, settings.text_tokens, settings.uuid_tokens, seq_len, settings.seed)
+    return fit(record(model, seqs, settings.wrope_distance, progress), settings, progress)
+
+
+def default_codebook_path(model, settings: CodebookSettings) -> Path:
+    """Where codebooks for this checkpoint and these settings are cached."""
+    key = fingerprint_id({**model_fingerprint(model.config), "digest": weights_digest(model)})
+    name = str(getattr(model.config, "_name_or_path", "") or "model").rstrip("/").split("/")[-1] or "model"
+    return cache_dir() / "codebooks" / f"{name}-{key}" / f"{settings.tag}.safetensors"
+
+
+def load_or_calibrate(
+    model, tokenizer, path: str | Path | None = None, settings: CodebookSettings | None = None, log=print
+) -> Codebooks:
+    """Codebooks from ``path`` (a file, or a folder holding ``<settings tag>.safetensors``), or the cache;
+    calibrated and saved there first when absent. A file that exists but does not fit is an error, never overwritten."""
+    settings = settings or CodebookSettings()
+    if path is None:
+        file = default_codebook_path(model, settings)
+    else:
+        path = Path(path)
+        file = path / f"{settings.tag}.safetensors" if path.is_dir() or not path.suffix else path
+    if file.exists():
+        cb = Codebooks.load(file)
+        cb.check_compatible(model, origin=f"codebooks in {file}")
+        return cb
+    log(f"no codebooks at {file}: calibrating ({settings.n_centroids} centroids per layer per KV head, "
+        f"{settings.text_tokens} text + {settings.uuid_tokens} UUID tokens); this happens once")
+    cb = calibrate(model, tokenizer, settings)
+    cb.save(file)
+    log(f"saved codebooks to {file} (forward {cb.info['forward_seconds']} s, k-means {cb.info['fit_seconds']} s)")
+    return cb

@@ -1,0 +1,192 @@
+"""Command line: ``a2ats demo | generate | calibrate`` (``python -m a2ats`` is the same)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _budget(text: str):
+    from .config import Budget
+
+    try:
+        return Budget.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _log(msg: str) -> None:
+    print(f"[a2ats] {msg}", file=sys.stderr, flush=True)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="local Hugging Face checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32: fastest on CPUs here)")
+    p.add_argument("--device", default="cpu")
+
+
+def _add_codebook_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--centroids", type=int, default=4096, help="centroids per layer per KV head (paper: 4096)")
+    p.add_argument("--wrope-distance", type=int, default=2048, help="WRoPE distance b (paper: 2048)")
+    p.add_argument("--text-tokens", type=int, default=65536, help="calibration prose tokens (paper: ~64K)")
+    p.add_argument("--uuid-tokens", type=int, default=16384, help="calibration UUID-string tokens (paper: ~16K)")
+    p.add_argument("--max-iter", type=int, default=10, help="Lloyd iterations at most (paper: 300; see README)")
+    p.add_argument("--euclidean", action="store_true", help="plain k-means on pre-RoPE keys (ablation), not query-aware")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _settings(a):
+    from .codebook import CodebookSettings
+
+    return CodebookSettings(
+        n_centroids=a.centroids,
+        wrope_distance=a.wrope_distance,
+        query_aware=not a.euclidean,
+        text_tokens=a.text_tokens,
+        uuid_tokens=a.uuid_tokens,
+        max_iter=a.max_iter,
+        seed=a.seed,
+    )
+
+
+def _add_decode_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--codebooks", help="codebook file, or folder holding one (default: the user cache; built on first use)")
+    p.add_argument("--budget", type=_budget, default="0.03", help="0.03 = 3%% of the context per query head; 512 = 512 tokens; 1.0 = all")
+    p.add_argument("--reduction", choices=["union", "max"], default="union", help="GQA: union of per-head top-K (paper) or max score per KV head")
+    p.add_argument("--sinks", type=int, default=8)
+    p.add_argument("--window", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    _add_codebook_args(p)
+
+
+def _load(a):
+    from .assets import load_model
+
+    t = time.perf_counter()
+    model, tok = load_model(a.model, DTYPES[a.dtype], a.device, log=_log)
+    _log(f"loaded {a.model or 'the default model (SmolLM2-135M-Instruct)'} in {time.perf_counter() - t:.1f} s")
+    return model, tok
+
+
+def _a2ats(a, model, tok):
+    """The A²ATS wrapper from parsed arguments (codebooks calibrated on first use)."""
+    from .calibrate import load_or_calibrate
+    from .config import A2ATSConfig
+    from .hf import A2ATS
+
+    config = A2ATSConfig(budget=a.budget, sinks=a.sinks, window=a.window, wrope_distance=a.wrope_distance, reduction=a.reduction)
+    cb = load_or_calibrate(model, tok, a.codebooks, _settings(a), log=_log)
+    return A2ATS(model, cb, config)
+
+
+def _report(res, a2) -> None:
+    _log(a2.stats.summary())
+    _log(
+        f"prompt {res.prompt_tokens} tokens, prefill {res.prefill_seconds:.1f} s (dense); "
+        f"{res.new_tokens} new tokens at {res.decode_tokens_per_second:.1f} tokens/s "
+        "(reference path: selection applied as a mask on one device, for accuracy, not speed)"
+    )
+
+
+def cmd_generate(a) -> int:
+    from .generate import encode_prompt, generate
+
+    text = open(a.prompt_file, encoding="utf-8").read() if a.prompt_file else sys.stdin.read()
+    if not text.strip():
+        raise SystemExit("a2ats generate: the prompt is empty (give --prompt-file F or text on stdin)")
+    from .hf import check_context
+
+    model, tok = _load(a)
+    ids = encode_prompt(tok, text, chat_template=not a.no_chat_template)
+    check_context(model, ids.shape[-1], a.max_new_tokens)  # before any work (calibration included)
+    a2 = _a2ats(a, model, tok)
+    with a2:
+        res = generate(model, tok, a2, ids, a.max_new_tokens)
+    _report(res, a2)
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from .corpus import needle_prompt
+    from .generate import encode_prompt, generate
+
+    from .hf import check_context
+
+    model, tok = _load(a)
+    prompt, answer = needle_prompt(tok, a.context, depth=a.depth, seed=a.seed)
+    ids = encode_prompt(tok, prompt)
+    check_context(model, ids.shape[-1], a.max_new_tokens)
+    a2 = _a2ats(a, model, tok)
+    _log(f"needle-in-a-haystack: a 7-digit number hidden at depth {a.depth:.0%} of ~{a.context} tokens of essays")
+    print(f"Q: {prompt.strip().splitlines()[-1]}\nA: ", end="", flush=True)
+    with a2:
+        res = generate(model, tok, a2, ids, a.max_new_tokens)
+    _report(res, a2)
+    found = answer in res.text
+    _log(f"expected {answer}: {'found' if found else 'NOT found'} in the answer")
+    return 0
+
+
+def cmd_calibrate(a) -> int:
+    from .assets import load_model
+    from .calibrate import calibrate, default_codebook_path
+
+    settings = _settings(a)
+    model, tok = load_model(a.model, DTYPES[a.dtype], a.device, log=_log)
+    out = a.out
+    if out is None:
+        out = default_codebook_path(model, settings)
+    elif not out.endswith(".safetensors"):
+        out = f"{out.rstrip('/')}/{settings.tag}.safetensors"
+    t = time.perf_counter()
+    cb = calibrate(model, tok, settings)
+    path = cb.save(out)
+    _log(f"wrote {path} in {time.perf_counter() - t:.1f} s: {cb.info}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="a2ats", description="A²ATS retrieval attention for Hugging Face causal LMs")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="answer a prompt (file or stdin), streaming tokens, with A²ATS decoding")
+    _add_model_args(g)
+    _add_decode_args(g)
+    g.add_argument("--prompt-file", help="file holding the prompt (default: read stdin)")
+    g.add_argument("--no-chat-template", action="store_true", help="feed the prompt as is, without the chat template")
+    g.set_defaults(fn=cmd_generate)
+
+    d = sub.add_parser("demo", help="a needle-in-a-haystack question over essays, answered with A²ATS")
+    _add_model_args(d)
+    _add_decode_args(d)
+    d.add_argument("--context", type=int, default=4000, help="haystack length in tokens")
+    d.add_argument("--depth", type=float, default=0.5, help="where the needle sits (0 = start, 1 = end)")
+    d.set_defaults(fn=cmd_demo, max_new_tokens=32)
+
+    c = sub.add_parser("calibrate", help="build query-aware codebooks for a model from the built-in offline corpus")
+    _add_model_args(c)
+    _add_codebook_args(c)
+    c.add_argument("--out", help="output file (.safetensors) or folder (default: the user cache, where generate looks)")
+    c.set_defaults(fn=cmd_calibrate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .assets import AssetError
+    from .codebook import CodebookError
+
+    a = build_parser().parse_args(argv)
+    try:
+        return a.fn(a)
+    except (AssetError, CodebookError, ValueError) as e:
+        print(f"a2ats {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

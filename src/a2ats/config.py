@@ -1,0 +1,95 @@
+"""Typed, validated settings: the decode-time selection (`A2ATSConfig`) and the budget."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many tokens each query head retrieves per decode step, beyond sinks and window.
+
+    Either a fraction ``rho`` of the current length (the paper's ``K = int(rho * n)``) or an
+    absolute token count. ``Budget.parse("0.03")`` is a fraction, ``Budget.parse("512")`` a count:
+    a decimal point makes it a fraction, as on the command line.
+    """
+
+    fraction: float | None = None
+    tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.fraction is None) == (self.tokens is None):
+            raise ValueError("Budget needs exactly one of fraction=... or tokens=...")
+        if self.fraction is not None and not (0.0 < self.fraction <= 1.0):
+            raise ValueError(
+                f"budget fraction must be in (0, 1], got {self.fraction}; use e.g. 0.03 for 3% of the "
+                "context, 1.0 for every token, or an integer such as 512 for a token count"
+            )
+        if self.tokens is not None and self.tokens < 0:
+            raise ValueError(f"budget token count must be >= 0, got {self.tokens}")
+
+    @classmethod
+    def parse(cls, text: str | float | int | Budget) -> Budget:
+        if isinstance(text, Budget):
+            return text
+        if isinstance(text, bool):
+            raise ValueError(f"budget must be a number, got {text!r}")
+        if isinstance(text, int):
+            return cls(tokens=text)
+        if isinstance(text, float):
+            return cls(fraction=text)
+        s = str(text).strip()
+        try:
+            if any(c in s for c in ".eE"):
+                return cls(fraction=float(s))
+            return cls(tokens=int(s))
+        except ValueError as e:
+            if "budget" in str(e):
+                raise
+            raise ValueError(
+                f"budget {text!r} is not a number: give a fraction with a decimal point (0.03) or a "
+                "token count (512)"
+            ) from None
+
+    def tokens_for(self, length: torch.Tensor) -> torch.Tensor:
+        """Retrieved tokens per head for each row, given each row's current length (int64 tensor)."""
+        if self.fraction is not None:
+            # Integer arithmetic on the fraction avoids float rounding differences between devices.
+            return torch.floor(length.to(torch.float64) * self.fraction).to(torch.long)
+        return torch.full_like(length, self.tokens)
+
+    def __str__(self) -> str:
+        return f"rho={self.fraction:g}" if self.fraction is not None else f"{self.tokens} tokens"
+
+
+Reduction = Literal["union", "max"]
+
+
+@dataclass(frozen=True)
+class A2ATSConfig:
+    """Decode-time settings. Defaults are the paper's (DESIGN.md §1.3).
+
+    - ``budget``: per query head (``union``) or per KV head (``max``), sinks and window excluded.
+    - ``reduction``: ``union`` ORs the per-query-head selections of a GQA group (the paper; the
+      work per step varies up to G x budget); ``max`` scores each token by the max over the group's
+      heads and keeps ``budget`` tokens per KV head (bounded work per step).
+    - ``wrope_distance``: b, the fixed distance every token outside the window is scored at.
+    """
+
+    budget: Budget = field(default_factory=lambda: Budget(fraction=0.03))
+    sinks: int = 8
+    window: int = 64
+    wrope_distance: int = 2048
+    reduction: Reduction = "union"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "budget", Budget.parse(self.budget))
+        if self.sinks < 0 or self.window < 1:
+            raise ValueError(f"sinks must be >= 0 and window >= 1 (the current token), got {self.sinks}, {self.window}")
+        if self.wrope_distance < 0:
+            raise ValueError(f"wrope_distance must be >= 0, got {self.wrope_distance}")
+        if self.reduction not in ("union", "max"):
+            raise ValueError(f"reduction must be 'union' or 'max', got {self.reduction!r}")

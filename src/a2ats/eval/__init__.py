@@ -1,0 +1,1 @@
+"""Evaluation: metrics and harnesses built on the library, kept apart from it."""

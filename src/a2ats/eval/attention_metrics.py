@@ -1,0 +1,109 @@
+"""Attention-level metrics: share of the true attention mass a selection captures, and score error of a codebook.
+
+Kept apart from the library: these wrap its pieces (a :class:`Method`, :class:`ModelPatch`) to
+measure them, and are used by tests and the evaluation harness.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..codebook import Codebooks
+from ..config import A2ATSConfig
+from ..hf import A2ATS, ModelPatch
+from ..methods import Method
+from ..rope import WRoPE, undo_rotation
+from ..selection import DecodeStep
+
+
+@dataclass
+class MassProbe(Method):
+    """Wraps a method; at each decode step records the true attention mass its selection captures."""
+
+    inner: Method
+    scaling: float
+    mass: dict[int, list[float]] = field(default_factory=dict)  # layer -> per (step, row, query head)
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self.inner.name
+
+    def on_append(self, layer, store, k_pre, k_post, kv_heads):
+        self.inner.on_append(layer, store, k_pre, k_post, kv_heads)
+
+    def scores(self, step):
+        return self.inner.scores(step)
+
+    def select(self, step: DecodeStep, config: A2ATSConfig) -> torch.Tensor:
+        keep = self.inner.select(step, config)
+        B, Hq, d = step.query.shape
+        Hkv, G = step.keys.shape[1], step.group
+        logits = torch.einsum("bhgd,bhnd->bhgn", step.query.float().reshape(B, Hkv, G, d), step.keys.float()) * self.scaling
+        logits = logits.masked_fill(~step.valid[:, None, None, :], float("-inf"))
+        p = logits.softmax(-1)
+        captured = (p * keep[:, :, None, :]).sum(-1)  # (B, Hkv, G)
+        self.mass.setdefault(step.layer, []).extend(captured.flatten().tolist())
+        return keep
+
+    def mean(self) -> float:
+        vals = [v for vs in self.mass.values() for v in vs]
+        return sum(vals) / max(len(vals), 1)
+
+
+@torch.inference_mode()
+def attention_mass(model, method: Method, config: A2ATSConfig, ids: torch.Tensor, decode_last: int = 32) -> MassProbe:
+    """Prefill ``ids[:-decode_last]`` densely, then decode the last tokens one at a time (teacher forcing)
+    under ``method``; returns the probe holding the captured mass of every layer, step and query head."""
+    mod = next(m for m in model.modules() if hasattr(m, "scaling") and hasattr(m, "layer_idx"))
+    probe = MassProbe(method, float(mod.scaling))
+    ids = ids.view(1, -1).to(next(model.parameters()).device)
+    with A2ATS(model, config=config, method=probe) as a2:
+        cache = a2.new_cache()
+        model(input_ids=ids[:, :-decode_last], past_key_values=cache, use_cache=True)
+        for i in range(ids.shape[1] - decode_last, ids.shape[1]):
+            model(input_ids=ids[:, i : i + 1], past_key_values=cache, use_cache=True)
+    return probe
+
+
+class _ScoreError(ModelPatch):
+    def __init__(self, model, codebooks: dict[str, Codebooks], distance: int, queries: int):
+        super().__init__(model)
+        self.codebooks = codebooks
+        self.wrope = WRoPE(self.rotary, distance)
+        self.queries = queries
+        self.sq: dict[str, float] = {k: 0.0 for k in codebooks}
+        self.count = 0
+
+    def attention(self, module, query, key, value, mask, scaling, dropout, kwargs):
+        from ..attention import dense
+
+        (cos, sin), _ = self._current
+        layer = module.layer_idx
+        B, Hq, n, d = query.shape
+        Hkv = key.shape[1]
+        q = self.wrope.query(undo_rotation(query[:, :, -self.queries :], cos[:, -self.queries :], sin[:, -self.queries :]))
+        q = q.reshape(B, Hkv, -1, d)  # the group's heads and queries pooled
+        k_pre = undo_rotation(key, cos, sin)
+        exact = torch.einsum("bhqd,bhnd->bhqn", q, k_pre)
+        for name, cb in self.codebooks.items():
+            codes = cb.encode(layer, k_pre).long()  # (B, Hkv, n)
+            cent = cb.centroids[layer].to(k_pre.device)  # (Hkv, C, d)
+            approx_k = torch.stack([cent[h][codes[:, h]] for h in range(Hkv)], dim=1)  # (B, Hkv, n, d)
+            est = torch.einsum("bhqd,bhnd->bhqn", q, approx_k)
+            self.sq[name] += float(((est - exact) ** 2).sum())
+        self.count += exact.numel()
+        return dense(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+@torch.inference_mode()
+def score_error(model, codebooks: dict[str, Codebooks], ids: torch.Tensor, queries: int = 64) -> dict[str, float]:
+    """Mean squared error of the WRoPE score estimated from each codebook's centroids vs exact pre-RoPE keys,
+    over the last ``queries`` queries of ``ids`` and all their keys, every layer and head."""
+    distance = next(iter(codebooks.values())).settings.wrope_distance
+    patch = _ScoreError(model, codebooks, distance, queries)
+    base = getattr(model, model.base_model_prefix, model)
+    with patch:
+        base(input_ids=ids.view(1, -1).to(next(model.parameters()).device), use_cache=False)
+    return {k: v / max(patch.count, 1) for k, v in patch.sq.items()}

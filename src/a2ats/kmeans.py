@@ -1,0 +1,113 @@
+"""k-means++ and Lloyd in torch, batched over several codebooks (the KV heads of a layer).
+
+Plain torch beats faiss here (measured on the 2-core machine: 0.2 s vs 0.25 s per Lloyd pass over
+81,920 x 64 -> 4096 centroids) and gives the k-means++ init that faiss lacks. The distance argmin
+is a chunked ``x . c - |c|^2 / 2`` matmul + row max, which is what bounds a pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class KMeansResult:
+    centroids: torch.Tensor  # (G, k, d) fp32
+    iterations: int
+    inertia: torch.Tensor  # (G,) mean squared distance to the assigned centroid
+    reseeded: int  # empty clusters re-seeded over all iterations
+
+
+def kmeans_pp_init(x: torch.Tensor, k: int, generator: torch.Generator, sample: int | None = None) -> torch.Tensor:
+    """k-means++ seeding of ``k`` centroids for each of G point sets ``x`` (G, N, d).
+
+    Seeds from a random subsample of ``sample`` points (default max(2k, 4096)) to keep the k sequential steps
+    cheap (each is memory-bound over the sample); Lloyd then runs on all points.
+    """
+    G, N, d = x.shape
+    if k > N:
+        raise ValueError(f"cannot fit {k} centroids to {N} points: use fewer centroids or more calibration tokens")
+    sample = min(N, sample or max(2 * k, 4096))
+    idx = torch.stack([torch.randperm(N, generator=generator)[:sample] for _ in range(G)])
+    pts = torch.gather(x, 1, idx.unsqueeze(-1).expand(G, sample, d)).contiguous()
+    norms = (pts * pts).sum(-1)
+    cent = torch.empty(G, k, d, dtype=x.dtype)
+    ar = torch.arange(G)
+    first = torch.randint(sample, (G,), generator=generator)
+    cent[:, 0] = pts[ar, first]
+    mind = (norms - 2 * torch.einsum("gnd,gd->gn", pts, cent[:, 0]) + (cent[:, 0] ** 2).sum(-1, keepdim=True)).clamp_min_(0)
+    for j in range(1, k):
+        # Sample proportional to squared distance (cumsum + searchsorted: 30x cheaper than multinomial).
+        cdf = mind.cumsum(-1)
+        u = torch.rand(G, 1, generator=generator) * cdf[:, -1:]
+        pick = torch.searchsorted(cdf, u).squeeze(1).clamp_max_(sample - 1)
+        c = pts[ar, pick]
+        cent[:, j] = c
+        dist = norms - 2 * torch.bmm(pts, c.unsqueeze(-1)).squeeze(-1) + (c * c).sum(-1, keepdim=True)
+        torch.minimum(mind, dist.clamp_min_(0), out=mind)
+    return cent
+
+
+def assign(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid (G, N) and the squared distance to it (G, N), for x (G, N, d)."""
+    G, N, d = x.shape
+    k = centroids.shape[1]
+    # argmax of x.c - |c|^2/2 as one plain matmul: [x, 1] @ [c, -|c|^2/2]^T (25% faster than addmm's bias).
+    xa = torch.cat([x, x.new_ones(G, N, 1)], -1)
+    ca = torch.cat([centroids, -0.5 * (centroids * centroids).sum(-1, keepdim=True)], -1).transpose(1, 2).contiguous()
+    best = torch.empty(G, N, dtype=torch.long)
+    score = torch.empty(G, N, dtype=x.dtype)
+    buf = torch.empty(min(chunk, N), k, dtype=x.dtype)
+    for g in range(G):
+        for s in range(0, N, chunk):
+            e = min(s + chunk, N)
+            sim = torch.mm(xa[g, s:e], ca[g], out=buf[: e - s])
+            torch.max(sim, -1, out=(score[g, s:e], best[g, s:e]))
+    sqdist = ((x * x).sum(-1) - 2 * score).clamp_min_(0)
+    return best, sqdist
+
+
+def lloyd(x: torch.Tensor, centroids: torch.Tensor, max_iter: int, tol: float) -> KMeansResult:
+    """Lloyd iterations until the mean squared centroid shift, relative to the data's variance, is below ``tol``."""
+    x = x.to(torch.float32).contiguous()
+    c = centroids.to(torch.float32).clone()
+    G, N, d = x.shape
+    k = c.shape[1]
+    scale = x.var(dim=1).sum(-1).clamp_min(1e-12)  # (G,)
+    reseeded = 0
+    it = 0
+    best, sqd = assign(x, c)
+    for it in range(1, max_iter + 1):
+        new = torch.zeros_like(c)
+        counts = torch.zeros(G, k, dtype=torch.float32)
+        for g in range(G):
+            new[g].index_add_(0, best[g], x[g])
+            counts[g] = torch.bincount(best[g], minlength=k).to(torch.float32)
+        nonempty = counts > 0
+        new = torch.where(nonempty.unsqueeze(-1), new / counts.clamp_min(1).unsqueeze(-1), c)
+        for g in range(G):
+            empty = (~nonempty[g]).nonzero().squeeze(1)
+            if empty.numel():
+                # Re-seed with the points worst served now: real data, never a zero vector.
+                far = sqd[g].topk(empty.numel()).indices
+                new[g, empty] = x[g, far]
+                sqd[g, far] = 0
+                reseeded += empty.numel()
+        shift = ((new - c) ** 2).sum(-1).mean(-1) / scale
+        c = new
+        best, sqd = assign(x, c)
+        if bool((shift < tol).all()):
+            break
+    return KMeansResult(centroids=c, iterations=it, inertia=sqd.mean(-1), reseeded=reseeded)
+
+
+def kmeans(
+    x: torch.Tensor, k: int, *, max_iter: int = 300, tol: float = 1e-4, seed: int = 0, init_sample: int | None = None
+) -> KMeansResult:
+    """k-means++ then Lloyd, for G point sets at once: ``x`` is (G, N, d)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = x.to(torch.float32).contiguous()
+    init = kmeans_pp_init(x, k, gen, sample=init_sample)
+    return lloyd(x, init, max_iter=max_iter, tol=tol)

@@ -1,0 +1,97 @@
+"""Rotary position embedding as the model applies it, and WRoPE (DESIGN.md §1.1).
+
+Transformers hands attention post-RoPE queries and keys. Both are rotated by the model's own
+cos/sin (so llama3, YaRN, dynamic scaling are all included); the inverse rotation recovers the
+pre-RoPE vectors exactly, without knowing the rope type. All functions use the HF convention
+``x' = x*cos + rotate_half(x)*sin`` and support partial rotary (cos narrower than head_dim).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _broadcast(cs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # cos/sin come as (B, n, d) or (n, d); heads sit at dim 1 of x (B, H, n, d).
+    if cs.dim() == 3 and x.dim() == 4:
+        cs = cs.unsqueeze(1)
+    return cs.to(torch.float32)
+
+
+def apply_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` forward by the angles in cos/sin, in fp32."""
+    return _rotate(x, cos, sin, sign=1.0)
+
+
+def undo_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Exact inverse of :func:`apply_rotation`, in fp32.
+
+    Some rope types scale cos and sin (YaRN's attention factor), so the inverse divides by
+    cos^2 + sin^2 rather than assuming a pure rotation.
+    """
+    return _rotate(x, cos, sin, sign=-1.0)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    x = x.to(torch.float32)
+    cos, sin = _broadcast(cos, x), _broadcast(sin, x)
+    rot = cos.shape[-1]
+    xr = x[..., :rot]
+    out = xr * cos + sign * rotate_half(xr) * sin
+    if sign < 0:
+        out = out / (cos * cos + sin * sin)
+    if rot == x.shape[-1]:
+        return out
+    return torch.cat((out, x[..., rot:]), dim=-1)
+
+
+def find_rotary_embedding(model: nn.Module) -> nn.Module:
+    """The model's shared rotary-embedding module (``model.model.rotary_emb`` for Llama-like models)."""
+    for module in model.modules():
+        if type(module).__name__.endswith("RotaryEmbedding") and hasattr(module, "inv_freq"):
+            return module
+    raise ValueError(
+        f"{type(model).__name__} has no rotary position embedding module: A²ATS needs a RoPE model "
+        "(Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3, ...). Models with absolute or ALiBi positions are not supported."
+    )
+
+
+def rotary_at(rotary: nn.Module, distance: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin (each (1, 1, rot_dim), fp32) of the rotation by ``distance`` positions, from the model's module."""
+    probe = torch.zeros(1, 1, 1, device=device, dtype=torch.float32)
+    pos = torch.tensor([[distance]], device=device, dtype=torch.long)
+    with torch.no_grad():
+        cos, sin = rotary(probe, position_ids=pos)
+    return cos.to(torch.float32), sin.to(torch.float32)
+
+
+class WRoPE:
+    """Scores every token outside the window as if it sat exactly ``distance`` positions away.
+
+    ``(R_b q_pre) . k_pre`` equals the true RoPE score at relative distance b, so keys carry no
+    position and one codebook serves every position.
+    """
+
+    def __init__(self, rotary: nn.Module, distance: int):
+        self.rotary = rotary
+        self.distance = distance
+        self._cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def rotation(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._cache:  # computed once per device, not per step
+            self._cache[device] = rotary_at(self.rotary, self.distance, device)
+        return self._cache[device]
+
+    def query(self, q_pre: torch.Tensor) -> torch.Tensor:
+        """``R_b q_pre`` for query heads (..., d), fp32, scaled so that ``query(q) . k_pre`` is the model's own
+        logit at distance b (rope types such as YaRN scale both q and k by their attention factor)."""
+        cos, sin = self.rotation(q_pre.device)
+        cos, sin = cos.reshape(-1), sin.reshape(-1)
+        factor = (cos * cos + sin * sin).sqrt()
+        return apply_rotation(q_pre, cos * factor, sin * factor)

@@ -1,0 +1,52 @@
+"""Running statistics of what decode steps attended to, for the one-line report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import A2ATSConfig
+
+
+@dataclass
+class SelectionStats:
+    config: A2ATSConfig
+    steps: int = 0  # layer-steps recorded
+    attended: float = 0.0  # sum over (layer-step, row, KV head) of tokens attended
+    heads: int = 0  # number of (layer-step, row, KV head) terms
+    context: float = 0.0  # sum over the same terms of the row's length
+    last_length: int = 0
+
+    def reset(self) -> None:
+        self.steps, self.attended, self.heads, self.context, self.last_length = 0, 0.0, 0, 0.0, 0
+
+    def record(self, keep: torch.Tensor, valid: torch.Tensor) -> None:
+        counts = keep.sum(-1)  # (B, Hkv)
+        lengths = valid.sum(-1, keepdim=True).expand_as(counts)
+        self.steps += 1
+        self.attended += float(counts.sum())
+        self.context += float(lengths.sum())
+        self.heads += counts.numel()
+        self.last_length = int(valid.sum(-1).max())
+
+    @property
+    def mean_attended(self) -> float:
+        return self.attended / max(self.heads, 1)
+
+    @property
+    def mean_fraction(self) -> float:
+        return self.attended / max(self.context, 1.0)
+
+    def summary(self) -> str:
+        cfg = self.config
+        if not self.heads:
+            return "no decode steps recorded"
+        k = int(cfg.budget.tokens_for(torch.tensor([self.last_length]))[0])
+        k = min(k, max(self.last_length - cfg.sinks - cfg.window, 0))  # cannot retrieve more than compete
+        per = "query head, GQA union" if cfg.reduction == "union" else "KV head (max over the group)"
+        return (
+            f"context {self.last_length} tokens | attended per step: {self.mean_attended:.0f} tokens per KV head "
+            f"({self.mean_fraction:.1%} of the context, mean over layers and steps) | budget {cfg.budget}: "
+            f"{k} retrieved per {per} + {cfg.sinks} sinks + {cfg.window} window"
+        )

@@ -1,0 +1,87 @@
+"""The command line end to end, on a tiny random model that uses the default model's tokenizer."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from a2ats.cli import build_parser, main
+from a2ats.codebook import Codebooks
+
+from conftest import random_codebooks
+
+
+def test_python_m_is_the_same_cli():
+    out = subprocess.run([sys.executable, "-m", "a2ats", "--help"], capture_output=True, text=True, check=True)
+    for cmd in ("generate", "calibrate", "demo"):
+        assert cmd in out.stdout
+
+
+def test_budget_argument():
+    p = build_parser()
+    assert p.parse_args(["generate", "--budget", "0.03"]).budget.fraction == 0.03
+    assert p.parse_args(["generate", "--budget", "512"]).budget.tokens == 512
+    assert p.parse_args(["generate", "--budget", "1.0"]).budget.fraction == 1.0
+    for bad in ("0.0", "1.5", "-2", "x"):
+        with pytest.raises(SystemExit):
+            p.parse_args(["generate", "--budget", bad])
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, default_model):
+    """A tiny random Llama saved with the default model's tokenizer and chat template."""
+    import transformers as T
+
+    _, tok = default_model
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    path = tmp_path_factory.mktemp("tiny")
+    T.LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.default_model
+def test_calibrate_then_generate(tiny_checkpoint, tmp_path, capsys):
+    cb_dir = tmp_path / "cb"
+    small = ["--centroids", "32", "--text-tokens", "1024", "--uuid-tokens", "256", "--max-iter", "3"]
+    assert main(["calibrate", "--model", str(tiny_checkpoint), "--out", str(cb_dir), *small]) == 0
+    cb = Codebooks.load(cb_dir / "c32-b2048-qa.safetensors")
+    assert cb.centroids.shape == (2, 2, 32, 16)
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("word " * 300)
+    args = ["generate", "--model", str(tiny_checkpoint), "--codebooks", str(cb_dir), "--prompt-file", str(prompt),
+            "--max-new-tokens", "5", "--budget", "0.1", *small]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "attended per step" in err and "budget rho=0.1" in err
+    # the chat template can be turned off; a token-count budget is reported as such
+    assert main([*args[:-len(small)], "--no-chat-template", "--budget", "20", *small]) == 0
+    assert "budget 20 tokens" in capsys.readouterr().err
+
+
+@pytest.mark.default_model
+def test_bad_inputs_fail_clearly(tiny_checkpoint, tmp_path, capsys):
+    prompt, long = tmp_path / "p.txt", tmp_path / "long.txt"
+    prompt.write_text("word " * 100)
+    long.write_text("word " * 2000)  # longer than the tiny model's 512 positions
+    cb = tmp_path / "other.safetensors"
+    import transformers as T
+
+    other = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                             num_attention_heads=2, num_key_value_heads=1))
+    random_codebooks(other).save(cb)
+    base = ["generate", "--model", str(tiny_checkpoint), "--prompt-file", str(prompt)]
+    assert main([*base, "--codebooks", str(cb)]) == 2
+    assert "built for another model" in capsys.readouterr().err
+    cb.write_bytes(cb.read_bytes()[:50])
+    assert main([*base, "--codebooks", str(cb)]) == 2
+    assert "corrupt or truncated" in capsys.readouterr().err
+    # the length is checked before any work: the codebook argument is never even read
+    assert main([*base[:-1], str(long), "--codebooks", str(tmp_path / "absent")]) == 2
+    assert "exceeds the model's context of 512" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tmp_path / "nowhere"), "--prompt-file", str(prompt)]) == 2
+    assert "no model at" in capsys.readouterr().err

@@ -1,0 +1,76 @@
+"""The embedded default model (SmolLM2-135M-Instruct) with codebooks calibrated here.
+
+Calibration is scaled down for CI (512 centroids, ~20K tokens instead of 4096 and ~80K); one
+recorded forward pass serves both the query-aware codebooks and the Euclidean ablation.
+"""
+
+import pytest
+import torch
+
+from a2ats import A2ATS, A2ATSConfig
+from a2ats.calibrate import fit, record
+from a2ats.codebook import CodebookSettings
+from a2ats.corpus import calibration_sequences, speeches
+from a2ats.eval.attention_metrics import attention_mass, score_error
+from a2ats.methods import A2ATSMethod
+from a2ats.rope import WRoPE
+
+pytestmark = pytest.mark.default_model
+
+SMALL = CodebookSettings(n_centroids=512, text_tokens=16384, uuid_tokens=4096, seq_len=2048, max_iter=10)
+
+
+@pytest.fixture(scope="module")
+def codebooks(default_model):
+    model, tok = default_model
+    seqs = calibration_sequences(tok, SMALL.text_tokens, SMALL.uuid_tokens, SMALL.seq_len, SMALL.seed)
+    rec = record(model, seqs, SMALL.wrope_distance, progress=False)
+    qa = fit(rec, SMALL, progress=False)
+    eu = fit(rec, CodebookSettings(**{**SMALL.__dict__, "query_aware": False}), progress=False)
+    return qa, eu
+
+
+@pytest.fixture(scope="module")
+def long_text_ids(default_model):
+    """~4K tokens of a State of the Union address from 1900-1930: prose the calibration never saw."""
+    _, tok = default_model
+    text = next(s for s in speeches()[110:] if len(s) > 30000)
+    return torch.tensor(tok.encode(text, add_special_tokens=False)[:4096])
+
+
+def test_full_budget_generation_equals_dense(default_model, codebooks):
+    model, tok = default_model
+    prompts = ["The capital of France is", "Write one sentence about the sea, please. The sea"]
+    tok.padding_side = "left"
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    kw = dict(max_new_tokens=10, do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
+    with torch.inference_mode():
+        ref = model.generate(**batch, **kw)
+        with A2ATS(model, codebooks[0], A2ATSConfig(budget=1.0)):
+            out = model.generate(**batch, **kw)
+    assert torch.equal(ref.sequences, out.sequences)
+    for a, b in zip(ref.scores, out.scores):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_attention_mass_at_three_percent(default_model, codebooks, long_text_ids):
+    """Measured share of the true attention mass A²ATS keeps at rho = 0.03, against sinks + window alone.
+
+    Observed on the 2-core machine with these CI codebooks: A²ATS 0.834, sinks + window only 0.600
+    (README has the figures at paper settings). The assertions leave a margin below those.
+    """
+    model, _ = default_model
+    cfg = A2ATSConfig(budget=0.03)
+    method = A2ATSMethod(codebooks[0], WRoPE(A2ATS(model, codebooks[0]).rotary, 2048))
+    a2ats = attention_mass(model, method, cfg, long_text_ids, decode_last=8).mean()
+    window_only = attention_mass(model, method, A2ATSConfig(budget=0), long_text_ids, decode_last=8).mean()
+    assert a2ats > 0.78
+    assert a2ats > window_only + 0.15
+
+
+def test_query_aware_beats_euclidean_score_error(default_model, codebooks, long_text_ids):
+    """The paper's claim, measured on held-out text: lower mean squared WRoPE-score error than plain k-means."""
+    model, _ = default_model
+    err = score_error(model, {"qa": codebooks[0], "euclid": codebooks[1]}, long_text_ids[:2048], queries=32)
+    # Observed here: 64.6 vs 121.2 (ratio 0.53); README has the paper-settings figures.
+    assert err["qa"] < 0.7 * err["euclid"]
