@@ -44,6 +44,18 @@ def tiny_model(family: str, seed: int = 0):
 FAMILIES = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
 
 
+def padded_batch(seed: int = 0, lengths=(90, 61, 77), vocab: int = 97):
+    """(ids, attention_mask) of random prompts of the given lengths, left-padded with 0."""
+    g = torch.Generator().manual_seed(seed)
+    n = max(lengths)
+    ids = torch.zeros(len(lengths), n, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, L in enumerate(lengths):
+        ids[i, n - L :] = torch.randint(3, vocab, (L,), generator=g)
+        mask[i, n - L :] = 1
+    return ids, mask
+
+
 def random_codebooks(model, n_centroids: int = 16, seed: int = 0, wrope_distance: int = 2048) -> Codebooks:
     """Codebooks of the right shape for ``model`` with random centroids and a random SPD factor."""
     cfg = model.config

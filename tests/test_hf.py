@@ -6,7 +6,7 @@ from a2ats import A2ATS, A2ATSConfig
 from a2ats.methods import A2ATSMethod, OracleMethod
 from a2ats.rope import WRoPE, find_rotary_embedding
 
-from conftest import FAMILIES, random_codebooks, tiny_model
+from conftest import FAMILIES, padded_batch, random_codebooks, tiny_model
 
 GEN = dict(do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
 
@@ -16,22 +16,10 @@ def _gen(model, ids, mask, n=12):
         return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, **GEN)
 
 
-def _batch(seed=0, lengths=(90, 61, 77)):
-    """Left-padded batch of random prompts of the given lengths."""
-    g = torch.Generator().manual_seed(seed)
-    n = max(lengths)
-    ids = torch.zeros(len(lengths), n, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, L in enumerate(lengths):
-        ids[i, n - L :] = torch.randint(3, 97, (L,), generator=g)
-        mask[i, n - L :] = 1
-    return ids, mask
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_full_budget_equals_dense(family):
     model = tiny_model(family)
-    ids, mask = _batch()
+    ids, mask = padded_batch()
     ref = _gen(model, ids, mask)
     with A2ATS(model, random_codebooks(model), A2ATSConfig(budget=1.0, sinks=4, window=8)) as a2:
         out = _gen(model, ids, mask)
@@ -46,7 +34,7 @@ def test_full_budget_equals_dense(family):
 def test_padded_batch_rows_equal_their_own_runs(family, reduction):
     """At a real (small) budget, each left-padded row selects and generates as it would alone."""
     model = tiny_model(family)
-    ids, mask = _batch(seed=1)
+    ids, mask = padded_batch(seed=1)
     cfg = A2ATSConfig(budget=0.1, sinks=4, window=8, reduction=reduction)
     with A2ATS(model, random_codebooks(model), cfg) as a2:
         batched = _gen(model, ids, mask)
@@ -63,7 +51,7 @@ def test_padded_batch_rows_equal_their_own_runs(family, reduction):
 def test_small_budget_really_selects():
     """The selection is applied: at 5% the decode-step logits move away from dense (prefill stays dense)."""
     model = tiny_model("llama")
-    ids, mask = _batch(seed=2, lengths=(300,))
+    ids, mask = padded_batch(seed=2, lengths=(300,))
     full = _gen(model, ids, mask, n=4).scores
     with A2ATS(model, random_codebooks(model), A2ATSConfig(budget=0.05, sinks=2, window=4)):
         vq = _gen(model, ids, mask, n=4).scores
@@ -104,7 +92,7 @@ def test_context_manager_restores_the_model():
     assert model.config._attn_implementation == before
     assert "generate" not in vars(model)
     assert not any(hasattr(m, "_a2ats_patch") for m in model.modules())
-    ids, mask = _batch()
+    ids, mask = padded_batch()
     _gen(model, ids, mask, n=2)  # still a plain working model
 
 
@@ -125,7 +113,7 @@ def test_errors_are_clear():
 def test_manual_loop_with_new_cache_matches_generate():
     model = tiny_model("qwen3")
     cb = random_codebooks(model)
-    ids, mask = _batch(lengths=(120,))
+    ids, mask = padded_batch(lengths=(120,))
     with A2ATS(model, cb, A2ATSConfig(budget=0.1, sinks=2, window=8)) as a2, torch.inference_mode():
         ref = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
         cache = a2.new_cache()
@@ -136,3 +124,14 @@ def test_manual_loop_with_new_cache_matches_generate():
             toks.append(out.logits[:, -1].argmax(-1, keepdim=True))
         assert cache.layers[0].extra("codes").shape == (1, 2, 125)
     assert torch.equal(ref[0, 120:], torch.cat(toks, -1)[0])
+
+
+def test_bfloat16_model_full_budget_matches_dense():
+    model = tiny_model("qwen3").to(torch.bfloat16)
+    ids, mask = padded_batch(seed=4, lengths=(70, 50))
+    ref = _gen(model, ids, mask, n=6)
+    with A2ATS(model, random_codebooks(model), A2ATSConfig(budget=1.0, sinks=2, window=4)):
+        out = _gen(model, ids, mask, n=6)
+    assert torch.equal(ref.sequences, out.sequences)
+    for a, b in zip(ref.scores, out.scores):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)

@@ -40,6 +40,8 @@ class A2ATSLayer(CacheLayerMixin):
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
         self._extras: dict[str, torch.Tensor] = {}
+        # Per-sequence method state without a token axis (batch at dim 0), e.g. PQ codebooks fit at prefill.
+        self.state: dict[str, torch.Tensor] = {}
 
     # transformers reads .keys/.values; they are views of the filled part.
     @property
@@ -109,11 +111,13 @@ class A2ATSLayer(CacheLayerMixin):
             return
         self._k, self._v = fn(self._k), fn(self._v)
         self._extras = {k: fn(v) for k, v in self._extras.items()}
+        self.state = {k: fn(v) for k, v in self.state.items()}
 
     def reset(self) -> None:
         self.length = 0
         self._k = self._v = None
         self._extras = {}
+        self.state = {}
         self.is_initialized = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

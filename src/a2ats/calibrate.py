@@ -32,12 +32,14 @@ class Recording:
     seconds: float
     fingerprint: dict = field(default_factory=dict)
     digest: str = ""
+    post_rope: bool = False
 
 
 class _Recorder(ModelPatch):
-    def __init__(self, model, wrope_distance: int):
+    def __init__(self, model, wrope_distance: int, post_rope: bool = False):
         super().__init__(model)
         self.wrope = WRoPE(self.rotary, wrope_distance)
+        self.post_rope = post_rope
         self.h: list[torch.Tensor | None] = [None] * self.num_layers
         self.keys: list[list[torch.Tensor]] = [[] for _ in range(self.num_layers)]
 
@@ -46,22 +48,28 @@ class _Recorder(ModelPatch):
         layer = module.layer_idx
         B, Hq, n, d = query.shape
         Hkv = key.shape[1]
-        q_rot = self.wrope.query(undo_rotation(query, cos, sin)).reshape(B, Hkv, Hq // Hkv * n, d)
+        if self.post_rope:  # ablation: quantize keys as attention sees them, score with the true query
+            q_rot, k = query.float(), key.float()
+        else:
+            q_rot, k = self.wrope.query(undo_rotation(query, cos, sin)), undo_rotation(key, cos, sin)
+        q_rot = q_rot.reshape(B, Hkv, Hq // Hkv * n, d)
         h = torch.einsum("bhnd,bhne->hde", q_rot, q_rot).to(torch.float64).cpu()  # pooled over the GQA group
         self.h[layer] = h if self.h[layer] is None else self.h[layer] + h
-        k_pre = undo_rotation(key, cos, sin)  # (B, Hkv, n, d)
         # fp16 halves the memory of the keys held for k-means; its precision is far below the VQ error.
-        self.keys[layer].append(k_pre.transpose(0, 1).reshape(Hkv, B * n, d).to("cpu", torch.float16))
+        self.keys[layer].append(k.transpose(0, 1).reshape(Hkv, B * n, d).to("cpu", torch.float16))
         return dense(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
 @torch.inference_mode()
-def record(model, sequences: list[torch.Tensor], wrope_distance: int = 2048, progress: bool = True) -> Recording:
-    """Dense forward passes over ``sequences``; returns H and pre-RoPE keys of every layer."""
+def record(
+    model, sequences: list[torch.Tensor], wrope_distance: int = 2048, progress: bool = True, post_rope: bool = False
+) -> Recording:
+    """Dense forward passes over ``sequences``; returns H and pre-RoPE keys of every layer
+    (post-RoPE keys and H of the true queries with ``post_rope``, for that ablation)."""
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     base = getattr(model, model.base_model_prefix, model)  # skip the LM head: logits are not needed
-    with _Recorder(model, wrope_distance) as rec:
+    with _Recorder(model, wrope_distance, post_rope) as rec:
         for seq in tqdm(sequences, desc="calibration forward", unit="seq", disable=not progress):
             base(input_ids=seq.view(1, -1).to(device), use_cache=False)
     keys = [torch.cat(k, dim=1) for k in rec.keys]
@@ -72,11 +80,14 @@ def record(model, sequences: list[torch.Tensor], wrope_distance: int = 2048, pro
         seconds=time.perf_counter() - t0,
         fingerprint=model_fingerprint(model.config),
         digest=weights_digest(model),
+        post_rope=post_rope,
     )
 
 
 def fit(recording: Recording, settings: CodebookSettings, progress: bool = True) -> Codebooks:
     """Fit every layer's codebooks (the KV heads of a layer together) from a recording."""
+    if recording.post_rope != settings.post_rope:
+        raise ValueError("the recording's key space (pre/post RoPE) differs from the settings' post_rope")
     t0 = time.perf_counter()
     cents, chols, iters = [], [], []
     n_tokens = recording.keys[0].shape[1]
@@ -105,7 +116,7 @@ def calibrate(model, tokenizer, settings: CodebookSettings | None = None, progre
     max_pos = getattr(model.config, "max_position_embeddings", None)
     seq_len = min(settings.seq_len, max_pos) if max_pos else settings.seq_len
     seqs = calibration_sequences(tokenizer, settings.text_tokens, settings.uuid_tokens, seq_len, settings.seed)
-    return fit(record(model, seqs, settings.wrope_distance, progress), settings, progress)
+    return fit(record(model, seqs, settings.wrope_distance, progress, settings.post_rope), settings, progress)
 
 
 def default_codebook_path(model, settings: CodebookSettings) -> Path:

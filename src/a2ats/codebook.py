@@ -35,6 +35,7 @@ class CodebookSettings:
     n_centroids: int = 4096
     wrope_distance: int = 2048
     query_aware: bool = True  # False: plain Euclidean k-means on pre-RoPE keys (an ablation)
+    post_rope: bool = False  # True: keys and queries after RoPE, no WRoPE (an ablation; b unused)
     text_tokens: int = 65536
     uuid_tokens: int = 16384
     seq_len: int = 2048
@@ -55,7 +56,8 @@ class CodebookSettings:
     @property
     def tag(self) -> str:
         """A file-name tag of the settings that change the codes (not the corpus size)."""
-        return f"c{self.n_centroids}-b{self.wrope_distance}-{'qa' if self.query_aware else 'euclid'}"
+        space = "postrope" if self.post_rope else f"b{self.wrope_distance}"
+        return f"c{self.n_centroids}-{space}-{'qa' if self.query_aware else 'euclid'}"
 
 
 def model_fingerprint(config: Any) -> dict[str, Any]:

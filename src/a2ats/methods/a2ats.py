@@ -1,4 +1,9 @@
-"""A²ATS (He et al., 2025): WRoPE query x query-aware VQ codes of pre-RoPE keys, via a lookup table."""
+"""A²ATS (He et al., 2025): WRoPE query x query-aware VQ codes of pre-RoPE keys, via a lookup table.
+
+The ablations are the same method over other codebooks: ``a2ats-euclid`` (plain k-means,
+``query_aware=False``) and ``a2ats-postrope`` (post-RoPE keys scored with the true query, no WRoPE,
+``post_rope=True``).
+"""
 
 from __future__ import annotations
 
@@ -11,22 +16,23 @@ from .base import Method
 
 
 class A2ATSMethod(Method):
-    name = "a2ats"
-
     def __init__(self, codebooks: Codebooks, wrope: WRoPE):
         self.codebooks = codebooks
         self.wrope = wrope
+        self.post_rope = codebooks.settings.post_rope
+        s = codebooks.settings
+        self.name = "a2ats-postrope" if s.post_rope else ("a2ats" if s.query_aware else "a2ats-euclid")
 
     def on_append(self, layer, store, k_pre, k_post, kv_heads):
         # Every key is encoded once, as it is written; int16 holds up to 32767 centroids.
-        store.write_extra("codes", self.codebooks.encode(layer, k_pre, kv_heads))
+        store.write_extra("codes", self.codebooks.encode(layer, k_post if self.post_rope else k_pre, kv_heads))
 
     def scores(self, step: DecodeStep) -> torch.Tensor:
         B, Hq, d = step.q_pre.shape
         Hkv, G = step.keys.shape[1], step.group
         centroids = self.codebooks.tensors_for(step.layer, step.kv_heads, step.q_pre.device)[0]  # (Hkv, C, d)
-        q_rot = self.wrope.query(step.q_pre).reshape(B, Hkv, G, d)
-        lut = torch.einsum("bhgd,hcd->bhgc", q_rot, centroids)  # (B, Hkv, G, C): one row per query head
+        q = step.query.float() if self.post_rope else self.wrope.query(step.q_pre)
+        lut = torch.einsum("bhgd,hcd->bhgc", q.reshape(B, Hkv, G, d), centroids)  # (B, Hkv, G, C): a row per query head
         codes = step.store.extra("codes").long()  # (B, Hkv, n)
         n = codes.shape[-1]
         est = torch.gather(lut, -1, codes.unsqueeze(2).expand(B, Hkv, G, n))

@@ -1,0 +1,123 @@
+"""The accuracy harness: tasks x lengths x samples, every method and budget on the same prompts.
+
+Each sample is prefilled once, densely; every method and budget decodes from a fork of that
+prefill (:mod:`a2ats.eval.prefill`), so a full sweep costs one prefill per sample. Results are
+written as JSONL (one row per sample, method and budget) as they come.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..calibrate import load_or_calibrate
+from ..codebook import CodebookSettings
+from ..config import A2ATSConfig
+from ..generate import encode_prompt
+from ..hf import A2ATS
+from ..methods import A2ATSMethod, FullMethod, Method, OracleMethod, PQCacheMethod, QuestMethod, StreamingMethod
+from ..rope import WRoPE, find_rotary_embedding
+from . import tasks as T
+from .prefill import greedy_decode, prefill
+
+METHODS = ("full", "oracle", "streaming", "quest", "pqcache", "a2ats", "a2ats-euclid", "a2ats-postrope")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    tasks: tuple[str, ...]
+    lengths: tuple[int, ...]
+    methods: tuple[str, ...]
+    budgets: tuple[float, ...]  # fractions of the context (reported in tokens too)
+    samples: int = 1
+    seed: int = 0
+    centroids: int = 4096
+    calibration: dict = field(default_factory=dict)  # overrides of CodebookSettings for every codebook
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
+        unknown = [t for t in self.tasks if t not in T.TASKS]
+        if unknown:
+            raise ValueError(f"unknown tasks {unknown}; known: {', '.join(T.TASKS)}")
+        if any(not 0 < b <= 1 for b in self.budgets):
+            raise ValueError(f"budgets are fractions in (0, 1], got {self.budgets}")
+        if self.samples < 1 or not self.lengths:
+            raise ValueError("need at least one sample and one length")
+
+
+PRESETS = {
+    # small enough for CI on 2 cores: two short tasks, one length, few methods
+    "quick": dict(tasks=("niah_single_number_essay", "niah_multikey"), lengths=(1024,), budgets=(0.05, 0.2),
+                  methods=("full", "oracle", "streaming", "quest", "a2ats"), samples=1, centroids=256,
+                  calibration={"text_tokens": 8192, "uuid_tokens": 2048, "max_iter": 5}),
+    # the committed table: every task and method at 2K, 4K and 8K, budgets of about 1.5%, 3% and 6%
+    "standard": dict(tasks=tuple(T.TASKS), lengths=(2048, 4096, 8000), budgets=(0.015, 0.03, 0.06),
+                     methods=METHODS, samples=2),
+}
+
+
+def build_methods(names, model, tokenizer, cfg: EvalConfig, log: Callable = print) -> dict[str, Method]:
+    """One instance per method name; codebooks are loaded from the cache or calibrated once."""
+    rot = find_rotary_embedding(model)
+
+    def codebook_method(**kw):
+        settings = CodebookSettings(n_centroids=cfg.centroids, **{**cfg.calibration, **kw})
+        cb = load_or_calibrate(model, tokenizer, settings=settings, log=log)
+        return A2ATSMethod(cb, WRoPE(rot, settings.wrope_distance))
+
+    makers = {
+        "full": FullMethod,
+        "oracle": OracleMethod,
+        "streaming": StreamingMethod,
+        "quest": QuestMethod,
+        "pqcache": PQCacheMethod,
+        "a2ats": lambda: codebook_method(),
+        "a2ats-euclid": lambda: codebook_method(query_aware=False),
+        "a2ats-postrope": lambda: codebook_method(post_rope=True),
+    }
+    return {n: makers[n]() for n in names}
+
+
+def run(model, tokenizer, cfg: EvalConfig, out_dir: Path, progress: bool = True, log: Callable = print) -> list[dict]:
+    """Run the sweep, appending rows to ``out_dir/results.jsonl``; returns all rows."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    methods = build_methods(cfg.methods, model, tokenizer, cfg, log)
+    gen_eos = getattr(model.generation_config, "eos_token_id", None)
+    eos = {tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])} - {None}
+    rows = []
+    jobs = [(t, n, i) for n in cfg.lengths for t in cfg.tasks for i in range(cfg.samples)]
+    with open(out_dir / "results.jsonl", "w") as f:
+        for task, length, i in tqdm(jobs, desc="samples", disable=not progress):
+            sample = T.generate(task, tokenizer, length, seed=cfg.seed + i)
+            ids = encode_prompt(tokenizer, sample.prompt)
+            t0 = time.perf_counter()
+            pre = prefill(model, ids)
+            prefill_s = time.perf_counter() - t0
+            for name, method in methods.items():
+                for budget in (1.0,) if name == "full" else cfg.budgets:
+                    config = A2ATSConfig(budget=budget)
+                    t0 = time.perf_counter()
+                    with A2ATS(model, config=config, method=method) as a2:
+                        toks = greedy_decode(model, a2, pre, sample.max_new_tokens, eos)
+                    text = tokenizer.decode(toks, skip_special_tokens=True)
+                    row = {
+                        "task": task, "length": length, "context_tokens": int(ids.shape[1]), "seed": sample.seed,
+                        "method": name, "budget": budget,
+                        "budget_tokens": int(config.budget.tokens_for(torch.tensor([ids.shape[1]]))[0]),
+                        "attended_per_kv_head": a2.stats.mean_attended, "attended_fraction": a2.stats.mean_fraction,
+                        "score": T.score(sample, text), "output": text, "answers": list(sample.answers),
+                        "decode_seconds": time.perf_counter() - t0, "prefill_seconds": prefill_s,
+                    }
+                    rows.append(row)
+                    f.write(json.dumps(row) + "\n")
+                    f.flush()
+    return rows

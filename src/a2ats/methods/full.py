@@ -1,0 +1,16 @@
+"""Full (dense) attention behind the selection interface: every real token, every step."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import A2ATSConfig
+from ..selection import DecodeStep
+from .base import Method
+
+
+class FullMethod(Method):
+    name = "full"
+
+    def select(self, step: DecodeStep, config: A2ATSConfig) -> torch.Tensor:
+        return step.valid.unsqueeze(1).expand(-1, step.keys.shape[1], -1)

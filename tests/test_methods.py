@@ -1,0 +1,118 @@
+"""Every selection method behind the one interface: parametrized over all of them."""
+
+import pytest
+import torch
+import transformers as T
+
+from a2ats import A2ATS, A2ATSConfig
+from a2ats.eval.attention_metrics import attention_mass
+from a2ats.methods import A2ATSMethod, FullMethod, OracleMethod, PQCacheMethod, QuestMethod, StreamingMethod
+from a2ats.rope import WRoPE, find_rotary_embedding
+from a2ats.selection import DecodeStep
+
+from conftest import padded_batch, random_codebooks, tiny_model
+
+
+def make(name, model):
+    return {
+        "full": FullMethod,
+        "oracle": OracleMethod,
+        "streaming": StreamingMethod,
+        "quest": QuestMethod,
+        "pqcache": lambda: PQCacheMethod(subspaces=2, bits=4),
+        "a2ats": lambda: A2ATSMethod(random_codebooks(model), WRoPE(find_rotary_embedding(model), 2048)),
+    }[name]()
+
+
+METHODS = ["full", "oracle", "streaming", "quest", "pqcache", "a2ats"]
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_budget_covering_everything_equals_full(name):
+    model = tiny_model("llama")
+    ids, mask = padded_batch(lengths=(90, 61))
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    with torch.inference_mode():
+        ref = model.generate(input_ids=ids, attention_mask=mask, **kw)
+        with A2ATS(model, config=A2ATSConfig(budget=1.0, sinks=2, window=4), method=make(name, model)):
+            out = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    assert torch.equal(ref.sequences, out.sequences)
+    for a, b in zip(ref.scores, out.scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def _g1_model():
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024)
+    return T.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("name", [m for m in METHODS if m not in ("oracle", "full")])
+def test_oracle_captures_at_least_as_much_mass(name):
+    model = _g1_model()  # one query head per KV head: exact top-K is the best any K tokens can do
+    ids = torch.randint(3, 97, (300,), generator=torch.Generator().manual_seed(1))
+    cfg = A2ATSConfig(budget=0.1, sinks=2, window=4)
+    oracle = attention_mass(model, OracleMethod(), cfg, ids, decode_last=4)
+    other = attention_mass(model, make(name, model), cfg, ids, decode_last=4)
+    o = [v for vs in oracle.mass.values() for v in vs]
+    m = [v for vs in other.mass.values() for v in vs]
+    assert len(o) == len(m) > 0
+    assert all(a >= b - 1e-6 for a, b in zip(o, m))
+
+
+def _step(keys, query, valid=None, store=None):
+    B, H, n, d = keys.shape
+    valid = torch.ones(B, n, dtype=torch.bool) if valid is None else valid
+    return DecodeStep(layer=0, query=query, q_pre=query, keys=keys, valid=valid, store=store, kv_heads=slice(0, H))
+
+
+def test_quest_bound_is_an_upper_bound_of_its_pages():
+    g = torch.Generator().manual_seed(0)
+    keys, q = torch.randn(2, 2, 77, 8, generator=g), torch.randn(2, 4, 8, generator=g)
+    valid = torch.ones(2, 77, dtype=torch.bool)
+    valid[1, :13] = False
+    bound = QuestMethod(page_size=16).scores(_step(keys, q, valid))
+    true = torch.einsum("bhgd,bhnd->bhgn", q.view(2, 2, 2, 8), keys).reshape(2, 4, 77)
+    assert (bound[valid[:, None].expand_as(bound)] >= true[valid[:, None].expand_as(true)] - 1e-5).all()
+    # pages follow the real tokens: row 1's first real token starts a page of 16
+    rank = valid[1].long().cumsum(0) - 1
+    for p in range(4):
+        members = (valid[1] & (rank // 16 == p)).nonzero().squeeze(1)
+        assert torch.unique(bound[1, 0, members]).numel() == 1
+
+
+def test_streaming_keeps_the_most_recent_tokens():
+    keys, q = torch.randn(1, 1, 100, 4), torch.randn(1, 2, 4)
+    from a2ats.selection import select
+
+    step = _step(keys, q)
+    keep = select(StreamingMethod().scores(step), step.valid, 1, A2ATSConfig(budget=10, sinks=3, window=5))
+    expect = torch.zeros(100, dtype=torch.bool)
+    expect[:3] = True
+    expect[100 - 15 :] = True
+    assert torch.equal(keep[0, 0], expect)
+
+
+def test_pqcache_codes_are_nearest_subcentroids():
+    from a2ats.cache import A2ATSLayer
+
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(1, 2, 200, 8, generator=g)
+    layer = A2ATSLayer()
+    layer.update(k, k)
+    m = PQCacheMethod(subspaces=2, bits=3)
+    m.on_append(0, layer, k, k, slice(0, 2))
+    cent = layer.state["pq"].view(1, 2, 2, 8, 4)
+    codes = layer.extra("pq_codes")  # (1, 2, 200, 2)
+    for h in range(2):
+        for s in range(2):
+            part = k[0, h, :, s * 4 : (s + 1) * 4]
+            ref = torch.cdist(part, cent[0, h, s]).argmin(-1)
+            assert torch.equal(codes[0, h, :, s].long(), ref)
+    # a decode-time key is encoded with the prefill's codebooks, not refit
+    new = torch.randn(1, 2, 1, 8, generator=g)
+    layer.update(new, new)
+    m.on_append(0, layer, new, new, slice(0, 2))
+    assert torch.equal(layer.state["pq"].view(1, 2, 2, 8, 4), cent)
+    assert layer.extra("pq_codes").shape == (1, 2, 201, 2)
