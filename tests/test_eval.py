@@ -46,10 +46,20 @@ def test_sweep_writes_rows_table_and_plots(tiny, tmp_path, monkeypatch):
         tasks=("niah_single_number_essay", "common_words"), lengths=(700,), budgets=(0.05, 1.0), samples=1,
         methods=("full", "oracle", "streaming", "quest", "pqcache", "a2ats"), centroids=16,
         calibration={"text_tokens": 1024, "uuid_tokens": 256, "max_iter": 2},
+        attention=True, perplexity=True, decode_last=4, ppl_tokens=6,
     )
-    rows = harness.run(model, tok, cfg, tmp_path / "out", progress=False, log=lambda *_: None)
+    all_rows = harness.run(model, tok, cfg, tmp_path / "out", progress=False, log=lambda *_: None)
+    rows = [r for r in all_rows if "score" in r]
     assert len(rows) == 2 * (1 + 5 * 2)
-    assert len((tmp_path / "out" / "results.jsonl").read_text().splitlines()) == len(rows)
+    text = [r for r in all_rows if "score" not in r]
+    assert len(text) == 2 * (1 + 5 * 2)  # attention and perplexity rows, per method and budget
+    for r in text:
+        if r["budget"] == 1.0 and r["task"] == "attention":
+            assert r["mass"] == pytest.approx(1.0, abs=1e-5) and r["recall"] == pytest.approx(1.0)
+    ppl = {r["method"]: r["perplexity"] for r in text if r["task"] == "perplexity" and r["budget"] == 1.0}
+    assert len(set(round(v, 4) for v in ppl.values())) == 1  # every method at full budget = full attention
+    assert "| full | 1 |" in report.text_metrics_table(all_rows)
+    assert len((tmp_path / "out" / "results.jsonl").read_text().splitlines()) == len(all_rows)
     for task in cfg.tasks:
         full = next(r for r in rows if r["task"] == task and r["method"] == "full")
         # at a budget covering everything, every method decodes exactly what full attention decodes

@@ -172,10 +172,15 @@ def cmd_eval(a) -> int:
         f"# a2ats eval ({a.preset} preset)\n\nScores x100 (RULER string match), averaged over lengths {cfg.lengths} "
         f"and {cfg.samples} sample(s) per task. Budget: fraction of the context retrieved per query head, "
         "plus 8 sinks and 64 window tokens always kept; 'attended/KV head' counts all of it after the GQA union.\n\n"
-        + table + "\n"
+        + table + "\n\n"
+        + "Held-out State of the Union prose: share of the true attention mass kept and recall of the true "
+        f"top-K over the last {cfg.decode_last} positions (mean over layers and heads), and the perplexity of "
+        f"a {cfg.ppl_tokens}-token continuation decoded under each method.\n\n"
+        + report.text_metrics_table(rows) + "\n"
     )
     report.plots(rows, out)
     print(table)
+    print(report.text_metrics_table(rows))
     _log(f"wrote {out}/results.jsonl, summary.md, score_vs_budget.png, heatmap.png")
     return 0
 

@@ -15,16 +15,19 @@ from ..config import A2ATSConfig
 from ..hf import A2ATS, ModelPatch
 from ..methods import Method
 from ..rope import WRoPE, undo_rotation
-from ..selection import DecodeStep
+from ..selection import DecodeStep, always_kept, topk_mask
+from .prefill import Prefill, fork, prefill
 
 
 @dataclass
 class MassProbe(Method):
-    """Wraps a method; at each decode step records the true attention mass its selection captures."""
+    """Wraps a method; at each decode step records, per query head, the true attention mass its selection
+    captures and its recall of the true top-K (K the budget, among the same candidates)."""
 
     inner: Method
     scaling: float
     mass: dict[int, list[float]] = field(default_factory=dict)  # layer -> per (step, row, query head)
+    recall: dict[int, list[float]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -45,25 +48,32 @@ class MassProbe(Method):
         p = logits.softmax(-1)
         captured = (p * keep[:, :, None, :]).sum(-1)  # (B, Hkv, G)
         self.mass.setdefault(step.layer, []).extend(captured.flatten().tolist())
+        _, candidates, length = always_kept(step.valid, config.sinks, config.window)
+        true_top = topk_mask(logits.reshape(B, Hq, -1), candidates, config.budget.tokens_for(length))
+        hits = (true_top.view(B, Hkv, G, -1) & keep[:, :, None, :]).sum(-1).float()
+        wanted = true_top.view(B, Hkv, G, -1).sum(-1).float()
+        self.recall.setdefault(step.layer, []).extend((hits / wanted.clamp_min(1)).flatten().tolist())
         return keep
 
-    def mean(self) -> float:
-        vals = [v for vs in self.mass.values() for v in vs]
+    def mean(self, what: str = "mass") -> float:
+        vals = [v for vs in getattr(self, what).values() for v in vs]
         return sum(vals) / max(len(vals), 1)
 
 
 @torch.inference_mode()
-def attention_mass(model, method: Method, config: A2ATSConfig, ids: torch.Tensor, decode_last: int = 32) -> MassProbe:
-    """Prefill ``ids[:-decode_last]`` densely, then decode the last tokens one at a time (teacher forcing)
-    under ``method``; returns the probe holding the captured mass of every layer, step and query head."""
+def attention_mass(
+    model, method: Method, config: A2ATSConfig, ids: torch.Tensor, decode_last: int = 32, pre: Prefill | None = None
+) -> MassProbe:
+    """Prefill ``ids[:-decode_last]`` densely (or reuse ``pre``, that prefill), then decode the last tokens one
+    at a time (teacher forcing) under ``method``; returns the probe holding every layer's, step's and head's figures."""
     mod = next(m for m in model.modules() if hasattr(m, "scaling") and hasattr(m, "layer_idx"))
     probe = MassProbe(method, float(mod.scaling))
-    ids = ids.view(1, -1).to(next(model.parameters()).device)
+    ids = ids.view(-1)
+    pre = pre or prefill(model, ids[:-decode_last])
     with A2ATS(model, config=config, method=probe) as a2:
-        cache = a2.new_cache()
-        model(input_ids=ids[:, :-decode_last], past_key_values=cache, use_cache=True)
-        for i in range(ids.shape[1] - decode_last, ids.shape[1]):
-            model(input_ids=ids[:, i : i + 1], past_key_values=cache, use_cache=True)
+        cache = fork(pre, a2)
+        for tok in ids[-decode_last:].to(pre.ids.device):
+            model(input_ids=tok.view(1, 1), past_key_values=cache, use_cache=True)
     return probe
 
 

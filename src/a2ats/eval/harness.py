@@ -22,8 +22,11 @@ from ..config import A2ATSConfig
 from ..generate import encode_prompt
 from ..hf import A2ATS
 from ..methods import A2ATSMethod, FullMethod, Method, OracleMethod, PQCacheMethod, QuestMethod, StreamingMethod
+from ..corpus import speeches
 from ..rope import WRoPE, find_rotary_embedding
 from . import tasks as T
+from .attention_metrics import attention_mass
+from .perplexity import continuation_perplexity
 from .prefill import greedy_decode, prefill
 
 METHODS = ("full", "oracle", "streaming", "quest", "pqcache", "a2ats", "a2ats-euclid", "a2ats-postrope")
@@ -39,6 +42,10 @@ class EvalConfig:
     seed: int = 0
     centroids: int = 4096
     calibration: dict = field(default_factory=dict)  # overrides of CodebookSettings for every codebook
+    attention: bool = False  # attention-level metrics (mass captured, recall of the true top-K) per method
+    perplexity: bool = False  # perplexity of a continuation decoded under each method
+    decode_last: int = 32  # positions the attention metrics are taken at
+    ppl_tokens: int = 128  # continuation length for perplexity
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -57,10 +64,11 @@ PRESETS = {
     # small enough for CI on 2 cores: two short tasks, one length, few methods
     "quick": dict(tasks=("niah_single_number_essay", "niah_multikey"), lengths=(1024,), budgets=(0.05, 0.2),
                   methods=("full", "oracle", "streaming", "quest", "a2ats"), samples=1, centroids=256,
-                  calibration={"text_tokens": 8192, "uuid_tokens": 2048, "max_iter": 5}),
+                  calibration={"text_tokens": 8192, "uuid_tokens": 2048, "max_iter": 5}, attention=True,
+                  perplexity=True, decode_last=8, ppl_tokens=32),
     # the committed table: every task and method at 2K, 4K and 8K, budgets of about 1.5%, 3% and 6%
     "standard": dict(tasks=tuple(T.TASKS), lengths=(2048, 4096, 8000), budgets=(0.015, 0.03, 0.06),
-                     methods=METHODS, samples=2),
+                     methods=METHODS, samples=2, attention=True, perplexity=True),
 }
 
 
@@ -120,4 +128,36 @@ def run(model, tokenizer, cfg: EvalConfig, out_dir: Path, progress: bool = True,
                     rows.append(row)
                     f.write(json.dumps(row) + "\n")
                     f.flush()
+        for length in cfg.lengths if cfg.attention or cfg.perplexity else ():
+            for row in _text_metrics(model, tokenizer, methods, cfg, length):
+                rows.append(row)
+                f.write(json.dumps(row) + "\n")
+                f.flush()
     return rows
+
+
+def held_out_ids(tokenizer, length: int) -> torch.Tensor:
+    """``length`` tokens of State of the Union addresses of 1900-1930 (calibration reads the newest 60)."""
+    text = "\n\n".join(speeches()[110:140])
+    return torch.tensor(tokenizer.encode(text, add_special_tokens=False)[:length])
+
+
+def _text_metrics(model, tokenizer, methods, cfg: EvalConfig, length: int):
+    """Attention mass and recall at the last positions, and continuation perplexity, on held-out prose."""
+    ids = held_out_ids(tokenizer, length)
+    pre_att = prefill(model, ids[: -cfg.decode_last]) if cfg.attention else None
+    pre_ppl = prefill(model, ids[: -cfg.ppl_tokens]) if cfg.perplexity else None
+    for name, method in methods.items():
+        for budget in (1.0,) if name == "full" else cfg.budgets:
+            config = A2ATSConfig(budget=budget)
+            base = {"length": length, "method": name, "budget": budget, "context_tokens": length,
+                    "budget_tokens": int(config.budget.tokens_for(torch.tensor([length]))[0])}
+            if pre_att is not None:
+                probe = attention_mass(model, method, config, ids, cfg.decode_last, pre=pre_att)
+                per_layer = {layer: sum(v) / len(v) for layer, v in sorted(probe.mass.items())}
+                yield {**base, "task": "attention", "mass": probe.mean(), "recall": probe.mean("recall"),
+                       "mass_per_layer": per_layer}
+            if pre_ppl is not None:
+                with A2ATS(model, config=config, method=method) as a2:
+                    ppl = continuation_perplexity(model, a2, pre_ppl, ids[-cfg.ppl_tokens :])
+                yield {**base, "task": "perplexity", "perplexity": ppl}

@@ -18,6 +18,9 @@ def _key(r: dict) -> tuple[str, float]:
 
 def summary_table(rows: list[dict]) -> str:
     """Per method and budget: mean score (x100) per task, the average, and that average relative to full."""
+    rows = [r for r in rows if "score" in r]
+    if not rows:
+        return "(no task rows)"
     tasks = sorted({r["task"] for r in rows})
     by = defaultdict(lambda: defaultdict(list))
     toks = defaultdict(list)
@@ -37,8 +40,27 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def text_metrics_table(rows: list[dict]) -> str:
+    """Per method and budget: attention mass captured, recall of the true top-K, continuation perplexity."""
+    att = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r["task"] == "attention":
+            att[_key(r)]["mass"].append(r["mass"])
+            att[_key(r)]["recall"].append(r["recall"])
+        elif r["task"] == "perplexity":
+            att[_key(r)]["ppl"].append(r["perplexity"])
+    if not att:
+        return "(no attention or perplexity rows)"
+    lines = ["| method | budget | attention mass | top-K recall | perplexity |", "|---|---|---|---|---|"]
+    for key in sorted(att, key=lambda k: (k[0] != "full", k[1], k[0])):
+        cells = [f"{mean(att[key][n]):.{p}f}" if att[key][n] else "n/a" for n, p in (("mass", 3), ("recall", 3), ("ppl", 2))]
+        lines.append(f"| {key[0]} | {key[1]:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plots(rows: list[dict], out_dir: Path) -> list[Path]:
     """Score vs budget per task (a line per method), and a method x task heat map at the middle budget."""
+    rows = [r for r in rows if "score" in r]
     import matplotlib
 
     matplotlib.use("Agg")
