@@ -175,3 +175,12 @@ def test_score_examples():
     assert score_part(s.answers, "only ZZZ") == 1.0 and score_part(s.answers, "none") == 0.0
     with pytest.raises(ValueError):
         score((), "anything")
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_answer_prefix_starts_the_answer_without_giving_it(samples, task):
+    s = samples(task, LENGTHS[0])
+    assert s.answer_prefix.strip()
+    assert not any(a.lower() in s.answer_prefix.lower() for a in s.answers)
+    if task.startswith("niah"):
+        assert s.answer_prefix.split(" for ")[1].split(" mentioned")[0] in s.prompt.splitlines()[-1]

@@ -107,6 +107,9 @@ def run(model, tokenizer, cfg: EvalConfig, out_dir: Path, progress: bool = True,
         for task, length, i in tqdm(jobs, desc="samples", disable=not progress):
             sample = T.generate(task, tokenizer, length, seed=cfg.seed + i)
             ids = encode_prompt(tokenizer, sample.prompt)
+            if sample.answer_prefix:  # the model's turn starts with RULER's answer prefix
+                prefix = tokenizer.encode(sample.answer_prefix, add_special_tokens=False)
+                ids = torch.cat([ids, torch.tensor([prefix])], dim=1)
             t0 = time.perf_counter()
             pre = prefill(model, ids)
             prefill_s = time.perf_counter() - t0

@@ -7,8 +7,9 @@ The filler (haystack) is sized by a bisection over its number of units (words, n
 measuring the whole prompt each time.  Everything is seeded by ``(task, seed)``: the same arguments give
 the same sample on every machine.
 
-The wording follows RULER (Hsieh et al., 2024; github.com/NVIDIA/RULER, ``scripts/data/synthetic``), without
-the answer prefixes: every prompt ends with its question.  Needles sit at sentence (essay, speech) or line
+The wording follows RULER (Hsieh et al., 2024; github.com/NVIDIA/RULER, ``scripts/data/synthetic``): every
+prompt ends with its question, and RULER's answer prefix is kept apart (``Sample.answer_prefix``) for the
+harness to start the model's turn with.  Needles sit at sentence (essay, speech) or line
 (noise) boundaries, each at its own seeded depth drawn uniformly from [0.1, 0.9] of the haystack.
 
 Tasks:
@@ -97,6 +98,8 @@ class Sample:
     target_tokens: int  # requested context length
     seed: int
     max_new_tokens: int  # how many tokens an answer needs
+    # RULER's answer prefix: the harness starts the model's turn with it, so the answer comes first
+    answer_prefix: str = ""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -286,7 +289,8 @@ def _niah(
         return NIAH_TEMPLATE.format(kind=value_kind, context=hay.render(n, inserts), query=query)
 
     prompt = _fit(tokenizer, length, build, hay.units)
-    return Sample(task, prompt, answers, length, seed, max_new_tokens)
+    prefix = f"The special magic {value_kind} for {query} mentioned in the provided text are"
+    return Sample(task, prompt, answers, length, seed, max_new_tokens, prefix)
 
 
 # name -> (haystack, value kind, keys, values per key, keys queried, max_new_tokens)
@@ -327,7 +331,9 @@ def variable_tracking(tokenizer, length: int, seed: int, hops: int = 4) -> Sampl
         return VT_TEMPLATE.format(context=hay.render(n, inserts), query=value)
 
     prompt = _fit(tokenizer, length, build, hay.units)
-    return Sample(task, prompt, tuple(names), length, seed, 64)
+    prefix = (f"Answer: According to the chain(s) of variable assignment in the text above, {len(names)} variables "
+              f"are assigned the value {value}, they are:")
+    return Sample(task, prompt, tuple(names), length, seed, 64, prefix)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -372,7 +378,8 @@ def common_words(tokenizer, length: int, seed: int, num_common: int = 10) -> Sam
         freq_rare = max(freq_rare + 1, math.ceil(freq_rare * length / full))
     freq_common = max(freq_common, freq_rare + 2)
     prompt = _fit(tokenizer, length, lambda n: build(n, freq_common, freq_rare), len(rare) * freq_rare)
-    return Sample(task, prompt, tuple(common), length, seed, 128)
+    return Sample(task, prompt, tuple(common), length, seed, 128,
+                  "Answer: The top 10 words that appear most often in the list are:")
 
 
 def frequent_words(tokenizer, length: int, seed: int, alpha: float = 2.0, vocab_size: int = 2000) -> Sample:
@@ -402,7 +409,8 @@ def frequent_words(tokenizer, length: int, seed: int, alpha: float = 2.0, vocab_
         return FWE_TEMPLATE.format(context=" ".join(items))
 
     prompt = _fit(tokenizer, length, build, len(arrivals))
-    return Sample(task, prompt, tuple(vocab[1:4]), length, seed, 64)
+    return Sample(task, prompt, tuple(vocab[1:4]), length, seed, 64,
+                  "Answer: According to the coded text above, the three most frequently appeared words are:")
 
 
 # ----------------------------------------------------------------------------------------------------------
