@@ -104,6 +104,12 @@ def run(model, tokenizer, cfg: EvalConfig, out_dir: Path, progress: bool = True,
     rows = []
     jobs = [(t, n, i) for n in cfg.lengths for t in cfg.tasks for i in range(cfg.samples)]
     with open(out_dir / "results.jsonl", "w") as f:
+
+        def emit(row: dict) -> None:  # written as it comes: a long sweep keeps what it finished
+            rows.append(row)
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+
         for task, length, i in tqdm(jobs, desc="samples", disable=not progress):
             sample = T.generate(task, tokenizer, length, seed=cfg.seed + i)
             ids = encode_prompt(tokenizer, sample.prompt)
@@ -128,14 +134,10 @@ def run(model, tokenizer, cfg: EvalConfig, out_dir: Path, progress: bool = True,
                         "score": T.score(sample, text), "output": text, "answers": list(sample.answers),
                         "decode_seconds": time.perf_counter() - t0, "prefill_seconds": prefill_s,
                     }
-                    rows.append(row)
-                    f.write(json.dumps(row) + "\n")
-                    f.flush()
+                    emit(row)
         for length in cfg.lengths if cfg.attention or cfg.perplexity else ():
             for row in _text_metrics(model, tokenizer, methods, cfg, length):
-                rows.append(row)
-                f.write(json.dumps(row) + "\n")
-                f.flush()
+                emit(row)
     return rows
 
 
