@@ -19,8 +19,8 @@ class A2ATSMethod(Method):
     def __init__(self, codebooks: Codebooks, wrope: WRoPE):
         self.codebooks = codebooks
         self.wrope = wrope
-        self.post_rope = codebooks.settings.post_rope
         s = codebooks.settings
+        self.post_rope = s.post_rope
         self.name = "a2ats-postrope" if s.post_rope else ("a2ats" if s.query_aware else "a2ats-euclid")
 
     def on_append(self, layer, store, k_pre, k_post, kv_heads):
