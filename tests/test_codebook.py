@@ -74,6 +74,29 @@ def test_codebooks_of_another_model_are_refused(tmp_path):
         cb.check_compatible(tiny_model("llama", seed=1))
     with pytest.raises(CodebookError, match="WRoPE distance 2048.*1024"):
         cb.check_compatible(tiny_model("llama"), wrope_distance=1024)
+    with pytest.raises(CodebookError, match="single distance, but the config asks for bands of ratio 4.*--wrope-bands 4"):
+        cb.check_compatible(tiny_model("llama"), band_ratio=4.0)
+    cb.check_compatible(tiny_model("llama"), band_ratio=None)
+
+
+def test_banded_calibration_pools_every_band():
+    """H recorded with bands is the sum of the single-distance H at each band's distance."""
+    from a2ats.calibrate import fit, record
+    from a2ats.rope import WRoPE, find_rotary_embedding
+
+    model = tiny_model("llama")  # 1024 positions: bands of ratio 4 are [0, 256) and [256, 1024)
+    seqs = [torch.randint(3, 97, (40,), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    banded = record(model, seqs, progress=False, band_ratio=4.0)
+    w = WRoPE(find_rotary_embedding(model), band_ratio=4.0)
+    assert w.bands_for(1024) == 2
+    singles = [record(model, seqs, w.band_distance(i), progress=False) for i in range(2)]
+    for layer in range(len(banded.h)):
+        torch.testing.assert_close(banded.h[layer], singles[0].h[layer] + singles[1].h[layer], rtol=1e-4, atol=1e-4)
+        assert torch.equal(banded.keys[layer], singles[0].keys[layer])
+    with pytest.raises(ValueError, match="band ratio 4.0.*None"):
+        fit(banded, CodebookSettings(n_centroids=8))
+    cb = fit(banded, CodebookSettings(n_centroids=8, wrope_band_ratio=4.0, max_iter=2), progress=False)
+    assert cb.settings.tag == "c8-bands4-qa"
 
 
 def test_corrupt_and_truncated_files_are_refused(tmp_path):
@@ -106,3 +129,19 @@ def test_settings_are_validated():
         CodebookSettings(n_centroids=40000)
     with pytest.raises(ValueError, match="positive number"):
         CodebookSettings(text_tokens=0, uuid_tokens=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "yarn"])
+@pytest.mark.parametrize("band_ratio", [None, 4.0])
+def test_rotated_h_equals_h_of_rotated_queries(family, band_ratio):
+    """Calibration rotates H once; that must equal H accumulated over the WRoPE-rotated queries themselves."""
+    from a2ats.calibrate import _Recorder
+
+    model = tiny_model(family)
+    rec = _Recorder(model, 2048, band_ratio=band_ratio)
+    d = model.config.hidden_size // model.config.num_attention_heads
+    q = torch.randn(500, d, generator=torch.Generator().manual_seed(0))
+    rec.h = [(q.T @ q).double()]
+    rotated = rec.wrope.queries(q, rec.bands).reshape(-1, d).double()
+    torch.testing.assert_close(rec.wrope_h()[0], rotated.T @ rotated, rtol=1e-4, atol=1e-3)  # fp32 rotation of q
+    assert rec.bands == (1 if band_ratio is None else 2)

@@ -84,3 +84,33 @@ def test_config_is_validated():
         harness.EvalConfig(tasks=("nope",), lengths=(100,), methods=("full",), budgets=(0.1,))
     with pytest.raises(ValueError, match="fractions"):
         harness.EvalConfig(tasks=("common_words",), lengths=(100,), methods=("full",), budgets=(3.0,))
+
+
+def _row(task, length, method, budget, score, **kw):
+    return {"task": task, "length": length, "method": method, "budget": budget, "score": score,
+            "attended_per_kv_head": 10.0, **kw}
+
+
+def test_tables_by_hand_and_report_merges_runs(tmp_path):
+    from a2ats.cli import main
+
+    a = [_row("t1", 100, "full", 1.0, 1.0), _row("t2", 100, "full", 1.0, 0.5),
+         _row("t1", 200, "full", 1.0, 0.0), _row("t2", 200, "full", 1.0, 1.0),
+         {"task": "attention", "length": 100, "method": "full", "budget": 1.0, "mass": 1.0, "recall": 1.0},
+         {"task": "perplexity", "length": 100, "method": "full", "budget": 1.0, "perplexity": 9.5}]
+    b = [_row("t1", 100, "x", 0.1, 1.0), _row("t2", 100, "x", 0.1, 0.0),
+         _row("t1", 200, "x", 0.1, 0.0), _row("t2", 200, "x", 0.1, 0.5),
+         {"task": "attention", "length": 100, "method": "x", "budget": 0.1, "mass": 0.75, "recall": 0.5}]
+    lt = report.length_table(a + b)
+    assert "| full | 1 | 75.0 | 50.0 | 62.5 |" in lt
+    assert "| x | 0.1 | 50.0 (0.67) | 25.0 (0.50) | 37.5 |" in lt
+    tm = report.text_metrics_table(a + b)
+    assert "| x | 0.1 | 0.750 | 0.500 | n/a |" in tm and "| full | 1 | 1.000 | 1.000 | 9.50 |" in tm
+    for name, rows in (("a", a), ("b", b)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["report", str(tmp_path / "a" / "results.jsonl"), str(tmp_path / "b" / "results.jsonl"), "--out", str(tmp_path / "m")]) == 0
+    md = (tmp_path / "m" / "summary.md").read_text()
+    assert lt in md and "| x | 0.1 | 10 | 50 | 25 | 37.5 | 0.60 |" in md
+    assert (tmp_path / "m" / "heatmap.png").stat().st_size > 1000
+    assert main(["report", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "m")]) == 2

@@ -135,3 +135,27 @@ def test_bfloat16_model_full_budget_matches_dense():
     assert torch.equal(ref.sequences, out.sequences)
     for a, b in zip(ref.scores, out.scores):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_banded_wrope_padded_rows_equal_their_own_runs(family):
+    """Banded WRoPE scores by distance from each row's newest token: padding must not shift the bands."""
+    import dataclasses
+
+    from a2ats.codebook import CodebookError
+
+    model = tiny_model(family)
+    cb = random_codebooks(model)
+    with pytest.raises(CodebookError, match="single distance.*bands of ratio 2"):
+        A2ATS(model, cb, A2ATSConfig(wrope_band_ratio=2.0))
+    cb.settings = dataclasses.replace(cb.settings, wrope_band_ratio=2.0)  # as if calibrated with bands
+    ids, mask = padded_batch(seed=2, lengths=(300, 201, 257))  # bands from 64: [0, 128), [128, 256), [256, 512)
+    cfg = A2ATSConfig(budget=0.1, sinks=2, window=8, wrope_band_ratio=2.0)
+    with A2ATS(model, cb, cfg) as a2:
+        assert a2.method.name == "a2ats-banded"
+        batched = _gen(model, ids, mask)
+        for i in range(ids.shape[0]):
+            keep = mask[i].bool()
+            alone = _gen(model, ids[i : i + 1, keep], mask[i : i + 1, keep])
+            mine = alone.sequences[0, keep.sum() :]
+            assert torch.equal(batched.sequences[i, ids.shape[1] : ids.shape[1] + len(mine)], mine)

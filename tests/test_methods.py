@@ -21,10 +21,11 @@ def make(name, model):
         "quest": QuestMethod,
         "pqcache": lambda: PQCacheMethod(subspaces=2, bits=4),
         "a2ats": lambda: A2ATSMethod(random_codebooks(model), WRoPE(find_rotary_embedding(model), 2048)),
+        "a2ats-banded": lambda: A2ATSMethod(random_codebooks(model), WRoPE(find_rotary_embedding(model), band_ratio=2, first_edge=8)),
     }[name]()
 
 
-METHODS = ["full", "oracle", "streaming", "quest", "pqcache", "a2ats"]
+METHODS = ["full", "oracle", "streaming", "quest", "pqcache", "a2ats", "a2ats-banded"]
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -116,3 +117,37 @@ def test_pqcache_codes_are_nearest_subcentroids():
     m.on_append(0, layer, new, new, slice(0, 2))
     assert torch.equal(layer.state["pq"].view(1, 2, 2, 8, 4), cent)
     assert layer.extra("pq_codes").shape == (1, 2, 201, 2)
+
+
+class _CheckedBanded(A2ATSMethod):
+    """Banded A²ATS whose every score is checked against a token-by-token computation."""
+
+    checked = 0
+
+    def scores(self, step):
+        est = super().scores(step)
+        B, Hq, n = est.shape
+        G = step.group
+        centroids = self.codebooks.tensors_for(step.layer, step.kv_heads, "cpu")[0]
+        codes = step.store.extra("codes").long()
+        for b in range(B):
+            real = step.valid[b].nonzero().flatten()
+            for r, j in enumerate(real.tolist()):
+                distance = len(real) - 1 - r
+                band = int(self.wrope.band_of(torch.tensor([distance]))[0])
+                q = WRoPE(self.wrope.rotary, self.wrope.band_distance(band)).query(step.q_pre[b])  # (Hq, d)
+                want = torch.stack([q[h] @ centroids[h // G, codes[b, h // G, j]] for h in range(Hq)])
+                torch.testing.assert_close(est[b, :, j], want, rtol=1e-4, atol=1e-4)
+        _CheckedBanded.checked += 1
+        return est
+
+
+def test_banded_scores_match_a_token_by_token_computation():
+    model = tiny_model("qwen3")
+    rot = find_rotary_embedding(model)
+    method = _CheckedBanded(random_codebooks(model), WRoPE(rot, band_ratio=2, first_edge=5))
+    assert method.name == "a2ats-banded"
+    ids, mask = padded_batch(lengths=(45, 30))  # bands 0-3 present, rows of different lengths
+    with torch.inference_mode(), A2ATS(model, config=A2ATSConfig(budget=0.2, sinks=2, window=4), method=method):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert _CheckedBanded.checked >= 2 * model.config.num_hidden_layers

@@ -53,3 +53,28 @@ def test_model_without_rope_is_refused():
     gpt2 = T.GPT2LMHeadModel(T.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(ValueError, match="rotary position embedding"):
         A2ATS(gpt2, method=object())
+
+
+def test_bands_cut_distances_geometrically():
+    w = WRoPE(find_rotary_embedding(tiny_model("llama")), band_ratio=4, first_edge=64)
+    d = torch.tensor([0, 63, 64, 255, 256, 1023, 1024, 4095, 4096, 20000])
+    assert w.band_of(d).tolist() == [0, 0, 0, 0, 1, 1, 2, 2, 3, 4]
+    assert [w.band_distance(i) for i in range(4)] == [128, 512, 2048, 8192]
+    assert [w.bands_for(n) for n in (1, 256, 257, 1025, 4097)] == [1, 1, 2, 3, 4]
+    paper = WRoPE(w.rotary, 2048)
+    assert paper.band_of(d).eq(0).all() and paper.bands_for(10**6) == 1 and paper.band_distance(3) == 2048
+    with pytest.raises(ValueError, match="band_ratio"):
+        WRoPE(w.rotary, band_ratio=1.0)
+
+
+@pytest.mark.parametrize("family", ["llama", "yarn", "qwen3"])
+def test_each_band_is_true_rope_at_its_distance(family):
+    model = tiny_model(family)
+    rot = find_rotary_embedding(model)
+    w = WRoPE(rot, band_ratio=2, first_edge=8)
+    d = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    q = torch.randn(3, d, generator=torch.Generator().manual_seed(1))
+    qs = w.queries(q, 4)
+    assert qs.shape == (3, 4, d)
+    for i in range(4):
+        torch.testing.assert_close(qs[:, i], WRoPE(rot, w.band_distance(i)).query(q))

@@ -33,12 +33,15 @@ class Recording:
     fingerprint: dict = field(default_factory=dict)
     digest: str = ""
     post_rope: bool = False
+    band_ratio: float | None = None
 
 
 class _Recorder(ModelPatch):
-    def __init__(self, model, wrope_distance: int, post_rope: bool = False):
+    def __init__(self, model, wrope_distance: int, post_rope: bool = False, band_ratio: float | None = None):
         super().__init__(model)
-        self.wrope = WRoPE(self.rotary, wrope_distance)
+        self.wrope = WRoPE(self.rotary, wrope_distance, band_ratio)
+        # banded WRoPE: H pools the query rotated to every band's distance up to the model's context
+        self.bands = self.wrope.bands_for(getattr(model.config, "max_position_embeddings", None) or 32768)
         self.post_rope = post_rope
         self.h: list[torch.Tensor | None] = [None] * self.num_layers
         self.keys: list[list[torch.Tensor]] = [[] for _ in range(self.num_layers)]
@@ -49,38 +52,53 @@ class _Recorder(ModelPatch):
         B, Hq, n, d = query.shape
         Hkv = key.shape[1]
         if self.post_rope:  # ablation: quantize keys as attention sees them, score with the true query
-            q_rot, k = query.float(), key.float()
-        else:
-            q_rot, k = self.wrope.query(undo_rotation(query, cos, sin)), undo_rotation(key, cos, sin)
-        q_rot = q_rot.reshape(B, Hkv, Hq // Hkv * n, d)
-        h = torch.einsum("bhnd,bhne->hde", q_rot, q_rot).to(torch.float64).cpu()  # pooled over the GQA group
+            q, k = query.float(), key.float()
+        else:  # H of the pre-RoPE queries; the WRoPE rotations are applied once, in :meth:`wrope_h`
+            q, k = undo_rotation(query, cos, sin), undo_rotation(key, cos, sin)
+        q = q.reshape(B, Hkv, -1, d)  # the group's heads pooled
+        h = torch.einsum("bhnd,bhne->hde", q, q).to(torch.float64).cpu()
         self.h[layer] = h if self.h[layer] is None else self.h[layer] + h
         # fp16 halves the memory of the keys held for k-means; its precision is far below the VQ error.
         self.keys[layer].append(k.transpose(0, 1).reshape(Hkv, B * n, d).to("cpu", torch.float16))
         return dense(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
 
+    def wrope_h(self) -> list[torch.Tensor]:
+        """H of the WRoPE queries, sum over bands of A_i^T H0 A_i: the rotation (scaled, for YaRN) is linear,
+        ``query(q) = A_i^T q``, so rotating H once equals rotating every query (and costs d^3, not n d^2)."""
+        if self.post_rope:
+            return self.h
+        eye = torch.eye(self.h[0].shape[-1])
+        rots = [self.wrope.query(eye, i).to(torch.float64) for i in range(self.bands)]  # row j: query(e_j) = A^T e_j
+        return [sum(a.T @ h @ a for a in rots) for h in self.h]
+
 
 @torch.inference_mode()
 def record(
-    model, sequences: list[torch.Tensor], wrope_distance: int = 2048, progress: bool = True, post_rope: bool = False
+    model,
+    sequences: list[torch.Tensor],
+    wrope_distance: int = 2048,
+    progress: bool = True,
+    post_rope: bool = False,
+    band_ratio: float | None = None,
 ) -> Recording:
     """Dense forward passes over ``sequences``; returns H and pre-RoPE keys of every layer
     (post-RoPE keys and H of the true queries with ``post_rope``, for that ablation)."""
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     base = getattr(model, model.base_model_prefix, model)  # skip the LM head: logits are not needed
-    with _Recorder(model, wrope_distance, post_rope) as rec:
+    with _Recorder(model, wrope_distance, post_rope, band_ratio) as rec:
         for seq in tqdm(sequences, desc="calibration forward", unit="seq", disable=not progress):
             base(input_ids=seq.view(1, -1).to(device), use_cache=False)
     keys = [torch.cat(k, dim=1) for k in rec.keys]
     return Recording(
-        h=rec.h,
+        h=rec.wrope_h(),
         keys=keys,
         tokens=sum(len(s) for s in sequences),
         seconds=time.perf_counter() - t0,
         fingerprint=model_fingerprint(model.config),
         digest=weights_digest(model),
         post_rope=post_rope,
+        band_ratio=band_ratio,
     )
 
 
@@ -88,6 +106,11 @@ def fit(recording: Recording, settings: CodebookSettings, progress: bool = True)
     """Fit every layer's codebooks (the KV heads of a layer together) from a recording."""
     if recording.post_rope != settings.post_rope:
         raise ValueError("the recording's key space (pre/post RoPE) differs from the settings' post_rope")
+    if not settings.post_rope and recording.band_ratio != settings.wrope_band_ratio:
+        raise ValueError(
+            f"the recording pooled H for WRoPE band ratio {recording.band_ratio}, the settings ask for "
+            f"{settings.wrope_band_ratio}: record again with the settings' band ratio"
+        )
     t0 = time.perf_counter()
     cents, chols, iters = [], [], []
     n_tokens = recording.keys[0].shape[1]
@@ -116,7 +139,8 @@ def calibrate(model, tokenizer, settings: CodebookSettings | None = None, progre
     max_pos = getattr(model.config, "max_position_embeddings", None)
     seq_len = min(settings.seq_len, max_pos) if max_pos else settings.seq_len
     seqs = calibration_sequences(tokenizer, settings.text_tokens, settings.uuid_tokens, seq_len, settings.seed)
-    return fit(record(model, seqs, settings.wrope_distance, progress, settings.post_rope), settings, progress)
+    rec = record(model, seqs, settings.wrope_distance, progress, settings.post_rope, settings.wrope_band_ratio)
+    return fit(rec, settings, progress)
 
 
 def default_codebook_path(model, settings: CodebookSettings) -> Path:

@@ -33,6 +33,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_codebook_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--centroids", type=int, default=4096, help="centroids per layer per KV head (paper: 4096)")
     p.add_argument("--wrope-distance", type=int, default=2048, help="WRoPE distance b (paper: 2048)")
+    p.add_argument("--wrope-bands", type=float, default=None, metavar="RATIO",
+                   help="banded WRoPE (not in the paper): score each geometric band of distances, ratio RATIO (e.g. 4), at its own distance")
     p.add_argument("--text-tokens", type=int, default=65536, help="calibration prose tokens (paper: ~64K)")
     p.add_argument("--uuid-tokens", type=int, default=16384, help="calibration UUID-string tokens (paper: ~16K)")
     p.add_argument("--max-iter", type=int, default=10, help="Lloyd iterations at most (paper: 300; see README)")
@@ -46,6 +48,7 @@ def _settings(a):
     return CodebookSettings(
         n_centroids=a.centroids,
         wrope_distance=a.wrope_distance,
+        wrope_band_ratio=a.wrope_bands,
         query_aware=not a.euclidean,
         text_tokens=a.text_tokens,
         uuid_tokens=a.uuid_tokens,
@@ -79,7 +82,8 @@ def _a2ats(a, model, tok):
     from .config import A2ATSConfig
     from .hf import A2ATS
 
-    config = A2ATSConfig(budget=a.budget, sinks=a.sinks, window=a.window, wrope_distance=a.wrope_distance, reduction=a.reduction)
+    config = A2ATSConfig(budget=a.budget, sinks=a.sinks, window=a.window, wrope_distance=a.wrope_distance,
+                         wrope_band_ratio=a.wrope_bands, reduction=a.reduction)
     cb = load_or_calibrate(model, tok, a.codebooks, _settings(a), log=_log)
     return A2ATS(model, cb, config)
 
@@ -167,21 +171,26 @@ def cmd_eval(a) -> int:
     model, tok = _load(a)
     out = Path(a.out)
     rows = harness.run(model, tok, cfg, out, log=_log)
-    table = report.summary_table(rows)
-    (out / "summary.md").write_text(
-        f"# a2ats eval ({a.preset} preset)\n\nScores x100 (RULER string match), averaged over lengths {cfg.lengths} "
-        f"and {cfg.samples} sample(s) per task. Budget: fraction of the context retrieved per query head, "
-        "plus 8 sinks and 64 window tokens always kept; 'attended/KV head' counts all of it after the GQA union.\n\n"
-        + table + "\n\n"
-        + "Held-out State of the Union prose: share of the true attention mass kept and recall of the true "
-        f"top-K over the last {cfg.decode_last} positions (mean over layers and heads), and the perplexity of "
-        f"a {cfg.ppl_tokens}-token continuation decoded under each method.\n\n"
-        + report.text_metrics_table(rows) + "\n"
-    )
-    report.plots(rows, out)
-    print(table)
-    print(report.text_metrics_table(rows))
+    print(report.write_summary(rows, out, f"a2ats eval ({a.preset} preset)", cfg.decode_last, cfg.ppl_tokens))
     _log(f"wrote {out}/results.jsonl, summary.md, score_vs_budget.png, heatmap.png")
+    return 0
+
+
+def cmd_report(a) -> int:
+    import json
+    from pathlib import Path
+
+    from .eval import report
+
+    rows, cfg = [], {}
+    for path in a.results:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"no results file {p}: give the results.jsonl that `a2ats eval --out DIR` wrote in DIR")
+        rows += report.load_rows(p)
+        if (p.parent / "config.json").is_file():
+            cfg = {**json.loads((p.parent / "config.json").read_text()), **cfg}
+    print(report.write_summary(rows, Path(a.out), a.title, cfg.get("decode_last", 32), cfg.get("ppl_tokens", 128)))
     return 0
 
 
@@ -214,12 +223,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--preset", choices=["quick", "standard"], default="quick")
     e.add_argument("--tasks", type=_csv(str), help="comma-separated task names (default: the preset's)")
     e.add_argument("--lengths", type=_csv(int), help="comma-separated context lengths in tokens")
-    e.add_argument("--methods", type=_csv(str), help="comma-separated: full,oracle,streaming,quest,pqcache,a2ats,a2ats-euclid,a2ats-postrope")
+    e.add_argument("--methods", type=_csv(str), help="comma-separated: full,oracle,streaming,quest,pqcache,a2ats,a2ats-euclid,a2ats-postrope,a2ats-banded")
     e.add_argument("--budgets", type=_csv(float), help="comma-separated fractions, e.g. 0.015,0.03,0.06")
     e.add_argument("--samples", type=int, help="samples per task and length")
     e.add_argument("--centroids", type=int, help="codebook size for the a2ats methods")
     e.add_argument("--out", default="eval-out", help="output folder")
     e.set_defaults(fn=cmd_eval)
+
+    r = sub.add_parser("report", help="tables and plots from one or more eval results.jsonl files (e.g. runs of other methods on the same prompts)")
+    r.add_argument("results", nargs="+", help="results.jsonl files written by `a2ats eval`")
+    r.add_argument("--out", required=True, help="folder for summary.md and the plots")
+    r.add_argument("--title", default="a2ats eval")
+    r.set_defaults(fn=cmd_report)
     return p
 
 

@@ -34,6 +34,7 @@ class CodebookSettings:
 
     n_centroids: int = 4096
     wrope_distance: int = 2048
+    wrope_band_ratio: float | None = None  # banded WRoPE (not in the paper); None: the single distance b
     query_aware: bool = True  # False: plain Euclidean k-means on pre-RoPE keys (an ablation)
     post_rope: bool = False  # True: keys and queries after RoPE, no WRoPE (an ablation; b unused)
     text_tokens: int = 65536
@@ -50,6 +51,8 @@ class CodebookSettings:
             raise ValueError("calibration needs a positive number of text_tokens + uuid_tokens")
         if self.seq_len < 16:
             raise ValueError(f"seq_len must be >= 16, got {self.seq_len}")
+        if self.wrope_band_ratio is not None and not self.wrope_band_ratio > 1:
+            raise ValueError(f"wrope_band_ratio must be > 1 (or None for the paper's single distance), got {self.wrope_band_ratio}")
         if self.max_iter < 0 or self.tol < 0:
             raise ValueError("max_iter and tol must be >= 0")
 
@@ -57,6 +60,8 @@ class CodebookSettings:
     def tag(self) -> str:
         """A file-name tag of the settings that change the codes (not the corpus size)."""
         space = "postrope" if self.post_rope else f"b{self.wrope_distance}"
+        if self.wrope_band_ratio is not None and not self.post_rope:
+            space = f"bands{self.wrope_band_ratio:g}"
         return f"c{self.n_centroids}-{space}-{'qa' if self.query_aware else 'euclid'}"
 
 
@@ -247,7 +252,9 @@ class Codebooks:
 
     # -- compatibility -------------------------------------------------------------------------------------
 
-    def check_compatible(self, model: torch.nn.Module, wrope_distance: int | None = None, origin: str = "codebooks") -> None:
+    def check_compatible(
+        self, model: torch.nn.Module, wrope_distance: int | None = None, origin: str = "codebooks", band_ratio: float | None | str = "any"
+    ) -> None:
         """Raise :class:`CodebookError` naming every mismatch between these codebooks and ``model``."""
         fp = model_fingerprint(model.config)
         diffs = [f"{k}: codebooks {self.fingerprint.get(k)!r} vs model {fp[k]!r}" for k in fp if self.fingerprint.get(k) != fp[k]]
@@ -266,4 +273,13 @@ class Codebooks:
             raise CodebookError(
                 f"{origin} were calibrated for WRoPE distance {self.settings.wrope_distance}, but the config asks "
                 f"for {wrope_distance}: use the same distance or recalibrate with `--wrope-distance {wrope_distance}`"
+            )
+        if band_ratio != "any" and band_ratio != self.settings.wrope_band_ratio:
+            def say(r):
+                return "the paper's single distance" if r is None else f"bands of ratio {r:g}"
+
+            flag = "without --wrope-bands" if band_ratio is None else f"with `--wrope-bands {band_ratio:g}`"
+            raise CodebookError(
+                f"{origin} were calibrated for WRoPE with {say(self.settings.wrope_band_ratio)}, but the config asks "
+                f"for {say(band_ratio)}: use the same WRoPE or recalibrate {flag}"
             )

@@ -77,12 +77,15 @@ class A2ATSConfig:
       work per step varies up to G x budget); ``max`` scores each token by the max over the group's
       heads and keeps ``budget`` tokens per KV head (bounded work per step).
     - ``wrope_distance``: b, the fixed distance every token outside the window is scored at.
+    - ``wrope_band_ratio``: banded WRoPE (not in the paper): each geometric band of distances
+      (ratio r, from 64 tokens) is scored at its own distance; None keeps the single b.
     """
 
     budget: Budget = field(default_factory=lambda: Budget(fraction=0.03))
     sinks: int = 8
     window: int = 64
     wrope_distance: int = 2048
+    wrope_band_ratio: float | None = None
     reduction: Reduction = "union"
 
     def __post_init__(self) -> None:
@@ -91,5 +94,7 @@ class A2ATSConfig:
             raise ValueError(f"sinks must be >= 0 and window >= 1 (the current token), got {self.sinks}, {self.window}")
         if self.wrope_distance < 0:
             raise ValueError(f"wrope_distance must be >= 0, got {self.wrope_distance}")
+        if self.wrope_band_ratio is not None and not self.wrope_band_ratio > 1:
+            raise ValueError(f"wrope_band_ratio must be > 1 (e.g. 4), or None for the paper's single distance; got {self.wrope_band_ratio}")
         if self.reduction not in ("union", "max"):
             raise ValueError(f"reduction must be 'union' or 'max', got {self.reduction!r}")

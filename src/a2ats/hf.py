@@ -165,8 +165,9 @@ class A2ATS(ModelPatch):
         if method is None:
             if codebooks is None:
                 raise ValueError("A2ATS needs codebooks (see a2ats.calibrate / a2ats.load_codebooks) or a method")
-            codebooks.check_compatible(model, self.config.wrope_distance)
-            method = A2ATSMethod(codebooks, WRoPE(self.rotary, self.config.wrope_distance))
+            c = self.config
+            codebooks.check_compatible(model, c.wrope_distance, band_ratio=c.wrope_band_ratio)
+            method = A2ATSMethod(codebooks, WRoPE(self.rotary, c.wrope_distance, c.wrope_band_ratio))
         self.method = method
         self.stats = SelectionStats(self.config)
 

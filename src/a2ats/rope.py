@@ -76,22 +76,66 @@ class WRoPE:
 
     ``(R_b q_pre) . k_pre`` equals the true RoPE score at relative distance b, so keys carry no
     position and one codebook serves every position.
+
+    Banded (``band_ratio`` set; not in the paper): relative distances are cut into geometric bands
+    ``[first*r^i, first*r^(i+1))`` (band 0 also holds everything nearer) and each band is scored at its
+    own distance ``first*r^(i+1/2)``. Keys stay position-free (same codes, same codebook); a step
+    costs one lookup table per band in use instead of one.
     """
 
-    def __init__(self, rotary: nn.Module, distance: int):
+    def __init__(self, rotary: nn.Module, distance: int = 2048, band_ratio: float | None = None, first_edge: int = 64):
+        if band_ratio is not None and not band_ratio > 1:
+            raise ValueError(f"band_ratio must be > 1 (e.g. 4: bands 64-256, 256-1K, 1K-4K, ...), got {band_ratio}")
+        if first_edge < 1:
+            raise ValueError(f"first_edge must be >= 1, got {first_edge}")
         self.rotary = rotary
         self.distance = distance
-        self._cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.band_ratio = band_ratio
+        self.first_edge = first_edge
+        self._cache: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def rotation(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if device not in self._cache:  # computed once per device, not per step
-            self._cache[device] = rotary_at(self.rotary, self.distance, device)
-        return self._cache[device]
+    @property
+    def banded(self) -> bool:
+        return self.band_ratio is not None
 
-    def query(self, q_pre: torch.Tensor) -> torch.Tensor:
+    def band_distance(self, band: int) -> int:
+        """The distance band ``band`` is scored at (the single distance b when not banded)."""
+        if not self.banded:
+            return self.distance
+        return round(self.first_edge * self.band_ratio ** (band + 0.5))
+
+    def bands_for(self, length: int) -> int:
+        """How many bands hold tokens at relative distances below ``length``."""
+        if not self.banded:
+            return 1
+        n, lo = 1, self.first_edge * self.band_ratio
+        while lo <= length - 1:
+            n, lo = n + 1, lo * self.band_ratio
+        return n
+
+    def band_of(self, distance: torch.Tensor) -> torch.Tensor:
+        """Band index (long, same shape) of each relative distance."""
+        if not self.banded:
+            return torch.zeros_like(distance, dtype=torch.long)
+        n = self.bands_for(int(distance.max()) + 1 if distance.numel() else 1)
+        edges = torch.tensor([self.first_edge * self.band_ratio ** (i + 1) for i in range(n - 1)], device=distance.device)
+        return torch.bucketize(distance.to(edges.dtype), edges, right=True)
+
+    def rotation(self, device: torch.device, band: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        distance = self.band_distance(band)
+        key = (torch.device(device), distance)
+        if key not in self._cache:  # computed once per device and distance, not per step
+            self._cache[key] = rotary_at(self.rotary, distance, device)
+        return self._cache[key]
+
+    def query(self, q_pre: torch.Tensor, band: int = 0) -> torch.Tensor:
         """``R_b q_pre`` for query heads (..., d), fp32, scaled so that ``query(q) . k_pre`` is the model's own
         logit at distance b (rope types such as YaRN scale both q and k by their attention factor)."""
-        cos, sin = self.rotation(q_pre.device)
+        cos, sin = self.rotation(q_pre.device, band)
         cos, sin = cos.reshape(-1), sin.reshape(-1)
         factor = (cos * cos + sin * sin).sqrt()
         return apply_rotation(q_pre, cos * factor, sin * factor)
+
+    def queries(self, q_pre: torch.Tensor, bands: int) -> torch.Tensor:
+        """The query rotated for each of the first ``bands`` bands: (..., bands, d)."""
+        return torch.stack([self.query(q_pre, i) for i in range(bands)], dim=-2)

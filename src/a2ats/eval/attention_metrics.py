@@ -28,6 +28,7 @@ class MassProbe(Method):
     scaling: float
     mass: dict[int, list[float]] = field(default_factory=dict)  # layer -> per (step, row, query head)
     recall: dict[int, list[float]] = field(default_factory=dict)
+    attended: list[float] = field(default_factory=list)  # tokens per KV head, per (step, layer)
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -47,6 +48,7 @@ class MassProbe(Method):
         logits = logits.masked_fill(~step.valid[:, None, None, :], float("-inf"))
         p = logits.softmax(-1)
         captured = (p * keep[:, :, None, :]).sum(-1)  # (B, Hkv, G)
+        self.attended.append(float(keep.sum(-1).float().mean()))
         self.mass.setdefault(step.layer, []).extend(captured.flatten().tolist())
         _, candidates, length = always_kept(step.valid, config.sinks, config.window)
         true_top = topk_mask(logits.reshape(B, Hq, -1), candidates, config.budget.tokens_for(length))
@@ -56,7 +58,8 @@ class MassProbe(Method):
         return keep
 
     def mean(self, what: str = "mass") -> float:
-        vals = [v for vs in getattr(self, what).values() for v in vs]
+        got = getattr(self, what)
+        vals = got if isinstance(got, list) else [v for vs in got.values() for v in vs]
         return sum(vals) / max(len(vals), 1)
 
 

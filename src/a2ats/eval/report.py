@@ -40,22 +40,78 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def length_table(rows: list[dict]) -> str:
+    """Per method and budget: the average task score (x100) at each context length, and its share of full's."""
+    rows = [r for r in rows if "score" in r]
+    if not rows:
+        return "(no task rows)"
+    lengths = sorted({r["length"] for r in rows})
+    by = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))  # key -> length -> task -> scores
+    for r in rows:
+        by[_key(r)][r["length"]][r["task"]].append(r["score"])
+
+    def avg(key, n):
+        per = [mean(v) for v in by[key][n].values()]
+        return mean(per) if per else None
+
+    head = ["method", "budget"] + [f"{n} tokens" for n in lengths] + ["all"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key in sorted(by, key=lambda k: (k[0] != "full", k[1], k[0])):
+        cells = []
+        for n in lengths:
+            a, f = avg(key, n), avg(("full", 1.0), n)
+            cells.append("n/a" if a is None else f"{100 * a:.1f}" + (f" ({a / f:.2f})" if f and key[0] != "full" else ""))
+        vals = [avg(key, n) for n in lengths if avg(key, n) is not None]
+        lines.append(f"| {key[0]} | {key[1]:g} | " + " | ".join(cells) + f" | {100 * mean(vals):.1f} |")
+    return "\n".join(lines)
+
+
 def text_metrics_table(rows: list[dict]) -> str:
-    """Per method and budget: attention mass captured, recall of the true top-K, continuation perplexity."""
+    """Per method and budget: attention mass captured and recall of the true top-K (mean over layers, heads,
+    positions), and continuation perplexity, at each context length."""
     att = defaultdict(lambda: defaultdict(list))
+    lengths = sorted({r["length"] for r in rows if r["task"] in ("attention", "perplexity")})
     for r in rows:
         if r["task"] == "attention":
-            att[_key(r)]["mass"].append(r["mass"])
-            att[_key(r)]["recall"].append(r["recall"])
+            att[_key(r)][("mass", r["length"])].append(r["mass"])
+            att[_key(r)][("recall", r["length"])].append(r["recall"])
         elif r["task"] == "perplexity":
-            att[_key(r)]["ppl"].append(r["perplexity"])
+            att[_key(r)][("ppl", r["length"])].append(r["perplexity"])
     if not att:
         return "(no attention or perplexity rows)"
-    lines = ["| method | budget | attention mass | top-K recall | perplexity |", "|---|---|---|---|---|"]
+    cols = [(what, n) for what in ("mass", "recall", "ppl") for n in lengths]
+    names = {"mass": "attention mass", "recall": "top-K recall", "ppl": "perplexity"}
+    head = ["method", "budget"] + [f"{names[w]} @{n}" for w, n in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key in sorted(att, key=lambda k: (k[0] != "full", k[1], k[0])):
-        cells = [f"{mean(att[key][n]):.{p}f}" if att[key][n] else "n/a" for n, p in (("mass", 3), ("recall", 3), ("ppl", 2))]
+        cells = [f"{mean(att[key][c]):.{2 if c[0] == 'ppl' else 3}f}" if att[key][c] else "n/a" for c in cols]
         lines.append(f"| {key[0]} | {key[1]:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def write_summary(rows: list[dict], out_dir: Path, title: str, decode_last: int, ppl_tokens: int) -> str:
+    """``summary.md`` (every table) and the plots in ``out_dir``; returns the markdown."""
+    samples = max((sum(1 for r in rows if r.get("method") == "full" and r.get("task") == t and r.get("length") == n)
+                   for t, n in {(r["task"], r["length"]) for r in rows if "score" in r}), default=0)
+    md = (
+        f"# {title}\n\nScores x100 (RULER string match), averaged over tasks, lengths and {samples} sample(s) per task "
+        "and length. Budget: fraction of the context retrieved per query head, plus 8 sinks and 64 window tokens "
+        "always kept; 'attended/KV head' counts all of it after the GQA union.\n\n"
+        + summary_table(rows)
+        + "\n\nAverage task score (x100) per context length; in brackets, its share of full attention's.\n\n"
+        + length_table(rows)
+        + "\n\nHeld-out State of the Union prose: share of the true attention mass kept and recall of the true "
+        f"top-K over the last {decode_last} positions (mean over layers and heads), and the perplexity of "
+        f"a {ppl_tokens}-token continuation decoded under each method.\n\n"
+        + text_metrics_table(rows)
+        + "\n"
+    )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.md").write_text(md)
+    if any("score" in r for r in rows):
+        plots(rows, out_dir)
+    return md
 
 
 def plots(rows: list[dict], out_dir: Path) -> list[Path]:

@@ -22,6 +22,8 @@ class A2ATSMethod(Method):
         s = codebooks.settings
         self.post_rope = s.post_rope
         self.name = "a2ats-postrope" if s.post_rope else ("a2ats" if s.query_aware else "a2ats-euclid")
+        if wrope.banded and not s.post_rope:
+            self.name += "-banded"
 
     def on_append(self, layer, store, k_pre, k_post, kv_heads):
         # Every key is encoded once, as it is written; int16 holds up to 32767 centroids.
@@ -31,9 +33,23 @@ class A2ATSMethod(Method):
         B, Hq, d = step.q_pre.shape
         Hkv, G = step.keys.shape[1], step.group
         centroids = self.codebooks.tensors_for(step.layer, step.kv_heads, step.q_pre.device)[0]  # (Hkv, C, d)
-        q = step.query.float() if self.post_rope else self.wrope.query(step.q_pre)
-        lut = torch.einsum("bhgd,hcd->bhgc", q.reshape(B, Hkv, G, d), centroids)  # (B, Hkv, G, C): a row per query head
         codes = step.store.extra("codes").long()  # (B, Hkv, n)
-        n = codes.shape[-1]
+        n, C = codes.shape[-1], centroids.shape[1]
+        if self.post_rope or not self.wrope.banded:
+            q = step.query.float() if self.post_rope else self.wrope.query(step.q_pre)
+            lut = torch.einsum("bhgd,hcd->bhgc", q.reshape(B, Hkv, G, d), centroids)  # (B, Hkv, G, C): a row per query head
+        else:  # one table per band; a token's entry is picked by its band and its code
+            distance = _relative_distance(step.valid)
+            band = self.wrope.band_of(distance)
+            nb = int(band.max()) + 1
+            q = self.wrope.queries(step.q_pre, nb).reshape(B, Hkv, G, nb, d)
+            lut = torch.einsum("bhgkd,hcd->bhgkc", q, centroids).reshape(B, Hkv, G, nb * C)
+            codes = codes + (band * C).unsqueeze(1)
         est = torch.gather(lut, -1, codes.unsqueeze(2).expand(B, Hkv, G, n))
         return est.reshape(B, Hq, n)
+
+
+def _relative_distance(valid: torch.Tensor) -> torch.Tensor:
+    """(B, n) distance of each token from the newest real token of its row (padding: 0, never selected)."""
+    rank = valid.long().cumsum(-1) - 1
+    return ((valid.sum(-1, keepdim=True) - 1 - rank) * valid).clamp_min(0)
