@@ -93,6 +93,7 @@ class WRoPE:
         self.band_ratio = band_ratio
         self.first_edge = first_edge
         self._cache: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._edges: dict[tuple[torch.device, int], torch.Tensor] = {}
 
     @property
     def banded(self) -> bool:
@@ -113,12 +114,18 @@ class WRoPE:
             n, lo = n + 1, lo * self.band_ratio
         return n
 
-    def band_of(self, distance: torch.Tensor) -> torch.Tensor:
-        """Band index (long, same shape) of each relative distance."""
+    def band_of(self, distance: torch.Tensor, bands: int | None = None) -> torch.Tensor:
+        """Band index (long, same shape) of each relative distance; ``bands`` (from :meth:`bands_for`) saves a
+        pass over ``distance`` when the caller knows the longest row."""
         if not self.banded:
             return torch.zeros_like(distance, dtype=torch.long)
-        n = self.bands_for(int(distance.max()) + 1 if distance.numel() else 1)
-        edges = torch.tensor([self.first_edge * self.band_ratio ** (i + 1) for i in range(n - 1)], device=distance.device)
+        if bands is None:
+            bands = self.bands_for(int(distance.max()) + 1 if distance.numel() else 1)
+        key = (distance.device, bands)
+        if key not in self._edges:  # built once per device and band count, not per step and layer
+            self._edges[key] = torch.tensor([self.first_edge * self.band_ratio ** (i + 1) for i in range(bands - 1)],
+                                            device=distance.device)
+        edges = self._edges[key]
         return torch.bucketize(distance.to(edges.dtype), edges, right=True)
 
     def rotation(self, device: torch.device, band: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

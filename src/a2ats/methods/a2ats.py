@@ -40,8 +40,8 @@ class A2ATSMethod(Method):
             lut = torch.einsum("bhgd,hcd->bhgc", q.reshape(B, Hkv, G, d), centroids)  # (B, Hkv, G, C): a row per query head
         else:  # one table per band; a token's entry is picked by its band and its code
             distance = _relative_distance(step.valid)
-            band = self.wrope.band_of(distance)
-            nb = int(band.max()) + 1
+            nb = self.wrope.bands_for(int(step.valid.sum(-1).max()))  # bands present in the longest row
+            band = self.wrope.band_of(distance, nb)
             q = self.wrope.queries(step.q_pre, nb).reshape(B, Hkv, G, nb, d)
             lut = torch.einsum("bhgkd,hcd->bhgkc", q, centroids).reshape(B, Hkv, G, nb * C)
             codes = codes + (band * C).unsqueeze(1)
