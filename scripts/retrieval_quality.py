@@ -41,59 +41,66 @@ p.add_argument("--budgets", default="0.015,0.03,0.06")
 p.add_argument("--band-ratios", default="2", help="banded WRoPE with codebooks calibrated for these ratios")
 p.add_argument("--paper-codebook-ratios", default="2,4", help="banded WRoPE scoring over the paper's codebook")
 p.add_argument("--results", nargs="*", default=[], help="a2ats eval results.jsonl files for the suite-score panel")
+p.add_argument("--mass-from", help="reuse the mass section of an earlier retrieval_quality.json (redraws the suite panel only)")
 a = p.parse_args()
 out = Path(a.out)
 out.mkdir(parents=True, exist_ok=True)
+earlier = json.loads(Path(a.mass_from).read_text()) if a.mass_from else None
 
-model, tok = load_model()
-rot = find_rotary_embedding(model)
-head_dim = model.config.hidden_size // model.config.num_attention_heads
-paper = load_or_calibrate(model, tok)
-methods = {
-    "oracle": OracleMethod(),
-    "a2ats (paper)": A2ATSMethod(paper, WRoPE(rot, 2048)),
-    "a2ats-euclid": A2ATSMethod(load_or_calibrate(model, tok, settings=CodebookSettings(query_aware=False)), WRoPE(rot, 2048)),
-    "quest": QuestMethod(),
-}
-for r in [float(x) for x in a.band_ratios.split(",") if x]:
-    banded = load_or_calibrate(model, tok, settings=CodebookSettings(wrope_band_ratio=r))
-    methods[f"a2ats-banded r={r:g}"] = A2ATSMethod(banded, WRoPE(rot, 2048, r))
-for r in [float(x) for x in a.paper_codebook_ratios.split(",") if x]:
-    # banded scoring over the paper's codebook: separates what the banded calibration adds
-    methods[f"a2ats-banded r={r:g}, paper codebook"] = A2ATSMethod(paper, WRoPE(rot, 2048, r))
+if earlier is not None:
+    res = {k: earlier[k] for k in ("command", "machine", "date", "setup", "mass")}
+    cfg = load_model(log=lambda *_: None)[0].config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+else:
+    model, tok = load_model()
+    rot = find_rotary_embedding(model)
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    paper = load_or_calibrate(model, tok)
+    methods = {
+        "oracle": OracleMethod(),
+        "a2ats (paper)": A2ATSMethod(paper, WRoPE(rot, 2048)),
+        "a2ats-euclid": A2ATSMethod(load_or_calibrate(model, tok, settings=CodebookSettings(query_aware=False)), WRoPE(rot, 2048)),
+        "quest": QuestMethod(),
+    }
+    for r in [float(x) for x in a.band_ratios.split(",") if x]:
+        banded = load_or_calibrate(model, tok, settings=CodebookSettings(wrope_band_ratio=r))
+        methods[f"a2ats-banded r={r:g}"] = A2ATSMethod(banded, WRoPE(rot, 2048, r))
+    for r in [float(x) for x in a.paper_codebook_ratios.split(",") if x]:
+        # banded scoring over the paper's codebook: separates what the banded calibration adds
+        methods[f"a2ats-banded r={r:g}, paper codebook"] = A2ATSMethod(paper, WRoPE(rot, 2048, r))
 
-held = [s for s in speeches()[110:] if len(s) > 30000][: a.texts]
-texts = [torch.tensor(tok.encode(s, add_special_tokens=False)[: a.length]) for s in held]
-budgets = [float(b) for b in a.budgets.split(",")]
-mass, attended, seconds = defaultdict(list), defaultdict(list), defaultdict(list)
-for x in texts:
-    pre = prefill(model, x[: -a.decode_last])
-    for rho in [0] + budgets:
-        for name, m in methods.items():
-            if rho == 0 and name != "oracle":
-                continue  # budget 0: sinks + window alone, the same for every method
-            t = time.perf_counter()
-            probe = attention_mass(model, m, A2ATSConfig(budget=rho), x, a.decode_last, pre=pre)  # 0: a token count
-            key = "sinks + window" if rho == 0 else f"{name}@{rho:g}"
-            mass[key].append(probe.mean())
-            attended[key].append(probe.mean("attended"))
-            seconds[key].append(time.perf_counter() - t)
-            print(f"{key}: mass {probe.mean():.4f}, attended {probe.mean('attended'):.0f}", flush=True)
+    held = [s for s in speeches()[110:] if len(s) > 30000][: a.texts]
+    texts = [torch.tensor(tok.encode(s, add_special_tokens=False)[: a.length]) for s in held]
+    budgets = [float(b) for b in a.budgets.split(",")]
+    mass, attended, seconds = defaultdict(list), defaultdict(list), defaultdict(list)
+    for x in texts:
+        pre = prefill(model, x[: -a.decode_last])
+        for rho in [0] + budgets:
+            for name, m in methods.items():
+                if rho == 0 and name != "oracle":
+                    continue  # budget 0: sinks + window alone, the same for every method
+                t = time.perf_counter()
+                probe = attention_mass(model, m, A2ATSConfig(budget=rho), x, a.decode_last, pre=pre)  # 0: a token count
+                key = "sinks + window" if rho == 0 else f"{name}@{rho:g}"
+                mass[key].append(probe.mean())
+                attended[key].append(probe.mean("attended"))
+                seconds[key].append(time.perf_counter() - t)
+                print(f"{key}: mass {probe.mean():.4f}, attended {probe.mean('attended'):.0f}", flush=True)
 
-res = {
-    "command": "python scripts/retrieval_quality.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if k != "results"),
-    "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-    "date": time.strftime("%Y-%m-%d"),
-    "setup": f"{len(texts)} held-out State of the Union texts of {a.length} tokens, last {a.decode_last} positions, all layers and query heads",
-    "mass": {},
-}
-for key in mass:
-    name = key.split("@")[0]
-    kind = "streaming" if key == "sinks + window" else name.split(" ")[0]
-    b = step_bytes(kind, a.length, mean(attended[key]), head_dim)
-    res["mass"][key] = {"mass": mean(mass[key]), "attended_per_kv_head": mean(attended[key]),
-                        "bytes_per_step": b.scoring + b.attended, "shared_bytes_per_step": b.shared,
-                        "seconds": mean(seconds[key])}
+    res = {
+        "command": "python scripts/retrieval_quality.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if k != "results"),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "date": time.strftime("%Y-%m-%d"),
+        "setup": f"{len(texts)} held-out State of the Union texts of {a.length} tokens, last {a.decode_last} positions, all layers and query heads",
+        "mass": {},
+    }
+    for key in mass:
+        name = key.split("@")[0]
+        kind = "streaming" if key == "sinks + window" else name.split(" ")[0]
+        b = step_bytes(kind, a.length, mean(attended[key]), head_dim)
+        res["mass"][key] = {"mass": mean(mass[key]), "attended_per_kv_head": mean(attended[key]),
+                            "bytes_per_step": b.scoring + b.attended, "shared_bytes_per_step": b.shared,
+                            "seconds": mean(seconds[key])}
 
 suite = defaultdict(lambda: defaultdict(list))
 byts = defaultdict(list)

@@ -159,3 +159,40 @@ def test_banded_wrope_padded_rows_equal_their_own_runs(family):
             alone = _gen(model, ids[i : i + 1, keep], mask[i : i + 1, keep])
             mine = alone.sequences[0, keep.sum() :]
             assert torch.equal(batched.sequences[i, ids.shape[1] : ids.shape[1] + len(mine)], mine)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("bands", [None, 2.0])
+def test_fast_path_equals_reference_path(family, bands):
+    """Kernel selection + sparse attention inside model.generate: same tokens, same selections, close logits."""
+    import dataclasses
+
+    from a2ats import kernels
+
+    if kernels.cpu_backend() is None:
+        pytest.skip("CPU kernels could not be built here")
+    model = tiny_model(family)
+    cb = random_codebooks(model)
+    cb.settings = dataclasses.replace(cb.settings, wrope_band_ratio=bands)
+    ids, mask = padded_batch(seed=8, lengths=(300, 201, 257))
+    cfg = A2ATSConfig(budget=0.05, sinks=2, window=8, wrope_band_ratio=bands)
+    runs = {}
+    for path in ("reference", "fast"):
+        with A2ATS(model, cb, cfg, path=path) as a2:
+            assert a2.path == path
+            runs[path] = (_gen(model, ids, mask), a2.stats.mean_attended)
+    (ref, ref_att), (fast, fast_att) = runs["reference"], runs["fast"]
+    assert torch.equal(ref.sequences, fast.sequences)
+    assert fast_att == pytest.approx(ref_att, rel=1e-12)
+    for a, b in zip(ref.scores, fast.scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_fast_path_refuses_what_it_does_not_serve():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="path must be one of"):
+        A2ATS(model, random_codebooks(model), path="gpu")
+    with pytest.raises(ValueError, match="fast path serves"):
+        A2ATS(model, random_codebooks(model), A2ATSConfig(reduction="max"), path="fast")
+    with A2ATS(model, method=OracleMethod()) as a2:
+        assert a2.path == "reference"

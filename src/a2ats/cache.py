@@ -78,6 +78,10 @@ class A2ATSLayer(CacheLayerMixin):
         self.length = end
         return self.keys, self.values
 
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole K and V buffers (B, Hkv, capacity, d), for kernels that gather rows by index."""
+        return self._k, self._v
+
     # -- per-token metadata --------------------------------------------------------------------------------
 
     def write_extra(self, name: str, value: torch.Tensor) -> None:

@@ -1,4 +1,4 @@
-"""Command line: ``a2ats demo | generate | calibrate | eval`` (``python -m a2ats`` is the same)."""
+"""Command line: ``a2ats demo | generate | calibrate | eval | report | bench`` (``python -m a2ats`` is the same)."""
 
 from __future__ import annotations
 
@@ -64,6 +64,9 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sinks", type=int, default=8)
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--path", choices=["auto", "fast", "reference"], default="auto",
+                   help="fast: the lean engine with the CPU kernels (default on a CPU where they build); "
+                        "reference: transformers' generate with the selection applied as a mask (for accuracy)")
     _add_codebook_args(p)
 
 
@@ -76,29 +79,55 @@ def _load(a):
     return model, tok
 
 
+def _config(a):
+    from .config import A2ATSConfig
+
+    return A2ATSConfig(budget=a.budget, sinks=a.sinks, window=a.window, wrope_distance=a.wrope_distance,
+                       wrope_band_ratio=a.wrope_bands, reduction=a.reduction)
+
+
+def _codebooks(a, model, tok):
+    from .calibrate import load_or_calibrate
+
+    return load_or_calibrate(model, tok, a.codebooks, _settings(a), log=_log)
+
+
 def _a2ats(a, model, tok):
     """The A²ATS wrapper from parsed arguments (codebooks calibrated on first use)."""
-    from .calibrate import load_or_calibrate
-    from .config import A2ATSConfig
     from .hf import A2ATS
 
-    config = A2ATSConfig(budget=a.budget, sinks=a.sinks, window=a.window, wrope_distance=a.wrope_distance,
-                         wrope_band_ratio=a.wrope_bands, reduction=a.reduction)
-    cb = load_or_calibrate(model, tok, a.codebooks, _settings(a), log=_log)
-    return A2ATS(model, cb, config)
+    return A2ATS(model, _codebooks(a, model, tok), _config(a), path="reference" if a.path == "reference" else "auto")
 
 
-def _report(res, a2) -> None:
+def _run(a, model, tok, ids):
+    """Generate with the path asked for: the lean engine + kernels, or transformers' generate."""
+    from . import kernels
+    from .engine import Engine
+    from .engine.model import SUPPORTED
+    from .generate import generate, generate_lean
+
+    fast = a.path == "fast" or (a.path == "auto" and a.device == "cpu" and kernels.cpu_backend() is not None)
+    if fast and type(model).__name__ in SUPPORTED and a.reduction == "union":
+        engine = Engine(model, _codebooks(a, model, tok), _config(a), path="fast")
+        res = generate_lean(engine, tok, ids, a.max_new_tokens)
+        _log(f"prompt {res.prompt_tokens} tokens, prefill {res.prefill_seconds:.1f} s (dense); {res.new_tokens} new "
+             f"tokens at {res.decode_tokens_per_second:.1f} tokens/s (fast path: lean engine + CPU kernels)")
+        return res
+    if fast:
+        _log("the lean engine does not serve this model or reduction: using transformers' generate")
+    a2 = _a2ats(a, model, tok)
+    with a2:
+        res = generate(model, tok, a2, ids, a.max_new_tokens)
     _log(a2.stats.summary())
-    _log(
-        f"prompt {res.prompt_tokens} tokens, prefill {res.prefill_seconds:.1f} s (dense); "
-        f"{res.new_tokens} new tokens at {res.decode_tokens_per_second:.1f} tokens/s "
-        "(reference path: selection applied as a mask on one device, for accuracy, not speed)"
-    )
+    kind = ("fast path: transformers' generate + CPU kernels" if a2.path == "fast" else
+            "reference path: selection applied as a mask on one device, for accuracy, not speed")
+    _log(f"prompt {res.prompt_tokens} tokens, prefill {res.prefill_seconds:.1f} s (dense); "
+         f"{res.new_tokens} new tokens at {res.decode_tokens_per_second:.1f} tokens/s ({kind})")
+    return res
 
 
 def cmd_generate(a) -> int:
-    from .generate import encode_prompt, generate
+    from .generate import encode_prompt
 
     text = open(a.prompt_file, encoding="utf-8").read() if a.prompt_file else sys.stdin.read()
     if not text.strip():
@@ -108,16 +137,13 @@ def cmd_generate(a) -> int:
     model, tok = _load(a)
     ids = encode_prompt(tok, text, chat_template=not a.no_chat_template)
     check_context(model, ids.shape[-1], a.max_new_tokens)  # before any work (calibration included)
-    a2 = _a2ats(a, model, tok)
-    with a2:
-        res = generate(model, tok, a2, ids, a.max_new_tokens)
-    _report(res, a2)
+    _run(a, model, tok, ids)
     return 0
 
 
 def cmd_demo(a) -> int:
     from .corpus import needle_prompt
-    from .generate import encode_prompt, generate
+    from .generate import encode_prompt
 
     from .hf import check_context
 
@@ -125,12 +151,10 @@ def cmd_demo(a) -> int:
     prompt, answer = needle_prompt(tok, a.context, depth=a.depth, seed=a.seed)
     ids = encode_prompt(tok, prompt)
     check_context(model, ids.shape[-1], a.max_new_tokens)
-    a2 = _a2ats(a, model, tok)
     _log(f"needle-in-a-haystack: a 7-digit number hidden at depth {a.depth:.0%} of ~{a.context} tokens of essays")
+    _codebooks(a, model, tok)  # calibrate (once) before the question is printed
     print(f"Q: {prompt.strip().splitlines()[-1]}\nA: ", end="", flush=True)
-    with a2:
-        res = generate(model, tok, a2, ids, a.max_new_tokens)
-    _report(res, a2)
+    res = _run(a, model, tok, ids)
     found = answer in res.text
     _log(f"expected {answer}: {'found' if found else 'NOT found'} in the answer")
     return 0
@@ -194,6 +218,55 @@ def cmd_report(a) -> int:
     return 0
 
 
+def _machine() -> str:
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def cmd_bench(a) -> int:
+    import json
+    from pathlib import Path
+
+    if a.what == "kernels":
+        from .bench.kernels import bench_kernels
+
+        res = {"machine": _machine(), **bench_kernels(n=a.context, dtype=DTYPES[a.dtype])}
+        if a.json:
+            print(json.dumps(res))
+        else:
+            for k, v in res.items():
+                print(f"{k:34s} {v:.4g}" if isinstance(v, float) else f"{k:34s} {v}")
+        return 0
+    from .bench.decode import bench_decode, rows_to_json
+    from .bench.report import decode_plot, decode_table
+
+    model, tok = _load(a)
+    rows, prefill = bench_decode(model, tok, _codebooks(a, model, tok), _config(a), lengths=a.lengths,
+                                 variants=a.variants, steps=a.steps, log=_log)
+    rows = rows_to_json(rows)
+    res = {"machine": _machine(), "dtype": a.dtype, "budget": str(a.budget), "wrope_bands": a.wrope_bands,
+           "command": "a2ats " + " ".join(sys.argv[1:]), "prefill": prefill, "rows": rows}
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "decode.json").write_text(json.dumps(res, indent=1))
+        (out / "decode.md").write_text(decode_table(rows))
+        decode_plot(rows, out / "decode.png", f"{res['machine']}, {a.dtype}, {res['budget']}")
+        _log(f"wrote {out}/decode.json, decode.md, decode.png")
+    print(json.dumps(res) if a.json else decode_table(rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="a2ats", description="A²ATS retrieval attention for Hugging Face causal LMs")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -235,6 +308,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="folder for summary.md and the plots")
     r.add_argument("--title", default="a2ats eval")
     r.set_defaults(fn=cmd_report)
+
+    b = sub.add_parser("bench", help="speed: `bench kernels` (the CPU kernels vs read bandwidth), `bench decode` (ms/token vs context)")
+    b.add_argument("what", choices=["kernels", "decode"])
+    _add_model_args(b)
+    _add_decode_args(b)
+    b.add_argument("--context", type=int, default=32768, help="kernels: tokens in the synthetic cache")
+    b.add_argument("--lengths", type=_csv(int), default=(2048, 8192, 16384, 32768), help="decode: context lengths")
+    b.add_argument("--variants", type=_csv(str), default=("a2ats-fast", "a2ats-reference", "dense-hf", "dense-lean"),
+                   help="decode: a2ats-fast, a2ats-reference, dense-hf, dense-lean")
+    b.add_argument("--steps", type=int, default=8, help="decode: timed steps per variant and length (median reported)")
+    b.add_argument("--out", help="decode: folder for decode.json, decode.md and decode.png")
+    b.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
+    b.set_defaults(fn=cmd_bench)
     return p
 
 

@@ -82,3 +82,25 @@ def generate(model, tokenizer, a2: A2ATS, input_ids: torch.Tensor, max_new_token
         prefill_seconds=first - t0,
         decode_seconds=t1 - first,
     )
+
+
+@torch.inference_mode()
+def generate_lean(engine, tokenizer, input_ids: torch.Tensor, max_new_tokens: int, out=sys.stdout) -> GenerationResult:
+    """Greedy generation with the lean engine (:class:`a2ats.engine.Engine`), streaming the text to ``out``."""
+    streamer = _TimedStreamer(tokenizer, out) if out is not None else None
+    if streamer is not None:
+        streamer.put(input_ids)  # the prompt: skipped, as in model.generate
+    eos = tokenizer.eos_token_id
+    res = engine.generate(input_ids, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                          pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos or 0,
+                          on_token=(lambda t: streamer.put(t.cpu())) if streamer else None)
+    if streamer is not None:
+        streamer.end()
+    new = res.tokens[0, : res.new_tokens[0]]
+    return GenerationResult(
+        text=tokenizer.decode(new, skip_special_tokens=True),
+        prompt_tokens=input_ids.shape[-1],
+        new_tokens=int(new.numel()),
+        prefill_seconds=res.prefill_seconds,
+        decode_seconds=res.decode_seconds,
+    )

@@ -20,6 +20,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
+from . import kernels
 from .attention import attend_selected, dense
 from .cache import A2ATSCache
 from .codebook import Codebooks
@@ -145,12 +146,18 @@ class ModelPatch:
         raise NotImplementedError
 
 
+PATHS = ("auto", "fast", "reference")
+
+
 class A2ATS(ModelPatch):
-    """A²ATS retrieval attention on a Hugging Face causal LM (the *reference* path).
+    """A²ATS retrieval attention on a Hugging Face causal LM.
 
     Prefill is dense; each new key is encoded with the codebooks; each decode step attends exactly
     to the tokens the method selects (sinks and window always). K, V and codes stay on the model's
-    device: this path is for accuracy, and saves no time.
+    device. ``path``: ``reference`` applies the selection as a mask over the whole cache (for
+    accuracy; saves no time); ``fast`` scores, selects and attends with the CPU kernels
+    (:mod:`a2ats.kernels`), reading only the selected rows; ``auto`` (default) is ``fast`` for the
+    A²ATS method on a CPU model when the kernels build here. Both select the same tokens.
     """
 
     def __init__(
@@ -159,7 +166,10 @@ class A2ATS(ModelPatch):
         codebooks: Codebooks | None = None,
         config: A2ATSConfig | None = None,
         method: Method | None = None,
+        path: str = "auto",
     ):
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
         super().__init__(model)
         self.config = config or A2ATSConfig()
         if method is None:
@@ -170,6 +180,13 @@ class A2ATS(ModelPatch):
             method = A2ATSMethod(codebooks, WRoPE(self.rotary, c.wrope_distance, c.wrope_band_ratio))
         self.method = method
         self.stats = SelectionStats(self.config)
+        fast_ok = type(method) is A2ATSMethod and self.config.reduction == "union"  # wrappers (probes) stay reference
+        if path == "fast" and not fast_ok:
+            raise ValueError("the fast path serves the A²ATS method with reduction='union'; use path='reference'")
+        if path == "auto":
+            on_cpu = next(model.parameters()).device.type == "cpu"
+            path = "fast" if fast_ok and on_cpu and kernels.cpu_backend() is not None else "reference"
+        self.path = path
 
     def new_cache(self) -> A2ATSCache:
         return A2ATSCache(self.num_layers)
@@ -226,6 +243,19 @@ class A2ATS(ModelPatch):
             store=store,
             kv_heads=heads,
         )
+        if self.path == "fast":
+            return self._fast_decode(step, query, store, scaling), None
         keep = self.method.select(step, self.config)
         self.stats.record(keep, step.valid)
         return attend_selected(query, key, value, keep, scaling), None
+
+    def _fast_decode(self, step: DecodeStep, query: torch.Tensor, store, scaling: float) -> torch.Tensor:
+        """Kernel scoring + selection, then attention over the selected rows only: (B, 1, Hq, d)."""
+        c, m = self.config, self.method
+        bands, offsets = m.band_offsets(step.valid)
+        lut = m.lut(step.layer, step.q_pre, step.query, bands, step.kv_heads)
+        budget = c.budget.tokens_for(step.valid.sum(-1))
+        idx, count = kernels.score_select(lut, store.extra("codes"), offsets, step.valid, budget, c.sinks, c.window)
+        self.stats.record_counts(count, step.valid)
+        k_buf, v_buf = store.buffers()
+        return kernels.sparse_attention(step.query, k_buf, v_buf, idx, count, scaling).unsqueeze(1)

@@ -22,7 +22,10 @@ class SelectionStats:
         self.steps, self.attended, self.heads, self.context, self.last_length = 0, 0.0, 0, 0.0, 0
 
     def record(self, keep: torch.Tensor, valid: torch.Tensor) -> None:
-        counts = keep.sum(-1)  # (B, Hkv)
+        self.record_counts(keep.sum(-1), valid)
+
+    def record_counts(self, counts: torch.Tensor, valid: torch.Tensor) -> None:
+        """``counts`` (B, Hkv): tokens attended by each row's KV heads at one layer-step."""
         lengths = valid.sum(-1, keepdim=True).expand_as(counts)
         self.steps += 1
         self.attended += float(counts.sum())

@@ -29,22 +29,42 @@ class A2ATSMethod(Method):
         # Every key is encoded once, as it is written; int16 holds up to 32767 centroids.
         store.write_extra("codes", self.codebooks.encode(layer, k_post if self.post_rope else k_pre, kv_heads))
 
-    def scores(self, step: DecodeStep) -> torch.Tensor:
-        B, Hq, d = step.q_pre.shape
-        Hkv, G = step.keys.shape[1], step.group
-        centroids = self.codebooks.tensors_for(step.layer, step.kv_heads, step.q_pre.device)[0]  # (Hkv, C, d)
-        codes = step.store.extra("codes").long()  # (B, Hkv, n)
-        n, C = codes.shape[-1], centroids.shape[1]
+    def band_offsets(self, valid: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        """(bands in use, offsets (B, n) int32 or None): with banded WRoPE token j of row b reads the
+        table of its band, at offset band·C. Depends only on the rows' lengths: once per step, not per layer."""
         if self.post_rope or not self.wrope.banded:
-            q = step.query.float() if self.post_rope else self.wrope.query(step.q_pre)
-            lut = torch.einsum("bhgd,hcd->bhgc", q.reshape(B, Hkv, G, d), centroids)  # (B, Hkv, G, C): a row per query head
-        else:  # one table per band; a token's entry is picked by its band and its code
-            distance = _relative_distance(step.valid)
-            nb = self.wrope.bands_for(int(step.valid.sum(-1).max()))  # bands present in the longest row
-            band = self.wrope.band_of(distance, nb)
-            q = self.wrope.queries(step.q_pre, nb).reshape(B, Hkv, G, nb, d)
-            lut = torch.einsum("bhgkd,hcd->bhgkc", q, centroids).reshape(B, Hkv, G, nb * C)
-            codes = codes + (band * C).unsqueeze(1)
+            return 1, None
+        nb = self.wrope.bands_for(int(valid.sum(-1).max()))  # bands present in the longest row
+        band = self.wrope.band_of(_relative_distance(valid), nb)
+        return nb, (band * self.codebooks.settings.n_centroids).to(torch.int32)
+
+    def lut(self, layer: int, q_pre: torch.Tensor, query: torch.Tensor, bands: int, kv_heads: slice) -> torch.Tensor:
+        """Lookup tables (B, Hkv, G, bands·C) fp32, a row per query head: q̃ · centroids for each band's q̃."""
+        B, Hq, d = q_pre.shape
+        centroids = self.codebooks.tensors_for(layer, kv_heads, q_pre.device)[0]  # (Hkv, C, d)
+        Hkv, C = centroids.shape[0], centroids.shape[1]
+        G = Hq // Hkv
+        if self.post_rope:
+            q = query.float().reshape(B, Hkv, G, d)
+        elif self.wrope.banded:
+            q = self.wrope.queries(q_pre, bands).reshape(B, Hkv, G * bands, d)
+        else:
+            q = self.wrope.query(q_pre).reshape(B, Hkv, G, d)
+        return torch.matmul(q, centroids.transpose(1, 2)).reshape(B, Hkv, G, bands * C)
+
+    def tables(self, layer: int, q_pre: torch.Tensor, query: torch.Tensor, valid: torch.Tensor, kv_heads: slice):
+        """``lut`` (B, Hkv, G, T) and ``offsets`` (B, n) or None: token j of KV head h is scored
+        ``lut[b, h, g, codes[b, h, j] + offsets[b, j]]`` by query head g of the group."""
+        bands, offsets = self.band_offsets(valid)
+        return self.lut(layer, q_pre, query, bands, kv_heads), offsets
+
+    def scores(self, step: DecodeStep) -> torch.Tensor:
+        B, Hq, _ = step.q_pre.shape
+        lut, offsets = self.tables(step.layer, step.q_pre, step.query, step.valid, step.kv_heads)
+        codes = step.store.extra("codes").long()  # (B, Hkv, n)
+        if offsets is not None:
+            codes = codes + offsets.unsqueeze(1)
+        Hkv, G, n = lut.shape[1], lut.shape[2], codes.shape[-1]
         est = torch.gather(lut, -1, codes.unsqueeze(2).expand(B, Hkv, G, n))
         return est.reshape(B, Hq, n)
 

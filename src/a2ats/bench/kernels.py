@@ -1,0 +1,66 @@
+"""Micro-benchmark of the CPU kernels at a decode-like shape, next to the host's read bandwidth."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..kernels import cpu_backend
+
+
+def _best(fn, repeats: int) -> float:
+    fn()  # warm-up: first-touch, caches, thread pool
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def bench_kernels(n: int = 32768, B: int = 1, Hkv: int = 3, G: int = 3, d: int = 64, rho: float = 0.03,
+                  dtype: torch.dtype = torch.float32, repeats: int = 20, C: int = 4096) -> dict:
+    """Best-of-``repeats`` timings (seconds) and rates of both kernels, plus host read bandwidth (GB/s).
+
+    ``attention_gbps`` counts only the selected K and V rows (rows x d x 2 x itemsize), the bytes a
+    sparse step must read; ``host_read_gbps`` is ``torch.sum`` over ~512 MB of fp32, best of 3.
+    """
+    ext = cpu_backend()
+    if ext is None:
+        raise RuntimeError("the CPU kernels are not available")
+    g = torch.Generator().manual_seed(0)
+    k_tok = int(rho * n)
+    lut = torch.randn(B, Hkv, G, C, generator=g)
+    codes = torch.randint(0, C, (B, Hkv, n), generator=g, dtype=torch.int16)
+    valid = torch.ones(B, n, dtype=torch.bool)
+    k = torch.full((B,), k_tok, dtype=torch.long)
+    sinks, window = 4, 64
+    t_sel = _best(lambda: ext.score_select(lut, codes, None, valid, k, sinks, window), repeats)
+    idx, count = ext.score_select(lut, codes, None, valid, k, sinks, window)
+
+    q = torch.randn(B, Hkv * G, d, generator=g).to(dtype)
+    kbuf = torch.randn(B, Hkv, n, d, generator=g).to(dtype)
+    vbuf = torch.randn(B, Hkv, n, d, generator=g).to(dtype)
+    t_att = _best(lambda: ext.sparse_attention(q, kbuf, vbuf, idx, count, d**-0.5), repeats)
+    rows = int(count.sum())
+    att_bytes = rows * d * 2 * kbuf.element_size()
+
+    big = torch.ones(128 * 1024 * 1024, dtype=torch.float32)  # 512 MiB
+    t_host = _best(lambda: big.sum(), 3)
+    host_bytes = big.numel() * 4
+    return {
+        "threads": float(torch.get_num_threads()),
+        "score_select_s": t_sel,
+        "score_select_token_heads_per_s": B * Hkv * G * n / t_sel,
+        "score_select_ms_per_row": t_sel * 1e3 / (B * Hkv * G),
+        "attention_s": t_att,
+        "attention_rows": float(rows),
+        "attention_gbps": att_bytes / t_att / 1e9,
+        "host_read_gbps": host_bytes / t_host / 1e9,
+    }
+
+
+if __name__ == "__main__":
+    for key, value in bench_kernels().items():
+        print(f"{key:32s} {value:.6g}")

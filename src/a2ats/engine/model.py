@@ -1,0 +1,149 @@
+"""One readable forward of a Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3), on the HF model's weights.
+
+The arithmetic is transformers' own (same RMSNorm, rotary module, projections); what changes is the
+bookkeeping around it: q/k/v and gate/up run as one matmul each, and attention is a callback, so the
+runner decides per layer and step how to attend. The HF modules' weights are re-pointed at views of
+the fused tensors, so no weight is held twice and ``model.generate`` keeps working.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+@dataclass
+class LayerWeights:
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    in_norm: torch.Tensor
+    post_norm: torch.Tensor
+    q_norm: torch.Tensor | None  # Qwen3 normalizes q and k per head
+    k_norm: torch.Tensor | None
+
+
+def _fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for several linears on the same input; the modules then view into it."""
+    weight = torch.cat([m.weight.detach() for m in linears], 0).contiguous()
+    has_bias = [m.bias is not None for m in linears]
+    bias = torch.cat([m.bias.detach() for m in linears], 0).contiguous() if all(has_bias) else None
+    if any(has_bias) and bias is None:
+        raise ValueError("some but not all of the fused projections have a bias")
+    start = 0
+    for m in linears:
+        rows = m.weight.shape[0]
+        m.weight.data = weight[start : start + rows]
+        if bias is not None:
+            m.bias.data = bias[start : start + rows]
+        start += rows
+    return weight, bias
+
+
+def _norm_eps(norm: nn.Module) -> float:
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+
+class LeanModel:
+    """Weights and shapes of a supported HF causal LM, and :meth:`forward` over them."""
+
+    def __init__(self, model: nn.Module):
+        arch = type(model).__name__
+        if arch not in SUPPORTED:
+            raise ValueError(
+                f"the lean engine supports {', '.join(SUPPORTED)}; got {arch}. "
+                "Use the transformers path instead (a2ats.hf.A2ATS, or `a2ats generate --path reference`)."
+            )
+        cfg = model.config
+        if getattr(cfg, "hidden_act", "silu") != "silu":
+            raise ValueError(f"the lean engine implements SiLU-gated MLPs; {arch} uses {cfg.hidden_act}")
+        if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+            raise ValueError("the lean engine has no sliding-window attention; use the transformers path")
+        core = model.model
+        self.config = cfg
+        self.hidden = cfg.hidden_size
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        attn0 = core.layers[0].self_attn
+        self.head_dim = getattr(attn0, "head_dim", None) or self.hidden // self.heads
+        self.scaling = float(getattr(attn0, "scaling", self.head_dim**-0.5))
+        self.embed = core.embed_tokens.weight
+        self.norm, self.norm_eps = core.norm.weight, _norm_eps(core.norm)
+        self.lm_head = model.lm_head.weight
+        self.rotary = core.rotary_emb
+        self.eps = _norm_eps(core.layers[0].input_layernorm)
+        self.dtype = self.embed.dtype
+        self.device = self.embed.device
+        self.layers: list[LayerWeights] = []
+        for layer in core.layers:
+            a, m = layer.self_attn, layer.mlp
+            qkv, qkv_bias = _fuse([a.q_proj, a.k_proj, a.v_proj])
+            gate_up, _ = _fuse([m.gate_proj, m.up_proj])
+            qn, kn = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
+            self.layers.append(LayerWeights(
+                qkv=qkv, qkv_bias=qkv_bias, o=a.o_proj.weight, gate_up=gate_up, down=m.down_proj.weight,
+                in_norm=layer.input_layernorm.weight, post_norm=layer.post_attention_layernorm.weight,
+                q_norm=None if qn is None else qn.weight, k_norm=None if kn is None else kn.weight,
+            ))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (B, t, rot) in the model's dtype from the model's own rotary module (any rope type)."""
+        probe = torch.empty(0, dtype=self.dtype, device=self.device)
+        return self.rotary(probe, positions)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, attend: Callable, last_only: bool = True,
+                timer=None) -> torch.Tensor:
+        """Logits for ``ids`` (B, t) at ``positions`` (B, t); ``attend(layer, q_pre, q, k_pre, k, v)`` gets
+        (B, H, t, d) tensors (q/k post-RoPE) and returns the attention output (B, t, H·d)."""
+        B, t = ids.shape
+        Hq, Hkv, d = self.heads, self.kv_heads, self.head_dim
+        x = F.embedding(ids, self.embed)
+        cos, sin = self.rope(positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        for i, w in enumerate(self.layers):
+            h = F.rms_norm(x, (self.hidden,), w.in_norm, self.eps)
+            qkv = F.linear(h, w.qkv, w.qkv_bias)
+            q, k, v = qkv.split((Hq * d, Hkv * d, Hkv * d), dim=-1)
+            q = q.view(B, t, Hq, d)
+            k = k.view(B, t, Hkv, d)
+            if w.q_norm is not None:
+                q = F.rms_norm(q, (d,), w.q_norm, self.eps)
+                k = F.rms_norm(k, (d,), w.k_norm, self.eps)
+            q_pre, k_pre = q.transpose(1, 2), k.transpose(1, 2)
+            v = v.view(B, t, Hkv, d).transpose(1, 2)
+            q_rot, k_rot = _rotate(q_pre, cos, sin), _rotate(k_pre, cos, sin)
+            if timer is not None:
+                timer.lap("weights")
+            out = attend(i, q_pre, q_rot, k_pre, k_rot, v)
+            x = x + F.linear(out, w.o)
+            h = F.rms_norm(x, (self.hidden,), w.post_norm, self.eps)
+            gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, w.down)
+        if last_only:
+            x = x[:, -1:]
+        x = F.rms_norm(x, (self.hidden,), self.norm, self.norm_eps)
+        logits = F.linear(x, self.lm_head)
+        if timer is not None:
+            timer.lap("weights")
+        return logits
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as transformers' Llama applies it (in the model's dtype), on the first ``rot`` dims."""
+    rot = cos.shape[-1]
+    xr = x[..., :rot]
+    x1, x2 = xr.chunk(2, dim=-1)
+    out = xr * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return out if rot == x.shape[-1] else torch.cat((out, x[..., rot:]), dim=-1)

@@ -1,0 +1,108 @@
+"""Per-layer attention of the engine: dense at prefill, A²ATS selection + sparse attention at decode.
+
+The fast path (CPU kernels) and the reference path (torch gather + :mod:`a2ats.selection` +
+:func:`a2ats.attention.attend_selected`) make the same selection; tests hold them equal.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import kernels
+from ..attention import attend_selected
+from ..config import A2ATSConfig
+from ..methods.a2ats import A2ATSMethod
+from ..selection import select
+from .cache import StaticCache
+from .context import StepContext, Timer
+from .model import LeanModel
+
+
+class Runner:
+    def __init__(self, lean: LeanModel, method: A2ATSMethod | None, config: A2ATSConfig, fast: bool):
+        if method is not None and config.reduction != "union":
+            raise ValueError("the engine implements the paper's GQA union; use reduction='union' or the transformers path")
+        self.lean, self.method, self.config, self.fast = lean, method, config, fast
+        self.cache: StaticCache | None = None
+        self.ctx: StepContext | None = None
+        self.timer: Timer | None = None
+        self.kv_heads = slice(0, lean.kv_heads)
+        self.attended = 0  # tokens attended, summed over layers, rows and KV heads (decode steps)
+
+    def new_cache(self, batch: int, capacity: int) -> StaticCache:
+        lean = self.lean
+        self.cache = StaticCache(lean.num_layers, batch, lean.kv_heads, lean.head_dim, capacity, lean.dtype,
+                                 lean.device, codes=self.method is not None)
+        return self.cache
+
+    def begin_step(self, mask: torch.Tensor, decode: bool) -> StepContext:
+        """Open cache slots for this step's tokens (mask (B, t)) and compute what every layer shares;
+        ``decode``: one generated token per row, attended sparsely (dense when there is no method)."""
+        start, end = self.cache.advance(mask)
+        valid = self.cache.valid_now
+        decode = decode and self.method is not None
+        ctx = StepContext(start=start, end=end, valid=valid, decode=decode)
+        if decode:
+            length = valid.sum(-1)
+            ctx.budget = self.config.budget.tokens_for(length)
+            ctx.bands, ctx.offsets = self.method.band_offsets(valid)
+        self.ctx = ctx
+        return ctx
+
+    def attend(self, layer: int, q_pre, q, k_pre, k, v) -> torch.Tensor:
+        ctx, cache, timer = self.ctx, self.cache, self.timer
+        codes = None
+        if self.method is not None:
+            codes = self.method.codebooks.encode(layer, k_pre, self.kv_heads)
+        cache.write(layer, ctx.start, k, v, codes)
+        B, Hq, t, d = q.shape
+        if timer is not None:
+            timer.lap("scoring" if ctx.decode else "rest")
+        if not ctx.decode:
+            out = self._dense(layer, q)
+            if timer is not None:
+                timer.lap("attention")
+            return out
+        q1, q1_pre = q[:, :, 0], q_pre[:, :, 0].float()
+        lut = self.method.lut(layer, q1_pre, q1, ctx.bands, self.kv_heads)
+        c = self.config
+        if self.fast:
+            idx, count = kernels.score_select(lut, cache.layer_codes(layer), ctx.offsets, ctx.valid, ctx.budget,
+                                              c.sinks, c.window)
+            if timer is not None:
+                timer.lap("scoring")
+            out = kernels.sparse_attention(q1, cache.k[layer], cache.v[layer], idx, count, self.lean.scaling)
+            self.attended += int(count.sum()) if timer is not None else 0
+            out = out.reshape(B, 1, Hq * d)
+        else:
+            codes = cache.layer_codes(layer).long()
+            if ctx.offsets is not None:
+                codes = codes + ctx.offsets.unsqueeze(1)
+            Hkv, G, n = lut.shape[1], lut.shape[2], codes.shape[-1]
+            scores = torch.gather(lut, -1, codes.unsqueeze(2).expand(B, Hkv, G, n)).reshape(B, Hq, n)
+            keep = select(scores, ctx.valid, Hkv, c)
+            if timer is not None:
+                timer.lap("scoring")
+            out = attend_selected(q, cache.keys(layer), cache.values(layer), keep, self.lean.scaling)
+            self.attended += int(keep.sum()) if timer is not None else 0
+            out = out.reshape(B, 1, Hq * d)
+        if timer is not None:
+            timer.lap("attention")
+        return out
+
+    def _dense(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """Causal attention of this step's queries over the cache so far, padding masked (SDPA)."""
+        ctx, cache = self.ctx, self.cache
+        B, Hq, t, d = q.shape
+        n = ctx.end
+        causal = torch.ones(t, n, dtype=torch.bool, device=q.device).tril(n - t)
+        mask = (causal.unsqueeze(0) & ctx.valid.unsqueeze(1)).unsqueeze(1)  # (B, 1, t, n)
+        # A padding query row (left padding) would see nothing and turn to NaN, which its V row would then
+        # spread through 0·NaN in later layers: let every row see its own slot.
+        mask = mask.clone()
+        rows = torch.arange(t, device=q.device)
+        mask[:, :, rows, n - t + rows] = True
+        out = F.scaled_dot_product_attention(q, cache.keys(layer), cache.values(layer), attn_mask=mask,
+                                             scale=self.lean.scaling, enable_gqa=Hq != cache.kv_heads)
+        return out.transpose(1, 2).reshape(B, t, Hq * d)

@@ -1,0 +1,100 @@
+"""Build and load the C++ CPU kernels (``cpu_kernels.cpp``) on first use.
+
+The extension is compiled with torch's JIT builder for one instruction set, chosen at run time, and
+the ISA is part of the extension's name: builds for different ISAs never share a cache entry, and a
+CPU without AVX-512 never loads an AVX-512 build (which would die on an illegal instruction).
+``-march=native`` is never used, so a build directory shared between machines stays safe.
+
+Environment:
+- ``A2ATS_KERNELS=0``: never build or load; the public functions use the torch references.
+- ``A2ATS_CPU_ISA`` in {avx512, avx2, default}: force an ISA (never above what the CPU supports).
+- ``A2ATS_KERNEL_DIR``: build directory root (default: torch's extensions directory).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+ISAS = ("default", "avx2", "avx512")
+_FLAGS = {
+    "avx512": ["-O3", "-march=x86-64-v4", "-fopenmp"],
+    "avx2": ["-O3", "-march=x86-64-v3", "-fopenmp"],
+    "default": ["-O3", "-fopenmp"],  # the compiler's baseline target: runs anywhere torch does
+}
+
+_loaded: dict[str, object | None] = {}
+_lock = threading.Lock()
+
+
+def enabled() -> bool:
+    return os.environ.get("A2ATS_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def detected_isa() -> str:
+    """The best ISA this CPU runs, from torch's own dispatch probe."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return "default"  # arm (SVE/NEON) and others: the portable build
+    cap = torch.backends.cpu.get_cpu_capability().upper()
+    if cap.startswith("AVX512"):
+        return "avx512"
+    if cap == "AVX2":
+        return "avx2"
+    return "default"
+
+
+def select_isa() -> str:
+    """``A2ATS_CPU_ISA`` if set (capped at what the CPU supports), else the detected ISA."""
+    best = detected_isa()
+    want = os.environ.get("A2ATS_CPU_ISA", "").strip().lower()
+    if not want:
+        return best
+    if want not in ISAS:
+        raise ValueError(f"A2ATS_CPU_ISA must be one of {', '.join(ISAS)}, got {want!r}")
+    if ISAS.index(want) > ISAS.index(best):
+        warnings.warn(f"a2ats: A2ATS_CPU_ISA={want} is not supported by this CPU; building for {best}", stacklevel=3)
+        return best
+    return want
+
+
+def build(isa: str, verbose: bool = False):
+    """Compile (or reuse a cached build of) the extension for ``isa`` and import it. Raises on failure."""
+    if isa not in _FLAGS:
+        raise ValueError(f"unknown ISA {isa!r}; expected one of {', '.join(ISAS)}")
+    from torch.utils.cpp_extension import load
+
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        raise RuntimeError(f"no C++ compiler {cxx!r} found")
+    name = f"a2ats_cpu_{isa}"
+    kwargs = {}
+    root = os.environ.get("A2ATS_KERNEL_DIR")
+    if root:
+        kwargs["build_directory"] = os.path.join(root, name)
+        os.makedirs(kwargs["build_directory"], exist_ok=True)
+    return load(name=name, sources=[str(SOURCE)], extra_cflags=_FLAGS[isa], extra_ldflags=["-fopenmp"],
+                verbose=verbose, **kwargs)
+
+
+def cpu_backend(isa: str | None = None):
+    """The loaded extension module, or None (disabled, or the build failed: warned once per ISA)."""
+    if not enabled():
+        return None
+    isa = isa or select_isa()
+    with _lock:
+        if isa not in _loaded:
+            try:
+                _loaded[isa] = build(isa)
+            except Exception as exc:  # compiler missing, build error, ...: the references still work
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                warnings.warn(f"a2ats: CPU kernels unavailable ({reason}); using the torch reference path",
+                              RuntimeWarning, stacklevel=2)
+                _loaded[isa] = None
+        return _loaded[isa]

@@ -1,0 +1,82 @@
+"""Torch references for the CPU kernels: the library's own selection and attention, repackaged.
+
+They are built on :mod:`a2ats.selection` and :mod:`a2ats.attention`, so a kernel that matches them
+matches the method. Slow (full-length masks, a topk over every token) but simple and device-agnostic.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..attention import attend_selected
+from ..selection import always_kept, topk_mask
+
+
+def reference_scores(lut: torch.Tensor, codes: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
+    """(B, Hkv*G, n) float32: score[b, h*G+g, j] = lut[b, h, g, codes[b, h, j] + offsets[b, j]]."""
+    B, H, G, _ = lut.shape
+    n = codes.shape[-1]
+    entry = codes.long()
+    if offsets is not None:
+        entry = entry + offsets.long().unsqueeze(1)
+    est = torch.gather(lut.float(), -1, entry.unsqueeze(2).expand(B, H, G, n))
+    return est.reshape(B, H * G, n)
+
+
+def mask_to_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean (B, H, n) -> (idx int32 (B, H, L) ascending in the first count entries, -1 after; count int32 (B, H))."""
+    n = mask.shape[-1]
+    count = mask.sum(-1)
+    L = int(count.max()) if count.numel() else 0
+    pos = torch.where(mask, torch.arange(n, device=mask.device), n)
+    idx = pos.sort(-1).values[..., :L]
+    idx = idx.masked_fill(idx >= n, -1)
+    return idx.to(torch.int32), count.to(torch.int32)
+
+
+def indices_to_mask(idx: torch.Tensor, count: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`mask_to_indices`: boolean (B, H, n) of the first count[b, h] entries of idx."""
+    B, H, L = idx.shape
+    used = torch.arange(L, device=idx.device) < count.unsqueeze(-1).long()
+    safe = torch.where(used, idx.long(), n)  # unused slots land in a spare column, dropped below
+    keep = torch.zeros(B, H, n + 1, dtype=torch.bool, device=idx.device)
+    keep.scatter_(-1, safe, True)
+    return keep[..., :n]
+
+
+def reference_score_select(
+    lut: torch.Tensor,
+    codes: torch.Tensor,
+    offsets: torch.Tensor | None,
+    valid: torch.Tensor,
+    k: torch.Tensor,
+    sinks: int,
+    window: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`a2ats.selection.select` with reduction "union" and a given k per row, as (idx, count)."""
+    B, H, G, _ = lut.shape
+    n = codes.shape[-1]
+    scores = reference_scores(lut, codes, offsets)
+    always, candidates, _ = always_kept(valid, sinks, window)
+    chosen = topk_mask(scores, candidates, k.to(torch.long)).view(B, H, G, n).any(2)
+    return mask_to_indices(chosen | always.unsqueeze(1))
+
+
+def reference_sparse_attention(
+    q: torch.Tensor,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    idx: torch.Tensor,
+    count: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """(B, Hq, d): :func:`a2ats.attention.attend_selected` over the rows idx[b, h, :count[b, h]]."""
+    used = torch.arange(idx.shape[-1], device=idx.device) < count.unsqueeze(-1).long()
+    top = int(torch.where(used, idx.long(), -1).max()) + 1 if idx.numel() else 0
+    # Only rows up to the last selected one: buffer capacity past the filled part may hold garbage
+    # (even NaN), which a mask does not neutralize inside SDPA.
+    top = max(top, 1)
+    keep = indices_to_mask(idx, count, top)
+    key = k_buf[:, :, :top].to(q.dtype)
+    out = attend_selected(q.unsqueeze(2), key, v_buf[:, :, :top], keep, scaling)
+    return out.squeeze(1)

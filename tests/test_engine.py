@@ -1,0 +1,104 @@
+"""The lean engine against the transformers reference path: same tokens, same selections, close logits."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from a2ats import A2ATS, A2ATSConfig, kernels
+from a2ats.engine import Engine
+
+from conftest import FAMILIES, padded_batch, random_codebooks, tiny_model
+
+GEN = dict(do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+PATHS = ["reference", pytest.param("fast", marks=pytest.mark.skipif(
+    kernels.cpu_backend() is None, reason="CPU kernels could not be built here"))]
+
+
+def _hf(model, ids, mask, n):
+    with torch.inference_mode():
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, **GEN)
+
+
+def _banded(model):
+    cb = random_codebooks(model)
+    cb.settings = dataclasses.replace(cb.settings, wrope_band_ratio=2.0)
+    return cb
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("bands", [None, 2.0])
+def test_engine_equals_reference_path(family, path, bands):
+    """Left-padded batch, odd lengths, a budget that really selects: tokens equal, logits close."""
+    model = tiny_model(family)
+    ids, mask = padded_batch(seed=3, lengths=(300, 201, 257))
+    cb = _banded(model) if bands else random_codebooks(model)
+    cfg = A2ATSConfig(budget=0.05, sinks=2, window=8, wrope_band_ratio=bands)
+    with A2ATS(model, cb, cfg) as a2:
+        ref = _hf(model, ids, mask, 10)
+        ref_fraction = a2.stats.mean_attended
+    eng = Engine(model, cb, cfg, path=path)
+    out = eng.generate(ids, mask, max_new_tokens=10, eos_token_id=model.generation_config.eos_token_id,
+                       pad_token_id=0, keep_logits=True, profile=True)
+    assert eng.path == path
+    assert torch.equal(out.tokens, ref.sequences[:, ids.shape[1]:])
+    for a, b in zip(out.logits, ref.scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # the same number of tokens attended per layer, row and KV head: the same selections
+    assert out.attended == pytest.approx(ref_fraction, rel=1e-9)
+    assert 0 < out.attended < 0.5 * 300
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_dense_engine_equals_transformers(family):
+    model = tiny_model(family)
+    ids, mask = padded_batch(seed=4)
+    ref = _hf(model, ids, mask, 8)
+    out = Engine(model).generate(ids, mask, max_new_tokens=8, keep_logits=True,
+                                 eos_token_id=model.generation_config.eos_token_id)
+    assert torch.equal(out.tokens, ref.sequences[:, ids.shape[1]:])
+    for a, b in zip(out.logits, ref.scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_chunked_prefill_and_cache_growth_change_nothing():
+    model = tiny_model("llama")
+    ids, mask = padded_batch(seed=5, lengths=(150, 97))
+    cb, cfg = random_codebooks(model), A2ATSConfig(budget=0.1, sinks=2, window=8)
+    one = Engine(model, cb, cfg, path="reference").generate(ids, mask, max_new_tokens=6, keep_logits=True)
+    eng = Engine(model, cb, cfg, path="reference", prefill_chunk=37)
+    chunked = eng.generate(ids, mask, max_new_tokens=6, keep_logits=True)
+    assert torch.equal(one.tokens, chunked.tokens)
+    for a, b in zip(one.logits, chunked.logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    cache = eng.runner.cache
+    cache.reserve(cache.capacity + 100)  # a grown cache keeps what it held
+    assert cache.keys(0).shape[2] == cache.length == 150 + 5
+
+
+def test_eos_stops_rows_and_pads_them():
+    model = tiny_model("llama")
+    ids, mask = padded_batch(seed=6, lengths=(40, 33))
+    free = Engine(model).generate(ids, mask, max_new_tokens=6)
+    eos = int(free.tokens[0, 2])
+    out = Engine(model).generate(ids, mask, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+    assert out.new_tokens[0] <= 3 and int(out.tokens[0, out.new_tokens[0] - 1]) == eos
+    assert (out.tokens[0, out.new_tokens[0]:] == 0).all()
+
+
+def test_engine_errors_are_clear():
+    model = tiny_model("llama")
+    ids, mask = padded_batch(seed=7, lengths=(20, 10))
+    with pytest.raises(ValueError, match="left padding"):
+        Engine(model).generate(ids, mask.flip(-1))
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        Engine(model).generate(torch.ones(1, 1000, dtype=torch.long), max_new_tokens=100)
+    with pytest.raises(ValueError, match="path must be one of"):
+        Engine(model, path="gpu")
+    with pytest.raises(ValueError, match="union"):
+        Engine(model, random_codebooks(model), A2ATSConfig(reduction="max"))
+    import transformers as T
+    gpt2 = T.GPT2LMHeadModel(T.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="lean engine supports"):
+        Engine(gpt2)
