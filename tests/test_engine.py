@@ -38,15 +38,17 @@ def test_engine_equals_reference_path(family, path, bands):
     with A2ATS(model, cb, cfg) as a2:
         ref = _hf(model, ids, mask, 10)
         ref_fraction = a2.stats.mean_attended
+        ref_share = a2.stats.mean_fraction
     eng = Engine(model, cb, cfg, path=path)
     out = eng.generate(ids, mask, max_new_tokens=10, eos_token_id=model.generation_config.eos_token_id,
-                       pad_token_id=0, keep_logits=True, profile=True)
+                       pad_token_id=0, keep_logits=True)
     assert eng.path == path
     assert torch.equal(out.tokens, ref.sequences[:, ids.shape[1]:])
     for a, b in zip(out.logits, ref.scores):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     # the same number of tokens attended per layer, row and KV head: the same selections
     assert out.attended == pytest.approx(ref_fraction, rel=1e-9)
+    assert out.stats.mean_fraction == pytest.approx(ref_share, rel=1e-9)
     assert 0 < out.attended < 0.5 * 300
 
 

@@ -110,6 +110,8 @@ def _run(a, model, tok, ids):
     if fast and type(model).__name__ in SUPPORTED and a.reduction == "union":
         engine = Engine(model, _codebooks(a, model, tok), _config(a), path="fast")
         res = generate_lean(engine, tok, ids, a.max_new_tokens)
+        if res.stats is not None:
+            _log(res.stats.summary())
         _log(f"prompt {res.prompt_tokens} tokens, prefill {res.prefill_seconds:.1f} s (dense); {res.new_tokens} new "
              f"tokens at {res.decode_tokens_per_second:.1f} tokens/s (fast path: lean engine + CPU kernels)")
         return res

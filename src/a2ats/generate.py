@@ -19,6 +19,7 @@ class GenerationResult:
     new_tokens: int
     prefill_seconds: float
     decode_seconds: float
+    stats: object | None = None  # a2ats.stats.SelectionStats of the decode steps (lean engine)
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -103,4 +104,5 @@ def generate_lean(engine, tokenizer, input_ids: torch.Tensor, max_new_tokens: in
         new_tokens=int(new.numel()),
         prefill_seconds=res.prefill_seconds,
         decode_seconds=res.decode_seconds,
+        stats=res.stats,
     )

@@ -66,9 +66,10 @@ def _time_engine(engine: Engine, length: int, steps: int, warmup: int, profile: 
     pos = torch.tensor([[length]])
     one = torch.ones(1, 1, dtype=torch.bool)
     times, timer = [], None
-    runner.attended = 0
     with torch.inference_mode():
         for s in range(warmup + steps):
+            if s == warmup:
+                runner.reset_counts()  # count the timed steps only
             timer = Timer() if (profile and s == warmup) else timer
             runner.timer = timer if s >= warmup else None
             t = time.perf_counter()
@@ -155,8 +156,7 @@ def bench_decode(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=
             if variant == "a2ats-fast":
                 _fill_engine(fast, k, v, codes, length, warmup + steps)
                 times, timer = _time_engine(fast, length, steps, warmup, profile=True)
-                row = _row(variant, length, times, timer,
-                           fast.runner.attended / (steps * fast.lean.num_layers * fast.lean.kv_heads))
+                row = _row(variant, length, times, timer, float(fast.runner.attended) / max(fast.runner.heads, 1))
                 fast.runner.cache = None
             elif variant == "dense-lean":
                 _fill_engine(dense, k, v, None, length, warmup + steps)

@@ -14,6 +14,7 @@ from ..codebook import Codebooks
 from ..config import A2ATSConfig
 from ..hf import check_context
 from ..methods.a2ats import A2ATSMethod
+from ..stats import SelectionStats
 from ..rope import WRoPE, find_rotary_embedding
 from .context import Timer
 from .model import LeanModel
@@ -30,8 +31,13 @@ class EngineOutput:
     prefill_seconds: float
     step_seconds: list[float]  # wall time of each decode step (the first token comes from prefill)
     breakdown: dict[str, float] = field(default_factory=dict)  # seconds over decode steps, when profiled
-    attended: float = 0.0  # mean tokens attended per layer, row and KV head (profiled decode steps)
+    stats: SelectionStats | None = None  # what decode steps attended to (A²ATS only)
     logits: list[torch.Tensor] | None = None  # (B, vocab) per new token, when asked for (tests)
+
+    @property
+    def attended(self) -> float:
+        """Mean tokens attended per decode layer-step, row and KV head (0 for dense)."""
+        return self.stats.mean_attended if self.stats is not None else 0.0
 
     @property
     def decode_seconds(self) -> float:
@@ -93,7 +99,8 @@ class Engine:
                            ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)), device=device)
         runner = self.runner
         runner.new_cache(B, n + max_new_tokens)
-        runner.timer, runner.attended = None, 0
+        runner.timer = None
+        runner.reset_counts()
         positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
 
         t0 = time.perf_counter()
@@ -140,6 +147,9 @@ class Engine:
                 timer.lap("rest")
         runner.timer = None
         breakdown = dict(timer.totals) if timer is not None else {}
-        layer_steps = len(steps) * self.lean.num_layers * B * self.lean.kv_heads
-        attended = runner.attended / layer_steps if profile and layer_steps else 0.0
-        return EngineOutput(out[:, : i + 1], lengths, n, prefill_seconds, steps, breakdown, attended, kept)
+        stats = None
+        if runner.method is not None and steps:
+            stats = SelectionStats(self.config, steps=len(steps) * self.lean.num_layers,
+                                   attended=float(runner.attended), heads=runner.heads,
+                                   context=float(runner.context), last_length=int(runner.ctx.valid.sum(-1).max()))
+        return EngineOutput(out[:, : i + 1], lengths, n, prefill_seconds, steps, breakdown, stats, kept)

@@ -28,7 +28,15 @@ class Runner:
         self.ctx: StepContext | None = None
         self.timer: Timer | None = None
         self.kv_heads = slice(0, lean.kv_heads)
-        self.attended = 0  # tokens attended, summed over layers, rows and KV heads (decode steps)
+        # Summed over decode layer-steps, rows and KV heads, kept as tensors so counting costs no device sync.
+        self.attended = torch.zeros((), dtype=torch.long, device=lean.device)  # tokens attended
+        self.context = torch.zeros((), dtype=torch.long, device=lean.device)  # row lengths
+        self.heads = 0  # (layer-step, row, KV head) terms
+
+    def reset_counts(self) -> None:
+        self.attended.zero_()
+        self.context.zero_()
+        self.heads = 0
 
     def new_cache(self, batch: int, capacity: int) -> StaticCache:
         lean = self.lean
@@ -46,6 +54,9 @@ class Runner:
         if decode:
             length = valid.sum(-1)
             ctx.budget = self.config.budget.tokens_for(length)
+            lean = self.lean
+            self.context += length.sum() * (lean.kv_heads * lean.num_layers)
+            self.heads += valid.shape[0] * lean.kv_heads * lean.num_layers
             ctx.bands, ctx.offsets = self.method.band_offsets(valid)
         self.ctx = ctx
         return ctx
@@ -73,7 +84,7 @@ class Runner:
             if timer is not None:
                 timer.lap("scoring")
             out = kernels.sparse_attention(q1, cache.k[layer], cache.v[layer], idx, count, self.lean.scaling)
-            self.attended += int(count.sum()) if timer is not None else 0
+            self.attended += count.sum()
             out = out.reshape(B, 1, Hq * d)
         else:
             codes = cache.layer_codes(layer).long()
@@ -85,7 +96,7 @@ class Runner:
             if timer is not None:
                 timer.lap("scoring")
             out = attend_selected(q, cache.keys(layer), cache.values(layer), keep, self.lean.scaling)
-            self.attended += int(keep.sum()) if timer is not None else 0
+            self.attended += keep.sum()
             out = out.reshape(B, 1, Hq * d)
         if timer is not None:
             timer.lap("attention")
