@@ -58,6 +58,12 @@ def test_calibrate_then_generate(tiny_checkpoint, tmp_path, capsys):
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "attended per step" in err and "budget rho=0.1" in err
+    fast = "fast path" in err  # the lean engine + kernels, where they build
+    if fast:
+        assert main([*args, "--decode-weights", "bf16"]) == 0
+        assert "attended per step" in capsys.readouterr().err
+        assert main([*args, "--path", "reference"]) == 0
+        assert "reference path" in capsys.readouterr().err
     # the chat template can be turned off; a token-count budget is reported as such
     assert main([*args[:-len(small)], "--no-chat-template", "--budget", "20", *small]) == 0
     assert "budget 20 tokens" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import torch
 
 from a2ats import A2ATS, A2ATSConfig, kernels
 from a2ats.engine import Engine
+from a2ats.rope import find_rotary_embedding, undo_rotation
 
 from conftest import FAMILIES, padded_batch, random_codebooks, tiny_model
 
@@ -50,6 +51,59 @@ def test_engine_equals_reference_path(family, path, bands):
     assert out.attended == pytest.approx(ref_fraction, rel=1e-9)
     assert out.stats.mean_fraction == pytest.approx(ref_share, rel=1e-9)
     assert 0 < out.attended < 0.5 * 300
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("window", [1, 3])
+def test_deferred_key_encoding_matches_per_step_encoding(path, window):
+    """Decode keys are encoded in batches when they leave the window: many flushes, same tokens and codes."""
+    model = tiny_model("llama")
+    ids, mask = padded_batch(seed=5, lengths=(120, 77))
+    cb = random_codebooks(model)
+    cfg = A2ATSConfig(budget=0.1, sinks=2, window=window)
+    with A2ATS(model, cb, cfg):
+        ref = _hf(model, ids, mask, 17)
+    eng = Engine(model, cb, cfg, path=path)
+    out = eng.generate(ids, mask, max_new_tokens=17, eos_token_id=model.generation_config.eos_token_id, pad_token_id=0)
+    assert torch.equal(out.tokens, ref.sequences[:, ids.shape[1]:])
+    cache = eng.runner.cache
+    n = cache.encoded
+    assert n >= cache.length - 1 - window  # every slot that competed at the last step had its code
+    # The codes equal a direct encoding of the (un-rotated) cached keys, prompt and decoded alike.
+    valid = cache.valid_now[:, :n]
+    positions = (valid.long().cumsum(-1) - 1).clamp_min(0)
+    cos, sin = find_rotary_embedding(model)(cache.keys(0), positions)
+    for layer in (0, cache.num_layers - 1):
+        k_pre = undo_rotation(cache.keys(layer)[:, :, :n], cos, sin)
+        want = cb.encode(layer, k_pre)
+        got = cache.layer_codes(layer)[:, :, :n]
+        assert torch.equal(got[valid.unsqueeze(1).expand_as(got)], want[valid.unsqueeze(1).expand_as(want)])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("path", PATHS)
+def test_bf16_decode_weights_equal_the_model_with_bf16_weights(family, path):
+    """decode_weights="bf16" is the model with its weights rounded to bf16: on a model whose weights
+    already are bf16 values, the engine matches the transformers reference path."""
+    model = tiny_model(family)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+    ids, mask = padded_batch(seed=4, lengths=(150, 99))
+    cb = random_codebooks(model)
+    cfg = A2ATSConfig(budget=0.1, sinks=2, window=8)
+    with A2ATS(model, cb, cfg):
+        ref = _hf(model, ids, mask, 8)
+    eng = Engine(model, cb, cfg, path=path, decode_weights="bf16")
+    out = eng.generate(ids, mask, max_new_tokens=8, eos_token_id=model.generation_config.eos_token_id,
+                       pad_token_id=0, keep_logits=True)
+    assert torch.equal(out.tokens, ref.sequences[:, ids.shape[1]:])
+    for a, b in zip(out.logits, ref.scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="float32 models"):
+        Engine(tiny_model(family).to(torch.bfloat16), decode_weights="bf16")
+    with pytest.raises(ValueError, match="decode_weights"):
+        Engine(model, decode_weights="int4")
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])

@@ -114,3 +114,8 @@ def test_tables_by_hand_and_report_merges_runs(tmp_path):
     assert lt in md and "| x | 0.1 | 10 | 50 | 25 | 37.5 | 0.60 |" in md
     assert (tmp_path / "m" / "heatmap.png").stat().st_size > 1000
     assert main(["report", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "m")]) == 2
+    # a run of one method alone (no "full" rows) reports too, with its own sample count
+    two = b + [_row("t1", 100, "x", 0.1, 0.0)]
+    assert main(["report", str(tmp_path / "b" / "results.jsonl"), "--out", str(tmp_path / "x")]) == 0
+    md = report.write_summary(two, tmp_path / "y", "t", 32, 128)
+    assert "2 sample(s)" in md and "| x | 0.1 | 10 |" in md and "| full |" not in md

@@ -10,6 +10,11 @@ import torch
 from a2ats.kernels import cpu as cpu_mod
 from a2ats.kernels import (
     cpu_backend,
+    encode_nearest,
+    linear_bf16w,
+    lookup_tables,
+    reference_encode_nearest,
+    reference_lookup_tables,
     reference_score_select,
     reference_scores,
     reference_sparse_attention,
@@ -54,6 +59,7 @@ def assert_same_selection(got, want):
         for h in range(H):
             c = int(wc[b, h])
             assert torch.equal(gi[b, h, :c], wi[b, h, :c]), (b, h)
+            assert bool((gi[b, h, c:] == -1).all()), (b, h)  # the documented padding after the count
 
 
 @pytest.mark.parametrize("G", [1, 3, 4, 8])
@@ -165,6 +171,9 @@ def test_portable_build_gives_identical_results(ext):
     idx, count = ext.score_select(lut, codes, offsets, valid, k, 4, 16)
     torch.testing.assert_close(default.sparse_attention(q, kk, vv, idx, count, 0.125),
                                ext.sparse_attention(q, kk, vv, idx, count, 0.125), atol=1e-6, rtol=1e-5)
+    z, t = torch.randn(2, 2, 130, 64), torch.randn(2, 500, 64)
+    half = 0.5 * (t * t).sum(-1)
+    assert torch.equal(default.encode_nearest(z, t, half), ext.encode_nearest(z, t, half))
 
 
 def test_isa_selection(monkeypatch):
@@ -217,3 +226,52 @@ def test_shape_validation():
         score_select(lut[0], codes, offsets, valid, k, 4, 8)
     with pytest.raises(ValueError, match="multiple"):
         sparse_attention(q[:, :5], kk, vv, torch.zeros(2, 2, 1, dtype=torch.int32), torch.zeros(2, 2, dtype=torch.int32), 1.0)
+
+
+@pytest.mark.parametrize("B,H,n,d,C", [(1, 1, 1, 16, 7), (2, 3, 65, 64, 4096), (1, 2, 300, 40, 333), (3, 1, 129, 8, 1)])
+def test_encode_nearest_matches_reference(ext, B, H, n, d, C):
+    g = torch.Generator().manual_seed(n + C)
+    z, t = torch.randn(B, H, n, d, generator=g), torch.randn(H, C, d, generator=g)
+    half = 0.5 * (t * t).sum(-1)
+    got = ext.encode_nearest(z, t, half)
+    assert got.dtype == torch.int16 and got.shape == (B, H, n)
+    assert torch.equal(got, reference_encode_nearest(z, t, half))
+    # ties go to the first centroid, as torch.argmax: duplicate every centroid
+    t2 = torch.cat([t, t], 1)
+    assert torch.equal(ext.encode_nearest(z, t2, torch.cat([half, half], 1)), got)
+    assert torch.equal(encode_nearest(z, t, half), got)  # the public entry point uses the kernel
+
+
+def test_encode_nearest_validates_and_falls_back(monkeypatch):
+    z, t = torch.randn(1, 2, 5, 8), torch.randn(2, 9, 8)
+    half = 0.5 * (t * t).sum(-1)
+    with pytest.raises(ValueError, match="disagree"):
+        encode_nearest(z, t[:1], half[:1])
+    monkeypatch.setenv("A2ATS_KERNELS", "0")
+    assert torch.equal(encode_nearest(z, t, half), reference_encode_nearest(z, t, half))
+
+
+@pytest.mark.parametrize("M,I,O", [(1, 576, 960), (3, 37, 101), (5, 64, 1), (2, 1536, 17)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_bf16w_matches_widened_weights(ext, M, I, O, bias):
+    g = torch.Generator().manual_seed(M * I + O)
+    x, w = torch.randn(M, I, generator=g), torch.randn(O, I, generator=g).bfloat16()
+    b = torch.randn(O, generator=g) if bias else None
+    want = torch.nn.functional.linear(x, w.float(), b)
+    torch.testing.assert_close(ext.linear_bf16w(x, w, b), want, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(linear_bf16w(x.view(M, 1, I), w, b), want.view(M, 1, O), atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="bfloat16"):
+        linear_bf16w(x, w.float())
+
+
+@pytest.mark.parametrize("B,H,R,d,C", [(1, 3, 3, 64, 4096), (2, 2, 11, 16, 33), (1, 1, 1, 8, 1), (3, 2, 27, 40, 100)])
+def test_lookup_tables_match_matmul(ext, B, H, R, d, C):
+    g = torch.Generator().manual_seed(R * C)
+    q, cent = torch.randn(B, H, R, d, generator=g), torch.randn(H, C, d, generator=g)
+    want = reference_lookup_tables(q, cent)
+    tiles = ext.tile_centroids(cent)
+    assert tiles.shape == (H, -(-C // 16), d, 16)
+    torch.testing.assert_close(ext.lookup_tables(q, tiles, C), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lookup_tables(q, cent), want, atol=1e-5, rtol=1e-5)  # tiles made on the spot
+    with pytest.raises(ValueError, match="same H and d"):
+        lookup_tables(q, cent[:, :, :-1])

@@ -8,6 +8,8 @@ import time
 
 import torch
 
+from .bench import DEFAULT_VARIANTS, VARIANTS
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -67,6 +69,10 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--path", choices=["auto", "fast", "reference"], default="auto",
                    help="fast: the lean engine with the CPU kernels (default on a CPU where they build); "
                         "reference: transformers' generate with the selection applied as a mask (for accuracy)")
+    p.add_argument("--decode-weights", choices=["model", "bf16"], default="model",
+                   help="fast path, float32 models: bf16 reads decode steps' projection weights from bf16 copies "
+                        "(fp32 math; about half the weight bytes per token, outputs of the model with bf16-rounded "
+                        "weights)")
     _add_codebook_args(p)
 
 
@@ -108,7 +114,9 @@ def _run(a, model, tok, ids):
 
     fast = a.path == "fast" or (a.path == "auto" and a.device == "cpu" and kernels.cpu_backend() is not None)
     if fast and type(model).__name__ in SUPPORTED and a.reduction == "union":
-        engine = Engine(model, _codebooks(a, model, tok), _config(a), path="fast")
+        bf16 = a.decode_weights == "bf16" and model.dtype == torch.float32
+        engine = Engine(model, _codebooks(a, model, tok), _config(a), path="fast",
+                        decode_weights="bf16" if bf16 else "model")
         res = generate_lean(engine, tok, ids, a.max_new_tokens)
         if res.stats is not None:
             _log(res.stats.summary())
@@ -317,8 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decode_args(b)
     b.add_argument("--context", type=int, default=32768, help="kernels: tokens in the synthetic cache")
     b.add_argument("--lengths", type=_csv(int), default=(2048, 8192, 16384, 32768), help="decode: context lengths")
-    b.add_argument("--variants", type=_csv(str), default=("a2ats-fast", "a2ats-reference", "dense-hf", "dense-lean"),
-                   help="decode: a2ats-fast, a2ats-reference, dense-hf, dense-lean")
+    b.add_argument("--variants", type=_csv(str), default=DEFAULT_VARIANTS,
+                   help=f"decode, comma-separated: {', '.join(VARIANTS)} (*-bf16w: decode reads bf16 weight copies)")
     b.add_argument("--steps", type=int, default=8, help="decode: timed steps per variant and length (median reported)")
     b.add_argument("--out", help="decode: folder for decode.json, decode.md and decode.png")
     b.add_argument("--json", action="store_true", help="print one machine-readable JSON object")

@@ -185,17 +185,14 @@ class Codebooks:
             self._device_cache[key] = (c, t, self.chol[layer, heads].to(device), 0.5 * (t * t).sum(-1))
         return self._device_cache[key]
 
-    def encode(self, layer: int, k_pre: torch.Tensor, heads: slice | None = None, chunk: int = 1024) -> torch.Tensor:
+    def encode(self, layer: int, k_pre: torch.Tensor, heads: slice | None = None) -> torch.Tensor:
         """Nearest centroid in the transformed space for keys (B, Hkv, n, d): int16 (B, Hkv, n)."""
+        from .kernels import encode_nearest  # the C++ kernel on CPU, its torch reference elsewhere
+
         heads = heads or slice(0, self.num_kv_heads)
         _, t, chol, half = self.tensors_for(layer, heads, k_pre.device)
-        B, H, n, d = k_pre.shape
         z = torch.matmul(k_pre.to(torch.float32), chol.unsqueeze(0))  # (B, H, n, d)
-        out = torch.empty(B, H, n, dtype=torch.int16, device=k_pre.device)
-        for s in range(0, n, chunk):
-            sim = torch.matmul(z[:, :, s : s + chunk], t.transpose(-1, -2).unsqueeze(0)) - half[None, :, None, :]
-            out[:, :, s : s + chunk] = sim.argmax(-1).to(torch.int16)
-        return out
+        return encode_nearest(z, t, half)
 
     # -- persistence -----------------------------------------------------------------------------------------
 

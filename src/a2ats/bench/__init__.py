@@ -1,1 +1,6 @@
 """Benchmarks (`a2ats bench kernels | decode`): speed and memory figures live here, never in timed tests."""
+
+# Decode variants (names only, so the command line can list them without importing the engines).
+# *-bf16w: the lean engine reading bf16 copies of the projection weights at decode (fp32 models).
+VARIANTS = ("a2ats-fast", "a2ats-reference", "dense-hf", "dense-lean", "a2ats-fast-bf16w", "dense-lean-bf16w")
+DEFAULT_VARIANTS = ("a2ats-fast", "a2ats-fast-bf16w", "a2ats-reference", "dense-hf", "dense-lean")

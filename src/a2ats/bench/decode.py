@@ -22,8 +22,9 @@ from ..config import A2ATSConfig
 from ..engine import Engine
 from ..engine.context import Timer
 from ..hf import A2ATS
+from . import DEFAULT_VARIANTS, VARIANTS
 
-VARIANTS = ("a2ats-fast", "a2ats-reference", "dense-hf", "dense-lean")
+
 
 
 @dataclass
@@ -58,6 +59,7 @@ def _fill_engine(engine: Engine, k, v, codes, length: int, steps: int) -> None:
     for i in range(cache.num_layers):
         cache.write(i, 0, _tile(k[i], length), _tile(v[i], length),
                     _tile(codes[i], length) if codes is not None and cache.with_codes else None)
+    cache.encoded = length
 
 
 def _time_engine(engine: Engine, length: int, steps: int, warmup: int, profile: bool) -> tuple[list[float], Timer | None]:
@@ -127,7 +129,7 @@ def _row(variant, length, times, timer=None, attended=0.0) -> DecodeRow:
 
 
 def bench_decode(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=(2048, 8192, 16384, 32768),
-                 variants=VARIANTS, steps: int = 8, warmup: int = 2, base: int = 4096, text_ids=None,
+                 variants=DEFAULT_VARIANTS, steps: int = 8, warmup: int = 2, base: int = 4096, text_ids=None,
                  log=print) -> tuple[list[DecodeRow], dict]:
     """One row per (variant, length), and prefill facts (the cost of encoding keys at prefill).
     ``text_ids``: the real prompt to prefill (default: a State of the Union speech)."""
@@ -136,8 +138,16 @@ def bench_decode(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=
 
         text = next(s for s in speeches()[150:] if len(s) > 6 * base)
         text_ids = torch.tensor([tok.encode(text, add_special_tokens=False)[:base]])
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; choose from {VARIANTS}")
     fast = Engine(model, codebooks, config, path="fast")
     dense = Engine(model)
+    # *-bf16w: the same engines reading bf16 copies of the projection weights at decode (fp32 models).
+    lean = {"a2ats-fast": fast, "dense-lean": dense}
+    if any(v.endswith("-bf16w") for v in variants):
+        lean["a2ats-fast-bf16w"] = Engine(model, codebooks, config, path="fast", decode_weights="bf16")
+        lean["dense-lean-bf16w"] = Engine(model, decode_weights="bf16")
     t = time.perf_counter()
     k, v, codes = _real_prefill(fast, text_ids)
     with_codes = time.perf_counter() - t
@@ -153,16 +163,14 @@ def bench_decode(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=
     for length in lengths:
         for variant in variants:
             t = time.perf_counter()
-            if variant == "a2ats-fast":
-                _fill_engine(fast, k, v, codes, length, warmup + steps)
-                times, timer = _time_engine(fast, length, steps, warmup, profile=True)
-                row = _row(variant, length, times, timer, float(fast.runner.attended) / max(fast.runner.heads, 1))
-                fast.runner.cache = None
-            elif variant == "dense-lean":
-                _fill_engine(dense, k, v, None, length, warmup + steps)
-                times, timer = _time_engine(dense, length, steps, warmup, profile=True)
-                row = _row(variant, length, times, timer)
-                dense.runner.cache = None
+            if variant in lean:
+                eng = lean[variant]
+                sparse = eng.runner.method is not None
+                _fill_engine(eng, k, v, codes if sparse else None, length, warmup + steps)
+                times, timer = _time_engine(eng, length, steps, warmup, profile=True)
+                row = _row(variant, length, times, timer,
+                           float(eng.runner.attended) / max(eng.runner.heads, 1) if sparse else 0.0)
+                eng.runner.cache = None
             elif variant == "a2ats-reference":
                 cache = _hf_cache(k, v, codes, length, a2ats=True)
                 with A2ATS(model, codebooks, config, path="reference"):
@@ -172,8 +180,6 @@ def bench_decode(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=
                 cache = _hf_cache(k, v, None, length, a2ats=False)
                 row = _row(variant, length, _time_hf(model, cache, length, steps, warmup))
                 del cache
-            else:
-                raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
             rows.append(row)
             log(f"{variant:16s} {length:6d} tokens: {row.ms_per_token:7.1f} ms/token "
                 f"({row.tokens_per_s:5.1f} tokens/s) {row.breakdown_ms or ''}  [{time.perf_counter() - t:.0f} s]")

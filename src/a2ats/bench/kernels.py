@@ -21,10 +21,12 @@ def _best(fn, repeats: int) -> float:
 
 def bench_kernels(n: int = 32768, B: int = 1, Hkv: int = 3, G: int = 3, d: int = 64, rho: float = 0.03,
                   dtype: torch.dtype = torch.float32, repeats: int = 20, C: int = 4096) -> dict:
-    """Best-of-``repeats`` timings (seconds) and rates of both kernels, plus host read bandwidth (GB/s).
+    """Best-of-``repeats`` timings (seconds) and rates of the kernels, plus host read bandwidth (GB/s).
 
     ``attention_gbps`` counts only the selected K and V rows (rows x d x 2 x itemsize), the bytes a
-    sparse step must read; ``host_read_gbps`` is ``torch.sum`` over ~512 MB of fp32, best of 3.
+    sparse step must read (the rows stay cache-warm across repeats: `a2ats bench decode` gives the cold
+    figure); ``lookup_tables_*`` build one table per layer over 30 layers' centroids, as a decode step
+    does; ``host_read_gbps`` is ``torch.sum`` over ~512 MB of fp32, best of 3.
     """
     ext = cpu_backend()
     if ext is None:
@@ -46,6 +48,18 @@ def bench_kernels(n: int = 32768, B: int = 1, Hkv: int = 3, G: int = 3, d: int =
     rows = int(count.sum())
     att_bytes = rows * d * 2 * kbuf.element_size()
 
+    # Lookup tables as a decode step builds them: one per layer, 30 layers' centroids (not cache-resident).
+    layers = 30
+    cents = [torch.randn(Hkv, C, d, generator=g) for _ in range(layers)]
+    tiles = [ext.tile_centroids(c) for c in cents]
+    qg = torch.randn(B, Hkv, G, d, generator=g)
+    t_lut = _best(lambda: [ext.lookup_tables(qg, t, C) for t in tiles], max(repeats // 4, 3))
+    lut_bytes = layers * Hkv * C * d * 4
+    # Key encoding as at prefill: 4096 keys per KV head against C centroids.
+    z = torch.randn(B, Hkv, 4096, d, generator=g)
+    half = 0.5 * (cents[0] * cents[0]).sum(-1)
+    t_enc = _best(lambda: ext.encode_nearest(z, cents[0], half), 3)
+
     big = torch.ones(128 * 1024 * 1024, dtype=torch.float32)  # 512 MiB
     t_host = _best(lambda: big.sum(), 3)
     host_bytes = big.numel() * 4
@@ -57,6 +71,9 @@ def bench_kernels(n: int = 32768, B: int = 1, Hkv: int = 3, G: int = 3, d: int =
         "attention_s": t_att,
         "attention_rows": float(rows),
         "attention_gbps": att_bytes / t_att / 1e9,
+        "lookup_tables_ms_per_step": t_lut * 1e3,
+        "lookup_tables_gbps": lut_bytes / t_lut / 1e9,
+        "encode_keys_per_s": B * Hkv * 4096 / t_enc,
         "host_read_gbps": host_bytes / t_host / 1e9,
     }
 

@@ -15,15 +15,19 @@ def decode_table(rows: list[dict]) -> str:
     for v in variants:
         cells = [f"{at[v, n]['ms_per_token']:.1f} ({at[v, n]['tokens_per_s']:.1f})" if (v, n) in at else "" for n in lengths]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
-    for base in ("dense-hf", "dense-lean"):
-        if ("a2ats-fast", lengths[0]) in at and (base, lengths[0]) in at:
-            cells = [f"{at[base, n]['ms_per_token'] / at['a2ats-fast', n]['ms_per_token']:.2f}x"
-                     if (base, n) in at and ("a2ats-fast", n) in at else "" for n in lengths]
-            lines.append(f"| speedup of a2ats-fast over {base} | " + " | ".join(cells) + " |")
-    fast = [at["a2ats-fast", n] for n in lengths if ("a2ats-fast", n) in at]
-    if fast and fast[0].get("breakdown_ms"):
+    for fast_v in ("a2ats-fast", "a2ats-fast-bf16w"):
+        for base in ("dense-hf", "dense-lean", "dense-lean-bf16w"):
+            if not any((fast_v, n) in at and (base, n) in at for n in lengths):
+                continue
+            cells = [f"{at[base, n]['ms_per_token'] / at[fast_v, n]['ms_per_token']:.2f}x"
+                     if (base, n) in at and (fast_v, n) in at else "" for n in lengths]
+            lines.append(f"| speedup of {fast_v} over {base} | " + " | ".join(cells) + " |")
+    for fast_v in ("a2ats-fast", "a2ats-fast-bf16w"):
+        fast = [at[fast_v, n] for n in lengths if (fast_v, n) in at]
+        if not fast or not fast[0].get("breakdown_ms"):
+            continue
         parts = list(fast[0]["breakdown_ms"])
-        lines += ["", "a2ats-fast per step, ms: " + ", ".join(parts) + "; tokens attended per layer and KV head", "",
+        lines += ["", f"{fast_v} per step, ms: " + ", ".join(parts) + "; tokens attended per layer and KV head", "",
                   "| context | " + " | ".join(parts) + " | attended |", "|---" * (len(parts) + 2) + "|"]
         for r in fast:
             lines.append(f"| {r['context'] // 1024}K | " + " | ".join(f"{r['breakdown_ms'][p]:.1f}" for p in parts)

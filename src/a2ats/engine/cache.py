@@ -12,6 +12,7 @@ class StaticCache:
         self.num_layers, self.batch, self.kv_heads, self.head_dim = num_layers, batch, kv_heads, head_dim
         self.dtype, self.device, self.with_codes = dtype, torch.device(device), codes
         self.length = 0
+        self.encoded = 0  # slots [0, encoded) have codes; newer ones wait in `pending` (see Runner)
         self.capacity = 0
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
@@ -65,6 +66,9 @@ class StaticCache:
         self.v[layer][:, :, start:end] = v
         if codes is not None:
             self.codes[layer][:, :, start:end] = codes
+
+    def write_codes(self, layer: int, start: int, codes: torch.Tensor) -> None:
+        self.codes[layer][:, :, start : start + codes.shape[-1]] = codes
 
     def keys(self, layer: int) -> torch.Tensor:
         return self.k[layer][:, :, : self.length]

@@ -18,6 +18,8 @@ class StepContext:
     budget: torch.Tensor | None = None  # (B,) long: tokens per query head beyond sinks and window
     bands: int = 1  # banded WRoPE: tables in use
     offsets: torch.Tensor | None = None  # (B, end) int32: each token's offset into its band's table
+    slot: int = 0  # decode: this token's slot among the keys waiting to be encoded
+    encode_from: int = -1  # decode: >= 0 when this step encodes the waiting keys, from this cache slot on
 
 
 @dataclass

@@ -53,16 +53,18 @@ class Engine:
 
     ``path``: ``fast`` uses the CPU kernels (:mod:`a2ats.kernels`), ``reference`` the torch selection and
     masked attention; ``auto`` is fast when the kernels are built for this machine. Both select the same
-    tokens. Build the engine after moving the model to its device and dtype.
+    tokens. ``decode_weights="bf16"``: decode steps of a float32 model read bf16 copies of the projection
+    weights, fp32 math (see :class:`LeanModel`). Build the engine after moving the model to its device
+    and dtype.
     """
 
     def __init__(self, model: nn.Module, codebooks: Codebooks | None = None, config: A2ATSConfig | None = None,
-                 path: str = "auto", prefill_chunk: int = 4096):
+                 path: str = "auto", prefill_chunk: int = 4096, decode_weights: str = "model"):
         if path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
         self.model = model
         self.config = config or A2ATSConfig()
-        self.lean = LeanModel(model)
+        self.lean = LeanModel(model, decode_weights)
         method = None
         if codebooks is not None:
             c = self.config

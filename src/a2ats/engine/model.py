@@ -15,7 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
+
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+DECODE_WEIGHTS = ("model", "bf16")
+BF16_MAX_ROWS = 16  # rows (batch x tokens) up to which a step uses the bf16 weight copies
 
 
 @dataclass
@@ -29,6 +33,7 @@ class LayerWeights:
     post_norm: torch.Tensor
     q_norm: torch.Tensor | None  # Qwen3 normalizes q and k per head
     k_norm: torch.Tensor | None
+    bf16: dict[str, torch.Tensor] | None = None  # decode copies of qkv, o, gate_up, down (decode_weights="bf16")
 
 
 def _fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -55,7 +60,13 @@ def _norm_eps(norm: nn.Module) -> float:
 class LeanModel:
     """Weights and shapes of a supported HF causal LM, and :meth:`forward` over them."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, decode_weights: str = "model"):
+        """``decode_weights="bf16"`` (fp32 models): decode steps read bf16 copies of the projection
+        weights, with fp32 math (:func:`a2ats.kernels.linear_bf16w`): half the bytes of the step's
+        dominant read, the arithmetic of the model with its weights rounded to bf16. Prefill keeps the
+        model's weights. Costs the copies' memory (half the model's)."""
+        if decode_weights not in DECODE_WEIGHTS:
+            raise ValueError(f"decode_weights must be one of {DECODE_WEIGHTS}, got {decode_weights!r}")
         arch = type(model).__name__
         if arch not in SUPPORTED:
             raise ValueError(
@@ -82,6 +93,9 @@ class LeanModel:
         self.eps = _norm_eps(core.layers[0].input_layernorm)
         self.dtype = self.embed.dtype
         self.device = self.embed.device
+        if decode_weights == "bf16" and self.dtype != torch.float32:
+            raise ValueError(f"decode_weights='bf16' is for float32 models; this one is {self.dtype} already")
+        self.decode_weights = decode_weights
         self.layers: list[LayerWeights] = []
         for layer in core.layers:
             a, m = layer.self_attn, layer.mlp
@@ -93,6 +107,11 @@ class LeanModel:
                 in_norm=layer.input_layernorm.weight, post_norm=layer.post_attention_layernorm.weight,
                 q_norm=None if qn is None else qn.weight, k_norm=None if kn is None else kn.weight,
             ))
+        self.lm_head16 = None
+        if decode_weights == "bf16":
+            for w in self.layers:
+                w.bf16 = {name: getattr(w, name).to(torch.bfloat16) for name in ("qkv", "o", "gate_up", "down")}
+            self.lm_head16 = self.lm_head.to(torch.bfloat16)
 
     @property
     def num_layers(self) -> int:
@@ -109,12 +128,19 @@ class LeanModel:
         (B, H, t, d) tensors (q/k post-RoPE) and returns the attention output (B, t, H·d)."""
         B, t = ids.shape
         Hq, Hkv, d = self.heads, self.kv_heads, self.head_dim
+        small = self.lm_head16 is not None and B * t <= BF16_MAX_ROWS
+
+        def linear(x, w: LayerWeights, name: str, bias=None):
+            if small:
+                return kernels.linear_bf16w(x, w.bf16[name], bias)
+            return F.linear(x, getattr(w, name), bias)
+
         x = F.embedding(ids, self.embed)
         cos, sin = self.rope(positions)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         for i, w in enumerate(self.layers):
             h = F.rms_norm(x, (self.hidden,), w.in_norm, self.eps)
-            qkv = F.linear(h, w.qkv, w.qkv_bias)
+            qkv = linear(h, w, "qkv", w.qkv_bias)
             q, k, v = qkv.split((Hq * d, Hkv * d, Hkv * d), dim=-1)
             q = q.view(B, t, Hq, d)
             k = k.view(B, t, Hkv, d)
@@ -127,14 +153,14 @@ class LeanModel:
             if timer is not None:
                 timer.lap("weights")
             out = attend(i, q_pre, q_rot, k_pre, k_rot, v)
-            x = x + F.linear(out, w.o)
+            x = x + linear(out, w, "o")
             h = F.rms_norm(x, (self.hidden,), w.post_norm, self.eps)
-            gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, w.down)
+            gate, up = linear(h, w, "gate_up").chunk(2, dim=-1)
+            x = x + linear(F.silu(gate) * up, w, "down")
         if last_only:
             x = x[:, -1:]
         x = F.rms_norm(x, (self.hidden,), self.norm, self.norm_eps)
-        logits = F.linear(x, self.lm_head)
+        logits = kernels.linear_bf16w(x, self.lm_head16) if small else F.linear(x, self.lm_head)
         if timer is not None:
             timer.lap("weights")
         return logits

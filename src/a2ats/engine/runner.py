@@ -42,6 +42,11 @@ class Runner:
         lean = self.lean
         self.cache = StaticCache(lean.num_layers, batch, lean.kv_heads, lean.head_dim, capacity, lean.dtype,
                                  lean.device, codes=self.method is not None)
+        # Decode keys inside the window are always attended, so their codes are not needed until they
+        # leave it: they wait here (pre-RoPE) and are encoded together once per `window + 1` steps,
+        # which reads the codebook once per batch instead of once per token and layer.
+        self.pending = torch.empty(lean.num_layers, batch, lean.kv_heads, self.config.window + 1, lean.head_dim,
+                                   dtype=lean.dtype, device=lean.device) if self.method is not None else None
         return self.cache
 
     def begin_step(self, mask: torch.Tensor, decode: bool) -> StepContext:
@@ -58,15 +63,29 @@ class Runner:
             self.context += length.sum() * (lean.kv_heads * lean.num_layers)
             self.heads += valid.shape[0] * lean.kv_heads * lean.num_layers
             ctx.bands, ctx.offsets = self.method.band_offsets(valid)
+            # Every row's newest `window` slots are real (decode appends one real token per row), so
+            # codes are needed exactly for the slots before end - window.
+            cache = self.cache
+            ctx.slot = start - cache.encoded
+            if end - self.config.window > cache.encoded:
+                ctx.encode_from, cache.encoded = cache.encoded, end
+        elif self.method is not None:
+            self.cache.encoded = end  # prefill encodes its chunk at once
         self.ctx = ctx
         return ctx
 
     def attend(self, layer: int, q_pre, q, k_pre, k, v) -> torch.Tensor:
         ctx, cache, timer = self.ctx, self.cache, self.timer
         codes = None
-        if self.method is not None:
+        if self.method is not None and not ctx.decode:
             codes = self.method.codebooks.encode(layer, k_pre, self.kv_heads)
         cache.write(layer, ctx.start, k, v, codes)
+        if ctx.decode:
+            pending = self.pending[layer]
+            pending[:, :, ctx.slot] = k_pre[:, :, 0]
+            if ctx.encode_from >= 0:
+                codes = self.method.codebooks.encode(layer, pending[:, :, : ctx.slot + 1], self.kv_heads)
+                cache.write_codes(layer, ctx.encode_from, codes)
         B, Hq, t, d = q.shape
         if timer is not None:
             timer.lap("scoring" if ctx.decode else "rest")

@@ -1,19 +1,32 @@
-"""Fused CPU kernels for A²ATS decode: LUT scoring + union top-K selection, and attention over the selection.
+"""Fused CPU kernels for A²ATS: LUT scoring + union top-K selection, attention over the selection, and
+key encoding (nearest centroid).
 
-``score_select`` and ``sparse_attention`` run a C++ extension (built on first use, see :mod:`.cpu`) on
-CPU tensors and fall back to the torch references, which define the semantics, everywhere else.
+Each runs a C++ extension (built on first use, see :mod:`.cpu`) on CPU tensors and falls back to its
+torch reference (:mod:`.reference`), which defines the semantics, everywhere else.
 """
 
 from .cpu import cpu_backend
-from .ops import score, score_select, sparse_attention
-from .reference import reference_score_select, reference_scores, reference_sparse_attention
+from .ops import encode_nearest, linear_bf16w, lookup_tables, score, score_select, sparse_attention, tile_centroids
+from .reference import (
+    reference_encode_nearest,
+    reference_lookup_tables,
+    reference_score_select,
+    reference_scores,
+    reference_sparse_attention,
+)
 
 __all__ = [
     "cpu_backend",
+    "encode_nearest",
+    "linear_bf16w",
+    "lookup_tables",
+    "reference_encode_nearest",
+    "reference_lookup_tables",
     "reference_score_select",
     "reference_scores",
     "reference_sparse_attention",
     "score",
     "score_select",
     "sparse_attention",
+    "tile_centroids",
 ]

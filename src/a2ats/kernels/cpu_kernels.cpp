@@ -42,24 +42,40 @@ struct RowInfo {
 RowInfo row_info(const torch::Tensor& valid, int64_t sinks, int64_t window) {
   const int64_t B = valid.size(0), n = valid.size(1);
   RowInfo r;
-  r.always.assign(B * n, 0);
-  r.cand.assign(B * n, 0);
+  r.always.resize(B * n);
+  r.cand.resize(B * n);
   r.m.assign(B, 0);
   r.n_always.assign(B, 0);
-  auto vb = valid.accessor<bool, 2>();
+  const bool* V = valid.data_ptr<bool>();  // contiguous (the caller makes it so)
   for (int64_t b = 0; b < B; ++b) {
+    const bool* vb = V + b * n;
+    uint8_t* al = r.always.data() + b * n;
+    int32_t* cd = r.cand.data() + b * n;
     int64_t length = 0;
-    for (int64_t j = 0; j < n; ++j) length += vb[b][j] ? 1 : 0;
+#pragma omp simd reduction(+ : length)
+    for (int64_t j = 0; j < n; ++j) length += vb[j];
+    if (length == n) {  // no padding (the usual row): sinks first, window last, candidates between
+      const int64_t s = std::min(sinks, n), w0 = std::max(s, n - window);
+      std::memset(al, 0, n);
+      std::memset(al, 1, s);
+      std::memset(al + w0, 1, n - w0);
+      const int64_t m = w0 - s;
+      for (int64_t i = 0; i < m; ++i) cd[i] = static_cast<int32_t>(s + i);
+      r.m[b] = m;
+      r.n_always[b] = n - m;
+      continue;
+    }
     int64_t rank = 0, m = 0, na = 0;
     for (int64_t j = 0; j < n; ++j) {
-      if (!vb[b][j]) continue;
+      al[j] = 0;
+      if (!vb[j]) continue;
       const bool keep = rank < sinks || rank >= length - window;
       ++rank;
       if (keep) {
-        r.always[b * n + j] = 1;
+        al[j] = 1;
         ++na;
       } else {
-        r.cand[b * n + m++] = static_cast<int32_t>(j);
+        cd[m++] = static_cast<int32_t>(j);
       }
     }
     r.m[b] = m;
@@ -79,27 +95,6 @@ inline uint32_t top_bucket(const uint32_t* hist, uint32_t nb, int64_t& need) {
     above += hist[bin];
   }
   return 0;  // unreachable when need <= count
-}
-
-// Radix refinement of a threshold: `buf` holds the keys that share the already fixed high bits
-// (above `shift + bits`); histogram the next `bits`, keep the boundary bucket, repeat down to bit 0.
-// Returns the k-th largest key; `need` ends as how many keys equal to it make the top k.
-inline uint32_t refine(std::vector<uint32_t>& buf, uint32_t prefix, int shift, int64_t& need) {
-  uint32_t hist[2048];
-  while (shift > 0) {
-    const int bits = std::min(shift, 11);
-    shift -= bits;
-    const uint32_t nb = 1u << bits, mask = nb - 1;
-    std::memset(hist, 0, sizeof(uint32_t) * nb);
-    for (uint32_t key : buf) ++hist[(key >> shift) & mask];
-    const uint32_t bin = top_bucket(hist, nb, need);
-    prefix |= bin << shift;
-    size_t w = 0;
-    for (size_t i = 0; i < buf.size(); ++i)
-      if (((buf[i] >> shift) & mask) == bin) buf[w++] = buf[i];
-    buf.resize(w);
-  }
-  return prefix;
 }
 
 void check_score_inputs(const torch::Tensor& lut, const torch::Tensor& codes, const c10::optional<torch::Tensor>& offsets) {
@@ -150,8 +145,78 @@ torch::Tensor score(torch::Tensor lut, torch::Tensor codes, c10::optional<torch:
   return out;
 }
 
+namespace {
+
+// Radix selection over table entries weighted by how many candidates carry them: `keys` (entry keys)
+// share the bits above `shift` (given in `prefix`); returns the key of the `need`-th largest candidate,
+// and `need` ends as how many candidates with exactly that key make the top.
+inline uint32_t refine_weighted(std::vector<uint32_t>& keys, std::vector<uint32_t>& w, uint32_t prefix, int shift,
+                                int64_t& need) {
+  uint32_t hist[2048];
+  while (shift > 0) {
+    const int bits = std::min(shift, 11);
+    shift -= bits;
+    const uint32_t nb = 1u << bits, mask = nb - 1;
+    std::memset(hist, 0, sizeof(uint32_t) * nb);
+    for (size_t i = 0; i < keys.size(); ++i) hist[(keys[i] >> shift) & mask] += w[i];
+    const uint32_t bin = top_bucket(hist, nb, need);
+    prefix |= bin << shift;
+    size_t o = 0;
+    for (size_t i = 0; i < keys.size(); ++i)
+      if (((keys[i] >> shift) & mask) == bin) {
+        keys[o] = keys[i];
+        w[o++] = w[i];
+      }
+    keys.resize(o);
+    w.resize(o);
+  }
+  return prefix;
+}
+
+// Marks, in `mrow`, candidates whose key is above `thr`, then the latest `take` whose key equals it.
+// CONTIG: candidates are the slots cand0 .. cand0 + m - 1 (a row without padding), read straight.
+template <bool CONTIG, bool OFFS>
+void mark_row(uint8_t* __restrict mrow, const float* __restrict lrow, const int16_t* __restrict crow,
+              const int32_t* __restrict orow, const int32_t* __restrict cand, int64_t m, uint32_t thr, int64_t take) {
+  const int64_t c0 = cand[0];
+  auto slot = [&](int64_t i) -> int64_t { return CONTIG ? c0 + i : cand[i]; };
+  auto key = [&](int64_t i) -> uint32_t {
+    const int64_t j = slot(i);
+    return order_key(lrow[static_cast<int32_t>(crow[j]) + (OFFS ? orow[j] : 0)]);
+  };
+  if (CONTIG) {
+    uint8_t* __restrict m0 = mrow + c0;
+#pragma omp simd
+    for (int64_t i = 0; i < m; ++i) m0[i] = key(i) > thr;
+  } else {
+    for (int64_t i = 0; i < m; ++i) mrow[cand[i]] = key(i) > thr;
+  }
+  // Ties at the threshold go to the latest candidates, as the reference's (score, rank) order does:
+  // scan back in blocks, skipping blocks without a tie by a vectorized count.
+  for (int64_t hi = m; take > 0 && hi > 0;) {
+    const int64_t lo = std::max<int64_t>(0, hi - 256);
+    int32_t eq = 0;
+#pragma omp simd reduction(+ : eq)
+    for (int64_t i = lo; i < hi; ++i) eq += key(i) == thr;
+    for (int64_t i = hi - 1; eq > 0 && take > 0 && i >= lo; --i)
+      if (key(i) == thr) {
+        mrow[slot(i)] = 1;
+        --take;
+        --eq;
+      }
+    hi = lo;
+  }
+}
+
+}  // namespace
+
 // Union-reduction selection (see a2ats.selection.select): returns (idx (B, Hkv, L) int32, ascending
 // in the first count entries, -1 after; count (B, Hkv) int32).
+//
+// The top-K of a query head is found on the lookup table, not on the tokens: a token's score is its
+// table entry's, so counting how many candidates carry each entry (once per KV head, shared by its G
+// query heads) turns the selection into a weighted radix select over T entries; one vectorized pass
+// over the tokens then marks those above the threshold.
 std::vector<torch::Tensor> score_select(torch::Tensor lut, torch::Tensor codes, c10::optional<torch::Tensor> offsets,
                                         torch::Tensor valid, torch::Tensor k, int64_t sinks, int64_t window) {
   check_score_inputs(lut, codes, offsets);
@@ -169,18 +234,48 @@ std::vector<torch::Tensor> score_select(torch::Tensor lut, torch::Tensor codes, 
     keff[b] = std::max<int64_t>(0, std::min<int64_t>(kp[b], info.m[b]));
     L = std::max(L, info.n_always[b] + std::min(G * keff[b], info.m[b]));
   }
+  const float* Lp = lut.data_ptr<float>();
+  const int16_t* C = codes.data_ptr<int16_t>();
+  const int32_t* O = offsets.has_value() ? offsets->data_ptr<int32_t>() : nullptr;
+  const int64_t cs0 = codes.stride(0), cs1 = codes.stride(1);
+  auto ranked = [&](int64_t b) { return keff[b] > 0 && keff[b] < info.m[b]; };
+  auto contiguous = [&](int64_t b) {
+    const int32_t* cand = info.cand.data() + b * n;
+    return cand[info.m[b] - 1] - cand[0] == info.m[b] - 1;
+  };
+
+  // Candidates per table entry, per (b, KV head); an entry outside the table is an error.
+  auto counts = torch::zeros({B * H, T}, torch::kInt32);
+  int32_t* CNT = counts.data_ptr<int32_t>();
+  std::vector<uint8_t> bad(B * H, 0);
+  at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t bh = lo; bh < hi; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      if (!ranked(b)) continue;
+      const int16_t* crow = C + b * cs0 + h * cs1;
+      const int32_t* orow = O ? O + b * n : nullptr;
+      const int32_t* cand = info.cand.data() + b * n;
+      int32_t* cnt = CNT + bh * T;
+      uint32_t out = 0;
+      for (int64_t i = 0; i < info.m[b]; ++i) {
+        const int64_t j = cand[i];
+        const int64_t e = static_cast<int64_t>(crow[j]) + (orow ? orow[j] : 0);
+        const bool inside = e >= 0 && e < T;
+        out |= !inside;
+        cnt[inside ? e : 0] += inside;
+      }
+      bad[bh] = out != 0;
+    }
+  });
+  for (int64_t bh = 0; bh < B * H; ++bh)
+    TORCH_CHECK(!bad[bh], "code + offset outside the lookup table of ", T, " entries");
 
   // One byte mask per query head row: rows run in parallel without sharing writes; the union over
   // the group is taken afterwards per KV head.
   auto chosen = torch::empty({B * H * G, n}, torch::kUInt8);
   uint8_t* M = chosen.data_ptr<uint8_t>();
-  const float* Lp = lut.data_ptr<float>();
-  const int16_t* C = codes.data_ptr<int16_t>();
-  const int32_t* O = offsets.has_value() ? offsets->data_ptr<int32_t>() : nullptr;
-  const int64_t cs0 = codes.stride(0), cs1 = codes.stride(1);
-
   at::parallel_for(0, B * H * G, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<uint32_t> keys, buf, hist;
+    std::vector<uint32_t> ek, ew;
     for (int64_t r = lo; r < hi; ++r) {
       const int64_t b = r / (H * G), h = (r / G) % H;
       uint8_t* mrow = M + r * n;
@@ -193,57 +288,33 @@ std::vector<torch::Tensor> score_select(torch::Tensor lut, torch::Tensor codes, 
         continue;
       }
       const float* lrow = Lp + r * T;
+      const int32_t* cnt = CNT + (b * H + h) * T;
+      ek.clear();
+      ew.clear();
+      uint32_t kmin = 0xFFFFFFFFu, kmax = 0;
+      for (int64_t e = 0; e < T; ++e)
+        if (cnt[e]) {
+          const uint32_t key = order_key(lrow[e]);
+          ek.push_back(key);
+          ew.push_back(static_cast<uint32_t>(cnt[e]));
+          kmin = std::min(kmin, key);
+          kmax = std::max(kmax, key);
+        }
+      int64_t take_equal = kk;
+      uint32_t thr = kmin;  // every key equal: the threshold is that key, ties decide
+      if (kmin != kmax) {
+        const int common = __builtin_clz(kmin ^ kmax);  // leading bits shared by every entry key
+        const uint32_t fixed = common ? (kmin >> (32 - common)) << (32 - common) : 0u;
+        thr = refine_weighted(ek, ew, fixed, 32 - common, take_equal);
+      }
       const int16_t* crow = C + b * cs0 + h * cs1;
       const int32_t* orow = O ? O + b * n : nullptr;
-      keys.resize(m);
-      // First radix histogram: 16 bits (sign, exponent, 7 mantissa bits) for long rows, since float
-      // scores crowd into few exponents and a coarser one would pile increments onto a handful of
-      // counters; 11 bits for short rows, where clearing 64K counters would dominate.
-      const int hbits = m >= 8192 ? 16 : 11, shift = 32 - hbits;
-      hist.assign(size_t(1) << hbits, 0);
-      uint32_t* __restrict kp = keys.data();
-      const int32_t* __restrict cp = cand;
-      const int16_t* __restrict cr = crow;
-      int32_t bad = 0;
-      // A gather per token, written branch-free (offsets or not, bounds as a flag instead of a throw)
-      // so that it vectorizes; the histogram, which does not, is a separate loop.
-      if (orow) {
-        const int32_t* __restrict orr = orow;
-#pragma omp simd reduction(| : bad)
-        for (int64_t i = 0; i < m; ++i) {
-          const int32_t e = static_cast<int32_t>(cr[cp[i]]) + orr[cp[i]];
-          const int32_t out = static_cast<uint32_t>(e) >= static_cast<uint32_t>(T);
-          bad |= out;
-          kp[i] = order_key(lrow[out ? 0 : e]);
-        }
+      if (contiguous(b)) {
+        if (orow) mark_row<true, true>(mrow, lrow, crow, orow, cand, m, thr, take_equal);
+        else mark_row<true, false>(mrow, lrow, crow, orow, cand, m, thr, take_equal);
       } else {
-#pragma omp simd reduction(| : bad)
-        for (int64_t i = 0; i < m; ++i) {
-          const int32_t e = cr[cp[i]];
-          const int32_t out = static_cast<uint32_t>(e) >= static_cast<uint32_t>(T);
-          bad |= out;
-          kp[i] = order_key(lrow[out ? 0 : e]);
-        }
-      }
-      uint32_t* hp = hist.data();
-      for (int64_t i = 0; i < m; ++i) ++hp[kp[i] >> shift];
-      TORCH_CHECK(!bad, "code + offset outside the lookup table of ", T, " entries");
-      int64_t take_equal = kk;
-      const uint32_t b1 = top_bucket(hist.data(), hist.size(), take_equal);
-      buf.clear();
-      for (int64_t i = 0; i < m; ++i)
-        if ((keys[i] >> shift) == b1) buf.push_back(keys[i]);
-      const uint32_t thr = refine(buf, b1 << shift, shift, take_equal);
-      // Backward scan: ties at the threshold go to the latest candidates, as the reference's
-      // (score, rank among candidates) order does.
-      for (int64_t i = m - 1; i >= 0; --i) {
-        const uint32_t key = keys[i];
-        if (key > thr) {
-          mrow[cand[i]] = 1;
-        } else if (key == thr && take_equal > 0) {
-          mrow[cand[i]] = 1;
-          --take_equal;
-        }
+        if (orow) mark_row<false, true>(mrow, lrow, crow, orow, cand, m, thr, take_equal);
+        else mark_row<false, false>(mrow, lrow, crow, orow, cand, m, thr, take_equal);
       }
     }
   });
@@ -265,8 +336,15 @@ std::vector<torch::Tensor> score_select(torch::Tensor lut, torch::Tensor codes, 
       }
       int32_t* out = I + bh * L;
       int64_t c = 0;
-      for (int64_t j = 0; j < n; ++j)
-        if (any[j]) out[c++] = static_cast<int32_t>(j);
+      // Branch-free compaction: kept slots are scattered, so a branch on each would mispredict. Every
+      // slot is written at the current count and kept by advancing it; only out[count] can be left
+      // holding an unkept slot, so it is reset to -1 after.
+      const uint8_t* __restrict keep = any.data();
+      for (int64_t j = 0; j < n; ++j) {
+        if (c < L) out[c] = static_cast<int32_t>(j);
+        c += keep[j];
+      }
+      if (c < L) out[c] = -1;
       N[bh] = static_cast<int32_t>(c);
     }
   });
@@ -437,8 +515,168 @@ torch::Tensor sparse_attention(torch::Tensor q, torch::Tensor k_buf, torch::Tens
   return out.to(q.scalar_type());
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Kernel 3: key encoding (nearest centroid in the transformed space)
+// ---------------------------------------------------------------------------------------------------
+
+// codes[b, h, j] = argmax_c (z[b, h, j] · t[h, c] - half[h, c]), the first maximum, as torch.argmax.
+// z (B, H, n, d) and t (H, C, d) float32, half (H, C). Tokens go in blocks of 64: the GEMM of a block
+// (BLAS, one thread per block) leaves a 64 x C similarity tile in cache, and the argmax is taken
+// there, instead of writing n x C similarities to memory and reading them back.
+torch::Tensor encode_nearest(torch::Tensor z, torch::Tensor t, torch::Tensor half) {
+  TORCH_CHECK(z.dim() == 4 && z.scalar_type() == torch::kFloat32, "z must be float32 (B, H, n, d)");
+  TORCH_CHECK(t.dim() == 3 && t.scalar_type() == torch::kFloat32 && t.size(0) == z.size(1) && t.size(2) == z.size(3),
+              "t must be float32 (H, C, d) matching z");
+  TORCH_CHECK(half.dim() == 2 && half.scalar_type() == torch::kFloat32 && half.size(0) == t.size(0) &&
+                  half.size(1) == t.size(1),
+              "half must be float32 (H, C)");
+  TORCH_CHECK(t.size(1) <= 32768, "more than 32768 centroids do not fit int16 codes");
+  z = z.contiguous();
+  t = t.contiguous();
+  half = half.contiguous();
+  const int64_t B = z.size(0), H = z.size(1), n = z.size(2), C = t.size(1);
+  auto out = torch::empty({B, H, n}, torch::kInt16);
+  if (n == 0 || B == 0 || H == 0) return out;
+  constexpr int64_t kRows = 64;
+  const int64_t blocks = (n + kRows - 1) / kRows;
+  int16_t* O = out.data_ptr<int16_t>();
+  const float* HP = half.data_ptr<float>();
+  at::parallel_for(0, B * H * blocks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t item = lo; item < hi; ++item) {
+      const int64_t bh = item / blocks, h = bh % H, j0 = (item % blocks) * kRows;
+      const int64_t rows = std::min(kRows, n - j0);
+      const auto sim = at::mm(z[bh / H][h].narrow(0, j0, rows), t[h].t()).contiguous();  // (rows, C)
+      const float* S = sim.data_ptr<float>();
+      const float* __restrict hp = HP + h * C;
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* __restrict s = S + r * C;
+        float best = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : best)
+        for (int64_t c = 0; c < C; ++c) best = std::max(best, s[c] - hp[c]);
+        int64_t arg = 0;  // NaN rows (never from finite keys) fall back to 0
+        for (int64_t c = 0; c < C; ++c)
+          if (s[c] - hp[c] == best) {
+            arg = c;
+            break;
+          }
+        O[bh * n + j0 + r] = static_cast<int16_t>(arg);
+      }
+    }
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Kernel 4: decode projections with bf16-stored weights and fp32 math
+// ---------------------------------------------------------------------------------------------------
+
+// y (M, O) = x (M, I) @ w (O, I)^T (+ bias): w bf16, x and y float32, fp32 accumulation. A decode
+// step's projections read every weight once for a few rows, so they are bound by memory bandwidth:
+// bf16 weights halve the bytes; widening bf16 to fp32 is a shift, so the math stays fp32 as with
+// fp32 weights rounded to bf16.
+torch::Tensor linear_bf16w(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be float32 (M, I)");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kBFloat16 && w.is_contiguous() && w.size(1) == x.size(1),
+              "w must be a contiguous bfloat16 (O, I) tensor matching x");
+  x = x.contiguous();
+  const int64_t M = x.size(0), I = x.size(1), O = w.size(0);
+  const float* bp = nullptr;
+  torch::Tensor bias_f;
+  if (bias.has_value()) {
+    bias_f = bias->to(torch::kFloat32).contiguous();
+    TORCH_CHECK(bias_f.dim() == 1 && bias_f.size(0) == O, "bias must be (O,)");
+    bp = bias_f.data_ptr<float>();
+  }
+  auto y = torch::empty({M, O}, x.options());
+  const float* X = x.data_ptr<float>();
+  const c10::BFloat16* W = w.data_ptr<c10::BFloat16>();
+  float* Y = y.data_ptr<float>();
+  constexpr int64_t kRowsPerItem = 16;  // output rows per work item: enough to amortize the split
+  at::parallel_for(0, (O + kRowsPerItem - 1) / kRowsPerItem, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t blk = lo; blk < hi; ++blk) {
+      const int64_t o0 = blk * kRowsPerItem, o1 = std::min(O, o0 + kRowsPerItem);
+      for (int64_t o = o0; o < o1; ++o) {
+        const c10::BFloat16* __restrict wr = W + o * I;
+        if (o + 2 < o1) prefetch_row(W + (o + 2) * I, I);
+        for (int64_t r = 0; r < M; ++r) {
+          const float* __restrict xr = X + r * I;
+          float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t i = 0; i < I; ++i) acc += xr[i] * to_f(wr[i]);
+          Y[r * O + o] = acc + (bp ? bp[o] : 0.f);
+        }
+      }
+    }
+  });
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Kernel 5: lookup tables (query · centroid for every centroid)
+// ---------------------------------------------------------------------------------------------------
+
+constexpr int64_t kTile = 16;  // centroids per tile: one AVX-512 register of fp32 lanes
+
+// Centroids (H, C, d) -> tiles (H, ceil(C/16), d, 16): each tile's d x 16 block is contiguous, so a
+// pass over the tiles streams memory in order; missing centroids of the last tile are zeros.
+torch::Tensor tile_centroids(torch::Tensor cent) {
+  TORCH_CHECK(cent.dim() == 3 && cent.scalar_type() == torch::kFloat32, "centroids must be float32 (H, C, d)");
+  const int64_t H = cent.size(0), C = cent.size(1), d = cent.size(2), nt = (C + kTile - 1) / kTile;
+  auto padded = torch::zeros({H, nt * kTile, d}, cent.options());
+  padded.narrow(1, 0, C).copy_(cent);
+  return padded.view({H, nt, kTile, d}).transpose(2, 3).contiguous();
+}
+
+// lut (B, H, R, C) = q (B, H, R, d) · centroids^T, centroids given as tiles (see tile_centroids).
+// A decode step reads every centroid of every layer once, so this streams memory: 16 centroids at a
+// time, up to 8 query rows per pass, no horizontal sums (a batched GEMM of 3 rows by 4096 columns
+// reaches a fraction of the bandwidth).
+torch::Tensor lookup_tables(torch::Tensor q, torch::Tensor tiles, int64_t C) {
+  TORCH_CHECK(q.dim() == 4 && q.scalar_type() == torch::kFloat32, "q must be float32 (B, H, R, d)");
+  TORCH_CHECK(tiles.dim() == 4 && tiles.scalar_type() == torch::kFloat32 && tiles.is_contiguous() &&
+                  tiles.size(0) == q.size(1) && tiles.size(2) == q.size(3) && tiles.size(3) == kTile &&
+                  C > (tiles.size(1) - 1) * kTile && C <= tiles.size(1) * kTile,
+              "tiles must be the contiguous (H, ceil(C/16), d, 16) layout of tile_centroids, matching q");
+  q = q.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), R = q.size(2), d = q.size(3), nt = tiles.size(1);
+  auto out = torch::empty({B, H, R, C}, q.options());
+  const float* Q = q.data_ptr<float>();
+  const float* TL = tiles.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  constexpr int64_t kRows = 8;
+  at::parallel_for(0, H * nt, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t item = lo; item < hi; ++item) {
+      const int64_t h = item / nt, t = item % nt, c0 = t * kTile, cn = std::min(kTile, C - c0);
+      const float* __restrict tp = TL + item * d * kTile;
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t r0 = 0; r0 < R; r0 += kRows) {
+          const int64_t rows = std::min(kRows, R - r0);
+          const float* qb = Q + ((b * H + h) * R + r0) * d;
+          float acc[kRows][kTile] = {};
+          for (int64_t i = 0; i < d; ++i) {
+            const float* __restrict col = tp + i * kTile;
+            for (int64_t rr = 0; rr < rows; ++rr) {
+              const float qv = qb[rr * d + i];
+#pragma omp simd
+              for (int64_t l = 0; l < kTile; ++l) acc[rr][l] += qv * col[l];
+            }
+          }
+          for (int64_t rr = 0; rr < rows; ++rr) {
+            float* o = O + ((b * H + h) * R + r0 + rr) * C + c0;
+            for (int64_t l = 0; l < cn; ++l) o[l] = acc[rr][l];
+          }
+        }
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("score", &score, "LUT scores (B, Hkv*G, n)");
   m.def("score_select", &score_select, "LUT scoring + union top-K selection -> (idx, count)");
   m.def("sparse_attention", &sparse_attention, "attention over selected rows");
+  m.def("linear_bf16w", &linear_bf16w, "x @ w.T (+ bias) with bf16 weights, fp32 math");
+  m.def("tile_centroids", &tile_centroids, "centroids (H, C, d) -> tiles (H, ceil(C/16), d, 16)");
+  m.def("lookup_tables", &lookup_tables, "q . centroids^T from tiles -> (B, H, R, C)");
+  m.def("encode_nearest", &encode_nearest, "nearest centroid (argmax of z.t - half) -> int16 codes");
 }

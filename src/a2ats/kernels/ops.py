@@ -5,9 +5,15 @@ from __future__ import annotations
 import torch
 
 from .cpu import cpu_backend
-from .reference import reference_score_select, reference_scores, reference_sparse_attention
+from .reference import (
+    reference_encode_nearest,
+    reference_lookup_tables,
+    reference_score_select,
+    reference_scores,
+    reference_sparse_attention,
+)
 
-__all__ = ["score", "score_select", "sparse_attention"]
+__all__ = ["encode_nearest", "linear_bf16w", "lookup_tables", "tile_centroids", "score", "score_select", "sparse_attention"]
 
 
 def _check_score_inputs(lut, codes, offsets):
@@ -105,3 +111,60 @@ def sparse_attention(
     if v_buf.stride(-1) != 1:
         v_buf = v_buf.contiguous()
     return ext.sparse_attention(q, k_buf, v_buf, idx.to(torch.int32), count.to(torch.int32), float(scaling))
+
+
+def encode_nearest(z: torch.Tensor, t: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
+    """Codes int16 (B, H, n): the first argmax over c of z[b, h, j] · t[h, c] - half[h, c].
+
+    z (B, H, n, d) keys already in the transformed space, t (H, C, d) transformed centroids, half (H, C)
+    their half squared norms: the nearest centroid. The kernel takes the argmax on a cache-sized tile
+    instead of materializing n x C similarities; it may differ from the reference only on exact ties
+    within float rounding.
+    """
+    if z.dim() != 4 or t.dim() != 3 or half.dim() != 2:
+        raise ValueError(f"z must be (B, H, n, d), t (H, C, d), half (H, C); got {tuple(z.shape)}, {tuple(t.shape)}, {tuple(half.shape)}")
+    if t.shape[0] != z.shape[1] or t.shape[2] != z.shape[3] or tuple(half.shape) != tuple(t.shape[:2]):
+        raise ValueError(f"z {tuple(z.shape)}, t {tuple(t.shape)} and half {tuple(half.shape)} disagree on heads or dims")
+    ext = cpu_backend() if _on_cpu(z, t, half) else None
+    if ext is None or not hasattr(ext, "encode_nearest"):
+        return reference_encode_nearest(z.float(), t.float(), half.float())
+    return ext.encode_nearest(z.float(), t.float(), half.float())
+
+
+def linear_bf16w(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ w.T + bias`` for float32 x (..., I) and bfloat16 w (O, I), with fp32 math (as fp32 weights
+    rounded to bf16). The kernel serves the few rows of a decode step, where reading the weights is
+    the cost; elsewhere (no kernel, another device) the weights are widened and torch multiplies."""
+    if x.dtype != torch.float32 or w.dtype != torch.bfloat16 or w.dim() != 2 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"x must be float32 (..., I) and w bfloat16 (O, I); got {x.dtype} {tuple(x.shape)}, {w.dtype} {tuple(w.shape)}")
+    ext = cpu_backend() if _on_cpu(x, w, bias) else None
+    if ext is None or not hasattr(ext, "linear_bf16w"):
+        return torch.nn.functional.linear(x, w.float(), None if bias is None else bias.float())
+    lead = x.shape[:-1]
+    y = ext.linear_bf16w(x.reshape(-1, x.shape[-1]), w.contiguous(), bias)
+    return y.reshape(*lead, w.shape[0])
+
+
+def lookup_tables(q: torch.Tensor, centroids: torch.Tensor, tiles: torch.Tensor | None = None) -> torch.Tensor:
+    """Lookup tables (B, H, R, C) float32: q (B, H, R, d) dotted with every centroid (H, C, d) of its KV head.
+
+    ``tiles``: :func:`tile_centroids` of ``centroids``, computed once and kept by the caller (the kernel
+    streams that layout); without it the layout is made on the spot.
+    """
+    if q.dim() != 4 or centroids.dim() != 3 or q.shape[1] != centroids.shape[0] or q.shape[3] != centroids.shape[2]:
+        raise ValueError(f"q must be (B, H, R, d) and centroids (H, C, d) with the same H and d; got "
+                         f"{tuple(q.shape)}, {tuple(centroids.shape)}")
+    ext = cpu_backend() if _on_cpu(q, centroids) else None
+    if ext is None or not hasattr(ext, "lookup_tables"):
+        return reference_lookup_tables(q, centroids)
+    if tiles is None:
+        tiles = ext.tile_centroids(centroids.float())
+    return ext.lookup_tables(q.float(), tiles, centroids.shape[1])
+
+
+def tile_centroids(centroids: torch.Tensor) -> torch.Tensor | None:
+    """The kernel's layout of centroids (H, C, d), or None where :func:`lookup_tables` will not use the kernel."""
+    ext = cpu_backend() if _on_cpu(centroids) else None
+    if ext is None or not hasattr(ext, "tile_centroids"):
+        return None
+    return ext.tile_centroids(centroids.float())

@@ -23,6 +23,21 @@ def reference_scores(lut: torch.Tensor, codes: torch.Tensor, offsets: torch.Tens
     return est.reshape(B, H * G, n)
 
 
+def reference_encode_nearest(z: torch.Tensor, t: torch.Tensor, half: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """int16 (B, H, n): argmax over c of z[b, h, j] · t[h, c] - half[h, c] (z (B, H, n, d), t (H, C, d), half (H, C))."""
+    B, H, n, _ = z.shape
+    out = torch.empty(B, H, n, dtype=torch.int16, device=z.device)
+    for s in range(0, n, chunk):
+        sim = torch.matmul(z[:, :, s : s + chunk], t.transpose(-1, -2).unsqueeze(0)) - half[None, :, None, :]
+        out[:, :, s : s + chunk] = sim.argmax(-1).to(torch.int16)
+    return out
+
+
+def reference_lookup_tables(q: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """(B, H, R, C) float32: q (B, H, R, d) · centroids (H, C, d) of the same KV head."""
+    return torch.matmul(q.float(), centroids.float().transpose(1, 2))
+
+
 def mask_to_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Boolean (B, H, n) -> (idx int32 (B, H, L) ascending in the first count entries, -1 after; count int32 (B, H))."""
     n = mask.shape[-1]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import lookup_tables, tile_centroids
 from ..codebook import Codebooks
 from ..rope import WRoPE
 from ..selection import DecodeStep
@@ -19,6 +20,7 @@ class A2ATSMethod(Method):
     def __init__(self, codebooks: Codebooks, wrope: WRoPE):
         self.codebooks = codebooks
         self.wrope = wrope
+        self._tiles: dict = {}  # (layer, heads, device) -> the LUT kernel's centroid layout
         s = codebooks.settings
         self.post_rope = s.post_rope
         self.name = "a2ats-postrope" if s.post_rope else ("a2ats" if s.query_aware else "a2ats-euclid")
@@ -50,7 +52,10 @@ class A2ATSMethod(Method):
             q = self.wrope.queries(q_pre, bands).reshape(B, Hkv, G * bands, d)
         else:
             q = self.wrope.query(q_pre).reshape(B, Hkv, G, d)
-        return torch.matmul(q, centroids.transpose(1, 2)).reshape(B, Hkv, G, bands * C)
+        key = (layer, kv_heads.start, kv_heads.stop, str(q.device))
+        if key not in self._tiles:
+            self._tiles[key] = tile_centroids(centroids)  # None off the CPU kernel: plain matmul there
+        return lookup_tables(q, centroids, self._tiles[key]).reshape(B, Hkv, G, bands * C)
 
     def tables(self, layer: int, q_pre: torch.Tensor, query: torch.Tensor, valid: torch.Tensor, kv_heads: slice):
         """``lut`` (B, Hkv, G, T) and ``offsets`` (B, n) or None: token j of KV head h is scored
