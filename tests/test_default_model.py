@@ -74,3 +74,40 @@ def test_query_aware_beats_euclidean_score_error(default_model, codebooks, long_
     err = score_error(model, {"qa": codebooks[0], "euclid": codebooks[1]}, long_text_ids[:2048], queries=32)
     # Observed here: 64.6 vs 121.2 (ratio 0.53); README has the paper-settings figures.
     assert err["qa"] < 0.7 * err["euclid"]
+
+
+@pytest.mark.parametrize("bf16_weights", [False, True])
+def test_fast_path_equals_reference_path(default_model, codebooks, long_text_ids, bf16_weights):
+    """The lean engine with the CPU kernels against transformers' generate with the masked reference
+    path, on the real model: a left-padded batch of two long prompts, a budget that really selects."""
+    from a2ats import kernels
+    from a2ats.engine import Engine
+
+    if kernels.cpu_backend() is None:
+        pytest.skip("CPU kernels not built here")
+    model, tok = default_model
+    ids = torch.stack([long_text_ids[:1500], torch.cat([torch.full((300,), tok.pad_token_id), long_text_ids[2000:3200]])])
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, :300] = False
+    cfg = A2ATSConfig(budget=0.03)
+    if bf16_weights:  # the engine's bf16 copies then hold the model's exact weights
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.bfloat16().float())
+    try:
+        kw = dict(max_new_tokens=12, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                  pad_token_id=tok.pad_token_id, eos_token_id=None)
+        with torch.inference_mode(), A2ATS(model, codebooks[0], cfg, path="reference") as a2:
+            ref = model.generate(input_ids=ids, attention_mask=mask.long(), **kw)
+            ref_attended = a2.stats.mean_attended
+        eng = Engine(model, codebooks[0], cfg, path="fast", decode_weights="bf16" if bf16_weights else "model")
+        out = eng.generate(ids, mask, max_new_tokens=12, pad_token_id=tok.pad_token_id, keep_logits=True)
+    finally:
+        if bf16_weights:
+            model.load_state_dict(saved)
+    assert torch.equal(out.tokens, ref.sequences[:, ids.shape[1]:])
+    for a, b in zip(out.logits, ref.scores):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+    assert out.attended == pytest.approx(ref_attended, rel=1e-3)  # the same selections, up to a rare near-tie
+    assert 45 < out.attended < 0.3 * 1500
