@@ -25,8 +25,6 @@ from ..hf import A2ATS
 from . import DEFAULT_VARIANTS, VARIANTS
 
 
-
-
 @dataclass
 class DecodeRow:
     variant: str

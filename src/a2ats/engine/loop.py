@@ -14,8 +14,8 @@ from ..codebook import Codebooks
 from ..config import A2ATSConfig
 from ..hf import check_context
 from ..methods.a2ats import A2ATSMethod
-from ..stats import SelectionStats
 from ..rope import WRoPE, find_rotary_embedding
+from ..stats import SelectionStats
 from .context import Timer
 from .model import LeanModel
 from .runner import Runner

@@ -126,7 +126,7 @@ def encode_nearest(z: torch.Tensor, t: torch.Tensor, half: torch.Tensor) -> torc
     if t.shape[0] != z.shape[1] or t.shape[2] != z.shape[3] or tuple(half.shape) != tuple(t.shape[:2]):
         raise ValueError(f"z {tuple(z.shape)}, t {tuple(t.shape)} and half {tuple(half.shape)} disagree on heads or dims")
     ext = cpu_backend() if _on_cpu(z, t, half) else None
-    if ext is None or not hasattr(ext, "encode_nearest"):
+    if ext is None:
         return reference_encode_nearest(z.float(), t.float(), half.float())
     return ext.encode_nearest(z.float(), t.float(), half.float())
 
@@ -138,7 +138,7 @@ def linear_bf16w(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
     if x.dtype != torch.float32 or w.dtype != torch.bfloat16 or w.dim() != 2 or x.shape[-1] != w.shape[1]:
         raise ValueError(f"x must be float32 (..., I) and w bfloat16 (O, I); got {x.dtype} {tuple(x.shape)}, {w.dtype} {tuple(w.shape)}")
     ext = cpu_backend() if _on_cpu(x, w, bias) else None
-    if ext is None or not hasattr(ext, "linear_bf16w"):
+    if ext is None:
         return torch.nn.functional.linear(x, w.float(), None if bias is None else bias.float())
     lead = x.shape[:-1]
     y = ext.linear_bf16w(x.reshape(-1, x.shape[-1]), w.contiguous(), bias)
@@ -155,7 +155,7 @@ def lookup_tables(q: torch.Tensor, centroids: torch.Tensor, tiles: torch.Tensor 
         raise ValueError(f"q must be (B, H, R, d) and centroids (H, C, d) with the same H and d; got "
                          f"{tuple(q.shape)}, {tuple(centroids.shape)}")
     ext = cpu_backend() if _on_cpu(q, centroids) else None
-    if ext is None or not hasattr(ext, "lookup_tables"):
+    if ext is None:
         return reference_lookup_tables(q, centroids)
     if tiles is None:
         tiles = ext.tile_centroids(centroids.float())
@@ -165,6 +165,6 @@ def lookup_tables(q: torch.Tensor, centroids: torch.Tensor, tiles: torch.Tensor 
 def tile_centroids(centroids: torch.Tensor) -> torch.Tensor | None:
     """The kernel's layout of centroids (H, C, d), or None where :func:`lookup_tables` will not use the kernel."""
     ext = cpu_backend() if _on_cpu(centroids) else None
-    if ext is None or not hasattr(ext, "tile_centroids"):
+    if ext is None:
         return None
     return ext.tile_centroids(centroids.float())
