@@ -117,3 +117,29 @@ def test_first_run_calibrates_and_caches_later_runs_reuse(tiny_checkpoint, tmp_p
     monkeypatch.setattr(C, "calibrate", lambda *a, **k: pytest.fail("calibrated twice"))
     again = C.load_or_calibrate(model, tok, settings=s, log=lambda *_: None)
     assert torch.equal(first.centroids, again.centroids)
+
+
+@pytest.mark.default_model
+def test_serve_writes_each_completion(tiny_checkpoint, tmp_path, capsys):
+    import json
+
+    cb_dir = tmp_path / "cb"
+    small = ["--centroids", "32", "--text-tokens", "1024", "--uuid-tokens", "256", "--max-iter", "3"]
+    assert main(["calibrate", "--model", str(tiny_checkpoint), "--out", str(cb_dir), *small]) == 0
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "word " * 150, "max_new_tokens": 3, "id": "a"}) + "\n"
+                       + "a plain line " * 20 + "\n\n" + json.dumps({"prompt": "x y " * 90}) + "\n")
+    out = tmp_path / "out.jsonl"
+    base = ["serve", str(prompts), "--model", str(tiny_checkpoint), "--codebooks", str(cb_dir), "--slots", "2",
+            "--max-new-tokens", "4", "--budget", "0.1", "--out", str(out), *small]
+    assert main(base) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(str(r["id"]) for r in rows) == ["1", "2", "a"]
+    assert all(r["new_tokens"] <= (3 if r["id"] == "a" else 4) and isinstance(r["completion"], str) for r in rows)
+    assert "attended per step" in capsys.readouterr().err
+    assert main([*base, "--dense", "--placement", "local"]) == 0
+    assert len(out.read_text().splitlines()) == 6  # appended
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": 3}\n')
+    assert main(["serve", str(bad), "--model", str(tiny_checkpoint)]) == 2
+    assert 'needs a "prompt" string' in capsys.readouterr().err

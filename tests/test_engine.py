@@ -32,10 +32,12 @@ def _banded(model):
 @pytest.mark.parametrize("bands", [None, 2.0])
 def test_engine_equals_reference_path(family, path, bands):
     """Left-padded batch, odd lengths, a budget that really selects: tokens equal, logits close."""
+    # GQA reduction "max" (K per KV head) on half the cases
+    reduction = "max" if (FAMILIES.index(family) + (bands is None)) % 2 else "union"
     model = tiny_model(family)
     ids, mask = padded_batch(seed=3, lengths=(300, 201, 257))
     cb = _banded(model) if bands else random_codebooks(model)
-    cfg = A2ATSConfig(budget=0.05, sinks=2, window=8, wrope_band_ratio=bands)
+    cfg = A2ATSConfig(budget=0.05, sinks=2, window=8, wrope_band_ratio=bands, reduction=reduction)
     with A2ATS(model, cb, cfg) as a2:
         ref = _hf(model, ids, mask, 10)
         ref_fraction = a2.stats.mean_attended
@@ -152,8 +154,6 @@ def test_engine_errors_are_clear():
         Engine(model).generate(torch.ones(1, 1000, dtype=torch.long), max_new_tokens=100)
     with pytest.raises(ValueError, match="path must be one of"):
         Engine(model, path="gpu")
-    with pytest.raises(ValueError, match="union"):
-        Engine(model, random_codebooks(model), A2ATSConfig(reduction="max"))
     import transformers as T
     gpt2 = T.GPT2LMHeadModel(T.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(ValueError, match="lean engine supports"):

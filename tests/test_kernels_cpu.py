@@ -10,9 +10,11 @@ import torch
 from a2ats.kernels import cpu as cpu_mod
 from a2ats.kernels import (
     cpu_backend,
+    dequantize_rows,
     encode_nearest,
     linear_bf16w,
     lookup_tables,
+    quantize_rows,
     reference_encode_nearest,
     reference_lookup_tables,
     reference_score_select,
@@ -132,6 +134,33 @@ def test_sparse_attention_matches_reference(ext, dtype, G, n, d):
     assert torch.all(got[0, :G] == 0)
     if dtype == torch.float32:
         torch.testing.assert_close(sparse_attention(q, k_view, v_view, idx, count, scaling), want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("G,n,d", [(1, 37, 16), (3, 301, 64), (4, 1000, 128), (8, 700, 40)])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_sparse_attention_int8_rows_match_the_dequantized_reference(ext, G, n, d, mixed):
+    """int8 K/V with a float32 scale per row (mixed: int8 K, fp32 V): the kernel equals attention over the
+    dequantized rows; views with row padding and a larger capacity; an empty selection gives zeros."""
+    B, H, cap = 2, 2, n + 50
+    g = torch.Generator().manual_seed(7 * n + G)
+    k = torch.randn(B, H, cap, d, generator=g) * 3
+    v = torch.randn(B, H, cap, d, generator=g)
+    kq, ks = quantize_rows(k)
+    vq, vs = quantize_rows(v)
+    assert kq.dtype == torch.int8 and ks.shape == (B, H, cap)
+    assert (dequantize_rows(kq, ks) - k).abs().max() <= ks.max() / 2 + 1e-6  # half a step of rounding at most
+    kbuf = torch.zeros(B, H, cap, d + 5, dtype=torch.int8)
+    kbuf[..., :d] = kq
+    k_view = kbuf[..., :d]
+    v_buf, v_scale = (v, None) if mixed else (vq, vs)
+    q = torch.randn(B, H * G, d, generator=g)
+    idx, count = random_selection(B, H, n, n, [n, n // 2])
+    got = sparse_attention(q, k_view, v_buf, idx, count, d**-0.5, ks, v_scale)
+    want = reference_sparse_attention(q, dequantize_rows(kq, ks), dequantize_rows(v_buf, v_scale), idx, count, d**-0.5)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert torch.all(got[0, :G] == 0)
+    with pytest.raises(ValueError, match="k_scale goes with an int8 k cache"):
+        sparse_attention(q, k_view, v_buf, idx, count, 0.1, None, v_scale)
 
 
 def test_sparse_attention_long_selection_splits_and_merges(ext):

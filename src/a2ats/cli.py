@@ -1,4 +1,4 @@
-"""Command line: ``a2ats demo | generate | calibrate | eval | report | bench`` (``python -m a2ats`` is the same)."""
+"""Command line: ``a2ats demo | generate | serve | calibrate | eval | report | bench`` (``python -m a2ats`` is the same)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import torch
 
 from .bench import DEFAULT_VARIANTS, VARIANTS
 
+DECODE_LENGTHS = (2048, 8192, 16384, 32768)
+THROUGHPUT_LENGTHS = (8192, 32768)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -113,7 +115,7 @@ def _run(a, model, tok, ids):
     from .generate import generate, generate_lean
 
     fast = a.path == "fast" or (a.path == "auto" and a.device == "cpu" and kernels.cpu_backend() is not None)
-    if fast and type(model).__name__ in SUPPORTED and a.reduction == "union":
+    if fast and type(model).__name__ in SUPPORTED:
         bf16 = a.decode_weights == "bf16" and model.dtype == torch.float32
         engine = Engine(model, _codebooks(a, model, tok), _config(a), path="fast",
                         decode_weights="bf16" if bf16 else "model")
@@ -124,7 +126,7 @@ def _run(a, model, tok, ids):
              f"tokens at {res.decode_tokens_per_second:.1f} tokens/s (fast path: lean engine + CPU kernels)")
         return res
     if fast:
-        _log("the lean engine does not serve this model or reduction: using transformers' generate")
+        _log("the lean engine does not serve this model: using transformers' generate")
     a2 = _a2ats(a, model, tok)
     with a2:
         res = generate(model, tok, a2, ids, a.max_new_tokens)
@@ -148,6 +150,69 @@ def cmd_generate(a) -> int:
     ids = encode_prompt(tok, text, chat_template=not a.no_chat_template)
     check_context(model, ids.shape[-1], a.max_new_tokens)  # before any work (calibration included)
     _run(a, model, tok, ids)
+    return 0
+
+
+def _read_prompts(path: str, default_new: int) -> list[dict]:
+    """JSON lines ({"prompt": ..., "max_new_tokens": ..., "id": ...}) or, for other files, one prompt per line."""
+    import json
+
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if line.lstrip().startswith("{"):
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); give one JSON object or one plain prompt per line") from None
+                if not isinstance(obj.get("prompt"), str):
+                    raise ValueError(f'{path}:{n}: a JSON line needs a "prompt" string')
+            else:
+                obj = {"prompt": line.rstrip("\n")}
+            obj.setdefault("max_new_tokens", default_new)
+            obj.setdefault("id", len(items))
+            items.append(obj)
+    if not items:
+        raise ValueError(f"{path} holds no prompts")
+    return items
+
+
+def cmd_serve(a) -> int:
+    import json
+
+    from .engine.server import Request, Server
+    from .generate import encode_prompt
+
+    items = _read_prompts(a.prompts, a.max_new_tokens)
+    model, tok = _load(a)
+    reqs = [Request(encode_prompt(tok, it["prompt"], chat_template=not a.no_chat_template)[0], int(it["max_new_tokens"]),
+                    it["id"]) for it in items]
+    need = max(len(r.prompt) + r.max_new_tokens for r in reqs)
+    cb = None if a.dense else _codebooks(a, model, tok)
+    server = Server(model, cb, _config(a), slots=a.slots, max_context=a.max_context or need, placement=a.placement,
+                    decode_weights=a.decode_weights,
+                    kv_dtype={"model": None, "bfloat16": torch.bfloat16, "int8": torch.int8}[a.kv_dtype])
+    out = open(a.out, "a", encoding="utf-8") if a.out else sys.stdout
+    eos = tok.eos_token_id
+
+    def write(i, c):  # each completion is written (and flushed) as it finishes: a later failure loses nothing
+        text = tok.decode(c.tokens[:-1] if c.finish_reason == "eos" else c.tokens)
+        out.write(json.dumps({"id": c.id, "completion": text, "prompt_tokens": c.prompt_tokens,
+                              "new_tokens": len(c.tokens), "finish_reason": c.finish_reason}) + "\n")
+        out.flush()
+
+    _log(f"serving {len(reqs)} prompts through {a.slots} slots of {server.max_context} tokens "
+         f"({server.method_name}, K/V {'in host memory' if a.placement == 'offload' else 'beside the model'})")
+    res = server.serve(reqs, eos_token_id=eos, on_finish=write)
+    if res.stats is not None:
+        _log(res.stats.summary())
+    _log(f"{sum(len(c.tokens) for c in res.completions)} tokens: {res.tokens_per_s:.1f} decode tokens/s, "
+         f"{res.served_tokens_per_s:.1f} tokens/s with prefills ({res.prefill_seconds:.1f} s prefill, "
+         f"{res.decode_seconds:.1f} s decode)")
+    if a.out:
+        out.close()
     return 0
 
 
@@ -240,13 +305,18 @@ def _machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def cmd_bench(a) -> int:
     import json
     from pathlib import Path
 
+    if a.what == "project":  # a performance model: no model to load
+        from .bench.project import run_cli
+
+        return run_cli(a)
     if a.what == "kernels":
         from .bench.kernels import bench_kernels
 
@@ -257,11 +327,13 @@ def cmd_bench(a) -> int:
             for k, v in res.items():
                 print(f"{k:34s} {v:.4g}" if isinstance(v, float) else f"{k:34s} {v}")
         return 0
+    if a.what == "throughput":
+        return _bench_throughput(a)
     from .bench.decode import bench_decode, rows_to_json
     from .bench.report import decode_plot, decode_table
 
     model, tok = _load(a)
-    rows, prefill = bench_decode(model, tok, _codebooks(a, model, tok), _config(a), lengths=a.lengths,
+    rows, prefill = bench_decode(model, tok, _codebooks(a, model, tok), _config(a), lengths=a.lengths or DECODE_LENGTHS,
                                  variants=a.variants, steps=a.steps, log=_log)
     rows = rows_to_json(rows)
     res = {"machine": _machine(), "dtype": a.dtype, "budget": str(a.budget), "wrope_bands": a.wrope_bands,
@@ -277,6 +349,51 @@ def cmd_bench(a) -> int:
     return 0
 
 
+def _bench_throughput(a) -> int:
+    import json
+    from pathlib import Path
+
+    from .bench.report import throughput_plot, throughput_table
+    from .bench.throughput import bench_served, bench_throughput, random_model, rows_to_json
+
+    cfg = _config(a)
+    text_ids = None
+    if a.random_weights:
+        lengths = a.lengths or THROUGHPUT_LENGTHS
+        model, cb = random_model(a.shape, DTYPES[a.dtype], a.device, max_context=max(lengths) + 4096)
+        tok, text_ids = None, torch.randint(3, model.config.vocab_size, (1, 4096))
+        _log(f"{a.shape} shape with RANDOM weights and codebooks on {a.device} ({a.dtype}): speed only")
+        if a.requests:
+            raise ValueError("--requests serves real prompts: it needs the embedded model, not --random-weights")
+    else:
+        model, tok = _load(a)
+        cb = _codebooks(a, model, tok)
+    rows = rows_to_json(bench_throughput(model, tok, cb, cfg, lengths=a.lengths or THROUGHPUT_LENGTHS, batches=a.batches,
+                                         systems=a.systems, steps=a.steps, decode_weights=a.decode_weights,
+                                         text_ids=text_ids, log=_log))
+    served = bench_served(model, tok, cb, cfg, slots=max(a.batches), requests=a.requests, prompt_tokens=a.prompt_tokens,
+                          new_tokens=a.max_new_tokens, decode_weights=a.decode_weights, log=_log) if a.requests else []
+    res = {"machine": _machine(), "dtype": a.dtype, "budget": str(a.budget), "decode_weights": a.decode_weights,
+           "model": f"{a.shape}, random weights" if a.random_weights else (a.model or "SmolLM2-135M-Instruct"),
+           "accelerator": str(model.device) + (" (the CPU stands in for the accelerator: no PCIe, shared cores)"
+                                               if model.device.type == "cpu" else ""),
+           "command": "a2ats " + " ".join(sys.argv[1:]), "rows": rows, "served": served}
+    table = throughput_table(rows)
+    if served:
+        table += "\nserved workload (real prompts through a queue, prefills included)\n\n| system | slots | requests | decode tokens/s | tokens/s with prefills |\n|---|---|---|---|---|\n"
+        table += "".join(f"| {s['system']} | {s['slots']} | {s['requests']} x {s['prompt_tokens']} + {s['new_tokens']} | "
+                         f"{s['decode_tokens_per_s']:.1f} | {s['served_tokens_per_s']:.1f} |\n" for s in served)
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "throughput.json").write_text(json.dumps(res, indent=1))
+        (out / "throughput.md").write_text(table)
+        throughput_plot(rows, out / "throughput.png", f"{res['machine']}, {a.dtype}, {res['budget']}")
+        _log(f"wrote {out}/throughput.json, throughput.md, throughput.png")
+    print(json.dumps(res) if a.json else table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="a2ats", description="A²ATS retrieval attention for Hugging Face causal LMs")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -287,6 +404,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-file", help="file holding the prompt (default: read stdin)")
     g.add_argument("--no-chat-template", action="store_true", help="feed the prompt as is, without the chat template")
     g.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("serve", help="answer many prompts with continuous batching, K/V in host memory (JSON lines out)")
+    _add_model_args(s)
+    _add_decode_args(s)
+    s.add_argument("prompts", help='file of prompts: JSON lines {"prompt": ..., "max_new_tokens": ..., "id": ...} or one per line')
+    s.add_argument("--slots", type=int, default=4, help="sequences decoding together (the batch)")
+    s.add_argument("--max-context", type=int, help="tokens per slot (default: the longest prompt + its new tokens)")
+    s.add_argument("--placement", choices=["offload", "local"], default="offload",
+                   help="offload: K/V in host memory, selection beside the model (the paper's system); local: K/V beside the model")
+    s.add_argument("--kv-dtype", choices=["model", "bfloat16", "int8"], default="model",
+                   help="how K/V are stored: the model's dtype, bf16 (half the host bytes of an fp32 model), or int8 "
+                        "with a scale per row (a quarter)")
+    s.add_argument("--dense", action="store_true", help="full attention instead of A²ATS (the baseline)")
+    s.add_argument("--no-chat-template", action="store_true", help="feed prompts as they are, without the chat template")
+    s.add_argument("--out", help="append completions to this file (default: stdout), one JSON line each, as they finish")
+    s.set_defaults(fn=cmd_serve)
 
     d = sub.add_parser("demo", help="a needle-in-a-haystack question over essays, answered with A²ATS")
     _add_model_args(d)
@@ -319,17 +452,30 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--title", default="a2ats eval")
     r.set_defaults(fn=cmd_report)
 
-    b = sub.add_parser("bench", help="speed: `bench kernels` (the CPU kernels vs read bandwidth), `bench decode` (ms/token vs context)")
-    b.add_argument("what", choices=["kernels", "decode"])
+    b = sub.add_parser("bench", help="speed: `bench kernels` (the CPU kernels vs read bandwidth), `bench decode` (ms/token vs context), "
+                       "`bench throughput` (tokens/s vs batch, serving engine), `bench project` (performance model)")
+    b.add_argument("what", choices=["kernels", "decode", "throughput", "project"])
     _add_model_args(b)
     _add_decode_args(b)
     b.add_argument("--context", type=int, default=32768, help="kernels: tokens in the synthetic cache")
-    b.add_argument("--lengths", type=_csv(int), default=(2048, 8192, 16384, 32768), help="decode: context lengths")
+    b.add_argument("--lengths", type=_csv(int), help="decode, throughput: context lengths (default 2K,8K,16K,32K; throughput 8K,32K)")
+    b.add_argument("--batches", type=_csv(int), default=(1, 2, 4, 8), help="throughput: batch sizes (slots)")
+    b.add_argument("--systems", type=_csv(str), default=("a2ats-offload", "full-local"),
+                   help="throughput: a2ats-offload (K/V in host memory), full-local (full attention, cache beside the model), "
+                        "suffixes: -xN (a2ats-offload: decode steps in N micro-batches), -kvbf16 / -kvint8 (K/V stored "
+                        "in bf16 / int8 with a scale per row)")
+    b.add_argument("--random-weights", action="store_true",
+                   help="throughput: a model of --shape with random weights and codebooks (e.g. Llama-3.1-8B on a GPU): speed only")
+    b.add_argument("--prompt-tokens", type=int, default=4096, help="throughput --requests: tokens per prompt (at most)")
+    b.add_argument("--requests", type=int, default=0, help="throughput: also serve this many real prompts through a queue")
     b.add_argument("--variants", type=_csv(str), default=DEFAULT_VARIANTS,
                    help=f"decode, comma-separated: {', '.join(VARIANTS)} (*-bf16w: decode reads bf16 weight copies)")
     b.add_argument("--steps", type=int, default=8, help="decode: timed steps per variant and length (median reported)")
     b.add_argument("--out", help="decode: folder for decode.json, decode.md and decode.png")
     b.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
+    from .bench.project import add_arguments as _add_project_args
+
+    _add_project_args(b)  # bench project: --shape, --hardware, --kernels-json, --contexts, --measured
     b.set_defaults(fn=cmd_bench)
     return p
 
@@ -337,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .assets import AssetError
     from .codebook import CodebookError
+    from .engine.server import ServeError
 
     a = build_parser().parse_args(argv)
     try:
@@ -344,6 +491,9 @@ def main(argv: list[str] | None = None) -> int:
     except (AssetError, CodebookError, ValueError) as e:
         print(f"a2ats {a.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except ServeError as e:  # the completions finished before it are already written
+        print(f"a2ats {a.cmd}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from .codebook import Codebooks
 from .config import A2ATSConfig
 from .methods import A2ATSMethod, Method
 from .rope import WRoPE, find_rotary_embedding, undo_rotation
-from .selection import DecodeStep
+from .selection import DecodeStep, reduce_tables
 from .stats import SelectionStats
 
 ATTN_IMPLEMENTATION = "a2ats"
@@ -180,9 +180,9 @@ class A2ATS(ModelPatch):
             method = A2ATSMethod(codebooks, WRoPE(self.rotary, c.wrope_distance, c.wrope_band_ratio))
         self.method = method
         self.stats = SelectionStats(self.config)
-        fast_ok = type(method) is A2ATSMethod and self.config.reduction == "union"  # wrappers (probes) stay reference
+        fast_ok = type(method) is A2ATSMethod  # wrappers (probes) stay reference
         if path == "fast" and not fast_ok:
-            raise ValueError("the fast path serves the A²ATS method with reduction='union'; use path='reference'")
+            raise ValueError("the fast path serves the A²ATS method itself; use path='reference'")
         if path == "auto":
             on_cpu = next(model.parameters()).device.type == "cpu"
             path = "fast" if fast_ok and on_cpu and kernels.cpu_backend() is not None else "reference"
@@ -253,7 +253,7 @@ class A2ATS(ModelPatch):
         """Kernel scoring + selection, then attention over the selected rows only: (B, 1, Hq, d)."""
         c, m = self.config, self.method
         bands, offsets = m.band_offsets(step.valid)
-        lut = m.lut(step.layer, step.q_pre, step.query, bands, step.kv_heads)
+        lut = reduce_tables(m.lut(step.layer, step.q_pre, step.query, bands, step.kv_heads), c.reduction)
         budget = c.budget.tokens_for(step.valid.sum(-1))
         idx, count = kernels.score_select(lut, store.extra("codes"), offsets, step.valid, budget, c.sinks, c.window)
         self.stats.record_counts(count, step.valid)

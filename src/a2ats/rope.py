@@ -92,7 +92,7 @@ class WRoPE:
         self.distance = distance
         self.band_ratio = band_ratio
         self.first_edge = first_edge
-        self._cache: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._edges: dict[tuple[torch.device, int], torch.Tensor] = {}
 
     @property
@@ -138,10 +138,14 @@ class WRoPE:
     def query(self, q_pre: torch.Tensor, band: int = 0) -> torch.Tensor:
         """``R_b q_pre`` for query heads (..., d), fp32, scaled so that ``query(q) . k_pre`` is the model's own
         logit at distance b (rope types such as YaRN scale both q and k by their attention factor)."""
-        cos, sin = self.rotation(q_pre.device, band)
-        cos, sin = cos.reshape(-1), sin.reshape(-1)
-        factor = (cos * cos + sin * sin).sqrt()
-        return apply_rotation(q_pre, cos * factor, sin * factor)
+        key = (torch.device(q_pre.device), self.band_distance(band), "scaled")
+        if key not in self._cache:  # once per device and distance: a decode step calls this once per layer
+            cos, sin = self.rotation(q_pre.device, band)
+            cos, sin = cos.reshape(-1), sin.reshape(-1)
+            factor = (cos * cos + sin * sin).sqrt()
+            self._cache[key] = (cos * factor, sin * factor)
+        cos, sin = self._cache[key]
+        return apply_rotation(q_pre, cos, sin)
 
     def queries(self, q_pre: torch.Tensor, bands: int) -> torch.Tensor:
         """The query rotated for each of the first ``bands`` bands: (..., bands, d)."""

@@ -68,6 +68,15 @@ def topk_mask(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) -
     return out
 
 
+def reduce_tables(lut: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Lookup tables (B, Hkv, G, T) as the fused selection kernels take them for ``reduction``.
+
+    A token's code is shared by every query head of its KV head, so "max" (max over the group's
+    estimated scores, then top-K per KV head) is the union kernel run on one table per KV head: the
+    entry-wise max over the group. Same scores, same ties, same set as :func:`select`."""
+    return lut.amax(2, keepdim=True) if reduction == "max" else lut
+
+
 def select(scores: torch.Tensor, valid: torch.Tensor, num_kv_heads: int, config: A2ATSConfig) -> torch.Tensor:
     """Tokens each KV head attends to, (B, Hkv, n) bool, from per-query-head scores (B, Hq, n).
 

@@ -2,5 +2,6 @@
 
 # Decode variants (names only, so the command line can list them without importing the engines).
 # *-bf16w: the lean engine reading bf16 copies of the projection weights at decode (fp32 models).
-VARIANTS = ("a2ats-fast", "a2ats-reference", "dense-hf", "dense-lean", "a2ats-fast-bf16w", "dense-lean-bf16w")
+# llama.cpp: its dense decode of the same GGUF, when llama-cpp-python is installed (see bench/llamacpp.py).
+VARIANTS = ("a2ats-fast", "a2ats-reference", "dense-hf", "dense-lean", "a2ats-fast-bf16w", "dense-lean-bf16w", "llama.cpp")
 DEFAULT_VARIANTS = ("a2ats-fast", "a2ats-fast-bf16w", "a2ats-reference", "dense-hf", "dense-lean")

@@ -139,6 +139,12 @@ def bench_decode(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; choose from {VARIANTS}")
+    if "llama.cpp" in variants:
+        from . import llamacpp
+
+        if not llamacpp.available():
+            raise ValueError("the llama.cpp variant needs llama-cpp-python: `pip install llama-cpp-python` "
+                             "(builds from source, ~10-15 min on 2 cores), or leave llama.cpp out of --variants")
     fast = Engine(model, codebooks, config, path="fast")
     dense = Engine(model)
     # *-bf16w: the same engines reading bf16 copies of the projection weights at decode (fp32 models).
@@ -174,6 +180,11 @@ def bench_decode(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=
                 with A2ATS(model, codebooks, config, path="reference"):
                     row = _row(variant, length, _time_hf(model, cache, length, steps, warmup))
                 del cache
+            elif variant == "llama.cpp":
+                from .llamacpp import bench_llamacpp
+
+                (_, times), = bench_llamacpp(text_ids, [length], steps, warmup, log=log)
+                row = _row(variant, length, times)
             elif variant == "dense-hf":
                 cache = _hf_cache(k, v, None, length, a2ats=False)
                 row = _row(variant, length, _time_hf(model, cache, length, steps, warmup))

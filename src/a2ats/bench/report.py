@@ -16,7 +16,7 @@ def decode_table(rows: list[dict]) -> str:
         cells = [f"{at[v, n]['ms_per_token']:.1f} ({at[v, n]['tokens_per_s']:.1f})" if (v, n) in at else "" for n in lengths]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     for fast_v in ("a2ats-fast", "a2ats-fast-bf16w"):
-        for base in ("dense-hf", "dense-lean", "dense-lean-bf16w"):
+        for base in ("dense-hf", "dense-lean", "dense-lean-bf16w", "llama.cpp"):
             if not any((fast_v, n) in at and (base, n) in at for n in lengths):
                 continue
             cells = [f"{at[base, n]['ms_per_token'] / at[fast_v, n]['ms_per_token']:.2f}x"
@@ -35,22 +35,72 @@ def decode_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def decode_plot(rows: list[dict], path: Path, title: str) -> None:
+def _line_plot(series: list[tuple[str, list, list, str]], path: Path, title: str, xlabel: str, ylabel: str) -> None:
+    """One line per (label, xs, ys, linestyle), log2 x axis, saved as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for v in dict.fromkeys(r["variant"] for r in rows):
-        pts = sorted((r["context"], r["tokens_per_s"]) for r in rows if r["variant"] == v)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=v)
+    for label, xs, ys, style in series:
+        ax.plot(xs, ys, marker="o", linestyle=style, label=label)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("context (tokens)")
-    ax.set_ylabel("decode tokens/s (batch 1)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def decode_plot(rows: list[dict], path: Path, title: str) -> None:
+    series = []
+    for v in dict.fromkeys(r["variant"] for r in rows):
+        pts = sorted((r["context"], r["tokens_per_s"]) for r in rows if r["variant"] == v)
+        series.append((v, [p[0] for p in pts], [p[1] for p in pts], "-"))
+    _line_plot(series, path, title, "context (tokens)", "decode tokens/s (batch 1)")
+
+
+def _ctx(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def throughput_table(rows: list[dict]) -> str:
+    """Decode tokens/s by (context, batch), one column per system; then the A²ATS per-step breakdown."""
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    at = {(r["system"], r["context"], r["batch"]): r for r in rows}
+    keys = sorted({(r["context"], r["batch"]) for r in rows})
+    lines = ["decode tokens/s over all slots (median step; ms per step in brackets)", "",
+             "| context | batch | " + " | ".join(systems) + " | ratio |", "|---" * (len(systems) + 3) + "|"]
+    for n, B in keys:
+        cells = [f"{at[s, n, B]['tokens_per_s']:.1f} ({at[s, n, B]['ms_per_step']:.0f})" if (s, n, B) in at else ""
+                 for s in systems]
+        ratio = ""
+        if len(systems) >= 2 and all((s, n, B) in at for s in systems[:2]):
+            ratio = f"{at[systems[0], n, B]['tokens_per_s'] / at[systems[1], n, B]['tokens_per_s']:.2f}x"
+        lines.append(f"| {_ctx(n)} | {B} | " + " | ".join(cells) + f" | {ratio} |")
+    for s in systems:
+        sub = [at[s, n, B] for n, B in keys if (s, n, B) in at and at[s, n, B].get("breakdown_ms")]
+        if not sub:
+            continue
+        parts = list(sub[0]["breakdown_ms"])
+        lines += ["", f"{s} per step, ms: " + ", ".join(parts), "",
+                  "| context | batch | " + " | ".join(parts) + " | attended | crossed KiB | fits |",
+                  "|---" * (len(parts) + 5) + "|"]
+        for r in sub:
+            lines.append(f"| {_ctx(r['context'])} | {r['batch']} | " + " | ".join(f"{r['breakdown_ms'][p]:.1f}" for p in parts)
+                         + f" | {r['attended']:.0f} | {r['crossed_kib_per_step']:.0f} | {r['largest_batch']} |")
+    return "\n".join(lines) + "\n"
+
+
+def throughput_plot(rows: list[dict], path: Path, title: str) -> None:
+    series = []
+    for s in dict.fromkeys(r["system"] for r in rows):
+        for n in sorted({r["context"] for r in rows if r["system"] == s}):
+            pts = sorted((r["batch"], r["tokens_per_s"]) for r in rows if r["system"] == s and r["context"] == n)
+            series.append((f"{s}, {_ctx(n)}", [p[0] for p in pts], [p[1] for p in pts],
+                           "-" if s.startswith("a2ats") else "--"))
+    _line_plot(series, path, title, "batch (sequences decoding together)", "decode tokens/s")

@@ -6,10 +6,20 @@
 - :mod:`.runner`: prefill (dense) and decode (A²ATS selection + sparse attention, or dense) per layer.
 - :mod:`.loop`: greedy generation over a batch, with per-step timing.
 
+Serving (the paper's heterogeneous system, DESIGN.md §1.4):
+
+- :mod:`.slots`: one slot per sequence, each its own length; K/V on the host, codes on the accelerator.
+- :mod:`.preflight`: what a batch needs on each side against what is free; refuses with the largest fit.
+- :mod:`.offload`: per-layer attention across the two placements (selection on the accelerator, exact
+  attention over the selection on the host), optionally in micro-batches that overlap the two.
+- :mod:`.server`: a queue of requests, continuous batching, completions kept across a failure.
+
 transformers' ``generate`` stays available through :class:`a2ats.hf.A2ATS`; this engine exists because
 its per-step overhead, not attention, dominates a small model's step on a CPU.
 """
 
 from .loop import Engine, EngineOutput
+from .preflight import PreflightError
+from .server import Completion, Request, ServeError, ServeResult, Server
 
-__all__ = ["Engine", "EngineOutput"]
+__all__ = ["Completion", "Engine", "EngineOutput", "PreflightError", "Request", "ServeError", "ServeResult", "Server"]

@@ -13,7 +13,7 @@ from .. import kernels
 from ..attention import attend_selected
 from ..config import A2ATSConfig
 from ..methods.a2ats import A2ATSMethod
-from ..selection import select
+from ..selection import reduce_tables, select
 from .cache import StaticCache
 from .context import StepContext, Timer
 from .model import LeanModel
@@ -21,8 +21,6 @@ from .model import LeanModel
 
 class Runner:
     def __init__(self, lean: LeanModel, method: A2ATSMethod | None, config: A2ATSConfig, fast: bool):
-        if method is not None and config.reduction != "union":
-            raise ValueError("the engine implements the paper's GQA union; use reduction='union' or the transformers path")
         self.lean, self.method, self.config, self.fast = lean, method, config, fast
         self.cache: StaticCache | None = None
         self.ctx: StepContext | None = None
@@ -98,7 +96,7 @@ class Runner:
         lut = self.method.lut(layer, q1_pre, q1, ctx.bands, self.kv_heads)
         c = self.config
         if self.fast:
-            idx, count = kernels.score_select(lut, cache.layer_codes(layer), ctx.offsets, ctx.valid, ctx.budget,
+            idx, count = kernels.score_select(reduce_tables(lut, c.reduction), cache.layer_codes(layer), ctx.offsets, ctx.valid, ctx.budget,
                                               c.sinks, c.window)
             if timer is not None:
                 timer.lap("scoring")

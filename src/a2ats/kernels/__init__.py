@@ -2,11 +2,22 @@
 key encoding (nearest centroid).
 
 Each runs a C++ extension (built on first use, see :mod:`.cpu`) on CPU tensors and falls back to its
-torch reference (:mod:`.reference`), which defines the semantics, everywhere else.
+torch reference (:mod:`.reference`), which defines the semantics, everywhere else. Selection on CUDA
+tensors runs a Triton kernel (:mod:`.triton_score`) when triton is installed.
 """
 
 from .cpu import cpu_backend
-from .ops import encode_nearest, linear_bf16w, lookup_tables, score, score_select, sparse_attention, tile_centroids
+from .ops import (
+    dequantize_rows,
+    encode_nearest,
+    linear_bf16w,
+    lookup_tables,
+    quantize_rows,
+    score,
+    score_select,
+    sparse_attention,
+    tile_centroids,
+)
 from .reference import (
     reference_encode_nearest,
     reference_lookup_tables,
@@ -14,9 +25,12 @@ from .reference import (
     reference_scores,
     reference_sparse_attention,
 )
+from .triton_score import triton_available, triton_score_select
 
 __all__ = [
     "cpu_backend",
+    "dequantize_rows",
+    "quantize_rows",
     "encode_nearest",
     "linear_bf16w",
     "lookup_tables",
@@ -29,4 +43,6 @@ __all__ = [
     "score_select",
     "sparse_attention",
     "tile_centroids",
+    "triton_available",
+    "triton_score_select",
 ]

@@ -367,6 +367,7 @@ inline void prefetch_row(const T* row, int64_t d) {
 }
 
 inline float to_f(float x) { return x; }
+inline float to_f(int8_t x) { return static_cast<float>(x); }  // int8 rows carry a scale per row
 inline float to_f(c10::BFloat16 x) {
   // bf16 is the top half of an fp32: a shift, which vectorizes (c10's conversion may not).
   uint16_t raw;
@@ -377,10 +378,18 @@ inline float to_f(c10::BFloat16 x) {
   return f;
 }
 
+// Row scales of int8 caches (nullptr for float caches): row t of (b, h) holds scale[b*s[0] + h*s[1] + t*s[2]].
+struct Scales {
+  const float* k = nullptr;
+  const float* v = nullptr;
+  int64_t ks[3] = {0, 0, 0};
+  int64_t vs[3] = {0, 0, 0};
+};
+
 template <typename TK, typename TV>
 void attend_impl(const float* Q, const TK* K, const TV* V, const int32_t* I, const int32_t* N, int64_t B, int64_t H,
                  int64_t G, int64_t d, int64_t L, int64_t cap, const int64_t* ks, const int64_t* vs, float scaling,
-                 float* out) {
+                 float* out, const Scales& sc) {
   // Work items: (b, kv head, chunk of <= kChunk selected rows).
   std::vector<int64_t> first(B * H + 1, 0);
   for (int64_t bh = 0; bh < B * H; ++bh) first[bh + 1] = first[bh] + (N[bh] + kChunk - 1) / kChunk;
@@ -399,6 +408,8 @@ void attend_impl(const float* Q, const TK* K, const TV* V, const int32_t* I, con
       const int32_t* rowidx = I + bh * L + start;
       const TK* kbase = K + b * ks[0] + h * ks[1];
       const TV* vbase = V + b * vs[0] + h * vs[1];
+      const float* kscale = sc.k ? sc.k + b * sc.ks[0] + h * sc.ks[1] : nullptr;
+      const float* vscale = sc.v ? sc.v + b * sc.vs[0] + h * sc.vs[1] : nullptr;
       const float* qg = Q + (b * H + h) * G * d;  // the group's G query heads, contiguous
       // Pass 1: each K row is read once and dotted with all G queries.
       for (int64_t r = 0; r < rows; ++r) {
@@ -407,12 +418,13 @@ void attend_impl(const float* Q, const TK* K, const TV* V, const int32_t* I, con
         // Gathered rows defeat the hardware prefetcher: ask for a row a few iterations ahead.
         if (r + kAhead < rows) prefetch_row(kbase + static_cast<int64_t>(rowidx[r + kAhead]) * ks[2], d);
         const TK* krow = kbase + t * ks[2];
+        const float rs = scaling * (kscale ? kscale[t * sc.ks[2]] : 1.f);  // q . (scale k) = scale (q . k)
         for (int64_t g = 0; g < G; ++g) {
           const float* q = qg + g * d;
           float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
           for (int64_t i = 0; i < d; ++i) acc += q[i] * to_f(krow[i]);
-          s[g * kChunk + r] = acc * scaling;
+          s[g * kChunk + r] = acc * rs;
         }
       }
       // Softmax partials of this chunk: (max, sum of exp, exp-weighted V).
@@ -434,8 +446,9 @@ void attend_impl(const float* Q, const TK* K, const TV* V, const int32_t* I, con
       for (int64_t r = 0; r < rows; ++r) {
         if (r + kAhead < rows) prefetch_row(vbase + static_cast<int64_t>(rowidx[r + kAhead]) * vs[2], d);
         const TV* vrow = vbase + static_cast<int64_t>(rowidx[r]) * vs[2];
+        const float vsc = vscale ? vscale[static_cast<int64_t>(rowidx[r]) * sc.vs[2]] : 1.f;
         for (int64_t g = 0; g < G; ++g) {
-          const float p = s[g * kChunk + r];
+          const float p = s[g * kChunk + r] * vsc;
           float* a = acc + g * d;
 #pragma omp simd
           for (int64_t i = 0; i < d; ++i) a[i] += p * to_f(vrow[i]);
@@ -471,21 +484,25 @@ void attend_impl(const float* Q, const TK* K, const TV* V, const int32_t* I, con
 
 template <typename TK>
 void dispatch_v(const float* Q, const torch::Tensor& k, const torch::Tensor& v, const int32_t* I, const int32_t* N,
-                int64_t B, int64_t H, int64_t G, int64_t d, int64_t L, float scaling, float* out) {
+                int64_t B, int64_t H, int64_t G, int64_t d, int64_t L, float scaling, float* out, const Scales& sc) {
   const int64_t ks[3] = {k.stride(0), k.stride(1), k.stride(2)};
   const int64_t vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
   const int64_t cap = std::min(k.size(2), v.size(2));
   if (v.scalar_type() == torch::kBFloat16)
-    attend_impl(Q, k.data_ptr<TK>(), v.data_ptr<c10::BFloat16>(), I, N, B, H, G, d, L, cap, ks, vs, scaling, out);
+    attend_impl(Q, k.data_ptr<TK>(), v.data_ptr<c10::BFloat16>(), I, N, B, H, G, d, L, cap, ks, vs, scaling, out, sc);
+  else if (v.scalar_type() == torch::kChar)
+    attend_impl(Q, k.data_ptr<TK>(), v.data_ptr<int8_t>(), I, N, B, H, G, d, L, cap, ks, vs, scaling, out, sc);
   else
-    attend_impl(Q, k.data_ptr<TK>(), v.data_ptr<float>(), I, N, B, H, G, d, L, cap, ks, vs, scaling, out);
+    attend_impl(Q, k.data_ptr<TK>(), v.data_ptr<float>(), I, N, B, H, G, d, L, cap, ks, vs, scaling, out, sc);
 }
 
 }  // namespace
 
 // Softmax attention of q (B, Hq, d) over rows idx[b, h // G, :count] of k_buf/v_buf (B, Hkv, cap, d).
+// An int8 cache (k or v) comes with float32 row scales (B, Hkv, cap): row = scale * int8 values.
 torch::Tensor sparse_attention(torch::Tensor q, torch::Tensor k_buf, torch::Tensor v_buf, torch::Tensor idx,
-                               torch::Tensor count, double scaling) {
+                               torch::Tensor count, double scaling, c10::optional<torch::Tensor> k_scale,
+                               c10::optional<torch::Tensor> v_scale) {
   TORCH_CHECK(q.dim() == 3 && k_buf.dim() == 4 && v_buf.dim() == 4, "q must be (B, Hq, d), k/v (B, Hkv, cap, d)");
   const int64_t B = q.size(0), Hq = q.size(1), d = q.size(2), H = k_buf.size(1);
   TORCH_CHECK(H > 0 && Hq % H == 0, "query heads must be a multiple of KV heads");
@@ -493,7 +510,19 @@ torch::Tensor sparse_attention(torch::Tensor q, torch::Tensor k_buf, torch::Tens
               "k/v shapes disagree with q");
   TORCH_CHECK(k_buf.stride(3) == 1 && v_buf.stride(3) == 1, "k/v rows must be contiguous (unit stride on d)");
   for (const auto& t : {k_buf, v_buf})
-    TORCH_CHECK(t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16, "k/v must be float32 or bfloat16");
+    TORCH_CHECK(t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16 || t.scalar_type() == torch::kChar,
+                "k/v must be float32, bfloat16 or int8");
+  Scales sc;
+  auto take_scale = [&](const torch::Tensor& buf, const c10::optional<torch::Tensor>& s, const float*& ptr, int64_t* st) {
+    if (buf.scalar_type() != torch::kChar) return;
+    TORCH_CHECK(s.has_value() && s->scalar_type() == torch::kFloat32 && s->dim() == 3 && s->size(0) == B &&
+                    s->size(1) == H && s->size(2) >= buf.size(2),
+                "an int8 k/v cache needs float32 row scales (B, Hkv, cap)");
+    ptr = s->data_ptr<float>();
+    for (int i = 0; i < 3; ++i) st[i] = s->stride(i);
+  };
+  take_scale(k_buf, k_scale, sc.k, sc.ks);
+  take_scale(v_buf, v_scale, sc.v, sc.vs);
   TORCH_CHECK(idx.dim() == 3 && idx.scalar_type() == torch::kInt32 && idx.size(0) == B && idx.size(1) == H,
               "idx must be int32 (B, Hkv, L)");
   TORCH_CHECK(count.dim() == 2 && count.scalar_type() == torch::kInt32 && count.size(0) == B && count.size(1) == H,
@@ -508,10 +537,13 @@ torch::Tensor sparse_attention(torch::Tensor q, torch::Tensor k_buf, torch::Tens
   const int64_t G = Hq / H;
   if (k_buf.scalar_type() == torch::kBFloat16)
     dispatch_v<c10::BFloat16>(qf.data_ptr<float>(), k_buf, v_buf, idx.data_ptr<int32_t>(), N, B, H, G, d, L,
-                              static_cast<float>(scaling), out.data_ptr<float>());
+                              static_cast<float>(scaling), out.data_ptr<float>(), sc);
+  else if (k_buf.scalar_type() == torch::kChar)
+    dispatch_v<int8_t>(qf.data_ptr<float>(), k_buf, v_buf, idx.data_ptr<int32_t>(), N, B, H, G, d, L,
+                       static_cast<float>(scaling), out.data_ptr<float>(), sc);
   else
     dispatch_v<float>(qf.data_ptr<float>(), k_buf, v_buf, idx.data_ptr<int32_t>(), N, B, H, G, d, L,
-                      static_cast<float>(scaling), out.data_ptr<float>());
+                      static_cast<float>(scaling), out.data_ptr<float>(), sc);
   return out.to(q.scalar_type());
 }
 
@@ -674,7 +706,9 @@ torch::Tensor lookup_tables(torch::Tensor q, torch::Tensor tiles, int64_t C) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("score", &score, "LUT scores (B, Hkv*G, n)");
   m.def("score_select", &score_select, "LUT scoring + union top-K selection -> (idx, count)");
-  m.def("sparse_attention", &sparse_attention, "attention over selected rows");
+  m.def("sparse_attention", &sparse_attention, "attention over selected rows", py::arg("q"), py::arg("k_buf"),
+        py::arg("v_buf"), py::arg("idx"), py::arg("count"), py::arg("scaling"), py::arg("k_scale") = py::none(),
+        py::arg("v_scale") = py::none());
   m.def("linear_bf16w", &linear_bf16w, "x @ w.T (+ bias) with bf16 weights, fp32 math");
   m.def("tile_centroids", &tile_centroids, "centroids (H, C, d) -> tiles (H, ceil(C/16), d, 16)");
   m.def("lookup_tables", &lookup_tables, "q . centroids^T from tiles -> (B, H, R, C)");

@@ -1,4 +1,5 @@
-"""Public entry points: the C++ kernels on CPU tensors when they are available, else the references."""
+"""Public entry points: the C++ kernels on CPU tensors when they are available, the Triton kernel for
+selection on CUDA tensors when triton is installed, else the references."""
 
 from __future__ import annotations
 
@@ -6,14 +7,18 @@ import torch
 
 from .cpu import cpu_backend
 from .reference import (
+    dequantize_rows,
+    quantize_rows,
     reference_encode_nearest,
     reference_lookup_tables,
     reference_score_select,
     reference_scores,
     reference_sparse_attention,
 )
+from .triton_score import triton_available, triton_score_select
 
-__all__ = ["encode_nearest", "linear_bf16w", "lookup_tables", "tile_centroids", "score", "score_select", "sparse_attention"]
+__all__ = ["dequantize_rows", "encode_nearest", "linear_bf16w", "lookup_tables", "quantize_rows", "tile_centroids", "score",
+           "score_select", "sparse_attention"]
 
 
 def _check_score_inputs(lut, codes, offsets):
@@ -29,6 +34,11 @@ def _check_score_inputs(lut, codes, offsets):
 
 def _on_cpu(*tensors) -> bool:
     return all(t is None or t.device.type == "cpu" for t in tensors)
+
+
+def _on_cuda(*tensors) -> bool:
+    devices = {t.device for t in tensors if t is not None}
+    return len(devices) == 1 and next(iter(devices)).type == "cuda"  # one GPU: the kernels take no mix
 
 
 def _score_args(lut, codes, offsets):
@@ -76,6 +86,8 @@ def score_select(
         raise ValueError(f"k must have shape (B,) = ({B},), got {tuple(k.shape)}")
     if sinks < 0 or window < 0:
         raise ValueError(f"sinks and window must be >= 0, got {sinks}, {window}")
+    if _on_cuda(lut, codes, offsets, valid, k) and triton_available():
+        return triton_score_select(*_score_args(lut, codes, offsets), valid, k, int(sinks), int(window))
     ext = cpu_backend() if _on_cpu(lut, codes, offsets, valid, k) else None
     if ext is None:
         return reference_score_select(lut, codes, offsets, valid, k, sinks, window)
@@ -85,12 +97,14 @@ def score_select(
 
 
 def sparse_attention(
-    q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, idx: torch.Tensor, count: torch.Tensor, scaling: float
+    q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, idx: torch.Tensor, count: torch.Tensor, scaling: float,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention (B, Hq, d) of each query head over rows idx[b, h // G, :count[b, h]] of k_buf/v_buf.
 
-    q (B, Hq, d) post-RoPE; k_buf/v_buf (B, Hkv, cap, d) float32 or bfloat16 (views welcome: strides
-    are honoured, rows must be contiguous). fp32 accumulation; the result has q's dtype.
+    q (B, Hq, d) post-RoPE; k_buf/v_buf (B, Hkv, cap, d) float32, bfloat16, or int8 with float32 row
+    scales ``k_scale``/``v_scale`` (B, Hkv, cap) from :func:`quantize_rows` (views welcome: strides are
+    honoured, rows must be contiguous). fp32 accumulation; the result has q's dtype.
     """
     if q.dim() != 3 or k_buf.dim() != 4 or v_buf.dim() != 4:
         raise ValueError(f"q must be (B, Hq, d) and k/v (B, Hkv, cap, d); got {tuple(q.shape)}, {tuple(k_buf.shape)}, {tuple(v_buf.shape)}")
@@ -102,15 +116,22 @@ def sparse_attention(
         raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
     if idx.dim() != 3 or tuple(idx.shape[:2]) != (B, Hkv) or tuple(count.shape) != (B, Hkv):
         raise ValueError(f"idx must be (B, Hkv, L) and count (B, Hkv) with (B, Hkv) = {(B, Hkv)}")
-    ext = cpu_backend() if _on_cpu(q, k_buf, v_buf, idx, count) else None
-    kernel_dtypes = (torch.float32, torch.bfloat16)
+    for name, buf, sc in (("k", k_buf, k_scale), ("v", v_buf, v_scale)):
+        if (buf.dtype == torch.int8) != (sc is not None):
+            raise ValueError(f"{name}_scale goes with an int8 {name} cache (and only then); got {buf.dtype} and "
+                             f"{'a' if sc is not None else 'no'} scale")
+        if sc is not None and (sc.dtype != torch.float32 or tuple(sc.shape) != tuple(buf.shape[:3])):
+            raise ValueError(f"{name}_scale must be float32 {tuple(buf.shape[:3])}, got {sc.dtype} {tuple(sc.shape)}")
+    ext = cpu_backend() if _on_cpu(q, k_buf, v_buf, idx, count, k_scale, v_scale) else None
+    kernel_dtypes = (torch.float32, torch.bfloat16, torch.int8)
     if ext is None or k_buf.dtype not in kernel_dtypes or v_buf.dtype not in kernel_dtypes:
-        return reference_sparse_attention(q, k_buf, v_buf, idx, count, scaling)
+        return reference_sparse_attention(q, k_buf, v_buf, idx, count, scaling, k_scale, v_scale)
     if k_buf.stride(-1) != 1:
         k_buf = k_buf.contiguous()
     if v_buf.stride(-1) != 1:
         v_buf = v_buf.contiguous()
-    return ext.sparse_attention(q, k_buf, v_buf, idx.to(torch.int32), count.to(torch.int32), float(scaling))
+    return ext.sparse_attention(q, k_buf, v_buf, idx.to(torch.int32), count.to(torch.int32), float(scaling),
+                                k_scale, v_scale)
 
 
 def encode_nearest(z: torch.Tensor, t: torch.Tensor, half: torch.Tensor) -> torch.Tensor:

@@ -77,6 +77,19 @@ def reference_score_select(
     return mask_to_indices(chosen | always.unsqueeze(1))
 
 
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 rows and float32 scales, ``x ≈ q * scale[..., None]``: symmetric, one scale per row (token and head)."""
+    scale = x.float().abs().amax(-1).clamp_min(1e-30) / 127.0
+    return (x.float() / scale.unsqueeze(-1)).round().clamp_(-127, 127).to(torch.int8), scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The rows :func:`quantize_rows` encodes (a float cache, ``scale`` None, is returned as ``dtype``)."""
+    if q.dtype != torch.int8:
+        return q.to(dtype)
+    return (q.float() * scale[..., : q.shape[-2]].unsqueeze(-1)).to(dtype)
+
+
 def reference_sparse_attention(
     q: torch.Tensor,
     k_buf: torch.Tensor,
@@ -84,14 +97,18 @@ def reference_sparse_attention(
     idx: torch.Tensor,
     count: torch.Tensor,
     scaling: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(B, Hq, d): :func:`a2ats.attention.attend_selected` over the rows idx[b, h, :count[b, h]]."""
+    """(B, Hq, d): :func:`a2ats.attention.attend_selected` over the rows idx[b, h, :count[b, h]]
+    (int8 caches dequantized with their row scales)."""
     used = torch.arange(idx.shape[-1], device=idx.device) < count.unsqueeze(-1).long()
     top = int(torch.where(used, idx.long(), -1).max()) + 1 if idx.numel() else 0
     # Only rows up to the last selected one: buffer capacity past the filled part may hold garbage
     # (even NaN), which a mask does not neutralize inside SDPA.
     top = max(top, 1)
     keep = indices_to_mask(idx, count, top)
-    key = k_buf[:, :, :top].to(q.dtype)
-    out = attend_selected(q.unsqueeze(2), key, v_buf[:, :, :top], keep, scaling)
+    key = dequantize_rows(k_buf[:, :, :top], k_scale, q.dtype)
+    value = dequantize_rows(v_buf[:, :, :top], v_scale, q.dtype)
+    out = attend_selected(q.unsqueeze(2), key, value, keep, scaling)
     return out.squeeze(1)

@@ -1,0 +1,54 @@
+"""Attention mass kept against tokens read, for the GQA reductions and budgets the throughput projection
+weighs (`a2ats bench project`: "lower effective budget" = a smaller ρ and K per KV head), on the default
+model with its cached codebooks (the paper's settings).
+
+    .venv/bin/python scripts/budget_mass.py --out docs/bench/budget_mass.json
+
+Same texts and protocol as scripts/core_figures.py: three held-out State of the Union addresses, the
+first 4,096 tokens of each, the last 32 decoded one at a time (teacher forcing); mass per query head,
+averaged over layers, heads and steps; tokens attended per KV head (sinks, window and union included).
+"""
+
+import argparse
+import json
+import platform
+
+import torch
+
+from a2ats.assets import load_model
+from a2ats.calibrate import load_or_calibrate
+from a2ats.config import A2ATSConfig
+from a2ats.corpus import speeches
+from a2ats.eval.attention_metrics import attention_mass
+from a2ats.eval.prefill import prefill
+from a2ats.methods import A2ATSMethod, OracleMethod
+from a2ats.rope import WRoPE, find_rotary_embedding
+
+p = argparse.ArgumentParser()
+p.add_argument("--out", default="docs/bench/budget_mass.json")
+p.add_argument("--texts", type=int, default=3)
+p.add_argument("--length", type=int, default=4096)
+p.add_argument("--decode-last", type=int, default=32)
+a = p.parse_args()
+
+model, tok = load_model()
+cb = load_or_calibrate(model, tok)
+methods = {"a2ats": A2ATSMethod(cb, WRoPE(find_rotary_embedding(model), 2048)), "oracle": OracleMethod()}
+held_out = [s for s in speeches()[110:] if len(s) > 30000][: a.texts]
+ids = [torch.tensor(tok.encode(s, add_special_tokens=False)[: a.length]) for s in held_out]
+pres = [prefill(model, x[: -a.decode_last]) for x in ids]
+rows = []
+for name in ("a2ats", "oracle"):
+    for reduction in ("union", "max"):
+        for rho in (0.0075, 0.015, 0.03, 0.06):
+            cfg = A2ATSConfig(budget=rho, reduction=reduction)
+            probes = [attention_mass(model, methods[name], cfg, x, a.decode_last, pre) for x, pre in zip(ids, pres)]
+            row = {"method": name, "reduction": reduction, "budget": rho,
+                   "mass": sum(pr.mean() for pr in probes) / len(probes),
+                   "attended_per_kv_head": sum(pr.mean("attended") for pr in probes) / len(probes)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+res = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+       "command": "python scripts/budget_mass.py", "texts": a.texts, "length": a.length, "rows": rows}
+with open(a.out, "w") as f:
+    json.dump(res, f, indent=1)

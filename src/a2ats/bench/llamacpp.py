@@ -1,0 +1,48 @@
+"""llama.cpp's dense decode of the same model (the embedded GGUF: Q4_1 weights, f16 KV), timed like our
+variants, when ``llama-cpp-python`` is installed (optional: it builds from source in ~10-15 min on 2 cores,
+``pip install llama-cpp-python``; never a test dependency).
+
+The context is a real prefill by llama.cpp itself of the same token ids our variants use (tiled to the
+length), then single-token decode steps, timed one by one; the median is reported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+
+import torch
+
+
+def available() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def bench_llamacpp(ids: torch.Tensor, lengths, steps: int, warmup: int = 2, threads: int | None = None,
+                   gguf: str | None = None, flash_attn: bool = False, log=print) -> list[tuple[int, list[float]]]:
+    """(length, decode step seconds) per length; ``ids`` (1, n) the base prompt, tiled to each length."""
+    from llama_cpp import Llama
+
+    from ..assets import _GGUF_FILE, _GGUF_PACKAGE, package_dir
+
+    path = gguf or str(package_dir(_GGUF_PACKAGE) / _GGUF_FILE)
+    threads = threads or os.cpu_count()
+    base = ids[0].tolist()
+    out = []
+    for length in lengths:
+        llm = Llama(model_path=path, n_ctx=length + warmup + steps + 8, n_threads=threads, n_threads_batch=threads,
+                    n_batch=512, verbose=False, logits_all=False, flash_attn=flash_attn)
+        prompt = (base * (-(-length // len(base))))[:length]
+        t = time.perf_counter()
+        llm.eval(prompt)
+        log(f"llama.cpp prefill of {length} tokens: {time.perf_counter() - t:.1f} s")
+        times = []
+        for s in range(warmup + steps):
+            t = time.perf_counter()
+            llm.eval([base[s % len(base)]])  # the step's cost does not depend on which token it is
+            if s >= warmup:
+                times.append(time.perf_counter() - t)
+        out.append((length, times))
+        del llm
+    return out
