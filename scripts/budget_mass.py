@@ -2,7 +2,7 @@
 weighs (`a2ats bench project`: "lower effective budget" = a smaller ρ and K per KV head), on the default
 model with its cached codebooks (the paper's settings).
 
-    .venv/bin/python scripts/budget_mass.py --out docs/bench/budget_mass.json
+    .venv/bin/python scripts/budget_mass.py --out docs/bench/budget_mass.json [--texts 3 --decode-last 32 --oracle]
 
 Same texts and protocol as scripts/core_figures.py: three held-out State of the Union addresses, the
 first 4,096 tokens of each, the last 32 decoded one at a time (teacher forcing); mass per query head,
@@ -12,6 +12,7 @@ averaged over layers, heads and steps; tokens attended per KV head (sinks, windo
 import argparse
 import json
 import platform
+import sys
 
 import torch
 
@@ -29,6 +30,8 @@ p.add_argument("--out", default="docs/bench/budget_mass.json")
 p.add_argument("--texts", type=int, default=3)
 p.add_argument("--length", type=int, default=4096)
 p.add_argument("--decode-last", type=int, default=32)
+p.add_argument("--budgets", default="0.0075,0.015,0.03,0.06", help="comma-separated fractions")
+p.add_argument("--oracle", action="store_true", help="also the oracle (exact top-K) at every setting")
 a = p.parse_args()
 
 model, tok = load_model()
@@ -38,9 +41,9 @@ held_out = [s for s in speeches()[110:] if len(s) > 30000][: a.texts]
 ids = [torch.tensor(tok.encode(s, add_special_tokens=False)[: a.length]) for s in held_out]
 pres = [prefill(model, x[: -a.decode_last]) for x in ids]
 rows = []
-for name in ("a2ats", "oracle"):
+for name in ("a2ats", "oracle") if a.oracle else ("a2ats",):
     for reduction in ("union", "max"):
-        for rho in (0.0075, 0.015, 0.03, 0.06):
+        for rho in [float(x) for x in a.budgets.split(",")]:
             cfg = A2ATSConfig(budget=rho, reduction=reduction)
             probes = [attention_mass(model, methods[name], cfg, x, a.decode_last, pre) for x, pre in zip(ids, pres)]
             row = {"method": name, "reduction": reduction, "budget": rho,
@@ -49,6 +52,7 @@ for name in ("a2ats", "oracle"):
             rows.append(row)
             print(json.dumps(row), flush=True)
 res = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-       "command": "python scripts/budget_mass.py", "texts": a.texts, "length": a.length, "rows": rows}
+       "command": "python " + " ".join(sys.argv), "texts": a.texts, "length": a.length, "decode_last": a.decode_last,
+       "rows": rows}
 with open(a.out, "w") as f:
     json.dump(res, f, indent=1)
