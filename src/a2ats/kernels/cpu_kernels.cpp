@@ -368,6 +368,16 @@ inline void prefetch_row(const T* row, int64_t d) {
 
 inline float to_f(float x) { return x; }
 inline float to_f(int8_t x) { return static_cast<float>(x); }  // int8 rows carry a scale per row
+
+// A row as floats: float rows are read in place; int8 rows are widened into ``buf`` first, in a loop of
+// its own (the compiler vectorizes a plain widening loop, not one fused into the dot product).
+inline const float* row_f(const float* row, float*, int64_t) { return row; }
+inline const c10::BFloat16* row_f(const c10::BFloat16* row, float*, int64_t) { return row; }
+inline const float* row_f(const int8_t* row, float* buf, int64_t d) {
+#pragma omp simd
+  for (int64_t i = 0; i < d; ++i) buf[i] = static_cast<float>(row[i]);
+  return buf;
+}
 inline float to_f(c10::BFloat16 x) {
   // bf16 is the top half of an fp32: a shift, which vectorizes (c10's conversion may not).
   uint16_t raw;
@@ -401,7 +411,7 @@ void attend_impl(const float* Q, const TK* K, const TV* V, const int32_t* I, con
     for (int64_t it = first[bh]; it < first[bh + 1]; ++it) owner[it] = bh;
 
   at::parallel_for(0, items, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> s(kChunk * G);
+    std::vector<float> s(kChunk * G), widened(d);
     for (int64_t it = lo; it < hi; ++it) {
       const int64_t bh = owner[it], b = bh / H, h = bh % H;
       const int64_t start = (it - first[bh]) * kChunk, rows = std::min<int64_t>(kChunk, N[bh] - start);
@@ -417,7 +427,7 @@ void attend_impl(const float* Q, const TK* K, const TV* V, const int32_t* I, con
         TORCH_CHECK(t >= 0 && t < cap, "selected index ", t, " outside the cache of ", cap, " rows");
         // Gathered rows defeat the hardware prefetcher: ask for a row a few iterations ahead.
         if (r + kAhead < rows) prefetch_row(kbase + static_cast<int64_t>(rowidx[r + kAhead]) * ks[2], d);
-        const TK* krow = kbase + t * ks[2];
+        const auto* krow = row_f(kbase + t * ks[2], widened.data(), d);
         const float rs = scaling * (kscale ? kscale[t * sc.ks[2]] : 1.f);  // q . (scale k) = scale (q . k)
         for (int64_t g = 0; g < G; ++g) {
           const float* q = qg + g * d;
@@ -445,7 +455,7 @@ void attend_impl(const float* Q, const TK* K, const TV* V, const int32_t* I, con
       // Pass 2: each V row is read once and added to all G accumulators.
       for (int64_t r = 0; r < rows; ++r) {
         if (r + kAhead < rows) prefetch_row(vbase + static_cast<int64_t>(rowidx[r + kAhead]) * vs[2], d);
-        const TV* vrow = vbase + static_cast<int64_t>(rowidx[r]) * vs[2];
+        const auto* vrow = row_f(vbase + static_cast<int64_t>(rowidx[r]) * vs[2], widened.data(), d);
         const float vsc = vscale ? vscale[static_cast<int64_t>(rowidx[r]) * sc.vs[2]] : 1.f;
         for (int64_t g = 0; g < G; ++g) {
           const float p = s[g * kChunk + r] * vsc;
