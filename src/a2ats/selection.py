@@ -40,12 +40,16 @@ def always_kept(valid: torch.Tensor, sinks: int, window: int) -> tuple[torch.Ten
     return always, valid & ~always, length
 
 
+def float_order(scores: torch.Tensor) -> torch.Tensor:
+    """int32 keys whose signed order is the float32 order of ``scores`` (the selection kernels compare these)."""
+    bits = scores.float().contiguous().view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
 def _sort_key(scores: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
     """int64 keys ordered like (score, rank): ties (common: tokens sharing a VQ code share a score)
     go to the more recent token, so a row selects the same set whatever padding precedes it."""
-    bits = scores.float().contiguous().view(torch.int32)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # float order as signed-int order
-    return (ordered.to(torch.int64) << 32) | rank.unsqueeze(1)
+    return (float_order(scores).to(torch.int64) << 32) | rank.unsqueeze(1)
 
 
 def topk_mask(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

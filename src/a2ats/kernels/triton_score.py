@@ -35,7 +35,7 @@ import os
 
 import torch
 
-from ..selection import always_kept
+from ..selection import always_kept, float_order
 
 __all__ = ["triton_available", "triton_score_select"]
 
@@ -175,12 +175,6 @@ def _kernels(interpret: bool):
     return tuple(triton.jit(f) for f in (_hist_kernel, _ties_kernel, _mark_kernel, _compact_kernel))
 
 
-def _order_key(x: torch.Tensor) -> torch.Tensor:
-    """int32 keys ordered like float32 x, as :func:`a2ats.selection._sort_key` orders scores."""
-    bits = x.contiguous().view(torch.int32)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
-
-
 def triton_score_select(
     lut: torch.Tensor,
     codes: torch.Tensor,
@@ -229,7 +223,7 @@ def triton_score_select(
     # Threshold per query head, on the table: entries sorted by key, candidates accumulated; the
     # k-th best candidate sits at the first entry where the running count reaches k.
     if G > 0 and T > 0:
-        keys, order = _order_key(lut).sort(-1, descending=True)  # (B, H, G, T)
+        keys, order = float_order(lut).sort(-1, descending=True)  # (B, H, G, T)
         w = counts.view(B, H, 1, T).expand(B, H, G, T).gather(-1, order)
         run = w.cumsum(-1)  # int64
         kq = keff.view(B, 1, 1, 1).expand(B, H, G, 1).contiguous()
