@@ -84,6 +84,10 @@ def test_config_is_validated():
         harness.EvalConfig(tasks=("nope",), lengths=(100,), methods=("full",), budgets=(0.1,))
     with pytest.raises(ValueError, match="fractions"):
         harness.EvalConfig(tasks=("common_words",), lengths=(100,), methods=("full",), budgets=(3.0,))
+    for bad in ("a2ats-hybrid2", "a2ats-hybrid-0.5", "a2ats-hybridx"):
+        with pytest.raises(ValueError, match="unknown methods"):
+            harness.EvalConfig(tasks=("common_words",), lengths=(100,), methods=(bad,), budgets=(0.1,))
+    assert [harness._hybrid_share(m) for m in ("a2ats-hybrid", "a2ats-hybrid0.25", "a2ats-hybrid.75", "a2ats-hybrid1")] == [0.5, 0.25, 0.75, 1.0]
 
 
 def _row(task, length, method, budget, score, **kw):

@@ -6,7 +6,7 @@ import transformers as T
 
 from a2ats import A2ATS, A2ATSConfig
 from a2ats.eval.attention_metrics import attention_mass
-from a2ats.methods import A2ATSMethod, FullMethod, OracleMethod, PQCacheMethod, QuestMethod, StreamingMethod
+from a2ats.methods import A2ATSMethod, FullMethod, HybridMethod, OracleMethod, PQCacheMethod, QuestMethod, StreamingMethod
 from a2ats.rope import WRoPE, find_rotary_embedding
 from a2ats.selection import DecodeStep
 
@@ -22,10 +22,11 @@ def make(name, model):
         "pqcache": lambda: PQCacheMethod(subspaces=2, bits=4),
         "a2ats": lambda: A2ATSMethod(random_codebooks(model), WRoPE(find_rotary_embedding(model), 2048)),
         "a2ats-banded": lambda: A2ATSMethod(random_codebooks(model), WRoPE(find_rotary_embedding(model), band_ratio=2, first_edge=8)),
+        "a2ats-hybrid": lambda: HybridMethod(random_codebooks(model), find_rotary_embedding(model), 2048, 2.0, 0.5),
     }[name]()
 
 
-METHODS = ["full", "oracle", "streaming", "quest", "pqcache", "a2ats", "a2ats-banded"]
+METHODS = ["full", "oracle", "streaming", "quest", "pqcache", "a2ats", "a2ats-banded", "a2ats-hybrid"]
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -151,3 +152,61 @@ def test_banded_scores_match_a_token_by_token_computation():
     with torch.inference_mode(), A2ATS(model, config=A2ATSConfig(budget=0.2, sinks=2, window=4), method=method):
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert _CheckedBanded.checked >= 2 * model.config.num_hidden_layers
+
+
+class _CheckedHybrid(HybridMethod):
+    """Checks each step's selection against the two scorings run on their own."""
+
+    checked = 0
+
+    def select(self, step, config):
+        from a2ats.selection import always_kept, select, topk_mask
+
+        keep = super().select(step, config)
+        G, Hkv = step.group, step.keys.shape[1]
+        paper = select(self.content.scores(step), step.valid, Hkv, config)
+        banded = select(self.position.scores(step), step.valid, Hkv, config)
+        if self.share == 1.0:
+            assert torch.equal(keep, paper)
+        elif self.share == 0.0:
+            assert torch.equal(keep, banded)
+        else:  # share x K by the paper's score, the rest from the banded top K: nothing else
+            always, cand, length = always_kept(step.valid, config.sinks, config.window)
+            k = config.budget.tokens_for(length)
+            k1 = (k.double() * self.share).floor().long()
+            s1, s2 = self.content.scores(step), self.position.scores(step)
+            B, Hq, n = s1.shape
+            if config.reduction == "max":
+                s1, s2 = s1.view(B, Hkv, G, n).amax(2), s2.view(B, Hkv, G, n).amax(2)
+            first, second = topk_mask(s1, cand, k1), topk_mask(s2, cand, k)
+            if config.reduction != "max":
+                first, second = first.view(B, Hkv, G, n).any(2), second.view(B, Hkv, G, n).any(2)
+            chosen = keep & cand.unsqueeze(1)
+            assert (first <= chosen).all() and (chosen <= (first | second)).all()
+            per = torch.minimum(k, cand.sum(-1)).unsqueeze(1)
+            assert (chosen.sum(-1) >= per).all() and (chosen.sum(-1) <= per * (1 if config.reduction == "max" else G)).all()
+            if config.reduction == "max":
+                assert (chosen.sum(-1) == per).all()
+        _CheckedHybrid.checked += 1
+        return keep
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("reduction", ["union", "max"])
+def test_hybrid_splits_the_budget_between_the_two_scorings(share, reduction):
+    model = tiny_model("llama")
+    rot = find_rotary_embedding(model)
+    method = _CheckedHybrid(random_codebooks(model), rot, 2048, 2.0, share)
+    method.position.wrope.first_edge = 5  # several bands in a short test sequence
+    _CheckedHybrid.checked = 0
+    ids, mask = padded_batch(lengths=(70, 43))
+    cfg = A2ATSConfig(budget=0.2, sinks=2, window=4, reduction=reduction)
+    with torch.inference_mode(), A2ATS(model, config=cfg, method=method):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert _CheckedHybrid.checked >= 2 * model.config.num_hidden_layers
+
+
+def test_hybrid_share_out_of_range_is_refused():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="share"):
+        HybridMethod(random_codebooks(model), find_rotary_embedding(model), share=1.5)

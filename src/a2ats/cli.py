@@ -439,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--preset", choices=["quick", "standard"], default="quick")
     e.add_argument("--tasks", type=_csv(str), help="comma-separated task names (default: the preset's)")
     e.add_argument("--lengths", type=_csv(int), help="comma-separated context lengths in tokens")
-    e.add_argument("--methods", type=_csv(str), help="comma-separated: full,oracle,streaming,quest,pqcache,a2ats,a2ats-euclid,a2ats-postrope,a2ats-banded")
+    e.add_argument("--methods", type=_csv(str), help="comma-separated: full,oracle,streaming,quest,pqcache,a2ats,a2ats-euclid,a2ats-postrope,a2ats-banded,a2ats-hybrid (a2ats-hybrid0.75: 75%% of the budget by the paper's score)")
     e.add_argument("--budgets", type=_csv(float), help="comma-separated fractions, e.g. 0.015,0.03,0.06")
     e.add_argument("--samples", type=int, help="samples per task and length")
     e.add_argument("--centroids", type=int, help="codebook size for the a2ats methods")

@@ -8,6 +8,7 @@ written as JSONL (one row per sample, method and budget) as they come.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from ..codebook import CodebookSettings
 from ..config import A2ATSConfig
 from ..generate import encode_prompt
 from ..hf import A2ATS
-from ..methods import A2ATSMethod, FullMethod, Method, OracleMethod, PQCacheMethod, QuestMethod, StreamingMethod
+from ..methods import A2ATSMethod, FullMethod, HybridMethod, Method, OracleMethod, PQCacheMethod, QuestMethod, StreamingMethod
 from ..corpus import speeches
 from ..rope import WRoPE, find_rotary_embedding
 from . import tasks as T
@@ -29,9 +30,17 @@ from .attention_metrics import attention_mass
 from .perplexity import continuation_perplexity
 from .prefill import greedy_decode, prefill
 
-METHODS = ("full", "oracle", "streaming", "quest", "pqcache", "a2ats", "a2ats-euclid", "a2ats-postrope", "a2ats-banded")
-PAPER_METHODS = METHODS[:-1]  # the evaluation issue's set: the paper's method, its ablations and the baselines
+METHODS = ("full", "oracle", "streaming", "quest", "pqcache", "a2ats", "a2ats-euclid", "a2ats-postrope", "a2ats-banded",
+           "a2ats-hybrid")
+PAPER_METHODS = METHODS[:-2]  # the evaluation issue's set: the paper's method, its ablations and the baselines
 BAND_RATIO = 2.0  # a2ats-banded's ratio of band edges (distances 64-128, 128-256, ...)
+HYBRID_SHARE = 0.5  # a2ats-hybrid: share of the budget chosen by the paper's score; "a2ats-hybrid0.75" sets another
+
+
+def _hybrid_share(name: str) -> float | None:
+    """The share in an ``a2ats-hybrid[SHARE]`` name, or None for any other name."""
+    m = re.fullmatch(r"a2ats-hybrid(0?\.\d+|[01])?", name)
+    return None if m is None else float(m.group(1) or HYBRID_SHARE)
 
 
 @dataclass(frozen=True)
@@ -50,9 +59,9 @@ class EvalConfig:
     ppl_tokens: int = 128  # continuation length for perplexity
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in self.methods if m not in METHODS and _hybrid_share(m) is None]
         if unknown:
-            raise ValueError(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
+            raise ValueError(f"unknown methods {unknown}; known: {', '.join(METHODS)} (a2ats-hybrid0.75: another share)")
         unknown = [t for t in self.tasks if t not in T.TASKS]
         if unknown:
             raise ValueError(f"unknown tasks {unknown}; known: {', '.join(T.TASKS)}")
@@ -96,7 +105,13 @@ def build_methods(names, model, tokenizer, cfg: EvalConfig, log: Callable = prin
         "a2ats-postrope": lambda: codebook_method(post_rope=True, wrope_band_ratio=None),
         "a2ats-banded": lambda: codebook_method(wrope_band_ratio=BAND_RATIO),
     }
-    return {n: makers[n]() for n in names}
+
+    def hybrid(share):  # over the paper's codebook: one code per token serves both scorings
+        settings = CodebookSettings(n_centroids=cfg.centroids, **{**cfg.calibration, "wrope_band_ratio": None})
+        cb = load_or_calibrate(model, tokenizer, settings=settings, log=log)
+        return HybridMethod(cb, rot, settings.wrope_distance, BAND_RATIO, share)
+
+    return {n: hybrid(_hybrid_share(n)) if _hybrid_share(n) is not None else makers[n]() for n in names}
 
 
 def run(model, tokenizer, cfg: EvalConfig, out_dir: Path, progress: bool = True, log: Callable = print) -> list[dict]:
