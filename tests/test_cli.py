@@ -64,6 +64,13 @@ def test_calibrate_then_generate(tiny_checkpoint, tmp_path, capsys):
         assert "attended per step" in capsys.readouterr().err
         assert main([*args, "--path", "reference"]) == 0
         assert "reference path" in capsys.readouterr().err
+    # hybrid WRoPE: the reference path over the same (paper's) codebook; not on the fast path
+    assert main([*args, "--hybrid", "0.5"]) == 0
+    assert "reference path" in capsys.readouterr().err
+    assert main([*args, "--hybrid", "0.5", "--path", "fast"]) == 2
+    assert "--hybrid runs on the reference path" in capsys.readouterr().err
+    assert main([*args, "--hybrid", "1.5"]) == 2
+    assert "share" in capsys.readouterr().err
     # the chat template can be turned off; a token-count budget is reported as such
     assert main([*args[:-len(small)], "--no-chat-template", "--budget", "20", *small]) == 0
     assert "budget 20 tokens" in capsys.readouterr().err

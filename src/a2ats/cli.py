@@ -78,6 +78,12 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     _add_codebook_args(p)
 
 
+def _add_hybrid_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hybrid", type=float, default=None, metavar="SHARE",
+                   help="hybrid WRoPE (not in the paper; reference path): SHARE of each head's budget by the paper's "
+                        "score, the rest by banded WRoPE (ratio 2), over the paper's codebook (see docs/retrieval)")
+
+
 def _load(a):
     from .assets import load_model
 
@@ -104,6 +110,14 @@ def _a2ats(a, model, tok):
     """The A²ATS wrapper from parsed arguments (codebooks calibrated on first use)."""
     from .hf import A2ATS
 
+    if getattr(a, "hybrid", None) is not None:
+        from .methods import HybridMethod
+        from .rope import find_rotary_embedding
+
+        if a.path == "fast" or a.wrope_bands is not None:
+            raise ValueError("--hybrid runs on the reference path over the paper's codebook: drop --path fast and --wrope-bands")
+        method = HybridMethod(_codebooks(a, model, tok), find_rotary_embedding(model), a.wrope_distance, 2.0, a.hybrid)
+        return A2ATS(model, config=_config(a), method=method, path="reference")
     return A2ATS(model, _codebooks(a, model, tok), _config(a), path="reference" if a.path == "reference" else "auto")
 
 
@@ -115,6 +129,7 @@ def _run(a, model, tok, ids):
     from .generate import generate, generate_lean
 
     fast = a.path == "fast" or (a.path == "auto" and a.device == "cpu" and kernels.cpu_backend() is not None)
+    fast = fast and getattr(a, "hybrid", None) is None  # the hybrid has no fast path yet
     if fast and type(model).__name__ in SUPPORTED:
         bf16 = a.decode_weights == "bf16" and model.dtype == torch.float32
         engine = Engine(model, _codebooks(a, model, tok), _config(a), path="fast",
@@ -401,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="answer a prompt (file or stdin), streaming tokens, with A²ATS decoding")
     _add_model_args(g)
     _add_decode_args(g)
+    _add_hybrid_arg(g)
     g.add_argument("--prompt-file", help="file holding the prompt (default: read stdin)")
     g.add_argument("--no-chat-template", action="store_true", help="feed the prompt as is, without the chat template")
     g.set_defaults(fn=cmd_generate)
@@ -424,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="a needle-in-a-haystack question over essays, answered with A²ATS")
     _add_model_args(d)
     _add_decode_args(d)
+    _add_hybrid_arg(d)
     d.add_argument("--context", type=int, default=4000, help="haystack length in tokens")
     d.add_argument("--depth", type=float, default=0.5, help="where the needle sits (0 = start, 1 = end)")
     d.set_defaults(fn=cmd_demo, max_new_tokens=32)
