@@ -111,7 +111,11 @@ def build_methods(names, model, tokenizer, cfg: EvalConfig, log: Callable = prin
         cb = load_or_calibrate(model, tokenizer, settings=settings, log=log)
         return HybridMethod(cb, rot, settings.wrope_distance, BAND_RATIO, share)
 
-    return {n: hybrid(_hybrid_share(n)) if _hybrid_share(n) is not None else makers[n]() for n in names}
+    def make(name):
+        share = _hybrid_share(name)
+        return makers[name]() if share is None else hybrid(share)
+
+    return {n: make(n) for n in names}
 
 
 def run(model, tokenizer, cfg: EvalConfig, out_dir: Path, progress: bool = True, log: Callable = print) -> list[dict]:

@@ -28,6 +28,7 @@ class HybridMethod(Method):
         self.share = share
         self.content = A2ATSMethod(codebooks, WRoPE(rotary, distance))
         self.position = A2ATSMethod(codebooks, WRoPE(rotary, distance, band_ratio))
+        self.position._tiles = self.content._tiles  # same codebooks: one centroid layout for both tables
         self.name = f"a2ats-hybrid{share:g}"
 
     def on_append(self, layer, store, k_pre, k_post, kv_heads):
@@ -39,17 +40,16 @@ class HybridMethod(Method):
         k_first = torch.floor(k.to(torch.float64) * self.share).to(torch.long)
         first = self.content.scores(step)
         second = self.position.scores(step)
+        B, Hq, n = first.shape
+        Hkv, G = step.keys.shape[1], step.group
         if config.reduction == "max":
-            B, Hq, n = first.shape
-            Hkv = step.keys.shape[1]
-            first = first.view(B, Hkv, Hq // Hkv, n).amax(2)
-            second = second.view(B, Hkv, Hq // Hkv, n).amax(2)
+            first = first.view(B, Hkv, G, n).amax(2)
+            second = second.view(B, Hkv, G, n).amax(2)
         chosen = topk_mask(first, candidates, k_first)
         # already chosen tokens sink to the bottom of the second ranking; if a row has fewer other
         # candidates than it may still take, re-picking them changes nothing
         second = second.float().masked_fill(chosen, float("-inf"))
         chosen |= topk_mask(second, candidates, k - k_first)
         if config.reduction != "max":
-            B, Hq, n = chosen.shape
-            chosen = chosen.view(B, step.keys.shape[1], Hq // step.keys.shape[1], n).any(2)
+            chosen = chosen.view(B, Hkv, G, n).any(2)
         return chosen | always.unsqueeze(1)
