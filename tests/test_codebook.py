@@ -93,10 +93,16 @@ def test_banded_calibration_pools_every_band():
     for layer in range(len(banded.h)):
         torch.testing.assert_close(banded.h[layer], singles[0].h[layer] + singles[1].h[layer], rtol=1e-4, atol=1e-4)
         assert torch.equal(banded.keys[layer], singles[0].keys[layer])
-    with pytest.raises(ValueError, match="band ratio 4.0.*None"):
+    with pytest.raises(ValueError, match=r"band ratio\(s\) \[4.0\].*for None"):
         fit(banded, CodebookSettings(n_centroids=8))
+    # one pass can serve several band ratios: the same keys, H per ratio
+    both = record(model, seqs, progress=False, band_ratio=4.0, more_band_ratios=(None,))
+    paper = record(model, seqs, progress=False)
+    for layer in range(len(banded.h)):
+        torch.testing.assert_close(both.h_for(4.0)[layer], banded.h[layer])
+        torch.testing.assert_close(both.h_for(None)[layer], paper.h[layer])
     cb = fit(banded, CodebookSettings(n_centroids=8, wrope_band_ratio=4.0, max_iter=2), progress=False)
-    assert cb.settings.tag == "c8-bands4-qa"
+    assert cb.settings.tag == "c8-bands4-qa-s16k"
 
 
 def test_corrupt_and_truncated_files_are_refused(tmp_path):
@@ -136,12 +142,15 @@ def test_settings_are_validated():
 def test_rotated_h_equals_h_of_rotated_queries(family, band_ratio):
     """Calibration rotates H once; that must equal H accumulated over the WRoPE-rotated queries themselves."""
     from a2ats.calibrate import _Recorder
+    from a2ats.rope import WRoPE, find_rotary_embedding
 
     model = tiny_model(family)
-    rec = _Recorder(model, 2048, band_ratio=band_ratio)
+    rec = _Recorder(model, 2048)
     d = model.config.hidden_size // model.config.num_attention_heads
     q = torch.randn(500, d, generator=torch.Generator().manual_seed(0))
     rec.h = [(q.T @ q).double()]
-    rotated = rec.wrope.queries(q, rec.bands).reshape(-1, d).double()
-    torch.testing.assert_close(rec.wrope_h()[0], rotated.T @ rotated, rtol=1e-4, atol=1e-3)  # fp32 rotation of q
-    assert rec.bands == (1 if band_ratio is None else 2)
+    wrope = WRoPE(find_rotary_embedding(model), 2048, band_ratio)
+    bands = wrope.bands_for(model.config.max_position_embeddings)
+    rotated = wrope.queries(q, bands).reshape(-1, d).double()
+    torch.testing.assert_close(rec.wrope_h(band_ratio)[0], rotated.T @ rotated, rtol=1e-4, atol=1e-3)  # fp32 rotation of q
+    assert bands == (1 if band_ratio is None else 2)

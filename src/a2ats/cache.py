@@ -99,6 +99,16 @@ class A2ATSLayer(CacheLayerMixin):
     def has_extra(self, name: str) -> bool:
         return name in self._extras
 
+    def snapshot_metadata(self) -> tuple[dict, dict]:
+        """Copies of the per-token extras and per-sequence state (what a method built from the keys so far)."""
+        return {k: v.clone() for k, v in self._extras.items()}, {k: v.clone() for k, v in self.state.items()}
+
+    def restore_metadata(self, snapshot: tuple[dict, dict]) -> None:
+        """Extras and state from :meth:`snapshot_metadata` of a layer holding the same keys."""
+        extras, state = snapshot
+        self._extras = {k: v.clone() for k, v in extras.items()}
+        self.state = {k: v.clone() for k, v in state.items()}
+
     # -- transformers Cache protocol -----------------------------------------------------------------------
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -116,6 +126,12 @@ class A2ATSLayer(CacheLayerMixin):
         self._k, self._v = fn(self._k), fn(self._v)
         self._extras = {k: fn(v) for k, v in self._extras.items()}
         self.state = {k: fn(v) for k, v in self.state.items()}
+
+    def cast(self, dtype: torch.dtype) -> None:
+        """K and V in ``dtype`` (e.g. after a prefill under autocast left V in bf16); extras keep theirs."""
+        if self._k is not None:
+            self._k, self._v = self._k.to(dtype), self._v.to(dtype)
+            self.dtype = dtype
 
     def reset(self) -> None:
         self.length = 0

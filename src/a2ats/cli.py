@@ -15,6 +15,15 @@ THROUGHPUT_LENGTHS = (8192, 32768)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _default_settings():
+    from .codebook import CodebookSettings
+
+    return CodebookSettings()
+
+
+_DEFAULT_SETTINGS = _default_settings()
+
+
 def _budget(text: str):
     from .config import Budget
 
@@ -29,7 +38,8 @@ def _log(msg: str) -> None:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="local Hugging Face checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", help="a named model (smollm2-135m, the default; qwen2.5-coder-0.5b, 32K context) or a local "
+                                   "Hugging Face checkpoint folder")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32: fastest on CPUs here)")
     p.add_argument("--device", default="cpu")
 
@@ -43,6 +53,14 @@ def _add_codebook_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--uuid-tokens", type=int, default=16384, help="calibration UUID-string tokens (paper: ~16K)")
     p.add_argument("--max-iter", type=int, default=10, help="Lloyd iterations at most (paper: 300; see README)")
     p.add_argument("--euclidean", action="store_true", help="plain k-means on pre-RoPE keys (ablation), not query-aware")
+    p.add_argument("--calib-seq-len", type=int, default=None,
+                   help=f"calibration sequence length in tokens (default {_DEFAULT_SETTINGS.seq_len}; capped at the model's context)")
+    p.add_argument("--no-sink-prefix", action="store_true",
+                   help="calibration sequences without the token real prompts start with (the first recipe: "
+                        "--calib-seq-len 2048 --no-sink-prefix)")
+    p.add_argument("--forward-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="compute dtype of the calibration forward (autocast); auto: bfloat16 on CPUs with native bf16 "
+                        "(AVX-512 BF16, AMX), where it is ~2x faster, else the model's")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -58,6 +76,8 @@ def _settings(a):
         uuid_tokens=a.uuid_tokens,
         max_iter=a.max_iter,
         seed=a.seed,
+        seq_len=a.calib_seq_len or _DEFAULT_SETTINGS.seq_len,
+        sink_prefix=_DEFAULT_SETTINGS.sink_prefix and not a.no_sink_prefix,
     )
 
 
@@ -89,7 +109,7 @@ def _load(a):
 
     t = time.perf_counter()
     model, tok = load_model(a.model, DTYPES[a.dtype], a.device, log=_log)
-    _log(f"loaded {a.model or 'the default model (SmolLM2-135M-Instruct)'} in {time.perf_counter() - t:.1f} s")
+    _log(f"loaded {a.model or 'the default model (smollm2-135m)'} in {time.perf_counter() - t:.1f} s")
     return model, tok
 
 
@@ -103,7 +123,16 @@ def _config(a):
 def _codebooks(a, model, tok):
     from .calibrate import load_or_calibrate
 
-    return load_or_calibrate(model, tok, a.codebooks, _settings(a), log=_log)
+    return load_or_calibrate(model, tok, a.codebooks, _settings(a), log=_log, compute_dtype=_forward_dtype(a))
+
+
+def _forward_dtype(a):
+    """The calibration forward's autocast dtype; ``auto`` only lowers an fp32 model on the CPU."""
+    from .precision import parse_dtype
+
+    if a.forward_dtype == "auto" and (a.device != "cpu" or a.dtype != "float32"):
+        return None
+    return parse_dtype(a.forward_dtype)
 
 
 def _a2ats(a, model, tok):
@@ -262,7 +291,7 @@ def cmd_calibrate(a) -> int:
     elif not out.endswith(".safetensors"):
         out = f"{out.rstrip('/')}/{settings.tag}.safetensors"
     t = time.perf_counter()
-    cb = calibrate(model, tok, settings)
+    cb = calibrate(model, tok, settings, compute_dtype=_forward_dtype(a))
     path = cb.save(out)
     _log(f"wrote {path} in {time.perf_counter() - t:.1f} s: {cb.info}")
     return 0
@@ -277,11 +306,18 @@ def cmd_eval(a) -> int:
 
     from .eval import harness, report
 
+    from .assets import EVAL_MODEL
+
     preset = dict(harness.PRESETS[a.preset])
-    for k in ("tasks", "lengths", "methods", "budgets", "samples", "centroids"):
+    for k in ("tasks", "lengths", "needle_lengths", "methods", "budgets", "samples", "centroids", "prefill_dtype"):
         if getattr(a, k) is not None:
             preset[k] = getattr(a, k)
-    cfg = harness.EvalConfig(**preset)
+    if a.samples is not None:  # one count for every task, as asked
+        preset["task_samples"] = {}
+    preset["method_budgets"] = {m: b for m, b in preset.get("method_budgets", {}).items() if m in preset["methods"]}
+    if a.model is None and a.preset == "long":
+        a.model = EVAL_MODEL  # the long-context preset is meant for the model that uses long context
+    cfg = harness.EvalConfig(**preset, model=a.model or "")
     model, tok = _load(a)
     out = Path(a.out)
     rows = harness.run(model, tok, cfg, out, log=_log)
@@ -347,11 +383,20 @@ def cmd_bench(a) -> int:
     from .bench.decode import bench_decode, rows_to_json
     from .bench.report import decode_plot, decode_table
 
+    gguf = None
+    if "llama.cpp" in a.variants:  # llama.cpp runs the named model's own GGUF (verified)
+        from .assets import DEFAULT_MODEL, MODELS, gguf_path, named_model
+
+        if a.model is not None and a.model not in MODELS:
+            raise ValueError("the llama.cpp variant runs a named model's GGUF: give --model "
+                             f"{' or '.join(MODELS)}, or leave llama.cpp out of --variants")
+        gguf = str(gguf_path(named_model(a.model or DEFAULT_MODEL), log=_log))
     model, tok = _load(a)
     rows, prefill = bench_decode(model, tok, _codebooks(a, model, tok), _config(a), lengths=a.lengths or DECODE_LENGTHS,
-                                 variants=a.variants, steps=a.steps, log=_log)
+                                 variants=a.variants, steps=a.steps, gguf=gguf, log=_log)
     rows = rows_to_json(rows)
-    res = {"machine": _machine(), "dtype": a.dtype, "budget": str(a.budget), "wrope_bands": a.wrope_bands,
+    res = {"machine": _machine(), "model": a.model or "smollm2-135m", "dtype": a.dtype, "budget": str(a.budget),
+           "wrope_bands": a.wrope_bands,
            "command": "a2ats " + " ".join(sys.argv[1:]), "prefill": prefill, "rows": rows}
     if a.out:
         out = Path(a.out)
@@ -389,7 +434,7 @@ def _bench_throughput(a) -> int:
     served = bench_served(model, tok, cb, cfg, slots=max(a.batches), requests=a.requests, prompt_tokens=a.prompt_tokens,
                           new_tokens=a.max_new_tokens, decode_weights=a.decode_weights, log=_log) if a.requests else []
     res = {"machine": _machine(), "dtype": a.dtype, "budget": str(a.budget), "decode_weights": a.decode_weights,
-           "model": f"{a.shape}, random weights" if a.random_weights else (a.model or "SmolLM2-135M-Instruct"),
+           "model": f"{a.shape}, random weights" if a.random_weights else (a.model or "smollm2-135m"),
            "accelerator": str(model.device) + (" (the CPU stands in for the accelerator: no PCIe, shared cores)"
                                                if model.device.type == "cpu" else ""),
            "command": "a2ats " + " ".join(sys.argv[1:]), "rows": rows, "served": served}
@@ -453,14 +498,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="accuracy suite: RULER-style tasks, every method at equal budgets, shared prefill")
     _add_model_args(e)
-    e.add_argument("--preset", choices=["quick", "standard"], default="quick")
+    e.add_argument("--preset", choices=["quick", "standard", "long"], default="quick",
+                   help="long: Qwen2.5-Coder-0.5B (unless --model), every task at 4K/8K/16K and the needles at 32K")
     e.add_argument("--tasks", type=_csv(str), help="comma-separated task names (default: the preset's)")
     e.add_argument("--lengths", type=_csv(int), help="comma-separated context lengths in tokens")
-    e.add_argument("--methods", type=_csv(str), help="comma-separated: full,oracle,streaming,quest,pqcache,a2ats,a2ats-euclid,a2ats-postrope,a2ats-banded,a2ats-hybrid (a2ats-hybrid0.75: 75%% of the budget by the paper's score)")
+    e.add_argument("--needle-lengths", type=_csv(int), help="comma-separated lengths at which only the needle tasks run")
+    e.add_argument("--prefill-dtype", choices=["float32", "bfloat16"], default=None,
+                   help="compute dtype of the shared prefills (autocast; decode stays in --dtype)")
+    e.add_argument("--methods", type=_csv(str), help="comma-separated: full,oracle,streaming,quest,pqcache,a2ats,a2ats-euclid,a2ats-postrope,a2ats-banded,a2ats-hybrid (a2ats-hybrid0.75: 75%% of the budget by the paper's score; a +max suffix: K per KV head)")
     e.add_argument("--budgets", type=_csv(float), help="comma-separated fractions, e.g. 0.015,0.03,0.06")
     e.add_argument("--samples", type=int, help="samples per task and length")
     e.add_argument("--centroids", type=int, help="codebook size for the a2ats methods")
-    e.add_argument("--out", default="eval-out", help="output folder")
+    e.add_argument("--out", default="eval-out", help="output folder (a run started again on it resumes: rows there are kept)")
     e.set_defaults(fn=cmd_eval)
 
     r = sub.add_parser("report", help="tables and plots from one or more eval results.jsonl files (e.g. runs of other methods on the same prompts)")

@@ -36,12 +36,31 @@ def random_uuids(count: int, seed: int) -> list[str]:
     return [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(count)]
 
 
-def _chunks(ids: list[int], seq_len: int) -> list[torch.Tensor]:
-    return [torch.tensor(ids[s : s + seq_len]) for s in range(0, len(ids), seq_len) if len(ids[s : s + seq_len]) >= 16]
+def prompt_start(tokenizer) -> list[int]:
+    """The token(s) every prompt of this tokenizer starts with (the attention sink of real inputs): its BOS when
+    encoding adds one, else the first token of its chat template, else none."""
+    probe = tokenizer.encode("a", add_special_tokens=True)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and probe and probe[0] == bos:
+        return [bos]
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": "a"}], add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        return [int(ids[0])] if len(ids) else []
+    return []
 
 
-def calibration_sequences(tokenizer, text_tokens: int, uuid_tokens: int, seq_len: int, seed: int = 0) -> list[torch.Tensor]:
-    """Token sequences (each <= seq_len) of ~text_tokens of prose and ~uuid_tokens of ", "-joined UUIDs."""
+def _chunks(ids: list[int], seq_len: int, prefix: list[int]) -> list[torch.Tensor]:
+    body = seq_len - len(prefix)
+    return [torch.tensor(prefix + ids[s : s + body]) for s in range(0, len(ids), body) if len(ids[s : s + body]) >= 16]
+
+
+def calibration_sequences(
+    tokenizer, text_tokens: int, uuid_tokens: int, seq_len: int, seed: int = 0, prefix: list[int] | None = None
+) -> list[torch.Tensor]:
+    """Token sequences (each <= seq_len, each starting with ``prefix``) of ~text_tokens of prose and ~uuid_tokens
+    of ", "-joined UUIDs."""
+    prefix = list(prefix or [])
     rng = random.Random(seed)
     docs = list(essays()) + list(speeches()[-60:])  # modern addresses read like today's web text
     rng.shuffle(docs)
@@ -57,7 +76,7 @@ def calibration_sequences(tokenizer, text_tokens: int, uuid_tokens: int, seq_len
         uuids += tokenizer.encode(", ".join(random_uuids(256, seed * 1000 + batch)) + ", ", add_special_tokens=False)
         batch += 1
     uuids = uuids[:uuid_tokens]
-    return _chunks(text, seq_len) + _chunks(uuids, seq_len)
+    return _chunks(text, seq_len, prefix) + _chunks(uuids, seq_len, prefix)
 
 
 def haystack_text(tokenizer, n_tokens: int, source: str = "essays", skip: int = 0) -> str:

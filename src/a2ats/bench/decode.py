@@ -130,9 +130,10 @@ def _row(variant, length, times, timer=None, attended=0.0) -> DecodeRow:
 
 def bench_decode(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=(2048, 8192, 16384, 32768),
                  variants=DEFAULT_VARIANTS, steps: int = 8, warmup: int = 2, base: int = 4096, text_ids=None,
-                 log=print) -> tuple[list[DecodeRow], dict]:
+                 gguf: str | None = None, log=print) -> tuple[list[DecodeRow], dict]:
     """One row per (variant, length), and prefill facts (the cost of encoding keys at prefill).
-    ``text_ids``: the real prompt to prefill (default: a State of the Union speech)."""
+    ``text_ids``: the real prompt to prefill (default: a State of the Union speech); ``gguf``: the file llama.cpp
+    runs (default: the default model's)."""
     if text_ids is None:
         from ..corpus import speeches
 
@@ -189,7 +190,7 @@ def bench_decode(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=
             elif variant == "llama.cpp":
                 from .llamacpp import bench_llamacpp
 
-                (_, times), = bench_llamacpp(text_ids, [length], steps, warmup, log=log)
+                (_, times), = bench_llamacpp(text_ids, [length], steps, warmup, gguf=gguf, log=log)
                 row = _row(variant, length, times)
             elif variant == "dense-hf":
                 cache = _hf_cache(k, v, None, length, a2ats=False)

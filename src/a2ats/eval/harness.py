@@ -2,11 +2,17 @@
 
 Each sample is prefilled once, densely; every method and budget decodes from a fork of that
 prefill (:mod:`a2ats.eval.prefill`), so a full sweep costs one prefill per sample. Results are
-written as JSONL (one row per sample, method and budget) as they come.
+written as JSONL (one row per sample, method and budget) as they come, and a run started again on
+the same folder skips every row already there (a sweep of hours survives an interruption).
+
+Method names: ``full``, ``oracle``, ``streaming``, ``quest``, ``pqcache``, ``a2ats`` (the paper),
+``a2ats-euclid``, ``a2ats-postrope``, ``a2ats-banded``, ``a2ats-hybrid[SHARE]``; a ``+max`` suffix runs a
+method with the ``max`` GQA reduction (K per KV head) instead of the union.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -17,30 +23,43 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..calibrate import load_or_calibrate
+from ..calibrate import calibrate_missing, load_or_calibrate
 from ..codebook import CodebookSettings
 from ..config import A2ATSConfig
+from ..corpus import prompt_start, speeches
 from ..generate import encode_prompt
-from ..hf import A2ATS
+from ..hf import A2ATS, check_context
 from ..methods import A2ATSMethod, FullMethod, HybridMethod, Method, OracleMethod, PQCacheMethod, QuestMethod, StreamingMethod
-from ..corpus import speeches
+from ..precision import bf16_exact, bf16_weight_reads, parse_dtype
 from ..rope import WRoPE, find_rotary_embedding
 from . import tasks as T
-from .attention_metrics import attention_mass
-from .perplexity import continuation_perplexity
+from .cost import step_bytes
 from .prefill import greedy_decode, prefill
+from .text_metrics import continuation_metrics
 
 METHODS = ("full", "oracle", "streaming", "quest", "pqcache", "a2ats", "a2ats-euclid", "a2ats-postrope", "a2ats-banded",
            "a2ats-hybrid")
 PAPER_METHODS = METHODS[:-2]  # the evaluation issue's set: the paper's method, its ablations and the baselines
+NEEDLE_TASKS = tuple(t for t in T.TASKS if t.startswith("niah_"))
 BAND_RATIO = 2.0  # a2ats-banded's ratio of band edges (distances 64-128, 128-256, ...)
 HYBRID_SHARE = 0.5  # a2ats-hybrid: share of the budget chosen by the paper's score; "a2ats-hybrid0.75" sets another
+REDUCTIONS = ("union", "max")
 
 
 def _hybrid_share(name: str) -> float | None:
     """The share in an ``a2ats-hybrid[SHARE]`` name, or None for any other name."""
     m = re.fullmatch(r"a2ats-hybrid(0?\.\d+|[01])?", name)
     return None if m is None else float(m.group(1) or HYBRID_SHARE)
+
+
+def parse_method(name: str) -> tuple[str, str]:
+    """(method, GQA reduction) of a name such as ``a2ats`` or ``a2ats+max``; ValueError for unknown names."""
+    base, plus, reduction = name.partition("+")
+    reduction = reduction if plus else "union"
+    if (base not in METHODS and _hybrid_share(base) is None) or reduction not in REDUCTIONS:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)} (a2ats-hybrid0.75: another share; "
+                         "a '+max' suffix: the max GQA reduction)")
+    return base, reduction
 
 
 @dataclass(frozen=True)
@@ -57,19 +76,54 @@ class EvalConfig:
     perplexity: bool = False  # perplexity of a continuation decoded under each method
     decode_last: int = 32  # positions the attention metrics are taken at
     ppl_tokens: int = 128  # continuation length for perplexity
+    needle_lengths: tuple[int, ...] = ()  # lengths at which only the needle (niah_*) tasks run
+    task_samples: dict = field(default_factory=dict)  # task -> samples, overriding ``samples``
+    method_budgets: dict = field(default_factory=dict)  # method -> budgets, overriding ``budgets`` (e.g. equal bytes)
+    text_lengths: tuple[int, ...] | None = None  # lengths of the text metrics (default: ``lengths``)
+    prefill_dtype: str | None = None  # e.g. "bfloat16": prefills under autocast (decode stays in the model's dtype)
+    early_stop: bool = True  # stop decoding once every expected answer is in the output (the score cannot change)
+    bf16_weight_reads: bool = False  # decode steps read bf16 copies of fp32 weights that are bf16 values (same numbers)
+    model: str = ""  # informative: the model the run used
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS and _hybrid_share(m) is None]
-        if unknown:
-            raise ValueError(f"unknown methods {unknown}; known: {', '.join(METHODS)} (a2ats-hybrid0.75: another share)")
-        unknown = [t for t in self.tasks if t not in T.TASKS]
+        bad = []
+        for m in self.methods:
+            try:
+                parse_method(m)
+            except ValueError:
+                bad.append(m)
+        if bad:
+            raise ValueError(f"unknown methods {bad}; known: {', '.join(METHODS)} (a2ats-hybrid0.75: another share; "
+                             "'+max': the max GQA reduction)")
+        unknown = [t for t in (*self.tasks, *self.task_samples) if t not in T.TASKS]
         if unknown:
             raise ValueError(f"unknown tasks {unknown}; known: {', '.join(T.TASKS)}")
-        if any(not 0 < b <= 1 for b in self.budgets):
-            raise ValueError(f"budgets are fractions in (0, 1], got {self.budgets}")
-        if self.samples < 1 or not self.lengths:
-            raise ValueError("need at least one sample and one length")
+        if any(not 0 < b <= 1 for b in (*self.budgets, *(b for bs in self.method_budgets.values() for b in bs))):
+            raise ValueError(f"budgets are fractions in (0, 1], got {self.budgets} {self.method_budgets or ''}")
+        if set(self.method_budgets) - set(self.methods):
+            raise ValueError(f"method_budgets names methods not in the run: {sorted(set(self.method_budgets) - set(self.methods))}")
+        if self.samples < 1 or not (self.lengths or self.needle_lengths) or any(v < 0 for v in self.task_samples.values()):
+            raise ValueError("need at least one sample and one length (task_samples may be 0 to skip a task)")
+        parse_dtype(self.prefill_dtype)
 
+    def samples_for(self, task: str) -> int:
+        return self.task_samples.get(task, self.samples)
+
+    def jobs(self) -> list[tuple[str, int, int]]:
+        """(task, length, sample index), sample index outermost: a run stopped early has every cell alike."""
+        cells = [(t, n) for n in self.lengths for t in self.tasks]
+        cells += [(t, n) for n in self.needle_lengths for t in self.tasks if t in NEEDLE_TASKS]
+        return [(t, n, i) for i in range(max([self.samples, *self.task_samples.values()])) for t, n in cells
+                if i < self.samples_for(t)]
+
+    def runs(self) -> list[tuple[str, float]]:
+        """(method name, budget) pairs each sample is decoded with."""
+        return [(m, b) for m in self.methods for b in ((1.0,) if m == "full" else self.method_budgets.get(m, self.budgets))]
+
+
+# Fields whose change makes old rows incomparable with new ones (the others only add rows).
+_RESULT_FIELDS = ("seed", "centroids", "calibration", "decode_last", "ppl_tokens", "prefill_dtype", "model",
+                  "bf16_weight_reads")
 
 PRESETS = {
     # small enough for CI on 2 cores: two short tasks, one length, few methods
@@ -77,116 +131,198 @@ PRESETS = {
                   methods=("full", "oracle", "streaming", "quest", "a2ats"), samples=1, centroids=256,
                   calibration={"text_tokens": 8192, "uuid_tokens": 2048, "max_iter": 5}, attention=True,
                   perplexity=True, decode_last=8, ppl_tokens=32),
-    # the committed table: every task and method at 2K, 4K and 8K, budgets of about 1.5%, 3% and 6%;
-    # one sample per task and length (27 prompts, ~2 h on 2 CPU cores): raise --samples for finer scores
+    # the first committed table (SmolLM2-135M): every task and method at 2K, 4K and 8K, budgets of about 1.5%,
+    # 3% and 6%; one sample per task and length (27 prompts, ~2 h on 2 CPU cores): raise --samples for finer scores
     "standard": dict(tasks=tuple(T.TASKS), lengths=(2048, 4096, 8000), budgets=(0.015, 0.03, 0.06),
                      methods=PAPER_METHODS, samples=1, attention=True, perplexity=True),
+    # long context on a model that uses it (Qwen2.5-Coder-0.5B, 32K): every task at 4K, 8K and 16K, the needle
+    # tasks at 32K too; every method, and the max GQA reduction at the paper's budget and at the union's bytes
+    # (rho = 3% with GQA 7 reads ~10% of each KV head's rows); prefills in bf16, decode in fp32 (weights read as
+    # the bf16 values they are); docs/eval/qwen has the time plan
+    "long": dict(tasks=tuple(T.TASKS), lengths=(4096, 8192, 16384), needle_lengths=(32000,),
+                 budgets=(0.015, 0.03, 0.06), methods=(*METHODS, "a2ats+max", "a2ats-banded+max"),
+                 method_budgets={"a2ats+max": (0.03, 0.1), "a2ats-banded+max": (0.1,)}, samples=4,
+                 task_samples={"variable_tracking": 2, "common_words": 2, "frequent_words": 2},
+                 attention=True, perplexity=True, text_lengths=(4096, 16384, 32768), decode_last=32, ppl_tokens=64,
+                 prefill_dtype="bfloat16", bf16_weight_reads=True),
 }
 
 
+# Methods over a codebook: the settings each one's codebook differs by. The paper's method and its ablations keep
+# one fixed WRoPE distance whatever the library's default; the hybrid scores over the paper's codebook.
+CODEBOOK_VARIANTS = {
+    "a2ats": {"wrope_band_ratio": None},
+    "a2ats-euclid": {"query_aware": False, "wrope_band_ratio": None},
+    "a2ats-postrope": {"post_rope": True, "wrope_band_ratio": None},
+    "a2ats-banded": {"wrope_band_ratio": BAND_RATIO},
+}
+
+
+def _codebook_variant(base: str) -> dict | None:
+    return CODEBOOK_VARIANTS["a2ats"] if _hybrid_share(base) is not None else CODEBOOK_VARIANTS.get(base)
+
+
 def build_methods(names, model, tokenizer, cfg: EvalConfig, log: Callable = print) -> dict[str, Method]:
-    """One instance per method name; codebooks are loaded from the cache or calibrated once."""
+    """One instance per method (the ``+max`` variants share their base's). Every codebook the run needs is
+    calibrated up front, forward passes shared where codebooks can share one, and cached."""
     rot = find_rotary_embedding(model)
+    dtype = parse_dtype(cfg.prefill_dtype)  # calibration forwards run like the prefills
+    bases = list(dict.fromkeys(parse_method(n)[0] for n in names))
 
-    def codebook_method(**kw):
-        settings = CodebookSettings(n_centroids=cfg.centroids, **{**cfg.calibration, **kw})
-        cb = load_or_calibrate(model, tokenizer, settings=settings, log=log)
-        return A2ATSMethod(cb, WRoPE(rot, settings.wrope_distance, settings.wrope_band_ratio))
+    def settings(base):
+        return CodebookSettings(n_centroids=cfg.centroids, **{**cfg.calibration, **_codebook_variant(base)})
 
-    makers = {
-        "full": FullMethod,
-        "oracle": OracleMethod,
-        "streaming": StreamingMethod,
-        "quest": QuestMethod,
-        "pqcache": PQCacheMethod,
-        # the paper's method and its ablations: one fixed WRoPE distance, whatever the library's default
-        "a2ats": lambda: codebook_method(wrope_band_ratio=None),
-        "a2ats-euclid": lambda: codebook_method(query_aware=False, wrope_band_ratio=None),
-        "a2ats-postrope": lambda: codebook_method(post_rope=True, wrope_band_ratio=None),
-        "a2ats-banded": lambda: codebook_method(wrope_band_ratio=BAND_RATIO),
-    }
+    calibrate_missing(model, tokenizer, [settings(b) for b in bases if _codebook_variant(b) is not None], dtype, log)
+    simple = {"full": FullMethod, "oracle": OracleMethod, "streaming": StreamingMethod, "quest": QuestMethod,
+              "pqcache": PQCacheMethod}
+    built: dict[str, Method] = {}
+    for base in bases:
+        if base in simple:
+            built[base] = simple[base]()
+            continue
+        s = settings(base)
+        cb = load_or_calibrate(model, tokenizer, settings=s, log=log, compute_dtype=dtype)
+        share = _hybrid_share(base)
+        built[base] = (A2ATSMethod(cb, WRoPE(rot, s.wrope_distance, s.wrope_band_ratio)) if share is None
+                       else HybridMethod(cb, rot, s.wrope_distance, BAND_RATIO, share))
+    return {name: built[parse_method(name)[0]] for name in names}
 
-    def hybrid(share):  # over the paper's codebook: one code per token serves both scorings
-        settings = CodebookSettings(n_centroids=cfg.centroids, **{**cfg.calibration, "wrope_band_ratio": None})
-        cb = load_or_calibrate(model, tokenizer, settings=settings, log=log)
-        return HybridMethod(cb, rot, settings.wrope_distance, BAND_RATIO, share)
 
-    def make(name):
-        share = _hybrid_share(name)
-        return makers[name]() if share is None else hybrid(share)
+def _head_dim(model) -> int:
+    cfg = model.config
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
-    return {n: make(n) for n in names}
+
+def _bytes(name: str, context: int, attended: float, head_dim: int) -> float:
+    """Bytes one decode step reads per sequence and KV head (scoring + attended K/V; a shared codebook apart)."""
+    b = step_bytes(parse_method(name)[0], context, attended, head_dim)
+    return b.scoring + b.attended
+
+
+def _row_key(r: dict) -> tuple:
+    return r["task"], r["length"], r.get("seed"), r["method"], r["budget"]
+
+
+def _load_done(out_dir: Path, cfg: EvalConfig, log: Callable) -> list[dict]:
+    """Rows of an earlier run in ``out_dir`` that this config would produce again (resume), or []."""
+    results, conf = out_dir / "results.jsonl", out_dir / "config.json"
+    if not results.is_file() or not conf.is_file():
+        return []
+    old = json.loads(conf.read_text())
+    diffs = [k for k in _RESULT_FIELDS if old.get(k, asdict(cfg)[k]) != asdict(cfg)[k]]
+    if diffs:
+        raise ValueError(f"{out_dir} holds a run with other {', '.join(diffs)}: give another --out, or remove it to start over")
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    log(f"resuming: {len(rows)} rows already in {results}")
+    return rows
 
 
 def run(model, tokenizer, cfg: EvalConfig, out_dir: Path, progress: bool = True, log: Callable = print) -> list[dict]:
-    """Run the sweep, appending rows to ``out_dir/results.jsonl``; returns all rows."""
+    """Run the sweep, appending rows to ``out_dir/results.jsonl`` (skipping rows already there); returns all rows."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    longest = max((*cfg.lengths, *cfg.needle_lengths))
+    if limit and longest + 256 > limit:  # prompt + chat template + answer prefix + answer must fit
+        raise ValueError(f"tasks of {longest} tokens leave no room for the answer in the model's {limit} positions: "
+                         f"use lengths of at most {limit - 256}")
+    if cfg.bf16_weight_reads and not bf16_exact(model):
+        raise ValueError("bf16_weight_reads reads bf16 copies of the weights, but this model's weights are not all bf16 "
+                         "values: the copies would change the model; run without it")
+    rows = _load_done(out_dir, cfg, log)
+    done = {_row_key(r) for r in rows}
     (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    with bf16_weight_reads(model) if cfg.bf16_weight_reads else contextlib.nullcontext():
+        _sweep(model, tokenizer, cfg, out_dir, rows, done, progress, log)
+    return rows
+
+
+def _sweep(model, tokenizer, cfg: EvalConfig, out_dir: Path, rows: list, done: set, progress: bool, log: Callable):
+    """The task samples (one prefill each, every method and budget decoded from it), then the text metrics."""
     methods = build_methods(cfg.methods, model, tokenizer, cfg, log)
+    dtype = parse_dtype(cfg.prefill_dtype)
     gen_eos = getattr(model.generation_config, "eos_token_id", None)
     eos = {tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])} - {None}
-    rows = []
-    jobs = [(t, n, i) for n in cfg.lengths for t in cfg.tasks for i in range(cfg.samples)]
-    with open(out_dir / "results.jsonl", "w") as f:
+    with open(out_dir / "results.jsonl", "a") as f:
 
         def emit(row: dict) -> None:  # written as it comes: a long sweep keeps what it finished
             rows.append(row)
+            done.add(_row_key(row))
             f.write(json.dumps(row) + "\n")
             f.flush()
 
-        for task, length, i in tqdm(jobs, desc="samples", disable=not progress):
+        for task, length, i in tqdm(cfg.jobs(), desc="samples", disable=not progress):
             sample = T.generate(task, tokenizer, length, seed=cfg.seed + i)
+            todo = [(m, b) for m, b in cfg.runs() if (task, length, sample.seed, m, b) not in done]
+            if not todo:
+                continue
             ids = encode_prompt(tokenizer, sample.prompt)
             if sample.answer_prefix:  # the model's turn starts with RULER's answer prefix
                 prefix = tokenizer.encode(sample.answer_prefix, add_special_tokens=False)
                 ids = torch.cat([ids, torch.tensor([prefix])], dim=1)
+            check_context(model, ids.shape[1], sample.max_new_tokens)
             t0 = time.perf_counter()
-            pre = prefill(model, ids)
+            pre = prefill(model, ids, dtype)
             prefill_s = time.perf_counter() - t0
-            for name, method in methods.items():
-                for budget in (1.0,) if name == "full" else cfg.budgets:
-                    config = A2ATSConfig(budget=budget)
-                    t0 = time.perf_counter()
-                    with A2ATS(model, config=config, method=method) as a2:
-                        toks = greedy_decode(model, a2, pre, sample.max_new_tokens, eos)
-                    text = tokenizer.decode(toks, skip_special_tokens=True)
-                    row = {
-                        "task": task, "length": length, "context_tokens": int(ids.shape[1]), "seed": sample.seed,
-                        "method": name, "budget": budget,
-                        "budget_tokens": int(config.budget.tokens_for(torch.tensor([ids.shape[1]]))[0]),
-                        "attended_per_kv_head": a2.stats.mean_attended, "attended_fraction": a2.stats.mean_fraction,
-                        "score": T.score(sample, text), "output": text, "answers": list(sample.answers),
-                        "decode_seconds": time.perf_counter() - t0, "prefill_seconds": prefill_s,
-                    }
+
+            def answered(toks: list[int]) -> bool:
+                return T.score(sample, tokenizer.decode(toks, skip_special_tokens=True)) == 1.0
+
+            for name, budget in todo:
+                base, reduction = parse_method(name)
+                config = A2ATSConfig(budget=budget, reduction=reduction)
+                t0 = time.perf_counter()
+                with A2ATS(model, config=config, method=methods[name]) as a2:
+                    toks, stop = greedy_decode(model, a2, pre, sample.max_new_tokens, eos,
+                                               answered if cfg.early_stop else None)
+                text = tokenizer.decode(toks, skip_special_tokens=True)
+                emit({
+                    "task": task, "length": length, "context_tokens": int(ids.shape[1]), "seed": sample.seed,
+                    "method": name, "budget": budget,
+                    "budget_tokens": int(config.budget.tokens_for(torch.tensor([ids.shape[1]]))[0]),
+                    "attended_per_kv_head": a2.stats.mean_attended, "attended_fraction": a2.stats.mean_fraction,
+                    "bytes_per_step": _bytes(name, int(ids.shape[1]), a2.stats.mean_attended, _head_dim(model)),
+                    "score": T.score(sample, text), "output": text, "answers": list(sample.answers),
+                    "new_tokens": len(toks), "stop": stop, "path": a2.path,
+                    "decode_seconds": time.perf_counter() - t0, "prefill_seconds": prefill_s,
+                })
+            del pre
+        if cfg.attention or cfg.perplexity:
+            for length in cfg.text_lengths or cfg.lengths or cfg.needle_lengths:
+                for row in _text_metrics(model, tokenizer, methods, cfg, length, done):
                     emit(row)
-        for length in cfg.lengths if cfg.attention or cfg.perplexity else ():
-            for row in _text_metrics(model, tokenizer, methods, cfg, length):
-                emit(row)
-    return rows
 
 
 def held_out_ids(tokenizer, length: int) -> torch.Tensor:
-    """``length`` tokens of State of the Union addresses of 1900-1930 (calibration reads the newest 60)."""
+    """``length`` tokens: the token real prompts start with (the attention sink), then State of the Union addresses
+    of 1900-1930 (calibration reads the newest 60)."""
     text = "\n\n".join(speeches()[110:140])
-    return torch.tensor(tokenizer.encode(text, add_special_tokens=False)[:length])
+    start = prompt_start(tokenizer)
+    return torch.tensor(start + tokenizer.encode(text, add_special_tokens=False)[: length - len(start)])
 
 
-def _text_metrics(model, tokenizer, methods, cfg: EvalConfig, length: int):
-    """Attention mass and recall at the last positions, and continuation perplexity, on held-out prose."""
+def _text_metrics(model, tokenizer, methods, cfg: EvalConfig, length: int, done: set):
+    """On held-out prose: each method teacher-forces one continuation after a shared prefill; its perplexity over
+    ``ppl_tokens`` tokens and the attention mass and top-K recall at the first ``decode_last`` of them."""
+    kinds = [k for k, on in (("attention", cfg.attention), ("perplexity", cfg.perplexity)) if on]
+    todo = [(m, b) for m, b in cfg.runs() if any((k, length, None, m, b) not in done for k in kinds)]
+    if not todo:
+        return
+    tail = max(cfg.decode_last if cfg.attention else 0, cfg.ppl_tokens if cfg.perplexity else 0)
     ids = held_out_ids(tokenizer, length)
-    pre_att = prefill(model, ids[: -cfg.decode_last]) if cfg.attention else None
-    pre_ppl = prefill(model, ids[: -cfg.ppl_tokens]) if cfg.perplexity else None
-    for name, method in methods.items():
-        for budget in (1.0,) if name == "full" else cfg.budgets:
-            config = A2ATSConfig(budget=budget)
-            base = {"length": length, "method": name, "budget": budget, "context_tokens": length,
-                    "budget_tokens": int(config.budget.tokens_for(torch.tensor([length]))[0])}
-            if pre_att is not None:
-                probe = attention_mass(model, method, config, ids, cfg.decode_last, pre=pre_att)
-                per_layer = {layer: sum(v) / len(v) for layer, v in sorted(probe.mass.items())}
-                yield {**base, "task": "attention", "mass": probe.mean(), "recall": probe.mean("recall"),
-                       "mass_per_layer": per_layer}
-            if pre_ppl is not None:
-                with A2ATS(model, config=config, method=method) as a2:
-                    ppl = continuation_perplexity(model, a2, pre_ppl, ids[-cfg.ppl_tokens :])
-                yield {**base, "task": "perplexity", "perplexity": ppl}
+    pre = prefill(model, ids[:-tail], parse_dtype(cfg.prefill_dtype))
+    for name, budget in todo:
+        config = A2ATSConfig(budget=budget, reduction=parse_method(name)[1])
+        base = {"length": length, "method": name, "budget": budget, "context_tokens": length,
+                "budget_tokens": int(config.budget.tokens_for(torch.tensor([length]))[0])}
+        t0 = time.perf_counter()
+        ppl, probe = continuation_metrics(model, methods[name], config, pre, ids[-tail:],
+                                          cfg.decode_last if cfg.attention else 0)
+        base["seconds"] = time.perf_counter() - t0  # one pass gives both rows: counted on the first
+        if cfg.attention:
+            per_layer = {layer: sum(v) / len(v) for layer, v in sorted(probe.mass.items())}
+            yield {**base, "task": "attention", "mass": probe.mean(), "recall": probe.mean("recall"),
+                   "attended_per_kv_head": probe.mean("attended"), "mass_per_layer": per_layer,
+                   "bytes_per_step": _bytes(name, length, probe.mean("attended"), _head_dim(model))}
+        if cfg.perplexity:
+            yield {**base, "task": "perplexity", "perplexity": ppl, "tokens": tail,
+                   "seconds": 0.0 if cfg.attention else base["seconds"]}

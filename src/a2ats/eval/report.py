@@ -100,6 +100,7 @@ def write_summary(rows: list[dict], out_dir: Path, title: str, decode_last: int,
         + summary_table(rows)
         + "\n\nAverage task score (x100) per context length; in brackets, its share of full attention's.\n\n"
         + length_table(rows)
+        + _interval_sections(rows)
         + "\n\nHeld-out State of the Union prose: share of the true attention mass kept and recall of the true "
         f"top-K over the last {decode_last} positions (mean over layers and heads), and the perplexity of "
         f"a {ppl_tokens}-token continuation decoded under each method.\n\n"
@@ -111,7 +112,39 @@ def write_summary(rows: list[dict], out_dir: Path, title: str, decode_last: int,
     (out_dir / "summary.md").write_text(md)
     if any("score" in r for r in rows):
         plots(rows, out_dir)
+        interval_plot(rows, out_dir / "score_intervals.png", title="all tasks")
+        if any(r["task"].startswith("niah_") for r in rows if "score" in r):
+            interval_plot(rows, out_dir / "needle_intervals.png", tasks=_needles(rows), title="needle tasks")
+    bytes_plot(rows, out_dir / "quality_vs_bytes.png", title)
     return md
+
+
+def _needles(rows: list[dict]) -> set[str]:
+    return {r["task"] for r in rows if "score" in r and r["task"].startswith("niah_")}
+
+
+def _interval_sections(rows: list[dict]) -> str:
+    """Averages with 95% bootstrap intervals over prompts (all tasks, then the needle tasks alone), and their
+    share of full attention's; overlapping intervals are ties."""
+    if not any("score" in r for r in rows):
+        return ""
+    out = ("\n\nAverage score x100 with its 95% bootstrap interval over prompts (each (task, length) cell's "
+           "prompts redrawn 2,000 times, the same for every method); overlapping intervals are ties.\n\n"
+           + interval_table(rows)
+           + "\n\nShare of full attention's average, same prompts, with its 95% interval.\n\n"
+           + interval_table(rows, ratio=True))
+    budgets = sorted({r["budget"] for r in rows if "score" in r and r["method"] != "full"})
+    if budgets:
+        mid = 0.03 if 0.03 in budgets else budgets[len(budgets) // 2]
+        out += (f"\n\nPer task at budget {mid:g} (lengths pooled): average x100 [95% interval]\n\n"
+                + task_interval_table(rows, mid))
+    needles = _needles(rows)
+    if needles and needles != {r["task"] for r in rows if "score" in r}:
+        out += ("\n\nNeedle tasks only (" + ", ".join(sorted(needles)) + "): average x100 [95% interval]\n\n"
+                + interval_table(rows, needles)
+                + "\n\nNeedle tasks only: share of full attention's average [95% interval]\n\n"
+                + interval_table(rows, needles, ratio=True))
+    return out
 
 
 def plots(rows: list[dict], out_dir: Path) -> list[Path]:
@@ -166,3 +199,190 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
     fig.savefig(p2, dpi=110)
     plt.close(fig)
     return [p1, p2]
+
+
+# -- intervals --------------------------------------------------------------------------------------------
+
+def bootstrap(rows: list[dict], tasks=None, resamples: int = 2000, seed: int = 0) -> dict:
+    """Average task score with a 95% bootstrap interval over prompts, per (method, budget), per length and overall,
+    and its ratio to full attention's on the same resampled prompts.
+
+    The average is over (task, length) cells, each the mean over its prompts; a resample redraws each cell's
+    prompts with replacement, the same prompts for every method (paired). Returns
+    ``{(method, budget): {length or "all": (mean, lo, hi, ratio, ratio_lo, ratio_hi)}}`` (ratios None without full).
+    """
+    import numpy as np
+
+    rows = [r for r in rows if "score" in r and (tasks is None or r["task"] in tasks)]
+    keys = sorted({_key(r) for r in rows}, key=lambda k: (k[0] != "full", k[1], k[0]))
+    cells = sorted({(r["task"], r["length"]) for r in rows})
+    if not keys:
+        return {}
+    index = {k: i for i, k in enumerate(keys)}
+    rng = np.random.default_rng(seed)
+    per_cell = {}  # cell -> (M, R) mean score of each method over that cell's resampled prompts (+ the point estimate)
+    for cell in cells:
+        seeds = sorted({r.get("seed", 0) for r in rows if (r["task"], r["length"]) == cell})
+        col = {s: j for j, s in enumerate(seeds)}
+        grid = np.full((len(keys), len(seeds)), np.nan)
+        for r in rows:
+            if (r["task"], r["length"]) == cell:
+                grid[index[_key(r)], col[r.get("seed", 0)]] = r["score"]
+        draws = rng.integers(0, len(seeds), size=(resamples, len(seeds)))
+        with np.errstate(all="ignore"):
+            boot = np.nanmean(grid[:, draws], axis=-1)  # (M, R)
+            point = np.nanmean(grid, axis=-1)  # (M,)
+        per_cell[cell] = (point, boot)
+    full = index.get(("full", 1.0))
+    out = {k: {} for k in keys}
+    groups = {n: [c for c in cells if c[1] == n] for n in sorted({c[1] for c in cells})}
+    groups["all"] = cells
+    for group, members in groups.items():
+        with np.errstate(all="ignore"):
+            point = np.nanmean(np.stack([per_cell[c][0] for c in members]), axis=0)  # (M,)
+            boot = np.nanmean(np.stack([per_cell[c][1] for c in members]), axis=0)  # (M, R)
+        lo, hi = np.nanpercentile(boot, [2.5, 97.5], axis=-1)
+        for k, i in index.items():
+            if np.isnan(point[i]):
+                continue
+            ratio = (None,) * 3
+            if full is not None and point[full] > 0:
+                with np.errstate(all="ignore"):
+                    rb = boot[i] / boot[full]
+                rb = rb[np.isfinite(rb)]
+                ratio = (float(point[i] / point[full]), *(float(x) for x in np.percentile(rb, [2.5, 97.5])))
+            out[k][group] = (float(point[i]), float(lo[i]), float(hi[i]), *ratio)
+    return out
+
+
+def interval_table(rows: list[dict], tasks=None, ratio: bool = False) -> str:
+    """Average score x100 [95% interval] per method and budget at each length and overall (``ratio``: the share of
+    full attention's average instead, on the same prompts)."""
+    res = bootstrap(rows, tasks)
+    if not res:
+        return "(no task rows)"
+    groups = sorted({g for v in res.values() for g in v if g != "all"}) + ["all"]
+    head = ["method", "budget"] + [f"{g} tokens" if g != "all" else "all" for g in groups]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, per in res.items():
+        if ratio and key[0] == "full":
+            continue
+        cells = []
+        for g in groups:
+            v = per.get(g)
+            if v is None or (ratio and v[3] is None):
+                cells.append("n/a")
+            elif ratio:
+                cells.append(f"{v[3]:.2f} [{v[4]:.2f}, {v[5]:.2f}]")
+            else:
+                cells.append(f"{100 * v[0]:.1f} [{100 * v[1]:.0f}, {100 * v[2]:.0f}]")
+        lines.append(f"| {key[0]} | {key[1]:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def interval_plot(rows: list[dict], path: Path, tasks=None, title: str = "") -> Path:
+    """Average score vs budget per method with 95% intervals, a panel per length (and one for all lengths)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = bootstrap(rows, tasks)
+    groups = sorted({g for v in res.values() for g in v if g != "all"}) + ["all"]
+    methods = sorted({k[0] for k in res} - {"full"})
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.0 * len(groups), 3.6), squeeze=False)
+    for ax, g in zip(axes[0], groups):
+        for j, m in enumerate(methods):
+            pts = sorted((b, res[(m, b)][g]) for (mm, b) in res if mm == m and g in res[(m, b)])
+            if not pts:
+                continue
+            xs = [100 * b * (1 + 0.03 * (j - len(methods) / 2)) for b, _ in pts]  # small offsets: bars stay apart
+            ys = [v[0] for _, v in pts]
+            err = [[v[0] - v[1] for _, v in pts], [v[2] - v[0] for _, v in pts]]
+            ax.errorbar(xs, ys, yerr=err, marker="o", ms=3, capsize=2, lw=1, label=m)
+        if ("full", 1.0) in res and g in res[("full", 1.0)]:
+            f = res[("full", 1.0)][g]
+            ax.axhspan(f[1], f[2], color="k", alpha=0.08)
+            ax.axhline(f[0], color="k", ls="--", lw=1, label="full")
+        ax.set_xscale("log")
+        ax.set_title(f"{g} tokens" if g != "all" else "all lengths", fontsize=9)
+        ax.set_xlabel("budget (% of context per query head)")
+        ax.set_ylim(-0.05, 1.05)
+    axes[0][0].set_ylabel("average score (95% interval)")
+    axes[0][-1].legend(fontsize=6, loc="lower right")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def bytes_plot(rows: list[dict], path: Path, title: str = "") -> Path | None:
+    """Retrieval quality against bytes read per step: attention mass kept (held-out prose), needle-task and
+    whole-suite average scores, each against KiB read per step per sequence and KV head (rows' ``bytes_per_step``;
+    the A²ATS codebook, shared by the batch, not counted); a line per method (GQA reduction included)."""
+    rows = [r for r in rows if "bytes_per_step" in r]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    needles = _needles(rows)
+    panels = [("mass", "share of true attention mass kept", [r for r in rows if r["task"] == "attention"], "mass"),
+              ("needles", "needle tasks: average score", [r for r in rows if r["task"] in needles], "score"),
+              ("suite", "all tasks: average score", [r for r in rows if "score" in r], "score")]
+    panels = [p for p in panels if p[2]]
+    names = sorted({_key(r)[0] for _, _, rs, _ in panels for r in rs} - {"full"})
+    colors = dict(zip(names, plt.get_cmap("tab20").colors))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.4), squeeze=False)
+    for ax, (_, label, rs, field) in zip(axes[0], panels):
+        cells = defaultdict(lambda: defaultdict(list))  # key -> (task, length) -> values
+        byts = defaultdict(list)
+        for r in rs:
+            cells[_key(r)][(r["task"], r["length"])].append(r[field])
+            byts[_key(r)].append(r["bytes_per_step"])
+        lines = defaultdict(list)
+        for key, per in cells.items():
+            lines[key[0]].append((mean(byts[key]) / 1024, mean(mean(v) for v in per.values()), key[1]))
+        for name, pts in sorted(lines.items()):
+            if name == "full":
+                ax.axhline(pts[0][1], color="k", ls="--", lw=1, label="full")
+                continue
+            pts.sort()
+            ls = ":" if name.endswith("+max") else "-"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, ls=ls, label=name, color=colors[name])
+            for x, y, b in pts:
+                ax.annotate(f"{b:g}", (x, y), fontsize=5, xytext=(2, 2), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("KiB read per step, per sequence and KV head")
+        ax.set_ylabel(label)
+    axes[0][-1].legend(fontsize=6)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def task_interval_table(rows: list[dict], budget: float, methods=None) -> str:
+    """Per task (all lengths pooled): average score x100 [95% interval] of each method at ``budget`` and of full
+    attention: the "on every task, within the intervals" comparison."""
+    rows = [r for r in rows if "score" in r]
+    tasks = sorted({r["task"] for r in rows})
+    keys = [k for k in sorted({_key(r) for r in rows}, key=lambda k: (k[0] != "full", k[0]))
+            if k == ("full", 1.0) or (k[1] == budget and (methods is None or k[0] in methods))]
+    if not keys:
+        return "(no rows at this budget)"
+    per_task = {t: bootstrap(rows, {t}) for t in tasks}
+    lines = ["| task | " + " | ".join(k[0] for k in keys) + " |", "|" + "---|" * (len(keys) + 1)]
+    for t in tasks:
+        cells = []
+        for k in keys:
+            v = per_task[t].get(k, {}).get("all")
+            cells.append("n/a" if v is None else f"{100 * v[0]:.0f} [{100 * v[1]:.0f}, {100 * v[2]:.0f}]")
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
