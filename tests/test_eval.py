@@ -38,7 +38,7 @@ def test_shared_prefill_fork_equals_a_fresh_run(tiny, method):
                                do_sample=False, pad_token_id=tok.pad_token_id)
     assert forked == fresh[0, ids.shape[1]:].tolist() and why == "length"
     # a second fork for the same method copies what the first built (codes, PQ fit) instead of rebuilding it
-    assert method in pre.built
+    assert pre.built[id(method)][0] is method
     keys_seen = []
     real = method.on_append
     method.on_append = lambda layer, store, k_pre, *rest: keys_seen.append(k_pre.shape[2]) or real(layer, store, k_pre, *rest)
@@ -216,3 +216,17 @@ def test_bootstrap_intervals_by_hand():
     per_task = report.task_interval_table(rows, 0.1)
     assert "| task | full | x |" in per_task
     assert "| a | 100 [100, 100] | 50 [0, 100] |" in per_task and "| b | 100 [100, 100] | 100 [100, 100] |" in per_task
+
+
+def test_one_prompt_per_cell_has_no_interval_and_lengths_weigh_by_cell():
+    """One prompt per cell: the bootstrap cannot resample anything, so the tables say so instead of printing a
+    zero-width interval. The average weighs every (task, length) cell the same in every table: here x scores
+    1 on two cells at 100 tokens and 0 on the one cell at 200, so 2/3 (not the mean of per-length means, 1/2)."""
+    rows = [_row(t, n, m, b, s) for t, n, s in (("a", 100, 1.0), ("b", 100, 1.0), ("a", 200, 0.0))
+            for m, b in (("full", 1.0), ("x", 0.1))]
+    table = report.interval_table(rows)
+    assert "| x | 0.1 | 100.0 [1 prompt] | 0.0 [1 prompt] | 66.7 [1 prompt] |" in table
+    assert "| x | 0.1 | 100.0 (1.00) | 0.0 | 66.7 |" in report.length_table(rows)
+    assert "| 66.7 | 1.00 |" in report.summary_table(rows)
+    more = rows + [_row("a", 200, m, b, 1.0, seed=1) for m, b in (("full", 1.0), ("x", 0.1))]
+    assert report.interval_table(more, tasks={"a"}).split("\n")[-1].split("|")[4].strip() == "50.0 [0, 100]"

@@ -27,7 +27,7 @@ class Prefill:
     ids: torch.Tensor  # (1, n)
     cache: A2ATSCache
     last_logits: torch.Tensor  # (1, vocab)
-    built: dict = field(default_factory=dict)  # method -> per layer, what its on_append built from the prompt
+    built: dict = field(default_factory=dict)  # id(method) -> (method, per layer what its on_append built from the prompt)
 
 
 @torch.inference_mode()
@@ -50,7 +50,9 @@ def fork(pre: Prefill, a2: A2ATS) -> A2ATSCache:
     (by its ``on_append`` the first time, copied from that on later forks for the same method)."""
     n = pre.ids.shape[1]
     new = a2.new_cache()
-    built = pre.built.get(a2.method)
+    # keyed by identity (methods are dataclasses: equal is not the same, and unhashable); the method is kept
+    # beside its metadata so its id cannot be reused while the entry lives
+    built = pre.built.get(id(a2.method), (None, None))[1]
     if built is None:
         probe = pre.cache.layers[0].keys
         cos, sin = a2.rotary(probe.float(), position_ids=torch.arange(n, device=probe.device).unsqueeze(0))
@@ -62,7 +64,7 @@ def fork(pre: Prefill, a2: A2ATS) -> A2ATSCache:
         k_post = dst.keys
         a2.method.on_append(layer, dst, undo_rotation(k_post, cos, sin), k_post, a2.kv_heads(k_post.shape[1]))
     if built is None:
-        pre.built[a2.method] = [dst.snapshot_metadata() for dst in new.layers]
+        pre.built[id(a2.method)] = (a2.method, [dst.snapshot_metadata() for dst in new.layers])
     return new
 
 

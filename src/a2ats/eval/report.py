@@ -23,21 +23,28 @@ def summary_table(rows: list[dict]) -> str:
         return "(no task rows)"
     tasks = sorted({r["task"] for r in rows})
     by = defaultdict(lambda: defaultdict(list))
+    by_cell = defaultdict(lambda: defaultdict(list))  # the average: every (task, length) cell weighs the same
     toks = defaultdict(list)
     for r in rows:
         by[_key(r)][r["task"]].append(r["score"])
+        by_cell[_key(r)][(r["task"], r["length"])].append(r["score"])
         toks[_key(r)].append(r["attended_per_kv_head"])
-    full = [mean(v) for v in by.get(("full", 1.0), {}).values()]  # .get: no empty "full" row
-    full_avg = mean(full) if full else None
+    full_avg = _cell_average(by_cell[("full", 1.0)]) if ("full", 1.0) in by_cell else None
     head = ["method", "budget", "attended/KV head"] + tasks + ["average", "vs full"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key in sorted(by, key=lambda k: (k[0] != "full", k[1], k[0])):
         per = [mean(by[key][t]) if by[key][t] else float("nan") for t in tasks]
-        avg = mean(per)
+        avg = _cell_average(by_cell[key])
         rel = f"{avg / full_avg:.2f}" if full_avg else "n/a"
         cells = [key[0], f"{key[1]:g}", f"{mean(toks[key]):.0f}"] + [f"{100 * p:.0f}" for p in per] + [f"{100 * avg:.1f}", rel]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _cell_average(cells: dict) -> float:
+    """The suite's average: the mean over (task, length) cells of each cell's mean over its prompts, as the
+    bootstrap intervals average (so a length that runs fewer tasks does not weigh more)."""
+    return mean(mean(v) for v in cells.values())
 
 
 def length_table(rows: list[dict]) -> str:
@@ -61,8 +68,8 @@ def length_table(rows: list[dict]) -> str:
         for n in lengths:
             a, f = avg(key, n), avg(("full", 1.0), n)
             cells.append("n/a" if a is None else f"{100 * a:.1f}" + (f" ({a / f:.2f})" if f and key[0] != "full" else ""))
-        vals = [avg(key, n) for n in lengths if avg(key, n) is not None]
-        lines.append(f"| {key[0]} | {key[1]:g} | " + " | ".join(cells) + f" | {100 * mean(vals):.1f} |")
+        overall = _cell_average({(t, n): v for n, per in by[key].items() for t, v in per.items()})
+        lines.append(f"| {key[0]} | {key[1]:g} | " + " | ".join(cells) + f" | {100 * overall:.1f} |")
     return "\n".join(lines)
 
 
@@ -262,6 +269,7 @@ def interval_table(rows: list[dict], tasks=None, ratio: bool = False) -> str:
     if not res:
         return "(no task rows)"
     groups = sorted({g for v in res.values() for g in v if g != "all"}) + ["all"]
+    single = {g for g in groups if _prompts_per_cell(rows, tasks, g) < 2}  # no spread to resample: no interval
     head = ["method", "budget"] + [f"{g} tokens" if g != "all" else "all" for g in groups]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, per in res.items():
@@ -273,11 +281,21 @@ def interval_table(rows: list[dict], tasks=None, ratio: bool = False) -> str:
             if v is None or (ratio and v[3] is None):
                 cells.append("n/a")
             elif ratio:
-                cells.append(f"{v[3]:.2f} [{v[4]:.2f}, {v[5]:.2f}]")
+                cells.append(f"{v[3]:.2f}" + (" [1 prompt]" if g in single else f" [{v[4]:.2f}, {v[5]:.2f}]"))
             else:
-                cells.append(f"{100 * v[0]:.1f} [{100 * v[1]:.0f}, {100 * v[2]:.0f}]")
+                cells.append(f"{100 * v[0]:.1f}" + (" [1 prompt]" if g in single else f" [{100 * v[1]:.0f}, {100 * v[2]:.0f}]"))
         lines.append(f"| {key[0]} | {key[1]:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _prompts_per_cell(rows: list[dict], tasks, group) -> int:
+    """The fewest prompts any (task, length) cell of ``group`` (a length or "all") holds: with one, a bootstrap
+    interval has zero width and says nothing, so the tables mark it instead of printing it."""
+    seeds = defaultdict(set)
+    for r in rows:
+        if "score" in r and (tasks is None or r["task"] in tasks) and (group == "all" or r["length"] == group):
+            seeds[(r["task"], r["length"])].add(r.get("seed", 0))
+    return min((len(v) for v in seeds.values()), default=0)
 
 
 def interval_plot(rows: list[dict], path: Path, tasks=None, title: str = "") -> Path:
@@ -346,7 +364,7 @@ def bytes_plot(rows: list[dict], path: Path, title: str = "") -> Path | None:
             byts[_key(r)].append(r["bytes_per_step"])
         lines = defaultdict(list)
         for key, per in cells.items():
-            lines[key[0]].append((mean(byts[key]) / 1024, mean(mean(v) for v in per.values()), key[1]))
+            lines[key[0]].append((mean(byts[key]) / 1024, _cell_average(per), key[1]))
         for name, pts in sorted(lines.items()):
             if name == "full":
                 ax.axhline(pts[0][1], color="k", ls="--", lw=1, label="full")
@@ -383,6 +401,7 @@ def task_interval_table(rows: list[dict], budget: float, methods=None) -> str:
         cells = []
         for k in keys:
             v = per_task[t].get(k, {}).get("all")
-            cells.append("n/a" if v is None else f"{100 * v[0]:.0f} [{100 * v[1]:.0f}, {100 * v[2]:.0f}]")
+            one = _prompts_per_cell(rows, {t}, "all") < 2
+            cells.append("n/a" if v is None else f"{100 * v[0]:.0f}" + (" [1 prompt]" if one else f" [{100 * v[1]:.0f}, {100 * v[2]:.0f}]"))
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
