@@ -3,11 +3,14 @@
     .venv/bin/python scripts/eval_plan.py eval-qwen/results.jsonl --preset long [--samples 4 --task-samples common_words=2]
 
 Per (task, length): the measured prefill seconds and the decode seconds of every method and budget, averaged over
-the samples done, times the samples the plan asks for; the text metrics as measured (they run once per length).
+the samples done, times the samples the plan asks for; a cell not measured yet is extrapolated from the same task
+at its longest shorter length, by the growth per doubling measured between two lengths (marked as such); the text
+metrics as measured (they run once per length).
 """
 
 import argparse
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean
@@ -34,19 +37,47 @@ decode = defaultdict(lambda: defaultdict(float))  # (task, length) -> seed -> se
 for r in task_rows:
     prefill[(r["task"], r["length"])][r["seed"]] = r["prefill_seconds"]
     decode[(r["task"], r["length"])][r["seed"]] += r["decode_seconds"]
-total, lines = 0.0, []
+measured = {c: mean(prefill[c].values()) + mean(decode[c].values()) for c in prefill}
+
+
+def growth(task):
+    """Measured growth of a sample's time per doubling of the length: the task's two longest measured lengths,
+    else the median over the tasks that have two."""
+    def of(t):
+        ns = sorted(n for tt, n in measured if tt == t)
+        if len(ns) < 2:
+            return None
+        n0, n1 = ns[-2:]
+        return (measured[(t, n1)] / measured[(t, n0)]) ** (1 / math.log2(n1 / n0))
+    g = of(task)
+    if g is None:
+        gs = sorted(x for x in (of(t) for t in {t for t, _ in measured}) if x is not None)
+        g = gs[len(gs) // 2] if gs else None
+    return g
+
+
+total, estimated, lines = 0.0, 0.0, []
 for task, length in sorted({(t, n) for t, n, _ in cfg.jobs()}, key=lambda c: (c[1], c[0])):
     n = cfg.samples_for(task)
     cell = (task, length)
-    if cell not in prefill:
+    if cell in measured:
+        per = measured[cell]
+        total += n * per
+        lines.append(f"{task:28s} {length:6d}: {per / 60:5.1f} min per sample x {n} = {n * per / 60:6.1f} min")
+        continue
+    shorter = sorted(m for t, m in measured if t == task and m < length)
+    g = growth(task)
+    if not shorter or g is None:
         lines.append(f"{task:28s} {length:6d}: no measurement yet")
         continue
-    per = mean(prefill[cell].values()) + mean(decode[cell].values())
-    total += n * per
-    lines.append(f"{task:28s} {length:6d}: {per / 60:5.1f} min per sample x {n} = {n * per / 60:6.1f} min")
+    per = measured[(task, shorter[-1])] * g ** math.log2(length / shorter[-1])
+    estimated += n * per
+    lines.append(f"{task:28s} {length:6d}: {per / 60:5.1f} min per sample x {n} = {n * per / 60:6.1f} min "
+                 f"(extrapolated from {shorter[-1]}: x{g:.2f} per doubling)")
 text = sum(r.get("seconds", 0) for r in rows if r["task"] in ("attention", "perplexity"))
 print("\n".join(lines))
-print(f"tasks: {total / 3600:.2f} h projected for {len(cfg.jobs())} prompts (cells measured so far only)")
+print(f"tasks: {total / 3600:.2f} h from measured cells, {estimated / 3600:.2f} h extrapolated, "
+      f"{(total + estimated) / 3600:.2f} h for {len(cfg.jobs())} prompts")
 if text:
     print(f"text metrics: {text / 3600:.2f} h measured")
 by_method = defaultdict(list)

@@ -4,12 +4,16 @@ codebook fits the keys the model generates late, against the prompt's keys.
 
     .venv/bin/python scripts/long_generation.py --model qwen2.5-coder-0.5b --out docs/eval/qwen/long_generation
 
-The prompt: the token real prompts start with, held-out State of the Union prose (1900-1930) and a request
-to write a long commentary (chat template). Decoding is greedy under A²ATS (rho = 3%, GQA union: the
-library's default selection, reference path: it computes what the fast path computes; weights read as the bf16
-values they are); the end-of-turn
-tokens are suppressed so the generation runs its full length. At every step and layer the probe compares the
-selection with the true attention: mass kept and recall of the true top-K (mean over layers and query heads).
+The prompt (chat template), by default (``--prompt code``): Python standard-library modules (textwrap, bisect,
+shlex, fractions, string, heapq; read from this interpreter's own library, cut to the prompt length) and a
+request to write a unit-test suite for them, a long generation this coder model carries out. (Asked for a
+commentary on held-out State of the Union prose, ``--prompt prose``, it refuses and repeats its refusal: a
+degenerate generation.) Decoding is greedy under A²ATS (rho = 3%, GQA union: the library's default selection,
+on the reference path, which computes what the fast path computes; weights read as the bf16 values they are);
+the end-of-turn tokens are suppressed so the generation runs its full length. At every step and layer the
+probe compares the selection with the true attention: mass kept, the oracle's mass at the same budget (the
+ceiling: true top-K per query head, the same GQA union) and recall of the true top-K (means over layers and
+query heads).
 Codebook fit: mean squared distance of each key to its centroid in the query-aware space (the score error the
 codebook was fit to minimize), for the prompt's keys and for each block of generated keys.
 """
@@ -46,6 +50,7 @@ p.add_argument("--new-tokens", type=int, default=1024)
 p.add_argument("--budget", type=float, default=0.03)
 p.add_argument("--block", type=int, default=64, help="steps per point of the plot")
 p.add_argument("--prefill-dtype", default="bfloat16")
+p.add_argument("--prompt", choices=["code", "prose"], default="code")
 p.add_argument("--out", default="docs/eval/qwen/long_generation")
 a = p.parse_args()
 out = Path(a.out)
@@ -57,9 +62,16 @@ cfg = A2ATSConfig(budget=a.budget)  # the library's default selection otherwise
 settings = CodebookSettings(wrope_distance=cfg.wrope_distance, wrope_band_ratio=cfg.wrope_band_ratio)
 cb = load_or_calibrate(model, tok, settings=settings, compute_dtype=parse_dtype(a.prefill_dtype))
 method = A2ATSMethod(cb, WRoPE(find_rotary_embedding(model), cfg.wrope_distance, cfg.wrope_band_ratio))
-request = ("\n\nWrite a long and detailed commentary on the addresses above: go through them one by one, quote "
-           "their most important passages and explain what each says about its time.")
-text = "\n\n".join(speeches()[110:140])
+if a.prompt == "code":
+    lib = Path(json.__file__).parent.parent  # this interpreter's standard library: offline, the same everywhere
+    modules = ["textwrap", "bisect", "shlex", "fractions", "string", "heapq"]  # ~23K tokens: cut to the prompt length
+    text = "\n\n".join(f"# ===== {m}.py =====\n" + (lib / f"{m}.py").read_text() for m in modules)
+    request = ("\n\nWrite a thorough unittest test suite for the modules above: one TestCase class per public class "
+               "or function, many test methods each, with a comment on what each test checks.")
+else:
+    text = "\n\n".join(speeches()[110:140])
+    request = ("\n\nWrite a long and detailed commentary on the addresses above: go through them one by one, quote "
+               "their most important passages and explain what each says about its time.")
 body = tok.encode(text, add_special_tokens=False)
 overhead = encode_prompt(tok, request).shape[1]
 ids = encode_prompt(tok, tok.decode(body[: a.prompt_tokens - overhead - 8]) + request)[0]
@@ -95,7 +107,7 @@ def per_step(what):
     return [sum(sum(vals[layer][s * Hq:(s + 1) * Hq]) for layer in layers) / (Hq * len(layers)) for s in range(steps)]
 
 
-mass, recall = per_step("mass"), per_step("recall")
+mass, recall, oracle = per_step("mass"), per_step("recall"), per_step("oracle_mass")
 
 # codebook fit: squared distance to the nearest centroid in the query-aware space, prompt keys vs generated keys
 n_prompt = len(ids)
@@ -124,11 +136,12 @@ res = {
     "command": "python " + " ".join(sys.argv), "model": a.model, "prompt_tokens": len(ids), "new_tokens": steps,
     "budget": a.budget, "reduction": cfg.reduction, "wrope_band_ratio": cfg.wrope_band_ratio, "codebooks": cb.settings.tag, "prefill_dtype": a.prefill_dtype,
     "decode_seconds": round(decode_s, 1), "wall_seconds": round(time.perf_counter() - t_start, 1),
-    "block": a.block, "mass_per_block": blocks(mass), "recall_per_block": blocks(recall),
-    "first_block": {"mass": blocks(mass)[0], "recall": blocks(recall)[0]},
-    "last_block": {"mass": blocks(mass)[-1], "recall": blocks(recall)[-1]},
+    "prompt": a.prompt, "block": a.block, "mass_per_block": blocks(mass), "oracle_mass_per_block": blocks(oracle),
+    "recall_per_block": blocks(recall),
+    "first_block": {"mass": blocks(mass)[0], "oracle_mass": blocks(oracle)[0], "recall": blocks(recall)[0]},
+    "last_block": {"mass": blocks(mass)[-1], "oracle_mass": blocks(oracle)[-1], "recall": blocks(recall)[-1]},
     "codebook_fit": {"prompt_keys": fit_prompt_mean, "generated_keys_per_block": fit_gen},
-    "mass_per_step": mass, "recall_per_step": recall, "text": tok.decode(tokens),
+    "mass_per_step": mass, "oracle_mass_per_step": oracle, "recall_per_step": recall, "text": tok.decode(tokens),
 }
 (out / "long_generation.json").write_text(json.dumps(res, indent=1))
 
@@ -139,6 +152,7 @@ fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
 x = [a.block * (i + 0.5) for i in range(len(res["mass_per_block"]))]
 ax1.plot(range(1, steps + 1), mass, color="C0", alpha=0.25, lw=0.6)
 ax1.plot(x, res["mass_per_block"], "o-", color="C0", label="attention mass kept")
+ax1.plot(x, res["oracle_mass_per_block"], "s--", color="C3", label="oracle's mass (same budget)")
 ax1.plot(range(1, steps + 1), recall, color="C1", alpha=0.25, lw=0.6)
 ax1.plot(x, res["recall_per_block"], "o-", color="C1", label="recall of the true top-K")
 ax1.set_xlabel("generated token")
@@ -153,4 +167,4 @@ ax2.set_title("codebook fit (mean over layers and KV heads)", fontsize=9)
 ax2.legend(fontsize=8)
 fig.tight_layout()
 fig.savefig(out / "long_generation.png", dpi=110)
-print(json.dumps({k: v for k, v in res.items() if k not in ("mass_per_step", "recall_per_step", "text")}, indent=1))
+print(json.dumps({k: v for k, v in res.items() if not k.endswith("_per_step") and k != "text"}, indent=1))

@@ -230,3 +230,38 @@ def test_one_prompt_per_cell_has_no_interval_and_lengths_weigh_by_cell():
     assert "| 66.7 | 1.00 |" in report.summary_table(rows)
     more = rows + [_row("a", 200, m, b, 1.0, seed=1) for m, b in (("full", 1.0), ("x", 0.1))]
     assert report.interval_table(more, tasks={"a"}).split("\n")[-1].split("|")[4].strip() == "50.0 [0, 100]"
+
+
+def test_a_run_in_parts_tasks_then_text(tiny, tmp_path, monkeypatch):
+    """A run split in two on one folder: its task samples alone, then its held-out prose metrics alone, give the
+    rows one run gives."""
+    model, tok = tiny
+    monkeypatch.setenv("A2ATS_CACHE", str(tmp_path / "cache"))
+    cfg = harness.EvalConfig(tasks=("niah_single_number_essay",), lengths=(500,), budgets=(0.1,), samples=1,
+                             methods=("full", "oracle"), attention=True, perplexity=True, decode_last=2, ppl_tokens=3)
+    quiet = dict(progress=False, log=lambda *_: None)
+    tasks = harness.run(model, tok, cfg, tmp_path / "parts", only="tasks", **quiet)
+    assert {r["task"] for r in tasks} == {"niah_single_number_essay"} and len(tasks) == 2
+    both = harness.run(model, tok, cfg, tmp_path / "parts", only="text", **quiet)
+    assert both[:2] == tasks and sorted(r["task"] for r in both[2:]) == ["attention"] * 2 + ["perplexity"] * 2
+    whole = harness.run(model, tok, cfg, tmp_path / "whole", **quiet)
+    assert [harness._row_key(r) for r in whole] == [harness._row_key(r) for r in both]
+    with pytest.raises(ValueError, match="'tasks' or 'text'"):
+        harness.run(model, tok, cfg, tmp_path / "x", only="both", **quiet)
+    with pytest.raises(ValueError, match="measures none"):
+        harness.run(model, tok, harness.EvalConfig(**{**cfg.__dict__, "attention": False, "perplexity": False}),
+                    tmp_path / "x", only="text", **quiet)
+
+
+def test_goal_table_by_hand():
+    """Needles: x finds 1 of 2 at 100 tokens (0.50 of full's, short of 0.97) and both at 200 (1.00). The suite adds
+    a task both miss half of: x keeps (0.5 + 0.5) / (1 + 0.5) of full's at 100 tokens."""
+    rows = []
+    for seed in (0, 1):
+        for n in (100, 200):
+            rows += [_row("niah_a", n, "full", 1.0, 1.0, seed=seed),
+                     _row("niah_a", n, "x", 0.03, 1.0 if (n == 200 or seed == 0) else 0.0, seed=seed)]
+        rows += [_row("words", 100, m, b, float(seed == 0), seed=seed) for m, b in (("full", 1.0), ("x", 0.03))]
+    table = report.goal_table(rows, methods=("x",))
+    assert "| x | needles | 0.97 | 0.50 [0.00, 1.00] ✗ | 1.00 [1.00, 1.00] ✓ |" in table
+    assert "| x | suite | 0.95 | 0.67 [" in table

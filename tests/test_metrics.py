@@ -57,6 +57,16 @@ def test_mass_and_recall_by_hand(keep, mass, recall):
     assert probe.recall[0] == pytest.approx(recall)
     assert probe.mean() == pytest.approx(sum(mass) / 2, abs=1e-6)
     assert probe.mean("attended") == sum(keep)
+    assert probe.oracle_mass[0] == pytest.approx([8 / 10, 26 / 30], abs=1e-6)  # both heads' true top-1 is token 2
+
+
+@pytest.mark.parametrize("reduction, oracle", [("union", [1.0, 1.0]), ("max", [8 / 10, 19 / 25])])
+def test_oracle_mass_follows_the_reduction(reduction, oracle):
+    """Heads q = 1 and q = -1 disagree: head 0 prefers token 2 (w = 3), head 1 token 1 (weights 1/w). The union
+    keeps both for both heads; max scores each token by its best head (ln 3 > ln 2: token 2) and keeps one."""
+    probe = MassProbe(Fixed([True, True, True, True]), scaling=1.0)
+    probe.select(one_step([1.0, -1.0]), A2ATSConfig(budget=1, sinks=1, window=1, reduction=reduction))
+    assert probe.oracle_mass[0] == pytest.approx(oracle, abs=1e-6)
 
 
 def test_mass_ignores_padding():

@@ -309,7 +309,8 @@ def cmd_eval(a) -> int:
     from .assets import EVAL_MODEL
 
     preset = dict(harness.PRESETS[a.preset])
-    for k in ("tasks", "lengths", "needle_lengths", "methods", "budgets", "samples", "centroids", "prefill_dtype"):
+    for k in ("tasks", "lengths", "needle_lengths", "text_lengths", "methods", "budgets", "samples", "centroids",
+              "prefill_dtype"):
         if getattr(a, k) is not None:
             preset[k] = getattr(a, k)
     if a.samples is not None:  # one count for every task, as asked
@@ -320,7 +321,7 @@ def cmd_eval(a) -> int:
     cfg = harness.EvalConfig(**preset, model=a.model or "")
     model, tok = _load(a)
     out = Path(a.out)
-    rows = harness.run(model, tok, cfg, out, log=_log)
+    rows = harness.run(model, tok, cfg, out, log=_log, only=a.only)
     print(report.write_summary(rows, out, f"a2ats eval ({a.preset} preset)", cfg.decode_last, cfg.ppl_tokens))
     _log(f"wrote {out}/results.jsonl, summary.md, score_vs_budget.png, heatmap.png")
     return 0
@@ -503,6 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks", type=_csv(str), help="comma-separated task names (default: the preset's)")
     e.add_argument("--lengths", type=_csv(int), help="comma-separated context lengths in tokens")
     e.add_argument("--needle-lengths", type=_csv(int), help="comma-separated lengths at which only the needle tasks run")
+    e.add_argument("--text-lengths", type=_csv(int), help="comma-separated lengths of the held-out prose metrics (attention "
+                   "mass, top-K recall, perplexity); default: the preset's")
+    e.add_argument("--only", choices=["tasks", "text"], help="run only the task samples, or only the held-out prose "
+                   "metrics (a long run in parts, on the same --out)")
     e.add_argument("--prefill-dtype", choices=["float32", "bfloat16"], default=None,
                    help="compute dtype of the shared prefills (autocast; decode stays in --dtype)")
     e.add_argument("--methods", type=_csv(str), help="comma-separated: full,oracle,streaming,quest,pqcache,a2ats,a2ats-euclid,a2ats-postrope,a2ats-banded,a2ats-hybrid (a2ats-hybrid0.75: 75%% of the budget by the paper's score; a +max suffix: K per KV head)")

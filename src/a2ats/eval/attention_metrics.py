@@ -15,7 +15,7 @@ from ..config import A2ATSConfig
 from ..hf import A2ATS, ModelPatch
 from ..methods import Method
 from ..rope import WRoPE, undo_rotation
-from ..selection import DecodeStep, always_kept, topk_mask
+from ..selection import DecodeStep, always_kept, select, topk_mask
 from .prefill import Prefill, fork, prefill
 
 
@@ -28,6 +28,9 @@ class MassProbe(Method):
     scaling: float
     mass: dict[int, list[float]] = field(default_factory=dict)  # layer -> per (step, row, query head)
     recall: dict[int, list[float]] = field(default_factory=dict)
+    # the oracle's mass at the same budget and reduction rule (true top-K per query head, GQA union, sinks and
+    # window): the ceiling a selection's mass is read against, step by step
+    oracle_mass: dict[int, list[float]] = field(default_factory=dict)
     attended: list[float] = field(default_factory=list)  # tokens per KV head, per (step, layer)
 
     @property
@@ -52,6 +55,8 @@ class MassProbe(Method):
         self.mass.setdefault(step.layer, []).extend(captured.flatten().tolist())
         _, candidates, length = always_kept(step.valid, config.sinks, config.window)
         true_top = topk_mask(logits.reshape(B, Hq, -1), candidates, config.budget.tokens_for(length))
+        best = select(logits.reshape(B, Hq, -1), step.valid, Hkv, config)  # what the oracle method keeps
+        self.oracle_mass.setdefault(step.layer, []).extend((p * best[:, :, None, :]).sum(-1).flatten().tolist())
         hits = (true_top.view(B, Hkv, G, -1) & keep[:, :, None, :]).sum(-1).float()
         wanted = true_top.view(B, Hkv, G, -1).sum(-1).float()
         self.recall.setdefault(step.layer, []).extend((hits / wanted.clamp_min(1)).flatten().tolist())

@@ -217,8 +217,15 @@ def _load_done(out_dir: Path, cfg: EvalConfig, log: Callable) -> list[dict]:
     return rows
 
 
-def run(model, tokenizer, cfg: EvalConfig, out_dir: Path, progress: bool = True, log: Callable = print) -> list[dict]:
-    """Run the sweep, appending rows to ``out_dir/results.jsonl`` (skipping rows already there); returns all rows."""
+def run(model, tokenizer, cfg: EvalConfig, out_dir: Path, progress: bool = True, log: Callable = print,
+        only: str | None = None) -> list[dict]:
+    """Run the sweep, appending rows to ``out_dir/results.jsonl`` (skipping rows already there); returns all rows.
+    ``only``: ``"tasks"`` (the task samples) or ``"text"`` (the held-out prose metrics), a long run done in parts on
+    one folder (its rows are keyed alike, so the parts resume each other)."""
+    if only not in (None, "tasks", "text"):
+        raise ValueError(f"only must be 'tasks' or 'text', got {only!r}")
+    if only == "text" and not (cfg.attention or cfg.perplexity):
+        raise ValueError("only the held-out prose metrics, but this run measures none (attention/perplexity off)")
     out_dir.mkdir(parents=True, exist_ok=True)
     limit = getattr(model.config, "max_position_embeddings", None)
     longest = max((*cfg.lengths, *cfg.needle_lengths))
@@ -232,11 +239,12 @@ def run(model, tokenizer, cfg: EvalConfig, out_dir: Path, progress: bool = True,
     done = {_row_key(r) for r in rows}
     (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     with bf16_weight_reads(model) if cfg.bf16_weight_reads else contextlib.nullcontext():
-        _sweep(model, tokenizer, cfg, out_dir, rows, done, progress, log)
+        _sweep(model, tokenizer, cfg, out_dir, rows, done, progress, log, only)
     return rows
 
 
-def _sweep(model, tokenizer, cfg: EvalConfig, out_dir: Path, rows: list, done: set, progress: bool, log: Callable):
+def _sweep(model, tokenizer, cfg: EvalConfig, out_dir: Path, rows: list, done: set, progress: bool, log: Callable,
+           only: str | None = None):
     """The task samples (one prefill each, every method and budget decoded from it), then the text metrics."""
     methods = build_methods(cfg.methods, model, tokenizer, cfg, log)
     dtype = parse_dtype(cfg.prefill_dtype)
@@ -250,7 +258,7 @@ def _sweep(model, tokenizer, cfg: EvalConfig, out_dir: Path, rows: list, done: s
             f.write(json.dumps(row) + "\n")
             f.flush()
 
-        for task, length, i in tqdm(cfg.jobs(), desc="samples", disable=not progress):
+        for task, length, i in tqdm(cfg.jobs() if only != "text" else [], desc="samples", disable=not progress):
             sample = T.generate(task, tokenizer, length, seed=cfg.seed + i)
             todo = [(m, b) for m, b in cfg.runs() if (task, length, sample.seed, m, b) not in done]
             if not todo:
@@ -286,7 +294,7 @@ def _sweep(model, tokenizer, cfg: EvalConfig, out_dir: Path, rows: list, done: s
                     "decode_seconds": time.perf_counter() - t0, "prefill_seconds": prefill_s,
                 })
             del pre
-        if cfg.attention or cfg.perplexity:
+        if (cfg.attention or cfg.perplexity) and only != "tasks":
             for length in cfg.text_lengths or cfg.lengths or cfg.needle_lengths:
                 for row in _text_metrics(model, tokenizer, methods, cfg, length, done):
                     emit(row)

@@ -108,6 +108,7 @@ def write_summary(rows: list[dict], out_dir: Path, title: str, decode_last: int,
         + "\n\nAverage task score (x100) per context length; in brackets, its share of full attention's.\n\n"
         + length_table(rows)
         + _interval_sections(rows)
+        + _goal_section(rows)
         + "\n\nHeld-out State of the Union prose: share of the true attention mass kept and recall of the true "
         f"top-K over the last {decode_last} positions (mean over layers and heads), and the perplexity of "
         f"a {ppl_tokens}-token continuation decoded under each method.\n\n"
@@ -124,6 +125,14 @@ def write_summary(rows: list[dict], out_dir: Path, title: str, decode_last: int,
             interval_plot(rows, out_dir / "needle_intervals.png", tasks=_needles(rows), title="needle tasks")
     bytes_plot(rows, out_dir / "quality_vs_bytes.png", title)
     return md
+
+
+def _goal_section(rows: list[dict]) -> str:
+    if not any(r.get("method") == "full" and "score" in r for r in rows):
+        return ""
+    return ("\n\nThe goal at 3%: share of full attention's average, needle tasks and whole suite, per length "
+            "[95% interval]; the first method is the library's default selection (✓: reaches the goal).\n\n"
+            + goal_table(rows))
 
 
 def _needles(rows: list[dict]) -> set[str]:
@@ -152,6 +161,38 @@ def _interval_sections(rows: list[dict]) -> str:
                 + "\n\nNeedle tasks only: share of full attention's average [95% interval]\n\n"
                 + interval_table(rows, needles, ratio=True))
     return out
+
+
+GOAL = {"needles": 0.97, "suite": 0.95}  # shares of full attention's average the default selection must keep
+
+
+def goal_table(rows: list[dict], budget: float = 0.03, methods=("a2ats", "oracle", "quest", "pqcache")) -> str:
+    """The accuracy goal at ``budget``: each method's share of full attention's average on the needle tasks and on
+    the whole suite, per length, with its 95% interval; a share passes when it reaches the goal (``GOAL``)."""
+    parts = [("needles", _needles(rows)), ("suite", None)]
+    lengths = sorted({r["length"] for r in rows if "score" in r})
+    lines = ["| method | tasks | goal | " + " | ".join(f"{n} tokens" for n in lengths) + " |",
+             "|" + "---|" * (3 + len(lengths))]
+    for what, tasks in parts:
+        if tasks is not None and not tasks:
+            continue
+        res = bootstrap(rows, tasks)
+        single = {n for n in lengths if _prompts_per_cell(rows, tasks, n) < 2}
+        for m in methods:
+            per = res.get((m, budget))
+            if per is None:
+                continue
+            cells = []
+            for n in lengths:
+                v = per.get(n)
+                if v is None or v[3] is None:
+                    cells.append("n/a")
+                    continue
+                ci = " [1 prompt]" if n in single else f" [{v[4]:.2f}, {v[5]:.2f}]"
+                mark = " ✓" if v[3] >= GOAL[what] else " ✗"
+                cells.append(f"{v[3]:.2f}{ci}{mark if m == methods[0] else ''}")
+            lines.append(f"| {m} | {what} | {GOAL[what]:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def plots(rows: list[dict], out_dir: Path) -> list[Path]:
