@@ -406,7 +406,16 @@ def bytes_plot(rows: list[dict], path: Path, title: str = "") -> Path | None:
         lines = defaultdict(list)
         for key, per in cells.items():
             lines[key[0]].append((mean(byts[key]) / 1024, _cell_average(per), key[1]))
+        # a method far below the rest (StreamingLLM's 0 on retrieval) would squash every other line: named instead
+        ys = sorted(y for name, pts in lines.items() if name != "full" for _, y, _ in pts)
+        low = {name: max(y for _, y, _ in pts) for name, pts in lines.items()
+               if name != "full" and ys and max(y for _, y, _ in pts) < 0.5 * ys[len(ys) // 2]}
+        if low:
+            ax.set_title("off the scale: " + ", ".join(f"{n} (at most {v:.2f})" for n, v in sorted(low.items())),
+                         fontsize=7)
         for name, pts in sorted(lines.items()):
+            if name in low:
+                continue
             if name == "full":
                 ax.axhline(pts[0][1], color="k", ls="--", lw=1, label="full")
                 continue
