@@ -142,7 +142,7 @@ PRESETS = {
     "long": dict(tasks=tuple(T.TASKS), lengths=(4096, 8192, 16384), needle_lengths=(32000,),
                  budgets=(0.015, 0.03, 0.06), methods=(*METHODS, "a2ats+max", "a2ats-banded+max"),
                  method_budgets={"a2ats+max": (0.03, 0.1), "a2ats-banded+max": (0.1,)}, samples=4,
-                 task_samples={"variable_tracking": 2, "common_words": 2, "frequent_words": 2},
+                 task_samples={"variable_tracking": 2, "common_words": 1, "frequent_words": 1},  # failed by full: cut first
                  attention=True, perplexity=True, text_lengths=(4096, 16384, 32768), decode_last=32, ppl_tokens=64,
                  prefill_dtype="bfloat16", bf16_weight_reads=True),
 }
