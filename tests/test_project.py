@@ -33,12 +33,12 @@ def test_presets_validate_and_have_the_known_sizes():
     assert llama.group == 4 and smol.group == 3
     assert llama.params == pytest.approx(8.03e9, rel=2e-3)  # Llama-3.1-8B: 8.03 B parameters
     assert smol.params == pytest.approx(134.5e6, rel=5e-3)  # SmolLM2-135M (tied embeddings)
-    assert llama.kv_bytes_per_token() == 128 * 1024  # DESIGN §2.1: 128 KiB of bf16 KV per token
+    assert llama.kv_bytes_per_token() == 128 * 1024  # docs/design.md §2.1: 128 KiB of bf16 KV per token
     assert smol.kv_bytes_per_token() == 2 * 30 * 3 * 64 * 2
     assert H100_HOST.host_read_gbps == 95 and H100_HOST.pcie_h2d_gbps == 55 and not H100_HOST.unified
     default_efficiencies()
     Workload()
-    # DESIGN §2.1: a 128K sequence is 16 GiB; 3-4 fit beside the weights on the GPU, ~7 in host RAM.
+    # docs/design.md §2.1: a 128K sequence is 16 GiB; 3-4 fit beside the weights on the GPU, ~7 in host RAM.
     wl = Workload()
     assert full_max_batch(llama, H100_HOST, wl, 131072) in (3, 4)
     assert a2ats_max_batch(llama, H100_HOST, wl, 131072) == 7

@@ -1,5 +1,5 @@
 """Calibration: run the model densely over the offline corpus, accumulate H and collect pre-RoPE keys,
-then fit one query-aware codebook per layer per KV head (DESIGN.md §1.2).
+then fit one query-aware codebook per layer per KV head (docs/design.md §1.2).
 
 Two stages so that ablations share one forward pass: :func:`record` (streaming: H is a running
 d x d sum per KV head; queries are never kept) and :func:`fit`.

@@ -1,4 +1,4 @@
-"""Query-aware vector quantization of pre-RoPE keys (DESIGN.md §1.2): fit, encode, save, load.
+"""Query-aware vector quantization of pre-RoPE keys (docs/design.md §1.2): fit, encode, save, load.
 
 One codebook per layer per KV head over the full head_dim. With ``H = E[q~^T q~] = L L^T``
 (q~ the WRoPE-rotated query, pooled over the GQA group, RMS-normalized), the score error

@@ -70,7 +70,7 @@ Reduction = Literal["union", "max"]
 
 @dataclass(frozen=True)
 class A2ATSConfig:
-    """Decode-time settings. Defaults are the paper's (DESIGN.md §1.3).
+    """Decode-time settings. Defaults are the paper's (docs/design.md §1.3).
 
     - ``budget``: per query head (``union``) or per KV head (``max``), sinks and window excluded.
     - ``reduction``: ``union`` ORs the per-query-head selections of a GQA group (the paper; the

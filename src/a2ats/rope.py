@@ -1,4 +1,4 @@
-"""Rotary position embedding as the model applies it, and WRoPE (DESIGN.md §1.1).
+"""Rotary position embedding as the model applies it, and WRoPE (docs/design.md §1.1).
 
 Transformers hands attention post-RoPE queries and keys. Both are rotated by the model's own
 cos/sin (so llama3, YaRN, dynamic scaling are all included); the inverse rotation recovers the

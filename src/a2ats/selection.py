@@ -1,4 +1,4 @@
-"""Method-agnostic selection (DESIGN.md §1.3 steps 3-4): per-head top-K with sinks and window
+"""Method-agnostic selection (docs/design.md §1.3 steps 3-4): per-head top-K with sinks and window
 excluded from the competition, the GQA reduction, and sinks and window added back.
 
 Every method (A²ATS, oracle, Quest, ...) produces estimated scores per query head; this module

@@ -4,7 +4,7 @@ and dense through the lean engine, on the same model, dtype and cache contents.
 The long caches are *synthesized*: one real dense prefill of ``base`` tokens (a State of the Union text)
 is tiled along the token axis up to each length, keys, values and codes alike. Decode cost depends on
 the length and on how spread the selection is, not on what the text says, and a real 32K prefill costs
-~6 minutes on 2 cores (DESIGN.md §2.2). Positions continue from the synthesized length.
+~6 minutes on 2 cores. Positions continue from the synthesized length.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
 - :mod:`.runner`: prefill (dense) and decode (A²ATS selection + sparse attention, or dense) per layer.
 - :mod:`.loop`: greedy generation over a batch, with per-step timing.
 
-Serving (the paper's heterogeneous system, DESIGN.md §1.4):
+Serving (the paper's heterogeneous system, docs/design.md §1.4):
 
 - :mod:`.slots`: one slot per sequence, each its own length; K/V on the host, codes on the accelerator.
 - :mod:`.preflight`: what a batch needs on each side against what is free; refuses with the largest fit.

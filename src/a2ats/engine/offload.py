@@ -1,4 +1,4 @@
-"""Per-layer attention of a served batch across two placements (DESIGN.md §1.4).
+"""Per-layer attention of a served batch across two placements (docs/design.md §1.4).
 
 The *accelerator* (CUDA when present; the CPU stands in for it) runs the model, encodes keys, builds
 the lookup tables and selects; the *host* holds K and V (:class:`SlotCache`) and attends exactly over

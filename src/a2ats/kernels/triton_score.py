@@ -1,4 +1,4 @@
-"""Triton kernel for LUT scoring + union top-K selection on the accelerator (DESIGN.md §1.3 steps 2-4).
+"""Triton kernel for LUT scoring + union top-K selection on the accelerator (docs/design.md §1.3 steps 2-4).
 
 Returns exactly the set of :func:`a2ats.kernels.reference.reference_score_select` (ties included), as
 the CPU kernel does, and works the same way: the top-K is found on the lookup table, not on the tokens.

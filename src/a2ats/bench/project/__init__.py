@@ -7,7 +7,7 @@ efficiencies and labelled assumptions), never a measurement. It projects decode 
 * **full attention**: weights and the whole bf16 KV cache on the accelerator; the batch is what
   fits in accelerator memory beside the weights; a step reads the weights once and every
   sequence's whole KV cache from HBM.
-* **A²ATS offload** (DESIGN.md §1.4): weights, codebooks, the int16 codes of every token, the
+* **A²ATS offload** (docs/design.md §1.4): weights, codebooks, the int16 codes of every token, the
   lookup tables and top-K on the accelerator; the whole KV cache in host memory; the exact
   attention over the selected rows on the CPU; per layer the query, the selected indices, the new
   k/v and the attention output cross PCIe (never the retrieved KV). The batch is what fits in host

@@ -1,5 +1,5 @@
 """Inputs of the projection: model shapes, hardware profiles, efficiencies and the workload, as validated
-dataclasses with presets; each number is a ceiling (DESIGN.md §2.1), a measurement or a labelled assumption."""
+dataclasses with presets; each number is a ceiling (docs/design.md §2.1), a measurement or a labelled assumption."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 GIB = 1024**3
 GB = 1e9
-TARGET_RATIO = 2.7  # the paper's long-context serving throughput gain (DESIGN.md §1.4)
+TARGET_RATIO = 2.7  # the paper's long-context serving throughput gain (docs/design.md §1.4)
 TARGET_CONTEXT = 131072
 LABEL = "PROJECTION: a performance model (ceilings x efficiencies x assumptions), not a measurement"
 MAX_BATCH = 1024  # batches are capped here (a serving stack's scheduler would cap them too)
@@ -148,12 +148,12 @@ H100_HOST = Hardware(
     name="h100-host", gpu_memory_gib=80.0, hbm_gbps=2940.0, gpu_tflops=400.0, pcie_h2d_gbps=55.0,
     pcie_d2h_gbps=55.0, host_ram_gib=125.0, host_read_gbps=95.0, host_cores=16,
     sources={
-        "gpu_memory_gib": "DESIGN §2.1 (H100 80GB)",
-        "hbm_gbps": "DESIGN §2.1 (HBM copy, read+write, 2.94 TB/s)",
+        "gpu_memory_gib": "docs/design.md §2.1 (H100 80GB)",
+        "hbm_gbps": "docs/design.md §2.1 (HBM copy, read+write, 2.94 TB/s)",
         "gpu_tflops": "assumption: conservative dense bf16 rate at decode shapes (~40% of the SXM part's 989 "
                       "TFLOP/s spec); used only as a compute-bound check",
-        "pcie_h2d_gbps": "DESIGN §2.1 (pinned)", "pcie_d2h_gbps": "DESIGN §2.1 (pinned)",
-        "host_ram_gib": "DESIGN §2.1", "host_read_gbps": "DESIGN §2.1 (16 cores)", "host_cores": "DESIGN §2.1",
+        "pcie_h2d_gbps": "docs/design.md §2.1 (pinned)", "pcie_d2h_gbps": "docs/design.md §2.1 (pinned)",
+        "host_ram_gib": "docs/design.md §2.1", "host_read_gbps": "docs/design.md §2.1 (16 cores)", "host_cores": "docs/design.md §2.1",
         "gpu_reserve_gib": "assumption: CUDA context, activations, allocator slack",
         "host_reserve_gib": "assumption: OS, runtime, pinned staging buffers",
     },
@@ -178,7 +178,7 @@ def local_hardware(kernels: dict, host_gflops_per_core: float = 50.0) -> Hardwar
             ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
             ram_src = "this machine's physical memory (os.sysconf; the kernels JSON does not record it)"
         except (ValueError, OSError, AttributeError):
-            ram, ram_src = 24.0, "DESIGN §2.2 (24 GiB; os.sysconf unavailable)"
+            ram, ram_src = 24.0, "docs/design.md §2.2 (24 GiB; os.sysconf unavailable)"
     tflops = cores * host_gflops_per_core / 1000.0
     return Hardware(
         name="local", gpu_memory_gib=ram, hbm_gbps=read, gpu_tflops=tflops, pcie_h2d_gbps=read,
@@ -246,7 +246,7 @@ class Efficiencies:
 _DEFAULT_EFF_SOURCES = {
     "host_attention": "measured: docs/bench/kernels.json (2026-11-24, 2 cores): 18.3 / 29.7 GB/s, rows warm",
     "gpu_weights": "assumption: small-batch bf16 GEMV reaches ~80% of the HBM copy rate",
-    "gpu_attention": "DESIGN §2.1: dense SDPA decode at 2.7 TB/s over the 2.94 TB/s copy rate",
+    "gpu_attention": "docs/design.md §2.1: dense SDPA decode at 2.7 TB/s over the 2.94 TB/s copy rate",
     "gpu_scoring": "assumption: codes/score streams with LUT gathers reach ~70% of HBM",
     "gpu_gather": "assumption: scattered 512 B rows from HBM reach ~30% of HBM (second-tier variant only)",
     "topk_passes": "assumption: the scoring kernel writes fp32 scores once, a radix top-K reads them twice",

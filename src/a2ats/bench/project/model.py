@@ -280,7 +280,7 @@ def variant_rows(shape: ModelShape, hw: Hardware, eff: Efficiencies, wl: Workloa
 
 
 def assumptions(shape: ModelShape, hw: Hardware, eff: Efficiencies, wl: Workload) -> list[dict]:
-    """Every input number and where it comes from (DESIGN §2.1, a measurement, or an assumption)."""
+    """Every input number and where it comes from (docs/design.md §2.1, a measurement, or an assumption)."""
     out = []
     for k, v in asdict(hw).items():
         if k in ("name", "sources", "unified"):
@@ -300,7 +300,7 @@ def assumptions(shape: ModelShape, hw: Hardware, eff: Efficiencies, wl: Workload
         {"name": "workload.window", "value": wl.window, "source": "paper (always kept)"},
         {"name": "workload.union_inflation", "value": u, "source": usrc},
         {"name": "workload.centroids", "value": wl.centroids, "source": "paper (bf16 codebooks on the GPU)"},
-        {"name": "workload.code_bytes", "value": wl.code_bytes, "source": "DESIGN §1.2 (int16 codes)"},
+        {"name": "workload.code_bytes", "value": wl.code_bytes, "source": "docs/design.md §1.2 (int16 codes)"},
         {"name": "workload.kv_bytes", "value": wl.kv_bytes, "source": "bf16 K/V"},
         {"name": "workload.index_bytes", "value": wl.index_bytes, "source": "assumption: int32 indices cross PCIe"},
         {"name": "model.overlap", "value": "max(GPU, host, PCIe) for B >= 2; the serial sum also given",

@@ -168,7 +168,7 @@ def render_markdown(res: dict) -> str:
                        f"{_f(m['projected_tokens_per_s'], '{:.1f}')}{note} | {_f(m['measured_over_projected'], '{:.2f}')} |")
         out.append("")
     out += ["## Inputs and assumptions", "",
-            "Every number that is not from DESIGN.md §2.1 or a measurement is marked *assumption*.", "",
+            "Every number that is not from docs/design.md §2.1 or a measurement is marked *assumption*.", "",
             "| input | value | source |", "|---|---|---|"]
     for a in res["assumptions"]:
         v = a["value"]
