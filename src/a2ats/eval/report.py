@@ -225,10 +225,7 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
-    p1 = out_dir / "score_vs_budget.png"
-    fig.savefig(p1, dpi=110)
-    plt.close(fig)
+    p1 = _save(fig, out_dir / "score_vs_budget.png")
 
     mid = budgets[len(budgets) // 2] if budgets else 1.0
     names = (["full"] if score[("full", 1.0, tasks[0])] else []) + methods
@@ -242,11 +239,7 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.6 else "k")
     ax.set_title(f"score per task at budget {mid:g} (full: every token)", fontsize=9)
     fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    p2 = out_dir / "heatmap.png"
-    fig.savefig(p2, dpi=110)
-    plt.close(fig)
-    return [p1, p2]
+    return [p1, _save(fig, out_dir / "heatmap.png")]
 
 
 # -- intervals --------------------------------------------------------------------------------------------
@@ -369,8 +362,15 @@ def interval_plot(rows: list[dict], path: Path, tasks=None, title: str = "") -> 
         ax.set_ylim(-0.05, 1.05)
     axes[0][0].set_ylabel("average score (95% interval)")
     axes[0][-1].legend(fontsize=6, loc="lower right")
+    return _save(fig, path, title, 10)
+
+
+def _save(fig, path: Path, title: str = "", title_size: int = 9) -> Path:
+    """Every figure of the report ends the same way: optional title, tight layout, 110 dpi PNG, closed."""
+    import matplotlib.pyplot as plt
+
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=title_size)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -428,12 +428,7 @@ def bytes_plot(rows: list[dict], path: Path, title: str = "") -> Path | None:
         ax.set_xlabel("KiB read per step, per sequence and KV head")
         ax.set_ylabel(label)
     axes[0][-1].legend(fontsize=6)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path, title, 9)
 
 
 def task_interval_table(rows: list[dict], budget: float, methods=None) -> str:
