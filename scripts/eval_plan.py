@@ -32,11 +32,13 @@ if a.task_samples:
 cfg = EvalConfig(**cfg)
 rows = [json.loads(x) for x in Path(a.results).read_text().splitlines() if x.strip()]
 task_rows = [r for r in rows if "score" in r]
+planned = set(cfg.runs(tasks=True))  # decode time of the runs this plan makes, not of every row a run has written
 prefill = defaultdict(dict)  # (task, length) -> seed -> seconds
 decode = defaultdict(lambda: defaultdict(float))  # (task, length) -> seed -> seconds
 for r in task_rows:
     prefill[(r["task"], r["length"])][r["seed"]] = r["prefill_seconds"]
-    decode[(r["task"], r["length"])][r["seed"]] += r["decode_seconds"]
+    if (r["method"], r["budget"]) in planned:
+        decode[(r["task"], r["length"])][r["seed"]] += r["decode_seconds"]
 measured = {c: mean(prefill[c].values()) + mean(decode[c].values()) for c in prefill}
 
 

@@ -164,6 +164,45 @@ def test_config_is_validated():
     assert [harness._hybrid_share(m) for m in ("a2ats-hybrid", "a2ats-hybrid0.25", "a2ats-hybrid.75", "a2ats-hybrid1")] == [0.5, 0.25, 0.75, 1.0]
 
 
+def test_task_budgets_cut_the_task_runs_and_keep_every_prose_run():
+    cfg = harness.EvalConfig(tasks=("common_words",), lengths=(100,), methods=("full", "oracle", "a2ats"),
+                             budgets=(0.1, 0.2), task_budgets={"oracle": (0.2,), "a2ats": ()})
+    assert cfg.runs() == [("full", 1.0), ("oracle", 0.1), ("oracle", 0.2), ("a2ats", 0.1), ("a2ats", 0.2)]
+    assert cfg.runs(tasks=True) == [("full", 1.0), ("oracle", 0.2)]
+    skip_full = harness.EvalConfig(**{**cfg.__dict__, "task_budgets": {"full": ()}})
+    assert [m for m, _ in skip_full.runs(tasks=True)] == ["oracle", "oracle", "a2ats", "a2ats"]
+    with pytest.raises(ValueError, match="task_budgets names methods not in the run"):
+        harness.EvalConfig(**{**cfg.__dict__, "task_budgets": {"quest": (0.1,)}})
+    with pytest.raises(ValueError, match="fractions"):
+        harness.EvalConfig(**{**cfg.__dict__, "task_budgets": {"oracle": (0.0,)}})
+
+
+def test_a_method_cut_from_the_tasks_is_not_calibrated_for_them(tiny, tmp_path, monkeypatch):
+    """Codebooks cost a forward pass and a k-means: a task run must not build a method it will not decode with."""
+    model, tok = tiny
+    monkeypatch.setenv("A2ATS_CACHE", str(tmp_path / "cache"))
+    cfg = harness.EvalConfig(tasks=("niah_single_number_essay",), lengths=(300,), budgets=(0.1,),
+                             methods=("full", "oracle", "a2ats"), task_budgets={"a2ats": ()}, attention=True)
+    rows = harness.run(model, tok, cfg, tmp_path / "out", only="tasks", progress=False, log=lambda *_: None)
+    assert sorted((r["method"], r["budget"]) for r in rows) == [("full", 1.0), ("oracle", 0.1)]
+    assert not (tmp_path / "cache" / "codebooks").exists()
+
+
+def test_report_compares_runs_on_the_prompts_they_share():
+    """x and full decoded four prompts; z three of them (a run stopped part-way: one prompt short); y one (a run
+    cut from the plan). The tables compare full, x and z on the three shared prompts; y is listed apart, beside
+    full on its prompt."""
+    seeds = {"full": 4, "x": 4, "z": 3, "y": 1}
+    rows = [_row("a", 100, m, 1.0 if m == "full" else 0.1, 1.0 if m != "x" or s else 0.0, seed=s)
+            for m, n in seeds.items() for s in range(n)]
+    rows.append({"task": "attention", "length": 100, "method": "y", "budget": 0.1, "mass": 0.5, "recall": 0.5})
+    kept, partial = report.split_by_coverage(rows)
+    assert {(r["method"], r["seed"]) for r in kept if "score" in r} == {(m, s) for m in ("full", "x", "z") for s in range(3)}
+    assert any(r["task"] == "attention" for r in kept) and list(partial) == [("y", 0.1)]
+    assert "| y | 0.1 | 1 | 1 | 100.0 | 100.0 |" in report.partial_table(partial, kept)
+    assert "| x | 0.1 | 10 | 67 | 66.7 | 0.67 |" in report.summary_table(kept)
+
+
 def _row(task, length, method, budget, score, **kw):
     return {"task": task, "length": length, "method": method, "budget": budget, "score": score,
             "attended_per_kv_head": 10.0, **kw}

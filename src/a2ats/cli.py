@@ -315,7 +315,8 @@ def cmd_eval(a) -> int:
             preset[k] = getattr(a, k)
     if a.samples is not None:  # one count for every task, as asked
         preset["task_samples"] = {}
-    preset["method_budgets"] = {m: b for m, b in preset.get("method_budgets", {}).items() if m in preset["methods"]}
+    for key in ("method_budgets", "task_budgets"):  # the preset's per-method budgets, for the methods kept
+        preset[key] = {m: b for m, b in preset.get(key, {}).items() if m in preset["methods"]}
     if a.model is None and a.preset == "long":
         a.model = EVAL_MODEL  # the long-context preset is meant for the model that uses long context
     cfg = harness.EvalConfig(**preset, model=a.model or "")

@@ -79,6 +79,9 @@ class EvalConfig:
     needle_lengths: tuple[int, ...] = ()  # lengths at which only the needle (niah_*) tasks run
     task_samples: dict = field(default_factory=dict)  # task -> samples, overriding ``samples``
     method_budgets: dict = field(default_factory=dict)  # method -> budgets, overriding ``budgets`` (e.g. equal bytes)
+    # method -> budgets on the task samples only, overriding the two above there (``()`` skips the method on tasks);
+    # the held-out prose metrics keep every run: they cost one prefill per length, the tasks one per prompt
+    task_budgets: dict = field(default_factory=dict)
     text_lengths: tuple[int, ...] | None = None  # lengths of the text metrics (default: ``lengths``)
     prefill_dtype: str | None = None  # e.g. "bfloat16": prefills under autocast (decode stays in the model's dtype)
     early_stop: bool = True  # stop decoding once every expected answer is in the output (the score cannot change)
@@ -98,10 +101,13 @@ class EvalConfig:
         unknown = [t for t in (*self.tasks, *self.task_samples) if t not in T.TASKS]
         if unknown:
             raise ValueError(f"unknown tasks {unknown}; known: {', '.join(T.TASKS)}")
-        if any(not 0 < b <= 1 for b in (*self.budgets, *(b for bs in self.method_budgets.values() for b in bs))):
-            raise ValueError(f"budgets are fractions in (0, 1], got {self.budgets} {self.method_budgets or ''}")
-        if set(self.method_budgets) - set(self.methods):
-            raise ValueError(f"method_budgets names methods not in the run: {sorted(set(self.method_budgets) - set(self.methods))}")
+        extra = [b for d in (self.method_budgets, self.task_budgets) for bs in d.values() for b in bs]
+        if any(not 0 < b <= 1 for b in (*self.budgets, *extra)):
+            raise ValueError(f"budgets are fractions in (0, 1], got {self.budgets} {self.method_budgets or ''} "
+                             f"{self.task_budgets or ''}")
+        for name, d in (("method_budgets", self.method_budgets), ("task_budgets", self.task_budgets)):
+            if set(d) - set(self.methods):
+                raise ValueError(f"{name} names methods not in the run: {sorted(set(d) - set(self.methods))}")
         if self.samples < 1 or not (self.lengths or self.needle_lengths) or any(v < 0 for v in self.task_samples.values()):
             raise ValueError("need at least one sample and one length (task_samples may be 0 to skip a task)")
         parse_dtype(self.prefill_dtype)
@@ -116,9 +122,13 @@ class EvalConfig:
         return [(t, n, i) for i in range(max([self.samples, *self.task_samples.values()])) for t, n in cells
                 if i < self.samples_for(t)]
 
-    def runs(self) -> list[tuple[str, float]]:
-        """(method name, budget) pairs each sample is decoded with."""
-        return [(m, b) for m in self.methods for b in ((1.0,) if m == "full" else self.method_budgets.get(m, self.budgets))]
+    def runs(self, tasks: bool = False) -> list[tuple[str, float]]:
+        """(method name, budget) pairs the held-out prose is decoded with, or with ``tasks`` each task sample."""
+        def budgets(m):
+            if tasks and m in self.task_budgets:
+                return ((1.0,) if self.task_budgets[m] else ()) if m == "full" else self.task_budgets[m]
+            return (1.0,) if m == "full" else self.method_budgets.get(m, self.budgets)
+        return [(m, b) for m in self.methods for b in budgets(m)]
 
 
 # Fields whose change makes old rows incomparable with new ones (the others only add rows).
@@ -142,6 +152,11 @@ PRESETS = {
     "long": dict(tasks=tuple(T.TASKS), lengths=(4096, 8192, 16384), needle_lengths=(32000,),
                  budgets=(0.015, 0.03, 0.06), methods=(*METHODS, "a2ats+max", "a2ats-banded+max"),
                  method_budgets={"a2ats+max": (0.03, 0.1), "a2ats-banded+max": (0.1,)}, samples=4,
+                 # the plan's second cut (10 h -> ~6 h): on the task samples, the budget sweep for the candidate
+                 # defaults only, the baselines at the paper's budget and the two ablations (settled on the prose)
+                 # not at all; every run keeps its budgets on the prose
+                 task_budgets={"a2ats-euclid": (), "a2ats-postrope": (), **{m: (0.03,) for m in
+                               ("oracle", "streaming", "quest", "pqcache", "a2ats-hybrid")}},
                  task_samples={"variable_tracking": 2, "common_words": 1, "frequent_words": 1},  # failed by full: cut first
                  attention=True, perplexity=True, text_lengths=(4096, 16384, 32768), decode_last=32, ppl_tokens=64,
                  prefill_dtype="bfloat16", bf16_weight_reads=True),
@@ -246,7 +261,13 @@ def run(model, tokenizer, cfg: EvalConfig, out_dir: Path, progress: bool = True,
 def _sweep(model, tokenizer, cfg: EvalConfig, out_dir: Path, rows: list, done: set, progress: bool, log: Callable,
            only: str | None = None):
     """The task samples (one prefill each, every method and budget decoded from it), then the text metrics."""
-    methods = build_methods(cfg.methods, model, tokenizer, cfg, log)
+    # build (and calibrate for) only the methods this part still decodes with
+    needed = set()
+    if only != "text":
+        needed |= {m for m, _ in cfg.runs(tasks=True)}
+    if (cfg.attention or cfg.perplexity) and only != "tasks":
+        needed |= {m for n in _text_lengths(cfg) for m, _ in _text_todo(cfg, n, done)}
+    methods = build_methods([m for m in cfg.methods if m in needed], model, tokenizer, cfg, log)
     dtype = parse_dtype(cfg.prefill_dtype)
     gen_eos = getattr(model.generation_config, "eos_token_id", None)
     eos = {tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])} - {None}
@@ -260,7 +281,7 @@ def _sweep(model, tokenizer, cfg: EvalConfig, out_dir: Path, rows: list, done: s
 
         for task, length, i in tqdm(cfg.jobs() if only != "text" else [], desc="samples", disable=not progress):
             sample = T.generate(task, tokenizer, length, seed=cfg.seed + i)
-            todo = [(m, b) for m, b in cfg.runs() if (task, length, sample.seed, m, b) not in done]
+            todo = [(m, b) for m, b in cfg.runs(tasks=True) if (task, length, sample.seed, m, b) not in done]
             if not todo:
                 continue
             ids = encode_prompt(tokenizer, sample.prompt)
@@ -295,7 +316,7 @@ def _sweep(model, tokenizer, cfg: EvalConfig, out_dir: Path, rows: list, done: s
                 })
             del pre
         if (cfg.attention or cfg.perplexity) and only != "tasks":
-            for length in cfg.text_lengths or cfg.lengths or cfg.needle_lengths:
+            for length in _text_lengths(cfg):
                 for row in _text_metrics(model, tokenizer, methods, cfg, length, done):
                     emit(row)
 
@@ -308,11 +329,20 @@ def held_out_ids(tokenizer, length: int) -> torch.Tensor:
     return torch.tensor(start + tokenizer.encode(text, add_special_tokens=False)[: length - len(start)])
 
 
+def _text_lengths(cfg: EvalConfig) -> tuple[int, ...]:
+    return cfg.text_lengths or cfg.lengths or cfg.needle_lengths
+
+
+def _text_todo(cfg: EvalConfig, length: int, done: set) -> list[tuple[str, float]]:
+    """The (method, budget) runs of the prose metrics at ``length`` with a row still missing."""
+    kinds = [k for k, on in (("attention", cfg.attention), ("perplexity", cfg.perplexity)) if on]
+    return [(m, b) for m, b in cfg.runs() if any((k, length, None, m, b) not in done for k in kinds)]
+
+
 def _text_metrics(model, tokenizer, methods, cfg: EvalConfig, length: int, done: set):
     """On held-out prose: each method teacher-forces one continuation after a shared prefill; its perplexity over
     ``ppl_tokens`` tokens and the attention mass and top-K recall at the first ``decode_last`` of them."""
-    kinds = [k for k, on in (("attention", cfg.attention), ("perplexity", cfg.perplexity)) if on]
-    todo = [(m, b) for m, b in cfg.runs() if any((k, length, None, m, b) not in done for k in kinds)]
+    todo = _text_todo(cfg, length, done)
     if not todo:
         return
     tail = max(cfg.decode_last if cfg.attention else 0, cfg.ppl_tokens if cfg.perplexity else 0)

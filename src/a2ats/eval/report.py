@@ -96,8 +96,46 @@ def text_metrics_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _prompt(r: dict) -> tuple:
+    return r["task"], r["length"], r.get("seed", 0)
+
+
+def split_by_coverage(rows: list[dict]) -> tuple[list[dict], dict]:
+    """What the tables compare: the task rows of the runs (method, budget) that decoded every prompt of the results
+    but at most one (the prompt a stopped run was in the middle of), on the prompts they all decoded, with every
+    other row (the prose metrics); and the runs that missed more (a plan cut for them), as ``{key: their rows}``.
+    Averages over different prompts are not comparable, so the tables never mix them."""
+    tasks = [r for r in rows if "score" in r]
+    have = defaultdict(set)
+    for r in tasks:
+        have[_key(r)].add(_prompt(r))
+    prompts = set().union(*have.values())
+    partial = {k for k, v in have.items() if len(prompts - v) > 1}
+    common = set.intersection(*[v for k, v in have.items() if k not in partial]) if len(partial) < len(have) else set()
+    kept = [r for r in rows if "score" not in r or (_key(r) not in partial and _prompt(r) in common)]
+    return kept, {k: [r for r in tasks if _key(r) == k] for k in sorted(partial, key=lambda k: (k[0], k[1]))}
+
+
+def partial_table(partial: dict, rows: list[dict]) -> str:
+    """Each run that decoded only some prompts: how many, its average x100 on them and full attention's average
+    on the same prompts (each (task, length) cell weighing the same)."""
+    full = {_prompt(r): r["score"] for r in rows if "score" in r and _key(r) == ("full", 1.0)}
+    lines = ["| method | budget | prompts | cells | average | full, same prompts |", "|---|---|---|---|---|---|"]
+    for (m, b), rs in partial.items():
+        mine, theirs = defaultdict(list), defaultdict(list)
+        for r in rs:
+            mine[(r["task"], r["length"])].append(r["score"])
+            if _prompt(r) in full:
+                theirs[(r["task"], r["length"])].append(full[_prompt(r)])
+        f = f"{100 * _cell_average(theirs):.1f}" if theirs and len(theirs) == len(mine) else "n/a"
+        lines.append(f"| {m} | {b:g} | {len(rs)} | {len(mine)} | {100 * _cell_average(mine):.1f} | {f} |")
+    return "\n".join(lines)
+
+
 def write_summary(rows: list[dict], out_dir: Path, title: str, decode_last: int, ppl_tokens: int) -> str:
-    """``summary.md`` (every table) and the plots in ``out_dir``; returns the markdown."""
+    """``summary.md`` (every table) and the plots in ``out_dir``; returns the markdown. The task tables and plots
+    compare the runs that decoded every prompt; the others are listed apart (:func:`split_by_coverage`)."""
+    rows, partial = split_by_coverage(rows)
     per_cell = Counter((r["method"], r["budget"], r["task"], r["length"]) for r in rows if "score" in r)
     samples = max(per_cell.values(), default=0)  # of any method: "full" need not be among the results
     md = (
@@ -109,6 +147,9 @@ def write_summary(rows: list[dict], out_dir: Path, title: str, decode_last: int,
         + length_table(rows)
         + _interval_sections(rows)
         + _goal_section(rows)
+        + ("\n\nRuns that decoded only some of the prompts (a cut plan, a stopped run), left out of the tables above: "
+           "their average on the prompts they ran, beside full attention's on the same prompts.\n\n"
+           + partial_table(partial, rows) if partial else "")
         + "\n\nHeld-out State of the Union prose: share of the true attention mass kept and recall of the true "
         f"top-K over the last {decode_last} positions (mean over layers and heads), and the perplexity of "
         f"a {ppl_tokens}-token continuation decoded under each method.\n\n"
