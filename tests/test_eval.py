@@ -269,6 +269,8 @@ def test_one_prompt_per_cell_has_no_interval_and_lengths_weigh_by_cell():
     assert "| 66.7 | 1.00 |" in report.summary_table(rows)
     more = rows + [_row("a", 200, m, b, 1.0, seed=1) for m, b in (("full", 1.0), ("x", 0.1))]
     assert report.interval_table(more, tasks={"a"}).split("\n")[-1].split("|")[4].strip() == "50.0 [0, 100]"
+    # over both lengths one cell holds two prompts and one a single prompt: an interval from the first alone, marked †
+    assert report.interval_table(more, tasks={"a"}).split("\n")[-1].split("|")[5].strip() == "75.0 [50, 100]†"
 
 
 def test_a_run_in_parts_tasks_then_text(tiny, tmp_path, monkeypatch):

@@ -172,7 +172,7 @@ def _goal_section(rows: list[dict]) -> str:
     if not any(r.get("method") == "full" and "score" in r for r in rows):
         return ""
     return ("\n\nThe goal at 3%: share of full attention's average, needle tasks and whole suite, per length "
-            "[95% interval]; the first method is the library's default selection (✓: reaches the goal).\n\n"
+            "[95% interval; † as above]; the first method is the library's default selection (✓: reaches the goal).\n\n"
             + goal_table(rows))
 
 
@@ -186,7 +186,8 @@ def _interval_sections(rows: list[dict]) -> str:
     if not any("score" in r for r in rows):
         return ""
     out = ("\n\nAverage score x100 with its 95% bootstrap interval over prompts (each (task, length) cell's "
-           "prompts redrawn 2,000 times, the same for every method); overlapping intervals are ties.\n\n"
+           "prompts redrawn 2,000 times, the same for every method); overlapping intervals are ties. † some cells "
+           "hold one prompt (a task cut to one sample): the interval counts the spread of the others only.\n\n"
            + interval_table(rows)
            + "\n\nShare of full attention's average, same prompts, with its 95% interval.\n\n"
            + interval_table(rows, ratio=True))
@@ -218,7 +219,7 @@ def goal_table(rows: list[dict], budget: float = 0.03, methods=("a2ats", "oracle
         if tasks is not None and not tasks:
             continue
         res = bootstrap(rows, tasks)
-        single = {n for n in lengths if _prompts_per_cell(rows, tasks, n) < 2}
+        spread = {n: _spread(rows, tasks, n) for n in lengths}
         for m in methods:
             per = res.get((m, budget))
             if per is None:
@@ -229,7 +230,7 @@ def goal_table(rows: list[dict], budget: float = 0.03, methods=("a2ats", "oracle
                 if v is None or v[3] is None:
                     cells.append("n/a")
                     continue
-                ci = " [1 prompt]" if n in single else f" [{v[4]:.2f}, {v[5]:.2f}]"
+                ci = _ci(spread[n], v[4], v[5], "{:.2f}")
                 mark = " ✓" if v[3] >= GOAL[what] else " ✗"
                 cells.append(f"{v[3]:.2f}{ci}{mark if m == methods[0] else ''}")
             lines.append(f"| {m} | {what} | {GOAL[what]:.2f} | " + " | ".join(cells) + " |")
@@ -344,7 +345,7 @@ def interval_table(rows: list[dict], tasks=None, ratio: bool = False) -> str:
     if not res:
         return "(no task rows)"
     groups = sorted({g for v in res.values() for g in v if g != "all"}) + ["all"]
-    single = {g for g in groups if _prompts_per_cell(rows, tasks, g) < 2}  # no spread to resample: no interval
+    spread = {g: _spread(rows, tasks, g) for g in groups}
     head = ["method", "budget"] + [f"{g} tokens" if g != "all" else "all" for g in groups]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, per in res.items():
@@ -356,21 +357,30 @@ def interval_table(rows: list[dict], tasks=None, ratio: bool = False) -> str:
             if v is None or (ratio and v[3] is None):
                 cells.append("n/a")
             elif ratio:
-                cells.append(f"{v[3]:.2f}" + (" [1 prompt]" if g in single else f" [{v[4]:.2f}, {v[5]:.2f}]"))
+                cells.append(f"{v[3]:.2f}" + _ci(spread[g], v[4], v[5], "{:.2f}"))
             else:
-                cells.append(f"{100 * v[0]:.1f}" + (" [1 prompt]" if g in single else f" [{100 * v[1]:.0f}, {100 * v[2]:.0f}]"))
+                cells.append(f"{100 * v[0]:.1f}" + _ci(spread[g], 100 * v[1], 100 * v[2], "{:.0f}"))
         lines.append(f"| {key[0]} | {key[1]:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _prompts_per_cell(rows: list[dict], tasks, group) -> int:
-    """The fewest prompts any (task, length) cell of ``group`` (a length or "all") holds: with one, a bootstrap
-    interval has zero width and says nothing, so the tables mark it instead of printing it."""
+def _spread(rows: list[dict], tasks, group) -> str:
+    """How much of ``group`` (a length or "all") the bootstrap can resample: "none" when every (task, length) cell
+    holds one prompt (the interval would have zero width and say nothing), "some" when some cells do (a task cut
+    to one sample: the interval counts the others' spread only), "" when every cell holds two or more."""
     seeds = defaultdict(set)
     for r in rows:
         if "score" in r and (tasks is None or r["task"] in tasks) and (group == "all" or r["length"] == group):
             seeds[(r["task"], r["length"])].add(r.get("seed", 0))
-    return min((len(v) for v in seeds.values()), default=0)
+    counts = [len(v) for v in seeds.values()] or [0]
+    return "none" if max(counts) < 2 else "some" if min(counts) < 2 else ""
+
+
+def _ci(spread: str, lo: float, hi: float, fmt: str) -> str:
+    """An interval as the tables print it: ``[1 prompt]`` where nothing can be resampled, † where part can."""
+    if spread == "none":
+        return " [1 prompt]"
+    return f" [{fmt.format(lo)}, {fmt.format(hi)}]" + ("†" if spread == "some" else "")
 
 
 def interval_plot(rows: list[dict], path: Path, tasks=None, title: str = "") -> Path:
@@ -487,7 +497,6 @@ def task_interval_table(rows: list[dict], budget: float, methods=None) -> str:
         cells = []
         for k in keys:
             v = per_task[t].get(k, {}).get("all")
-            one = _prompts_per_cell(rows, {t}, "all") < 2
-            cells.append("n/a" if v is None else f"{100 * v[0]:.0f}" + (" [1 prompt]" if one else f" [{100 * v[1]:.0f}, {100 * v[2]:.0f}]"))
+            cells.append("n/a" if v is None else f"{100 * v[0]:.0f}" + _ci(_spread(rows, {t}, "all"), 100 * v[1], 100 * v[2], "{:.0f}"))
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
