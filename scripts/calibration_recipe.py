@@ -56,7 +56,7 @@ out.mkdir(parents=True, exist_ok=True)
 rows, calib = [], {}
 methods = {"oracle": OracleMethod()}
 for name in a.recipes.split(","):
-    s = CodebookSettings(**RECIPES[name])
+    s = CodebookSettings(**RECIPES[name], wrope_band_ratio=None)  # measured with the paper's single WRoPE distance
     t = time.perf_counter()
     cb = load_or_calibrate(model, tok, settings=s, compute_dtype=dtype)
     calib[name] = {"settings_tag": s.tag, "seconds_here": round(time.perf_counter() - t, 1), **cb.info}

@@ -32,7 +32,7 @@ from a2ats.assets import load_model
 from a2ats.cache import A2ATSCache
 from a2ats.calibrate import load_or_calibrate
 from a2ats.codebook import CodebookSettings
-from a2ats.config import A2ATSConfig
+from a2ats.config import DEFAULT_BAND_RATIO, A2ATSConfig
 from a2ats.corpus import speeches
 from a2ats.eval.attention_metrics import MassProbe
 from a2ats.eval.prefill import fork, prefill
@@ -51,7 +51,8 @@ p.add_argument("--budget", type=float, default=0.03)
 p.add_argument("--block", type=int, default=64, help="steps per point of the plot")
 p.add_argument("--prefill-dtype", default="bfloat16")
 p.add_argument("--prompt", choices=["code", "prose"], default="code")
-p.add_argument("--wrope-bands", type=float, default=None, help="banded WRoPE (e.g. 2) instead of the default selection")
+p.add_argument("--wrope-bands", type=float, default=DEFAULT_BAND_RATIO,
+               help=f"banded WRoPE ratio (default {DEFAULT_BAND_RATIO:g}, the library's selection); 0: the paper's single distance")
 p.add_argument("--out", default="docs/eval/qwen/long_generation")
 a = p.parse_args()
 out = Path(a.out)
@@ -59,7 +60,7 @@ out.mkdir(parents=True, exist_ok=True)
 t_start = time.perf_counter()
 
 model, tok = load_model(a.model)
-cfg = A2ATSConfig(budget=a.budget, wrope_band_ratio=a.wrope_bands)  # the library's default selection otherwise
+cfg = A2ATSConfig(budget=a.budget, wrope_band_ratio=a.wrope_bands or None)
 settings = CodebookSettings(wrope_distance=cfg.wrope_distance, wrope_band_ratio=cfg.wrope_band_ratio)
 cb = load_or_calibrate(model, tok, settings=settings, compute_dtype=parse_dtype(a.prefill_dtype))
 method = A2ATSMethod(cb, WRoPE(find_rotary_embedding(model), cfg.wrope_distance, cfg.wrope_band_ratio))

@@ -58,11 +58,11 @@ def _command() -> str:
 model, tok = load_model()
 rot = find_rotary_embedding(model)
 head_dim = model.config.hidden_size // model.config.num_attention_heads
-paper = load_or_calibrate(model, tok)
+paper = load_or_calibrate(model, tok, settings=CodebookSettings(wrope_band_ratio=None))
 makers = {
     "oracle": OracleMethod,
     "a2ats (paper)": lambda: A2ATSMethod(paper, WRoPE(rot, 2048)),
-    "a2ats-euclid": lambda: A2ATSMethod(load_or_calibrate(model, tok, settings=CodebookSettings(query_aware=False)), WRoPE(rot, 2048)),
+    "a2ats-euclid": lambda: A2ATSMethod(load_or_calibrate(model, tok, settings=CodebookSettings(query_aware=False, wrope_band_ratio=None)), WRoPE(rot, 2048)),
     "quest": QuestMethod,
 }
 for r in [float(x) for x in a.band_ratios.split(",") if x]:

@@ -47,9 +47,11 @@ def test_sequences_start_with_the_sink_token_and_keep_their_length(default_model
 
 
 def test_recipe_is_in_the_file_tag_and_old_files_still_load(tmp_path):
-    assert CodebookSettings(seq_len=2048, sink_prefix=False).tag == "c4096-b2048-qa"  # the first recipe's name
-    assert CodebookSettings(seq_len=16384, sink_prefix=True).tag == "c4096-b2048-qa-s16k"
-    assert CodebookSettings(seq_len=2048, sink_prefix=True, query_aware=False).tag == "c4096-b2048-euclid-s2k"
+    paper = dict(wrope_band_ratio=None)  # the paper's single distance; the default is banded
+    assert CodebookSettings(seq_len=2048, sink_prefix=False, **paper).tag == "c4096-b2048-qa"  # the first recipe's name
+    assert CodebookSettings(seq_len=16384, sink_prefix=True, **paper).tag == "c4096-b2048-qa-s16k"
+    assert CodebookSettings(seq_len=2048, sink_prefix=True, query_aware=False, **paper).tag == "c4096-b2048-euclid-s2k"
+    assert CodebookSettings().tag == "c4096-bands2-qa-s16k"
     model = tiny_model("llama")
     cb = random_codebooks(model)
     meta = cb.metadata()
@@ -93,8 +95,8 @@ def test_missing_codebooks_share_forward_passes_and_existing_ones_are_kept(defau
                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                              max_position_embeddings=1024)).eval()
     small = dict(n_centroids=8, text_tokens=600, uuid_tokens=200, seq_len=256, max_iter=1)
-    want = [CodebookSettings(**small), CodebookSettings(**small, query_aware=False),
-            CodebookSettings(**small, wrope_band_ratio=2.0), CodebookSettings(**small, post_rope=True)]
+    want = [CodebookSettings(**small, wrope_band_ratio=None), CodebookSettings(**small, query_aware=False, wrope_band_ratio=None),
+            CodebookSettings(**small), CodebookSettings(**small, post_rope=True)]
     passes = []
     real = C.record
     monkeypatch.setattr(C, "record", lambda *a, **k: passes.append(a[4:6]) or real(*a, **k))

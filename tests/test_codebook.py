@@ -74,9 +74,12 @@ def test_codebooks_of_another_model_are_refused(tmp_path):
         cb.check_compatible(tiny_model("llama", seed=1))
     with pytest.raises(CodebookError, match="WRoPE distance 2048.*1024"):
         cb.check_compatible(tiny_model("llama"), wrope_distance=1024)
-    with pytest.raises(CodebookError, match="single distance, but the config asks for bands of ratio 4.*--wrope-bands 4"):
+    # the default codebooks are banded (ratio 2): another ratio, or the paper's single distance, is refused with the flag
+    with pytest.raises(CodebookError, match="bands of ratio 2, but the config asks for bands of ratio 4.*--wrope-bands 4"):
         cb.check_compatible(tiny_model("llama"), band_ratio=4.0)
-    cb.check_compatible(tiny_model("llama"), band_ratio=None)
+    with pytest.raises(CodebookError, match="ratio 2, but the config asks for the paper's single distance.*--wrope-bands 0"):
+        cb.check_compatible(tiny_model("llama"), band_ratio=None)
+    cb.check_compatible(tiny_model("llama"), band_ratio=2.0)
 
 
 def test_banded_calibration_pools_every_band():
@@ -93,7 +96,7 @@ def test_banded_calibration_pools_every_band():
     for layer in range(len(banded.h)):
         torch.testing.assert_close(banded.h[layer], singles[0].h[layer] + singles[1].h[layer], rtol=1e-4, atol=1e-4)
         assert torch.equal(banded.keys[layer], singles[0].keys[layer])
-    with pytest.raises(ValueError, match=r"band ratio\(s\) \[4.0\].*for None"):
+    with pytest.raises(ValueError, match=r"band ratio\(s\) \[4.0\].*for 2.0"):
         fit(banded, CodebookSettings(n_centroids=8))
     # one pass can serve several band ratios: the same keys, H per ratio
     both = record(model, seqs, progress=False, band_ratio=4.0, more_band_ratios=(None,))

@@ -145,10 +145,15 @@ def test_banded_wrope_padded_rows_equal_their_own_runs(family):
     from a2ats.codebook import CodebookError
 
     model = tiny_model(family)
-    cb = random_codebooks(model)
+    cb = random_codebooks(model)  # banded (ratio 2), the default; the paper's single distance needs its own
+    assert cb.settings.wrope_band_ratio == 2.0
+    with pytest.raises(CodebookError, match="bands of ratio 2.*the paper's single distance"):
+        A2ATS(model, cb, A2ATSConfig(wrope_band_ratio=None))
+    banded = cb.settings
+    cb.settings = dataclasses.replace(banded, wrope_band_ratio=None)  # as if calibrated for the paper's WRoPE
     with pytest.raises(CodebookError, match="single distance.*bands of ratio 2"):
-        A2ATS(model, cb, A2ATSConfig(wrope_band_ratio=2.0))
-    cb.settings = dataclasses.replace(cb.settings, wrope_band_ratio=2.0)  # as if calibrated with bands
+        A2ATS(model, cb, A2ATSConfig())
+    cb.settings = banded
     ids, mask = padded_batch(seed=2, lengths=(300, 201, 257))  # bands from 64: [0, 128), [128, 256), [256, 512)
     cfg = A2ATSConfig(budget=0.1, sinks=2, window=8, wrope_band_ratio=2.0)
     with A2ATS(model, cb, cfg) as a2:

@@ -9,6 +9,7 @@ import time
 import torch
 
 from .bench import DEFAULT_VARIANTS, VARIANTS
+from .config import DEFAULT_BAND_RATIO
 
 DECODE_LENGTHS = (2048, 8192, 16384, 32768)
 THROUGHPUT_LENGTHS = (8192, 32768)
@@ -48,7 +49,8 @@ def _add_codebook_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--centroids", type=int, default=4096, help="centroids per layer per KV head (paper: 4096)")
     p.add_argument("--wrope-distance", type=int, default=2048, help="WRoPE distance b (paper: 2048)")
     p.add_argument("--wrope-bands", type=float, default=None, metavar="RATIO",
-                   help="banded WRoPE (not in the paper): score each geometric band of distances, ratio RATIO (e.g. 4), at its own distance")
+                   help="banded WRoPE: score each geometric band of distances, ratio RATIO, at its own distance "
+                        f"(default {DEFAULT_BAND_RATIO:g}, the library's selection); 0: the paper's single distance b")
     p.add_argument("--text-tokens", type=int, default=65536, help="calibration prose tokens (paper: ~64K)")
     p.add_argument("--uuid-tokens", type=int, default=16384, help="calibration UUID-string tokens (paper: ~16K)")
     p.add_argument("--max-iter", type=int, default=10, help="Lloyd iterations at most (paper: 300; see README)")
@@ -64,13 +66,24 @@ def _add_codebook_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _band_ratio(a) -> float | None:
+    """``--wrope-bands``: unset is the library's default ratio, 0 the paper's single distance."""
+    if a.wrope_bands is None:
+        return DEFAULT_BAND_RATIO
+    if a.wrope_bands == 0:
+        return None
+    if not a.wrope_bands > 1:
+        raise ValueError(f"--wrope-bands must be 0 (the paper's single distance) or a ratio > 1, got {a.wrope_bands:g}")
+    return a.wrope_bands
+
+
 def _settings(a):
     from .codebook import CodebookSettings
 
     return CodebookSettings(
         n_centroids=a.centroids,
         wrope_distance=a.wrope_distance,
-        wrope_band_ratio=a.wrope_bands,
+        wrope_band_ratio=_band_ratio(a),
         query_aware=not a.euclidean,
         text_tokens=a.text_tokens,
         uuid_tokens=a.uuid_tokens,
@@ -117,7 +130,7 @@ def _config(a):
     from .config import A2ATSConfig
 
     return A2ATSConfig(budget=a.budget, sinks=a.sinks, window=a.window, wrope_distance=a.wrope_distance,
-                       wrope_band_ratio=a.wrope_bands, reduction=a.reduction)
+                       wrope_band_ratio=_band_ratio(a), reduction=a.reduction)
 
 
 def _codebooks(a, model, tok):
@@ -143,8 +156,9 @@ def _a2ats(a, model, tok):
         from .methods import HybridMethod
         from .rope import find_rotary_embedding
 
-        if a.path == "fast" or a.wrope_bands is not None:
+        if a.path == "fast" or a.wrope_bands not in (None, 0):
             raise ValueError("--hybrid runs on the reference path over the paper's codebook: drop --path fast and --wrope-bands")
+        a.wrope_bands = 0  # its codebook is the paper's; it bands half the budget itself
         method = HybridMethod(_codebooks(a, model, tok), find_rotary_embedding(model), a.wrope_distance, 2.0, a.hybrid)
         return A2ATS(model, config=_config(a), method=method, path="reference")
     return A2ATS(model, _codebooks(a, model, tok), _config(a), path="reference" if a.path == "reference" else "auto")
@@ -398,7 +412,7 @@ def cmd_bench(a) -> int:
                                  variants=a.variants, steps=a.steps, gguf=gguf, log=_log)
     rows = rows_to_json(rows)
     res = {"machine": _machine(), "model": a.model or "smollm2-135m", "dtype": a.dtype, "budget": str(a.budget),
-           "wrope_bands": a.wrope_bands,
+           "wrope_bands": _band_ratio(a),
            "command": "a2ats " + " ".join(sys.argv[1:]), "prefill": prefill, "rows": rows}
     if a.out:
         out = Path(a.out)

@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .config import DEFAULT_BAND_RATIO
 from .kmeans import kmeans
 
 FORMAT_VERSION = 1
@@ -34,7 +35,7 @@ class CodebookSettings:
 
     n_centroids: int = 4096
     wrope_distance: int = 2048
-    wrope_band_ratio: float | None = None  # banded WRoPE (not in the paper); None: the single distance b
+    wrope_band_ratio: float | None = DEFAULT_BAND_RATIO  # banded WRoPE (beyond the paper); None: its single distance b
     query_aware: bool = True  # False: plain Euclidean k-means on pre-RoPE keys (an ablation)
     post_rope: bool = False  # True: keys and queries after RoPE, no WRoPE (an ablation; b unused)
     text_tokens: int = 65536
@@ -280,11 +281,12 @@ class Codebooks:
                 f"{origin} were calibrated for WRoPE distance {self.settings.wrope_distance}, but the config asks "
                 f"for {wrope_distance}: use the same distance or recalibrate with `--wrope-distance {wrope_distance}`"
             )
-        if band_ratio != "any" and band_ratio != self.settings.wrope_band_ratio:
+        # post-RoPE codebooks score with the true query: no WRoPE, so any band ratio serves
+        if band_ratio != "any" and band_ratio != self.settings.wrope_band_ratio and not self.settings.post_rope:
             def say(r):
                 return "the paper's single distance" if r is None else f"bands of ratio {r:g}"
 
-            flag = "without --wrope-bands" if band_ratio is None else f"with `--wrope-bands {band_ratio:g}`"
+            flag = "with `--wrope-bands 0`" if band_ratio is None else f"with `--wrope-bands {band_ratio:g}`"
             raise CodebookError(
                 f"{origin} were calibrated for WRoPE with {say(self.settings.wrope_band_ratio)}, but the config asks "
                 f"for {say(band_ratio)}: use the same WRoPE or recalibrate {flag}"

@@ -138,7 +138,7 @@ _RESULT_FIELDS = ("seed", "centroids", "calibration", "decode_last", "ppl_tokens
 PRESETS = {
     # small enough for CI on 2 cores: two short tasks, one length, few methods
     "quick": dict(tasks=("niah_single_number_essay", "niah_multikey"), lengths=(1024,), budgets=(0.05, 0.2),
-                  methods=("full", "oracle", "streaming", "quest", "a2ats"), samples=1, centroids=256,
+                  methods=("full", "oracle", "streaming", "quest", "a2ats", "a2ats-banded"), samples=1, centroids=256,
                   calibration={"text_tokens": 8192, "uuid_tokens": 2048, "max_iter": 5}, attention=True,
                   perplexity=True, decode_last=8, ppl_tokens=32),
     # the first committed table (SmolLM2-135M): every task and method at 2K, 4K and 8K, budgets of about 1.5%,
