@@ -21,9 +21,10 @@ def _hf(model, ids, mask, n):
         return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, **GEN)
 
 
-def _banded(model):
+def _codebooks(model, bands):
+    """Random codebooks, marked as calibrated for ``bands`` (the default is banded, ratio 2)."""
     cb = random_codebooks(model)
-    cb.settings = dataclasses.replace(cb.settings, wrope_band_ratio=2.0)
+    cb.settings = dataclasses.replace(cb.settings, wrope_band_ratio=bands)
     return cb
 
 
@@ -36,7 +37,7 @@ def test_engine_equals_reference_path(family, path, bands):
     reduction = "max" if (FAMILIES.index(family) + (bands is None)) % 2 else "union"
     model = tiny_model(family)
     ids, mask = padded_batch(seed=3, lengths=(300, 201, 257))
-    cb = _banded(model) if bands else random_codebooks(model)
+    cb = _codebooks(model, bands)
     cfg = A2ATSConfig(budget=0.05, sinks=2, window=8, wrope_band_ratio=bands, reduction=reduction)
     with A2ATS(model, cb, cfg) as a2:
         ref = _hf(model, ids, mask, 10)
