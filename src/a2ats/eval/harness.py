@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..calibrate import calibrate_missing, load_or_calibrate
 from ..codebook import CodebookSettings
-from ..config import A2ATSConfig
+from ..config import DEFAULT_BAND_RATIO, A2ATSConfig
 from ..corpus import prompt_start, speeches
 from ..generate import encode_prompt
 from ..hf import A2ATS, check_context
@@ -41,7 +41,7 @@ METHODS = ("full", "oracle", "streaming", "quest", "pqcache", "a2ats", "a2ats-eu
            "a2ats-hybrid")
 PAPER_METHODS = METHODS[:-2]  # the evaluation issue's set: the paper's method, its ablations and the baselines
 NEEDLE_TASKS = tuple(t for t in T.TASKS if t.startswith("niah_"))
-BAND_RATIO = 2.0  # a2ats-banded's ratio of band edges (distances 64-128, 128-256, ...)
+BAND_RATIO = DEFAULT_BAND_RATIO  # a2ats-banded: the library's default selection (bands 64-128, 128-256, ...)
 HYBRID_SHARE = 0.5  # a2ats-hybrid: share of the budget chosen by the paper's score; "a2ats-hybrid0.75" sets another
 REDUCTIONS = ("union", "max")
 

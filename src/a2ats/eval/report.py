@@ -496,9 +496,9 @@ def task_interval_table(rows: list[dict], budget: float, methods=None) -> str:
     per_task = {t: bootstrap(rows, {t}) for t in tasks}
     lines = ["| task | " + " | ".join(k[0] for k in keys) + " |", "|" + "---|" * (len(keys) + 1)]
     for t in tasks:
-        cells = []
+        cells, spread = [], _spread(rows, {t}, "all")  # the task's prompts, the same for every method
         for k in keys:
             v = per_task[t].get(k, {}).get("all")
-            cells.append("n/a" if v is None else f"{100 * v[0]:.0f}" + _ci(_spread(rows, {t}, "all"), 100 * v[1], 100 * v[2], "{:.0f}"))
+            cells.append("n/a" if v is None else f"{100 * v[0]:.0f}" + _ci(spread, 100 * v[1], 100 * v[2], "{:.0f}"))
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
