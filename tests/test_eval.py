@@ -81,15 +81,19 @@ def test_sweep_writes_rows_table_and_plots(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("A2ATS_CACHE", str(tmp_path / "cache"))
     cfg = harness.EvalConfig(
         tasks=("niah_single_number_essay", "common_words"), lengths=(700,), budgets=(0.05, 1.0), samples=1,
-        methods=("full", "oracle", "streaming", "quest", "pqcache", "a2ats"), centroids=16,
+        methods=("full", "oracle", "streaming", "quest", "pqcache", "a2ats", "a2ats-rerank3"), centroids=16,
         calibration={"text_tokens": 1024, "uuid_tokens": 256, "max_iter": 2},
         attention=True, perplexity=True, decode_last=4, ppl_tokens=6,
     )
     all_rows = harness.run(model, tok, cfg, tmp_path / "out", progress=False, log=lambda *_: None)
     rows = [r for r in all_rows if "score" in r]
-    assert len(rows) == 2 * (1 + 5 * 2)
+    assert len(rows) == 2 * (1 + 6 * 2)
     text = [r for r in all_rows if "score" not in r]
-    assert len(text) == 2 * (1 + 5 * 2)  # attention and perplexity rows, per method and budget
+    assert len(text) == 2 * (1 + 6 * 2)  # attention and perplexity rows, per method and budget
+    # the re-rank reads its shortlist's keys (3 x K per query head) on top of what the same selection size costs
+    for r in (r for r in all_rows if r["method"] == "a2ats-rerank3" and r["budget"] == 0.05 and "bytes_per_step" in r):
+        own = harness._bytes("a2ats", r["context_tokens"], r["attended_per_kv_head"], 16)
+        assert r["bytes_per_step"] >= own + r["budget_tokens"] * 3 * 16 * 2
     for r in text:
         if r["budget"] == 1.0 and r["task"] == "attention":
             assert r["mass"] == pytest.approx(1.0, abs=1e-5) and r["recall"] == pytest.approx(1.0)
@@ -146,7 +150,10 @@ def test_jobs_put_samples_outermost_and_needles_alone_at_needle_lengths():
                           ("niah_multikey", 100, 1), ("niah_multikey", 900, 1)]
     assert harness.parse_method("a2ats+max") == ("a2ats", "max")
     assert harness.parse_method("a2ats-hybrid0.25") == ("a2ats-hybrid0.25", "union")
-    for bad in ("a2ats+min", "magic+max"):
+    assert harness.parse_method("a2ats-banded-rerank4+max") == ("a2ats-banded-rerank4", "max")
+    assert harness._rerank("a2ats-banded-rerank") == ("a2ats-banded", 2.0)
+    assert harness._rerank("a2ats-rerank2.5") == ("a2ats", 2.5)
+    for bad in ("a2ats+min", "magic+max", "a2ats-rerank0.5", "quest-rerank2", "a2ats-euclid-rerank"):
         with pytest.raises(ValueError, match="unknown method"):
             harness.parse_method(bad)
 

@@ -1,12 +1,15 @@
 """Every selection method behind the one interface: parametrized over all of them."""
 
+import math
+
 import pytest
 import torch
 import transformers as T
 
 from a2ats import A2ATS, A2ATSConfig
 from a2ats.eval.attention_metrics import attention_mass
-from a2ats.methods import A2ATSMethod, FullMethod, HybridMethod, OracleMethod, PQCacheMethod, QuestMethod, StreamingMethod
+from a2ats.methods import (A2ATSMethod, FullMethod, HybridMethod, OracleMethod, PQCacheMethod, QuestMethod, RerankMethod,
+                           StreamingMethod)
 from a2ats.rope import WRoPE, find_rotary_embedding
 from a2ats.selection import DecodeStep
 
@@ -23,10 +26,11 @@ def make(name, model):
         "a2ats": lambda: A2ATSMethod(random_codebooks(model), WRoPE(find_rotary_embedding(model), 2048)),
         "a2ats-banded": lambda: A2ATSMethod(random_codebooks(model), WRoPE(find_rotary_embedding(model), band_ratio=2, first_edge=8)),
         "a2ats-hybrid": lambda: HybridMethod(random_codebooks(model), find_rotary_embedding(model), 2048, 2.0, 0.5),
+        "a2ats-banded-rerank": lambda: RerankMethod(make("a2ats-banded", model), 2.0),
     }[name]()
 
 
-METHODS = ["full", "oracle", "streaming", "quest", "pqcache", "a2ats", "a2ats-banded", "a2ats-hybrid"]
+METHODS = ["full", "oracle", "streaming", "quest", "pqcache", "a2ats", "a2ats-banded", "a2ats-hybrid", "a2ats-banded-rerank"]
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -210,3 +214,63 @@ def test_hybrid_share_out_of_range_is_refused():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="share"):
         HybridMethod(random_codebooks(model), find_rotary_embedding(model), share=1.5)
+
+
+class _Fixed:
+    """An estimate given outright: the re-rank's shortlist is then known token by token."""
+
+    name = "fixed"
+
+    def __init__(self, scores):
+        self.est = scores
+
+    def scores(self, step):
+        return self.est
+
+
+@pytest.mark.parametrize("reduction", ["union", "max"])
+@pytest.mark.parametrize("factor", [1.0, 2.5, 1000.0])
+def test_rerank_keeps_the_exact_best_of_the_estimates_shortlist(reduction, factor):
+    g = torch.Generator().manual_seed(3)
+    B, Hkv, G, n, d = 2, 2, 3, 53, 8
+    keys, q = torch.randn(B, Hkv, n, d, generator=g), torch.randn(B, Hkv * G, d, generator=g)
+    est = torch.randn(B, Hkv * G, n, generator=g)
+    valid = torch.ones(B, n, dtype=torch.bool)
+    valid[1, :11] = False  # row 1 left-padded
+    cfg = A2ATSConfig(budget=0.12, sinks=2, window=3, reduction=reduction)
+    method = RerankMethod(_Fixed(est), factor)
+    keep = method.select(_step(keys, q, valid), cfg)
+    exact = torch.einsum("bhgd,bhnd->bhgn", q.view(B, Hkv, G, d), keys)
+    for b in range(B):
+        real = valid[b].nonzero().flatten().tolist()
+        L = len(real)
+        k = int(cfg.budget.tokens_for(torch.tensor([L]))[0])
+        always = set(real[:2] + real[-3:])
+        cand = [j for j in real if j not in always]
+        for h in range(Hkv):
+            m = math.ceil(k * factor)
+            if reduction == "max":  # ceil(factor * K) best by the group's max estimate
+                short = set(sorted(cand, key=lambda j: -max(est[b, h * G + gg, j].item() for gg in range(G)))[:m])
+            else:  # each query head's ceil(factor * K) best estimates, unioned over the group
+                short = set()
+                for gg in range(G):
+                    short |= set(sorted(cand, key=lambda j: -est[b, h * G + gg, j].item())[:m])
+            assert method.shortlisted  # recorded for the bytes it reads
+            if reduction == "max":
+                by = {j: max(exact[b, h, gg, j].item() for gg in range(G)) for j in short}
+                want = set(sorted(short, key=lambda j: -by[j])[:k])
+            else:
+                want = set()
+                for gg in range(G):
+                    want |= set(sorted(short, key=lambda j: -exact[b, h, gg, j].item())[:k])
+            got = set(keep[b, h].nonzero().flatten().tolist())
+            assert got == want | always
+    if factor == 1000.0:  # a shortlist of everything: the oracle's selection
+        from a2ats.selection import select
+
+        assert torch.equal(keep, select(exact.reshape(B, Hkv * G, n), valid, Hkv, cfg))
+
+
+def test_rerank_factor_below_one_is_refused():
+    with pytest.raises(ValueError, match="factor"):
+        RerankMethod(OracleMethod(), 0.5)

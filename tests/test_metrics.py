@@ -101,6 +101,9 @@ def test_step_bytes_by_hand():
     a = step_bytes("a2ats-banded", context=1000, attended=100, head_dim=64)
     assert (a.scoring, a.attended, a.shared) == (2000, 100 * 2 * 64 * 2, 4096 * 64 * 2)
     assert a.per_sequence(batch=4) == 2000 + 25600 + 524288 / 4
+    r = step_bytes("a2ats-banded-rerank2", context=1000, attended=100, head_dim=64, shortlist=250)
+    assert r.scoring == 2000 + 250 * 64 * 2 and r.attended == a.attended  # plus the shortlist's keys
+    assert step_bytes("a2ats-banded", 1000, 100, 64, shortlist=250) == a  # no re-rank: nothing read for it
     q = step_bytes("quest", context=1000, attended=100, head_dim=64)
     assert q.scoring == 63 * 2 * 64 * 2 and q.shared == 0  # 63 pages of 16, min and max keys
     assert step_bytes("full", 1000, 1000, 64).attended == 1000 * 256

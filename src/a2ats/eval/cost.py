@@ -25,8 +25,10 @@ class StepBytes:
 
 
 def step_bytes(method: str, context: int, attended: float, head_dim: int, centroids: int = 4096,
-               page_size: int = 16, pq_subspaces: int = 2, pq_bits: int = 6) -> StepBytes:
-    """Bytes one KV head reads at one decode step with ``context`` tokens cached, ``attended`` of them attended."""
+               page_size: int = 16, pq_subspaces: int = 2, pq_bits: int = 6, shortlist: float = 0.0) -> StepBytes:
+    """Bytes one KV head reads at one decode step with ``context`` tokens cached, ``attended`` of them attended;
+    ``shortlist``: keys a re-rank reads to re-score its shortlist (the attended tokens' keys counted again: a
+    bound, an implementation keeping them from the re-rank reads less)."""
     kv_row = 2 * head_dim * KV_BYTES
     if method == "full":
         return StepBytes(0.0, context * kv_row, 0.0)
@@ -40,5 +42,6 @@ def step_bytes(method: str, context: int, attended: float, head_dim: int, centro
         sub = (2**pq_bits) * head_dim * KV_BYTES  # every subspace's centroids: 2^bits rows of d/M, M subspaces
         return StepBytes(context * pq_subspaces * pq_bits / 8 + sub, attended * kv_row, 0.0)
     if method.startswith("a2ats"):
-        return StepBytes(context * 2.0, attended * kv_row, centroids * head_dim * KV_BYTES)
+        keys = shortlist * head_dim * KV_BYTES if "-rerank" in method else 0.0
+        return StepBytes(context * 2.0 + keys, attended * kv_row, centroids * head_dim * KV_BYTES)
     raise ValueError(f"no byte count for method {method!r}")

@@ -6,7 +6,8 @@ written as JSONL (one row per sample, method and budget) as they come, and a run
 the same folder skips every row already there (a sweep of hours survives an interruption).
 
 Method names: ``full``, ``oracle``, ``streaming``, ``quest``, ``pqcache``, ``a2ats`` (the paper),
-``a2ats-euclid``, ``a2ats-postrope``, ``a2ats-banded``, ``a2ats-hybrid[SHARE]``; a ``+max`` suffix runs a
+``a2ats-euclid``, ``a2ats-postrope``, ``a2ats-banded``, ``a2ats-hybrid[SHARE]``, ``a2ats-rerank[FACTOR]`` and
+``a2ats-banded-rerank[FACTOR]`` (the estimate shortlists FACTOR x K, exact keys choose K); a ``+max`` suffix runs a
 method with the ``max`` GQA reduction (K per KV head) instead of the union.
 """
 
@@ -29,7 +30,8 @@ from ..config import DEFAULT_BAND_RATIO, A2ATSConfig
 from ..corpus import prompt_start, speeches
 from ..generate import encode_prompt
 from ..hf import A2ATS, check_context
-from ..methods import A2ATSMethod, FullMethod, HybridMethod, Method, OracleMethod, PQCacheMethod, QuestMethod, StreamingMethod
+from ..methods import (A2ATSMethod, FullMethod, HybridMethod, Method, OracleMethod, PQCacheMethod, QuestMethod, RerankMethod,
+                       StreamingMethod)
 from ..precision import bf16_exact, bf16_weight_reads, parse_dtype
 from ..rope import WRoPE, find_rotary_embedding
 from . import tasks as T
@@ -43,7 +45,10 @@ PAPER_METHODS = METHODS[:-2]  # the evaluation issue's set: the paper's method, 
 NEEDLE_TASKS = tuple(t for t in T.TASKS if t.startswith("niah_"))
 BAND_RATIO = DEFAULT_BAND_RATIO  # a2ats-banded: the library's default selection (bands 64-128, 128-256, ...)
 HYBRID_SHARE = 0.5  # a2ats-hybrid: share of the budget chosen by the paper's score; "a2ats-hybrid0.75" sets another
+RERANK_FACTOR = 2.0  # a2ats[-banded]-rerank: shortlist of 2 x K per query head; "a2ats-banded-rerank4" sets another
 REDUCTIONS = ("union", "max")
+KNOWN = (f"{', '.join(METHODS)} (a2ats-hybrid0.75: another share; a2ats-rerank / a2ats-banded-rerank[FACTOR]: a shortlist "
+         "of FACTOR x K re-scored with exact keys; a '+max' suffix: the max GQA reduction)")
 
 
 def _hybrid_share(name: str) -> float | None:
@@ -52,13 +57,21 @@ def _hybrid_share(name: str) -> float | None:
     return None if m is None else float(m.group(1) or HYBRID_SHARE)
 
 
+def _rerank(name: str) -> tuple[str, float] | None:
+    """(estimate's method, shortlist factor) of an ``a2ats[-banded]-rerank[FACTOR]`` name, or None."""
+    m = re.fullmatch(r"(a2ats|a2ats-banded)-rerank(\d+(?:\.\d+)?)?", name)
+    if m is None or (m.group(2) is not None and float(m.group(2)) < 1):
+        return None
+    return m.group(1), float(m.group(2) or RERANK_FACTOR)
+
+
 def parse_method(name: str) -> tuple[str, str]:
     """(method, GQA reduction) of a name such as ``a2ats`` or ``a2ats+max``; ValueError for unknown names."""
     base, plus, reduction = name.partition("+")
     reduction = reduction if plus else "union"
-    if (base not in METHODS and _hybrid_share(base) is None) or reduction not in REDUCTIONS:
-        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)} (a2ats-hybrid0.75: another share; "
-                         "a '+max' suffix: the max GQA reduction)")
+    known = base in METHODS or _hybrid_share(base) is not None or _rerank(base) is not None
+    if not known or reduction not in REDUCTIONS:
+        raise ValueError(f"unknown method {name!r}; known: {KNOWN}")
     return base, reduction
 
 
@@ -96,8 +109,7 @@ class EvalConfig:
             except ValueError:
                 bad.append(m)
         if bad:
-            raise ValueError(f"unknown methods {bad}; known: {', '.join(METHODS)} (a2ats-hybrid0.75: another share; "
-                             "'+max': the max GQA reduction)")
+            raise ValueError(f"unknown methods {bad}; known: {KNOWN}")
         unknown = [t for t in (*self.tasks, *self.task_samples) if t not in T.TASKS]
         if unknown:
             raise ValueError(f"unknown tasks {unknown}; known: {', '.join(T.TASKS)}")
@@ -174,6 +186,8 @@ CODEBOOK_VARIANTS = {
 
 
 def _codebook_variant(base: str) -> dict | None:
+    if _rerank(base) is not None:
+        return CODEBOOK_VARIANTS[_rerank(base)[0]]
     return CODEBOOK_VARIANTS["a2ats"] if _hybrid_share(base) is not None else CODEBOOK_VARIANTS.get(base)
 
 
@@ -197,9 +211,11 @@ def build_methods(names, model, tokenizer, cfg: EvalConfig, log: Callable = prin
             continue
         s = settings(base)
         cb = load_or_calibrate(model, tokenizer, settings=s, log=log, compute_dtype=dtype)
-        share = _hybrid_share(base)
+        share, rerank = _hybrid_share(base), _rerank(base)
         built[base] = (A2ATSMethod(cb, WRoPE(rot, s.wrope_distance, s.wrope_band_ratio)) if share is None
                        else HybridMethod(cb, rot, s.wrope_distance, BAND_RATIO, share))
+        if rerank is not None:
+            built[base] = RerankMethod(built[base], rerank[1])
     return {name: built[parse_method(name)[0]] for name in names}
 
 
@@ -208,10 +224,26 @@ def _head_dim(model) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
-def _bytes(name: str, context: int, attended: float, head_dim: int) -> float:
+def _bytes(name: str, context: int, attended: float, head_dim: int, method: Method | None = None) -> float:
     """Bytes one decode step reads per sequence and KV head (scoring + attended K/V; a shared codebook apart)."""
-    b = step_bytes(parse_method(name)[0], context, attended, head_dim)
+    shortlist = _shortlisted(method)
+    b = step_bytes(parse_method(name)[0], context, attended, head_dim, shortlist=shortlist)
     return b.scoring + b.attended
+
+
+def _shortlisted(method) -> float:
+    """Mean shortlist rows per KV head a re-rank read its keys for since :func:`_reset`; 0 for other methods."""
+    inner = getattr(method, "inner", None)  # the prose metrics wrap the method in their probe
+    method = method if isinstance(method, RerankMethod) else inner
+    if not isinstance(method, RerankMethod) or not method.shortlisted:
+        return 0.0
+    return sum(method.shortlisted) / len(method.shortlisted)
+
+
+def _reset(method) -> Method:
+    if isinstance(method, RerankMethod):
+        method.shortlisted.clear()
+    return method
 
 
 def _row_key(r: dict) -> tuple:
@@ -300,7 +332,7 @@ def _sweep(model, tokenizer, cfg: EvalConfig, out_dir: Path, rows: list, done: s
                 base, reduction = parse_method(name)
                 config = A2ATSConfig(budget=budget, reduction=reduction)
                 t0 = time.perf_counter()
-                with A2ATS(model, config=config, method=methods[name]) as a2:
+                with A2ATS(model, config=config, method=_reset(methods[name])) as a2:
                     toks, stop = greedy_decode(model, a2, pre, sample.max_new_tokens, eos,
                                                answered if cfg.early_stop else None)
                 text = tokenizer.decode(toks, skip_special_tokens=True)
@@ -309,7 +341,8 @@ def _sweep(model, tokenizer, cfg: EvalConfig, out_dir: Path, rows: list, done: s
                     "method": name, "budget": budget,
                     "budget_tokens": int(config.budget.tokens_for(torch.tensor([ids.shape[1]]))[0]),
                     "attended_per_kv_head": a2.stats.mean_attended, "attended_fraction": a2.stats.mean_fraction,
-                    "bytes_per_step": _bytes(name, int(ids.shape[1]), a2.stats.mean_attended, _head_dim(model)),
+                    "bytes_per_step": _bytes(name, int(ids.shape[1]), a2.stats.mean_attended, _head_dim(model),
+                                             methods[name]),
                     "score": T.score(sample, text), "output": text, "answers": list(sample.answers),
                     "new_tokens": len(toks), "stop": stop, "path": a2.path,
                     "decode_seconds": time.perf_counter() - t0, "prefill_seconds": prefill_s,
@@ -353,14 +386,14 @@ def _text_metrics(model, tokenizer, methods, cfg: EvalConfig, length: int, done:
         base = {"length": length, "method": name, "budget": budget, "context_tokens": length,
                 "budget_tokens": int(config.budget.tokens_for(torch.tensor([length]))[0])}
         t0 = time.perf_counter()
-        ppl, probe = continuation_metrics(model, methods[name], config, pre, ids[-tail:],
+        ppl, probe = continuation_metrics(model, _reset(methods[name]), config, pre, ids[-tail:],
                                           cfg.decode_last if cfg.attention else 0)
         base["seconds"] = time.perf_counter() - t0  # one pass gives both rows: counted on the first
         if cfg.attention:
             per_layer = {layer: sum(v) / len(v) for layer, v in sorted(probe.mass.items())}
             yield {**base, "task": "attention", "mass": probe.mean(), "recall": probe.mean("recall"),
                    "attended_per_kv_head": probe.mean("attended"), "mass_per_layer": per_layer,
-                   "bytes_per_step": _bytes(name, length, probe.mean("attended"), _head_dim(model))}
+                   "bytes_per_step": _bytes(name, length, probe.mean("attended"), _head_dim(model), methods[name])}
         if cfg.perplexity:
             yield {**base, "task": "perplexity", "perplexity": ppl, "tokens": tail,
                    "seconds": 0.0 if cfg.attention else base["seconds"]}

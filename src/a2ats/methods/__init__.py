@@ -7,6 +7,8 @@ from .hybrid import HybridMethod
 from .oracle import OracleMethod
 from .pqcache import PQCacheMethod
 from .quest import QuestMethod
+from .rerank import RerankMethod
 from .streaming import StreamingMethod
 
-__all__ = ["Method", "A2ATSMethod", "FullMethod", "HybridMethod", "OracleMethod", "PQCacheMethod", "QuestMethod", "StreamingMethod"]
+__all__ = ["Method", "A2ATSMethod", "FullMethod", "HybridMethod", "OracleMethod", "PQCacheMethod", "QuestMethod", "RerankMethod",
+           "StreamingMethod"]
