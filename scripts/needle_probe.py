@@ -90,7 +90,7 @@ class Probe(Method):
         _, cand, length = always_kept(step.valid, config.sinks, config.window)
         k = int(config.budget.tokens_for(length)[0])
         base = getattr(self.inner, "inner", self.inner)  # a re-rank's estimate is its inner method's
-        est = None if isinstance(base, (FullMethod,)) else base.scores(step).float().view(Hkv, G, n)
+        est = None if isinstance(base, FullMethod) else base.scores(step).float().view(Hkv, G, n)
         if est is not None:
             est = est.masked_fill(~cand[0], float("-inf"))
         for i, s in enumerate(spans):

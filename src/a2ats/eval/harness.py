@@ -233,8 +233,6 @@ def _bytes(name: str, context: int, attended: float, head_dim: int, method: Meth
 
 def _shortlisted(method) -> float:
     """Mean shortlist rows per KV head a re-rank read its keys for since :func:`_reset`; 0 for other methods."""
-    inner = getattr(method, "inner", None)  # the prose metrics wrap the method in their probe
-    method = method if isinstance(method, RerankMethod) else inner
     if not isinstance(method, RerankMethod) or not method.shortlisted:
         return 0.0
     return sum(method.shortlisted) / len(method.shortlisted)

@@ -4,10 +4,9 @@ The estimate (any method's ``scores``, e.g. A²ATS's lookup table) keeps ``facto
 head; their union over the GQA group is the KV head's shortlist (with the ``max`` reduction: ``factor`` x K
 per KV head by the group's max estimate), whose keys are read and scored exactly
 (q · k, as the oracle does); each query head then keeps its K best of the shortlist and the group's
-choices are reduced as usual. Where the estimate ranks the wanted tokens among many near-equal ones
-(needles that differ from their distractors only in a few tokens, so their keys share centroids), the
-exact scores tell them apart, at the cost of reading the shortlist's keys: K rows for ``factor`` x K
-tokens, V rows for K.
+choices are reduced as usual. Tokens the estimate ranks just below the cut (a part of the attention
+a needle gets) are recovered by the exact scores, at the cost of reading the shortlist's keys: K rows for
+``factor`` x K tokens, V rows for K.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ class RerankMethod(Method):
         self.factor = float(factor)
         self.name = f"{inner.name}-rerank{factor:g}"
         self.shortlisted: list[float] = []  # shortlist rows per KV head, one entry per layer and step (bytes read)
+        self.exact = OracleMethod()  # exact q · k, scored over the whole cache then masked to the shortlist
 
     def on_append(self, layer, store, k_pre, k_post, kv_heads):
         self.inner.on_append(layer, store, k_pre, k_post, kv_heads)
@@ -51,7 +51,7 @@ class RerankMethod(Method):
         short = self.shortlist(step, config)
         self.shortlisted.append(float(short.sum(-1).float().mean()))
         B, Hkv, n = short.shape
-        exact = OracleMethod().scores(step).view(B, Hkv, -1, n)
+        exact = self.exact.scores(step).view(B, Hkv, -1, n)
         # outside the shortlist nothing can win: a head whose shortlist is smaller than K took every candidate
         exact = exact.masked_fill(~short.unsqueeze(2), float("-inf")).view(B, -1, n)
         return select(exact, step.valid, Hkv, config)
