@@ -70,7 +70,7 @@ for length in [int(x) for x in a.lengths.split(",")]:
     print(f"prefill {length}: {time.perf_counter() - t:.1f} s", flush=True)
     for name, method in methods.items():
         for rho in budgets:
-            probe = attention_mass(model, method, A2ATSConfig(budget=rho), ids, a.decode_last, pre)
+            probe = attention_mass(model, method, A2ATSConfig(budget=rho, reduction="union"), ids, a.decode_last, pre)
             row = {"length": length, "recipe": name, "budget": rho, "mass": probe.mean(), "recall": probe.mean("recall"),
                    "attended_per_kv_head": probe.mean("attended")}
             rows.append(row)

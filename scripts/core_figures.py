@@ -56,10 +56,10 @@ methods["oracle"] = OracleMethod()
 res["mass"] = {}
 for rho in (0.015, 0.03, 0.06):
     for name, m in methods.items():
-        vals = [attention_mass(model, m, A2ATSConfig(budget=rho), x, a.decode_last).mean() for x in ids]
+        vals = [attention_mass(model, m, A2ATSConfig(budget=rho, reduction="union"), x, a.decode_last).mean() for x in ids]
         res["mass"][f"{name}@{rho}"] = sum(vals) / len(vals)
         print(name, rho, res["mass"][f"{name}@{rho}"], flush=True)
-vals = [attention_mass(model, methods["oracle"], A2ATSConfig(budget=0), x, a.decode_last).mean() for x in ids]
+vals = [attention_mass(model, methods["oracle"], A2ATSConfig(budget=0, reduction="union"), x, a.decode_last).mean() for x in ids]
 res["mass"]["sinks+window"] = sum(vals) / len(vals)
 print(json.dumps(res, indent=1))
 with open(a.out, "w") as f:

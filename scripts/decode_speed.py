@@ -50,7 +50,7 @@ for n in map(int, a.lengths.split(",")):
     dense, ref = [], []
     for _ in range(a.repeats):  # interleaved, so both see the same machine noise
         dense.append(run(ids, DynamicCache(), a.steps))
-        with A2ATS(model, cb, A2ATSConfig(budget=0.03, wrope_band_ratio=None)) as a2:
+        with A2ATS(model, cb, A2ATSConfig(budget=0.03, wrope_band_ratio=None, reduction="union")) as a2:
             ref.append(run(ids, a2.new_cache(), a.steps))
     row = {"context": n, "dense_ms_per_token": statistics.median(dense), "reference_ms_per_token": statistics.median(ref),
            "attended_fraction": a2.stats.mean_fraction}

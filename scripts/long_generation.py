@@ -2,17 +2,18 @@
 step of 1,024 tokens generated after a 16K prompt, against its first steps; and how well the precomputed
 codebook fits the keys the model generates late, against the prompt's keys.
 
-    .venv/bin/python scripts/long_generation.py --model qwen2.5-coder-0.5b --out docs/eval/qwen/long_generation
+    .venv/bin/python scripts/long_generation.py --model qwen2.5-coder-0.5b --out docs/eval/qwen/long_generation/default
 
 The prompt (chat template), by default (``--prompt code``): Python standard-library modules (textwrap, bisect,
 shlex, fractions, string, heapq; read from this interpreter's own library, cut to the prompt length) and a
 request to write a unit-test suite for them, a long generation this coder model carries out. (Asked for a
 commentary on held-out State of the Union prose, ``--prompt prose``, it refuses and repeats its refusal: a
-degenerate generation.) Decoding is greedy under A²ATS (rho = 3%, GQA union: the library's default selection,
-on the reference path, which computes what the fast path computes; weights read as the bf16 values they are);
+degenerate generation.) Decoding is greedy under A²ATS (by default the library's default selection: banded, max
+reduction at 10% per KV head; ``--reduction union --budget 0.03``: the paper's GQA union at 3%), on the reference
+path, which computes what the fast path computes; weights read as the bf16 values they are;
 the end-of-turn tokens are suppressed so the generation runs its full length. At every step and layer the
 probe compares the selection with the true attention: mass kept, the oracle's mass at the same budget (the
-ceiling: true top-K per query head, the same GQA union) and recall of the true top-K (means over layers and
+ceiling: the true top-K under the same reduction) and recall of the true top-K (means over layers and
 query heads).
 Codebook fit: mean squared distance of each key to its centroid in the query-aware space (the score error the
 codebook was fit to minimize), for the prompt's keys and for each block of generated keys.
@@ -47,7 +48,8 @@ p = argparse.ArgumentParser()
 p.add_argument("--model", default="qwen2.5-coder-0.5b")
 p.add_argument("--prompt-tokens", type=int, default=16384)
 p.add_argument("--new-tokens", type=int, default=1024)
-p.add_argument("--budget", type=float, default=0.03)
+p.add_argument("--budget", type=float, default=None, help="default: the reduction's (10%% max, 3%% union)")
+p.add_argument("--reduction", choices=["max", "union"], default="max")
 p.add_argument("--block", type=int, default=64, help="steps per point of the plot")
 p.add_argument("--prefill-dtype", default="bfloat16")
 p.add_argument("--prompt", choices=["code", "prose"], default="code")
@@ -60,7 +62,7 @@ out.mkdir(parents=True, exist_ok=True)
 t_start = time.perf_counter()
 
 model, tok = load_model(a.model)
-cfg = A2ATSConfig(budget=a.budget, wrope_band_ratio=a.wrope_bands or None)
+cfg = A2ATSConfig(budget=a.budget, wrope_band_ratio=a.wrope_bands or None, reduction=a.reduction)
 settings = CodebookSettings(wrope_distance=cfg.wrope_distance, wrope_band_ratio=cfg.wrope_band_ratio)
 cb = load_or_calibrate(model, tok, settings=settings, compute_dtype=parse_dtype(a.prefill_dtype))
 method = A2ATSMethod(cb, WRoPE(find_rotary_embedding(model), cfg.wrope_distance, cfg.wrope_band_ratio))
@@ -136,7 +138,7 @@ def blocks(xs):
 
 res = {
     "command": "python " + " ".join(sys.argv), "model": a.model, "prompt_tokens": len(ids), "new_tokens": steps,
-    "budget": a.budget, "reduction": cfg.reduction, "wrope_band_ratio": cfg.wrope_band_ratio, "codebooks": cb.settings.tag, "prefill_dtype": a.prefill_dtype,
+    "budget": cfg.budget.fraction, "reduction": cfg.reduction, "wrope_band_ratio": cfg.wrope_band_ratio, "codebooks": cb.settings.tag, "prefill_dtype": a.prefill_dtype,
     "decode_seconds": round(decode_s, 1), "wall_seconds": round(time.perf_counter() - t_start, 1),
     "prompt": a.prompt, "block": a.block, "mass_per_block": blocks(mass), "oracle_mass_per_block": blocks(oracle),
     "recall_per_block": blocks(recall),
@@ -159,7 +161,7 @@ ax1.plot(range(1, steps + 1), recall, color="C1", alpha=0.25, lw=0.6)
 ax1.plot(x, res["recall_per_block"], "o-", color="C1", label="recall of the true top-K")
 ax1.set_xlabel("generated token")
 ax1.set_ylim(0, 1)
-ax1.set_title(f"A²ATS ρ={a.budget:g} ({cb.settings.tag}) after a {len(ids)}-token prompt", fontsize=9)
+ax1.set_title(f"A²ATS {cfg.budget_label} ({cb.settings.tag}) after a {len(ids)}-token prompt", fontsize=9)
 ax1.legend(fontsize=8)
 ax2.axhline(fit_prompt_mean, color="k", ls="--", lw=1, label="prompt keys")
 ax2.plot(x, fit_gen, "o-", color="C2", label="generated keys")

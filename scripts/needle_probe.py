@@ -123,7 +123,7 @@ with bf16_weight_reads(model):
     eos = {tok.eos_token_id, *(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])} - {None}
     answers, probes, shortlists = {}, {}, {}
     for name, method in methods.items():
-        config = A2ATSConfig(budget=1.0 if name == "full" else a.budget)
+        config = A2ATSConfig(budget=1.0 if name == "full" else a.budget, reduction="union")
         with torch.inference_mode(), A2ATS(model, config=config, method=method) as a2:
             toks, _ = greedy_decode(model, a2, pre, sample.max_new_tokens, eos)
             answers[name] = tok.decode(toks, skip_special_tokens=True)

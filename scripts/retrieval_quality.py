@@ -88,7 +88,7 @@ for x in texts if methods else ():
             if (rho == 0 and name != "oracle") or key in done:
                 continue  # budget 0: sinks + window alone, the same for every method
             t = time.perf_counter()
-            probe = attention_mass(model, m, A2ATSConfig(budget=rho), x, a.decode_last, pre=pre)  # 0: a token count
+            probe = attention_mass(model, m, A2ATSConfig(budget=rho, reduction="union"), x, a.decode_last, pre=pre)  # 0: a token count
             mass[key].append(probe.mean())
             attended[key].append(probe.mean("attended"))
             seconds[key].append(time.perf_counter() - t)

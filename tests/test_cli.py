@@ -28,6 +28,23 @@ def test_budget_argument():
             p.parse_args(["generate", "--budget", bad])
 
 
+def test_default_selection_from_the_command_line():
+    """No --budget/--reduction: the library's default (max, 10% per KV head); --reduction union alone: the paper's
+    3% per query head; `bench project` without them models the paper's design (3%, GQA union)."""
+    from a2ats.bench.project.cli import from_args
+    from a2ats.cli import _config
+
+    p = build_parser()
+    cfg = _config(p.parse_args(["generate"]))
+    assert (cfg.reduction, cfg.budget.fraction) == ("max", 0.1)
+    cfg = _config(p.parse_args(["generate", "--reduction", "union"]))
+    assert (cfg.reduction, cfg.budget.fraction) == ("union", 0.03)
+    paper = from_args(p.parse_args(["bench", "project"]))["workload"]
+    given = from_args(p.parse_args(["bench", "project", "--reduction", "max", "--budget", "0.1"]))["workload"]
+    assert (paper["rho"], paper["union_inflation"]) == (0.03, None)  # None: the union's measured inflation
+    assert (given["rho"], given["union_inflation"]) == (0.1, 1.0)
+
+
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory, default_model):
     """A tiny random Llama saved with the default model's tokenizer and chat template."""

@@ -63,7 +63,7 @@ def test_attention_mass_at_three_percent(default_model, codebooks, long_text_ids
     (README has the figures at paper settings). The assertions leave a margin below those.
     """
     model, _ = default_model
-    cfg = A2ATSConfig(budget=0.03)
+    cfg = A2ATSConfig(budget=0.03, reduction="union")
     method = A2ATSMethod(codebooks["paper"], WRoPE(find_rotary_embedding(model), 2048))
     a2ats = attention_mass(model, method, cfg, long_text_ids, decode_last=8).mean()
     window_only = attention_mass(model, method, A2ATSConfig(budget=0), long_text_ids, decode_last=8).mean()
@@ -83,7 +83,8 @@ def test_query_aware_beats_euclidean_score_error(default_model, codebooks, long_
 @pytest.mark.parametrize("bf16_weights", [False, True])
 def test_fast_path_equals_reference_path(default_model, codebooks, long_text_ids, bf16_weights, selection):
     """The lean engine with the CPU kernels against transformers' generate with the masked reference
-    path, on the real model: a left-padded batch of two long prompts, a budget that really selects."""
+    path, on the real model: a left-padded batch of two long prompts, a budget that really selects; the default
+    selection (banded, max reduction at 10% per KV head) and the paper's (one distance, GQA union at 3%)."""
     from a2ats import kernels
     from a2ats.engine import Engine
 
@@ -93,7 +94,9 @@ def test_fast_path_equals_reference_path(default_model, codebooks, long_text_ids
     ids = torch.stack([long_text_ids[:1500], torch.cat([torch.full((300,), tok.pad_token_id), long_text_ids[2000:3200]])])
     mask = torch.ones_like(ids, dtype=torch.bool)
     mask[1, :300] = False
-    cfg = A2ATSConfig(budget=0.03, wrope_band_ratio=codebooks[selection].settings.wrope_band_ratio)
+    bands = codebooks[selection].settings.wrope_band_ratio
+    cfg = A2ATSConfig(wrope_band_ratio=bands) if selection == "banded" else \
+        A2ATSConfig(budget=0.03, wrope_band_ratio=bands, reduction="union")
     if bf16_weights:  # the engine's bf16 copies then hold the model's exact weights
         saved = {k: v.clone() for k, v in model.state_dict().items()}
         with torch.no_grad():

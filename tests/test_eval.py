@@ -310,6 +310,6 @@ def test_goal_table_by_hand():
             rows += [_row("niah_a", n, "full", 1.0, 1.0, seed=seed),
                      _row("niah_a", n, "x", 0.03, 1.0 if (n == 200 or seed == 0) else 0.0, seed=seed)]
         rows += [_row("words", 100, m, b, float(seed == 0), seed=seed) for m, b in (("full", 1.0), ("x", 0.03))]
-    table = report.goal_table(rows, methods=("x",))
-    assert "| x | needles | 0.97 | 0.50 [0.00, 1.00] ✗ | 1.00 [1.00, 1.00] ✓ |" in table
-    assert "| x | suite | 0.95 | 0.67 [" in table
+    table = report.goal_table(rows, methods=(("x", 0.03),))
+    assert "| x @ 0.03 | needles | 0.97 | 0.50 [0.00, 1.00] ✗ | 1.00 [1.00, 1.00] ✓ |" in table
+    assert "| x @ 0.03 | suite | 0.95 | 0.67 [" in table

@@ -69,3 +69,14 @@ def test_budget_parsing_and_validation():
     assert Budget(fraction=0.03).tokens_for(torch.tensor([1000, 99])).tolist() == [30, 2]
     with pytest.raises(ValueError):
         A2ATSConfig(reduction="mean")
+
+
+def test_default_budget_follows_the_reduction():
+    """No budget given: 10% per KV head with the max reduction (the default), the paper's 3% per query head with
+    the union; a given budget is kept whatever the reduction."""
+    assert (A2ATSConfig().reduction, A2ATSConfig().budget) == ("max", Budget(fraction=0.1))
+    assert A2ATSConfig(reduction="union").budget == Budget(fraction=0.03)
+    assert A2ATSConfig(budget=0.05, reduction="union").budget == Budget(fraction=0.05)
+    assert A2ATSConfig(budget=512).budget == Budget(tokens=512)
+    assert A2ATSConfig().budget_label == "rho=0.1 per KV head (max)"
+    assert A2ATSConfig(reduction="union").budget_label == "rho=0.03 per query head (union)"

@@ -96,8 +96,12 @@ def _settings(a):
 
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--codebooks", help="codebook file, or folder holding one (default: the user cache; built on first use)")
-    p.add_argument("--budget", type=_budget, default="0.03", help="0.03 = 3%% of the context per query head; 512 = 512 tokens; 1.0 = all")
-    p.add_argument("--reduction", choices=["union", "max"], default="union", help="GQA: union of per-head top-K (paper) or max score per KV head")
+    p.add_argument("--budget", type=_budget, default=None,
+                   help="0.1 = 10%% of the context per KV head (max) or per query head (union); 512 = 512 tokens; "
+                        "1.0 = all (default: 0.1 with max, the paper's 0.03 with union)")
+    p.add_argument("--reduction", choices=["max", "union"], default=None,
+                   help="GQA: one top-K per KV head by the max of its heads' scores (the default), or the union of "
+                        "each query head's top-K (the paper's; `bench project`'s default, the paper's design)")
     p.add_argument("--sinks", type=int, default=8)
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -129,8 +133,9 @@ def _load(a):
 def _config(a):
     from .config import A2ATSConfig
 
+    given = {"reduction": a.reduction} if a.reduction else {}  # None: the library's default (max)
     return A2ATSConfig(budget=a.budget, sinks=a.sinks, window=a.window, wrope_distance=a.wrope_distance,
-                       wrope_band_ratio=_band_ratio(a), reduction=a.reduction)
+                       wrope_band_ratio=_band_ratio(a), **given)
 
 
 def _codebooks(a, model, tok):
@@ -408,10 +413,11 @@ def cmd_bench(a) -> int:
                              f"{' or '.join(MODELS)}, or leave llama.cpp out of --variants")
         gguf = str(gguf_path(named_model(a.model or DEFAULT_MODEL), log=_log))
     model, tok = _load(a)
-    rows, prefill = bench_decode(model, tok, _codebooks(a, model, tok), _config(a), lengths=a.lengths or DECODE_LENGTHS,
+    cfg = _config(a)
+    rows, prefill = bench_decode(model, tok, _codebooks(a, model, tok), cfg, lengths=a.lengths or DECODE_LENGTHS,
                                  variants=a.variants, steps=a.steps, gguf=gguf, log=_log)
     rows = rows_to_json(rows)
-    res = {"machine": _machine(), "model": a.model or "smollm2-135m", "dtype": a.dtype, "budget": str(a.budget),
+    res = {"machine": _machine(), "model": a.model or "smollm2-135m", "dtype": a.dtype, "budget": cfg.budget_label,
            "wrope_bands": _band_ratio(a),
            "command": "a2ats " + " ".join(sys.argv[1:]), "prefill": prefill, "rows": rows}
     if a.out:
@@ -449,7 +455,7 @@ def _bench_throughput(a) -> int:
                                          text_ids=text_ids, log=_log))
     served = bench_served(model, tok, cb, cfg, slots=max(a.batches), requests=a.requests, prompt_tokens=a.prompt_tokens,
                           new_tokens=a.max_new_tokens, decode_weights=a.decode_weights, log=_log) if a.requests else []
-    res = {"machine": _machine(), "dtype": a.dtype, "budget": str(a.budget), "decode_weights": a.decode_weights,
+    res = {"machine": _machine(), "dtype": a.dtype, "budget": cfg.budget_label, "decode_weights": a.decode_weights,
            "model": f"{a.shape}, random weights" if a.random_weights else (a.model or "smollm2-135m"),
            "accelerator": str(model.device) + (" (the CPU stands in for the accelerator: no PCIe, shared cores)"
                                                if model.device.type == "cpu" else ""),

@@ -28,8 +28,8 @@ class MassProbe(Method):
     scaling: float
     mass: dict[int, list[float]] = field(default_factory=dict)  # layer -> per (step, row, query head)
     recall: dict[int, list[float]] = field(default_factory=dict)
-    # the oracle's mass at the same budget and reduction rule (true top-K per query head, GQA union, sinks and
-    # window): the ceiling a selection's mass is read against, step by step
+    # the oracle's mass at the same budget and reduction rule (the true scores through the same top-K and GQA
+    # reduction, sinks and window): the ceiling a selection's mass is read against, step by step
     oracle_mass: dict[int, list[float]] = field(default_factory=dict)
     attended: list[float] = field(default_factory=list)  # tokens per KV head, per (step, layer)
 

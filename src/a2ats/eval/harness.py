@@ -43,7 +43,7 @@ METHODS = ("full", "oracle", "streaming", "quest", "pqcache", "a2ats", "a2ats-eu
            "a2ats-hybrid")
 PAPER_METHODS = METHODS[:-2]  # the evaluation issue's set: the paper's method, its ablations and the baselines
 NEEDLE_TASKS = tuple(t for t in T.TASKS if t.startswith("niah_"))
-BAND_RATIO = DEFAULT_BAND_RATIO  # a2ats-banded: the library's default selection (bands 64-128, 128-256, ...)
+BAND_RATIO = DEFAULT_BAND_RATIO  # a2ats-banded: banded WRoPE (bands 64-128, 128-256, ...); +max: the library's default
 HYBRID_SHARE = 0.5  # a2ats-hybrid: share of the budget chosen by the paper's score; "a2ats-hybrid0.75" sets another
 RERANK_FACTOR = 2.0  # a2ats[-banded]-rerank: shortlist of 2 x K per query head; "a2ats-banded-rerank4" sets another
 REDUCTIONS = ("union", "max")
@@ -150,7 +150,8 @@ _RESULT_FIELDS = ("seed", "centroids", "calibration", "decode_last", "ppl_tokens
 PRESETS = {
     # small enough for CI on 2 cores: two short tasks, one length, few methods
     "quick": dict(tasks=("niah_single_number_essay", "niah_multikey"), lengths=(1024,), budgets=(0.05, 0.2),
-                  methods=("full", "oracle", "streaming", "quest", "a2ats", "a2ats-banded"), samples=1, centroids=256,
+                  methods=("full", "oracle", "streaming", "quest", "a2ats", "a2ats-banded", "a2ats-banded+max"),
+                  samples=1, centroids=256,
                   calibration={"text_tokens": 8192, "uuid_tokens": 2048, "max_iter": 5}, attention=True,
                   perplexity=True, decode_last=8, ppl_tokens=32),
     # the first committed table (SmolLM2-135M): every task and method at 2K, 4K and 8K, budgets of about 1.5%,

@@ -70,6 +70,7 @@ def from_args(a) -> dict:
                                                   "score + top-K + union, codes warm in cache)")
         eff = replace(eff, gpu_weights=0.63, gpu_attention=0.23, gpu_scoring=0.5, pcie_latency_us=0.0,
                       cpu_score_token_heads_per_s=float(rate) if rate else None, sources=src)
+    # no --budget / --reduction given: the paper's design (rho=0.03, GQA union), which the scenarios vary
     budget = getattr(a, "budget", None)
     kw = {}
     if budget is not None:

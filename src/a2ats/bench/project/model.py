@@ -291,8 +291,9 @@ def assumptions(shape: ModelShape, hw: Hardware, eff: Efficiencies, wl: Workload
             continue
         out.append({"name": f"efficiency.{k}", "value": v, "source": eff.sources.get(k, "given")})
     u, usrc = (wl.union_inflation, "given") if wl.union_inflation is not None else default_union_inflation(shape.group)
-    budget = (f"{wl.budget_tokens} tokens per query head" if wl.budget_tokens is not None
-              else f"rho={wl.rho:g} of the context per query head")
+    per = "KV head (max reduction)" if wl.union_inflation == 1.0 else "query head"
+    budget = (f"{wl.budget_tokens} tokens per {per}" if wl.budget_tokens is not None
+              else f"rho={wl.rho:g} of the context per {per}")
     out += [
         {"name": "workload.budget", "value": wl.budget_tokens if wl.budget_tokens is not None else wl.rho,
          "source": f"{budget} (paper: rho=0.03)"},
