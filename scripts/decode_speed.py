@@ -16,10 +16,10 @@ import torch
 from transformers import DynamicCache
 
 from a2ats import A2ATS, A2ATSConfig
-from a2ats.assets import load_model
-from a2ats.calibrate import load_or_calibrate
-from a2ats.codebook import CodebookSettings
-from a2ats.corpus import speeches
+from a2ats.assets.corpus import speeches
+from a2ats.assets.models import load_model
+from a2ats.core.codebook import CodebookSettings
+from a2ats.hf.calibrate import load_or_calibrate
 
 p = argparse.ArgumentParser()
 p.add_argument("--out", default="docs/decode_speed.json")

@@ -29,20 +29,21 @@ from pathlib import Path
 import matplotlib
 import torch
 
-from a2ats.assets import load_model
-from a2ats.cache import A2ATSCache
-from a2ats.calibrate import load_or_calibrate
-from a2ats.codebook import CodebookSettings
-from a2ats.config import DEFAULT_BAND_RATIO, A2ATSConfig
-from a2ats.corpus import speeches
+from a2ats import kernels
+from a2ats.assets.corpus import speeches
+from a2ats.assets.models import load_model
+from a2ats.core.codebook import CodebookSettings
+from a2ats.core.config import DEFAULT_BAND_RATIO, A2ATSConfig
+from a2ats.core.rope import WRoPE, find_rotary_embedding, undo_rotation
 from a2ats.eval.attention_metrics import MassProbe
 from a2ats.eval.prefill import fork, prefill
 from a2ats.eval.text_metrics import attention_scaling
-from a2ats.generate import encode_prompt
 from a2ats.hf import A2ATS
+from a2ats.hf.cache import A2ATSCache
+from a2ats.hf.calibrate import load_or_calibrate
+from a2ats.hf.generate import encode_prompt
+from a2ats.hf.precision import bf16_exact, bf16_weight_reads, parse_dtype
 from a2ats.methods import A2ATSMethod
-from a2ats.precision import bf16_exact, bf16_weight_reads, parse_dtype
-from a2ats.rope import WRoPE, find_rotary_embedding, undo_rotation
 
 p = argparse.ArgumentParser()
 p.add_argument("--model", default="qwen2.5-coder-0.5b")
@@ -122,7 +123,7 @@ with torch.inference_mode():
         k_pre = undo_rotation(store.keys.float(), cos, sin)  # (1, Hkv, n, d)
         _, t, chol, _ = cb.tensors_for(layer, slice(0, cb.num_kv_heads), k_pre.device)
         z = torch.matmul(k_pre, chol.unsqueeze(0))[0]  # (Hkv, n, d)
-        codes = cb.encode(layer, k_pre)[0].long()  # (Hkv, n)
+        codes = kernels.encode_nearest(*cb.encode_inputs(layer, k_pre))[0].long()  # (Hkv, n)
         err = ((z - torch.gather(t, 1, codes.unsqueeze(-1).expand(-1, -1, z.shape[-1]))) ** 2).sum(-1).mean(0)  # (n,)
         fit_prompt.append(float(err[:n_prompt].mean()))
         gen = err[n_prompt:]

@@ -24,17 +24,17 @@ from pathlib import Path
 
 import torch
 
-from a2ats.assets import load_model
-from a2ats.config import A2ATSConfig
+from a2ats.assets.models import load_model
+from a2ats.core.config import A2ATSConfig
+from a2ats.core.selection import always_kept
 from a2ats.eval import tasks as T
 from a2ats.eval.harness import PRESETS, EvalConfig, build_methods
 from a2ats.eval.prefill import fork, greedy_decode, prefill
 from a2ats.eval.text_metrics import attention_scaling
-from a2ats.generate import encode_prompt
 from a2ats.hf import A2ATS
+from a2ats.hf.generate import encode_prompt
+from a2ats.hf.precision import bf16_weight_reads, parse_dtype
 from a2ats.methods import FullMethod, Method, OracleMethod, RerankMethod
-from a2ats.precision import bf16_weight_reads, parse_dtype
-from a2ats.selection import always_kept
 
 p = argparse.ArgumentParser()
 p.add_argument("--model", default="qwen2.5-coder-0.5b")

@@ -20,17 +20,17 @@ from statistics import mean
 import matplotlib
 import torch
 
-from a2ats.assets import load_model
-from a2ats.calibrate import load_or_calibrate
-from a2ats.codebook import CodebookSettings
-from a2ats.config import A2ATSConfig
-from a2ats.corpus import speeches
+from a2ats.assets.corpus import speeches
+from a2ats.assets.models import load_model
+from a2ats.core.codebook import CodebookSettings
+from a2ats.core.config import A2ATSConfig
+from a2ats.core.rope import WRoPE, find_rotary_embedding
 from a2ats.eval.attention_metrics import attention_mass
 from a2ats.eval.cost import step_bytes
 from a2ats.eval.prefill import prefill
 from a2ats.eval.report import load_rows
+from a2ats.hf.calibrate import load_or_calibrate
 from a2ats.methods import A2ATSMethod, HybridMethod, OracleMethod, QuestMethod
-from a2ats.rope import WRoPE, find_rotary_embedding
 
 p = argparse.ArgumentParser()
 p.add_argument("--out", default="docs/retrieval")
@@ -139,7 +139,6 @@ panels = [("mass", "share of true attention mass kept"), ("suite", "average suit
 panels = [p for p in panels if res[p[0]]]
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt  # noqa: E402  (after choosing the backend)
-
 
 
 def display(name: str) -> str:

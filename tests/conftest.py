@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from a2ats.codebook import Codebooks, CodebookSettings, model_fingerprint, weights_digest
+from a2ats.core.codebook import (
+    Codebooks,
+    CodebookSettings,
+    model_fingerprint,
+    weights_digest,
+)
 
 torch.set_num_threads(2)
 
@@ -76,6 +81,6 @@ def random_codebooks(model, n_centroids: int = 16, seed: int = 0, wrope_distance
 @pytest.fixture(scope="session")
 def default_model():
     """The embedded SmolLM2-135M-Instruct in fp32, with its tokenizer."""
-    from a2ats.assets import load_model
+    from a2ats.assets.models import load_model
 
     return load_model(log=lambda *_: None)

@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from a2ats.cli import main
 
 sys.exit(main())

@@ -8,8 +8,8 @@ import time
 
 import torch
 
-from .bench import DEFAULT_VARIANTS, VARIANTS
-from .config import DEFAULT_BAND_RATIO
+from a2ats.bench import DEFAULT_VARIANTS, VARIANTS
+from a2ats.core.config import DEFAULT_BAND_RATIO
 
 DECODE_LENGTHS = (2048, 8192, 16384, 32768)
 THROUGHPUT_LENGTHS = (8192, 32768)
@@ -17,7 +17,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def _default_settings():
-    from .codebook import CodebookSettings
+    from a2ats.core.codebook import CodebookSettings
 
     return CodebookSettings()
 
@@ -26,7 +26,7 @@ _DEFAULT_SETTINGS = _default_settings()
 
 
 def _budget(text: str):
-    from .config import Budget
+    from a2ats.core.config import Budget
 
     try:
         return Budget.parse(text)
@@ -78,7 +78,7 @@ def _band_ratio(a) -> float | None:
 
 
 def _settings(a):
-    from .codebook import CodebookSettings
+    from a2ats.core.codebook import CodebookSettings
 
     return CodebookSettings(
         n_centroids=a.centroids,
@@ -122,7 +122,7 @@ def _add_hybrid_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _load(a):
-    from .assets import load_model
+    from a2ats.assets.models import load_model
 
     t = time.perf_counter()
     model, tok = load_model(a.model, DTYPES[a.dtype], a.device, log=_log)
@@ -131,7 +131,7 @@ def _load(a):
 
 
 def _config(a):
-    from .config import A2ATSConfig
+    from a2ats.core.config import A2ATSConfig
 
     given = {"reduction": a.reduction} if a.reduction else {}  # None: the library's default (max)
     return A2ATSConfig(budget=a.budget, sinks=a.sinks, window=a.window, wrope_distance=a.wrope_distance,
@@ -139,14 +139,14 @@ def _config(a):
 
 
 def _codebooks(a, model, tok):
-    from .calibrate import load_or_calibrate
+    from a2ats.hf.calibrate import load_or_calibrate
 
     return load_or_calibrate(model, tok, a.codebooks, _settings(a), log=_log, compute_dtype=_forward_dtype(a))
 
 
 def _forward_dtype(a):
     """The calibration forward's autocast dtype; ``auto`` only lowers an fp32 model on the CPU."""
-    from .precision import parse_dtype
+    from a2ats.hf.precision import parse_dtype
 
     if a.forward_dtype == "auto" and (a.device != "cpu" or a.dtype != "float32"):
         return None
@@ -155,11 +155,11 @@ def _forward_dtype(a):
 
 def _a2ats(a, model, tok):
     """The A²ATS wrapper from parsed arguments (codebooks calibrated on first use)."""
-    from .hf import A2ATS
+    from a2ats.hf import A2ATS
 
     if getattr(a, "hybrid", None) is not None:
-        from .methods import HybridMethod
-        from .rope import find_rotary_embedding
+        from a2ats.core.rope import find_rotary_embedding
+        from a2ats.methods import HybridMethod
 
         if a.path == "fast" or a.wrope_bands not in (None, 0):
             raise ValueError("--hybrid runs on the reference path over the paper's codebook: drop --path fast and --wrope-bands")
@@ -171,10 +171,10 @@ def _a2ats(a, model, tok):
 
 def _run(a, model, tok, ids):
     """Generate with the path asked for: the lean engine + kernels, or transformers' generate."""
-    from . import kernels
-    from .engine import Engine
-    from .engine.model import SUPPORTED
-    from .generate import generate, generate_lean
+    from a2ats import kernels
+    from a2ats.hf.generate import generate, generate_lean
+    from a2ats.runtime import Engine
+    from a2ats.runtime.model import SUPPORTED
 
     fast = a.path == "fast" or (a.path == "auto" and a.device == "cpu" and kernels.cpu_backend() is not None)
     fast = fast and getattr(a, "hybrid", None) is None  # the hybrid has no fast path yet
@@ -202,12 +202,12 @@ def _run(a, model, tok, ids):
 
 
 def cmd_generate(a) -> int:
-    from .generate import encode_prompt
+    from a2ats.hf.generate import encode_prompt
 
     text = open(a.prompt_file, encoding="utf-8").read() if a.prompt_file else sys.stdin.read()
     if not text.strip():
         raise SystemExit("a2ats generate: the prompt is empty (give --prompt-file F or text on stdin)")
-    from .hf import check_context
+    from a2ats.core.support import check_context
 
     model, tok = _load(a)
     ids = encode_prompt(tok, text, chat_template=not a.no_chat_template)
@@ -245,8 +245,8 @@ def _read_prompts(path: str, default_new: int) -> list[dict]:
 def cmd_serve(a) -> int:
     import json
 
-    from .engine.server import Request, Server
-    from .generate import encode_prompt
+    from a2ats.hf.generate import encode_prompt
+    from a2ats.runtime.server import Request, Server
 
     items = _read_prompts(a.prompts, a.max_new_tokens)
     model, tok = _load(a)
@@ -280,10 +280,9 @@ def cmd_serve(a) -> int:
 
 
 def cmd_demo(a) -> int:
-    from .corpus import needle_prompt
-    from .generate import encode_prompt
-
-    from .hf import check_context
+    from a2ats.assets.corpus import needle_prompt
+    from a2ats.core.support import check_context
+    from a2ats.hf.generate import encode_prompt
 
     model, tok = _load(a)
     prompt, answer = needle_prompt(tok, a.context, depth=a.depth, seed=a.seed)
@@ -299,8 +298,8 @@ def cmd_demo(a) -> int:
 
 
 def cmd_calibrate(a) -> int:
-    from .assets import load_model
-    from .calibrate import calibrate, default_codebook_path
+    from a2ats.assets.models import load_model
+    from a2ats.hf.calibrate import calibrate, default_codebook_path
 
     settings = _settings(a)
     model, tok = load_model(a.model, DTYPES[a.dtype], a.device, log=_log)
@@ -323,9 +322,8 @@ def _csv(kind):
 def cmd_eval(a) -> int:
     from pathlib import Path
 
-    from .eval import harness, report
-
-    from .assets import EVAL_MODEL
+    from a2ats.assets.models import EVAL_MODEL
+    from a2ats.eval import harness, report
 
     preset = dict(harness.PRESETS[a.preset])
     for k in ("tasks", "lengths", "needle_lengths", "text_lengths", "methods", "budgets", "samples", "centroids",
@@ -351,7 +349,7 @@ def cmd_report(a) -> int:
     import json
     from pathlib import Path
 
-    from .eval import report
+    from a2ats.eval import report
 
     rows, cfg = [], {}
     for path in a.results:
@@ -386,11 +384,11 @@ def cmd_bench(a) -> int:
     from pathlib import Path
 
     if a.what == "project":  # a performance model: no model to load
-        from .bench.project import run_cli
+        from a2ats.bench.project import run_cli
 
         return run_cli(a)
     if a.what == "kernels":
-        from .bench.kernels import bench_kernels
+        from a2ats.bench.kernels import bench_kernels
 
         res = {"machine": _machine(), **bench_kernels(n=a.context, dtype=DTYPES[a.dtype])}
         if a.json:
@@ -401,12 +399,12 @@ def cmd_bench(a) -> int:
         return 0
     if a.what == "throughput":
         return _bench_throughput(a)
-    from .bench.decode import bench_decode, rows_to_json
-    from .bench.report import decode_plot, decode_table
+    from a2ats.bench.decode import bench_decode, rows_to_json
+    from a2ats.bench.report import decode_plot, decode_table
 
     gguf = None
     if "llama.cpp" in a.variants:  # llama.cpp runs the named model's own GGUF (verified)
-        from .assets import DEFAULT_MODEL, MODELS, gguf_path, named_model
+        from a2ats.assets.models import DEFAULT_MODEL, MODELS, gguf_path, named_model
 
         if a.model is not None and a.model not in MODELS:
             raise ValueError("the llama.cpp variant runs a named model's GGUF: give --model "
@@ -435,8 +433,13 @@ def _bench_throughput(a) -> int:
     import json
     from pathlib import Path
 
-    from .bench.report import throughput_plot, throughput_table
-    from .bench.throughput import bench_served, bench_throughput, random_model, rows_to_json
+    from a2ats.bench.report import throughput_plot, throughput_table
+    from a2ats.bench.throughput import (
+        bench_served,
+        bench_throughput,
+        random_model,
+        rows_to_json,
+    )
 
     cfg = _config(a)
     text_ids = None
@@ -565,22 +568,88 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=8, help="decode: timed steps per variant and length (median reported)")
     b.add_argument("--out", help="decode: folder for decode.json, decode.md and decode.png")
     b.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
-    from .bench.project import add_arguments as _add_project_args
+    from a2ats.bench.project import add_arguments as _add_project_args
 
     _add_project_args(b)  # bench project: --shape, --hardware, --kernels-json, --contexts, --measured
     b.set_defaults(fn=cmd_bench)
     return p
 
 
+def _check_args(a) -> None:
+    """Every argument, path and permission checked before a model loads or a calibration starts."""
+    from pathlib import Path
+
+    def need_file(path, what):
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"no {what} at {path}: give an existing file")
+
+    need_file(getattr(a, "prompt_file", None), "prompt file")
+    need_file(getattr(a, "prompts", None), "prompts file")
+    if a.cmd == "report":
+        for r in a.results:
+            need_file(r, "results file (the results.jsonl that `a2ats eval --out DIR` wrote)")
+    for name in ("slots", "steps", "max_new_tokens", "context", "samples", "centroids"):
+        value = getattr(a, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    for name in ("batches", "lengths", "needle_lengths", "text_lengths"):
+        bad = [v for v in getattr(a, name, None) or () if v < 1]
+        if bad:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {bad}")
+    if getattr(a, "budget", None) is not None or hasattr(a, "sinks"):
+        _config(a)  # budget range, sinks, window, WRoPE settings
+    if hasattr(a, "centroids") and hasattr(a, "wrope_bands"):
+        _settings(a)
+    if a.cmd == "bench":
+        from a2ats.bench import VARIANTS
+        from a2ats.bench.throughput import SYSTEMS, parse_system
+
+        if a.what == "decode":
+            unknown = [v for v in a.variants if v not in VARIANTS]
+            if unknown:
+                raise ValueError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+        if a.what == "throughput":
+            unknown = [s for s in a.systems if parse_system(s) is None]
+            if unknown:
+                raise ValueError(f"unknown system(s) {unknown}; choose from {', '.join(SYSTEMS)}, with -xN and/or -kvbf16 / -kvint8")
+    from a2ats.hf.calibrate import check_writable
+
+    if a.cmd in ("eval", "bench") and getattr(a, "out", None):
+        check_writable(Path(a.out) / "results")
+    if a.cmd == "calibrate":
+        out = a.out or ""
+        check_writable(Path(out) if out.endswith(".safetensors") else Path(out) / "x" if out else _cache_file())
+    elif hasattr(a, "codebooks") and not getattr(a, "dense", False):
+        if a.codebooks is None:
+            check_writable(_cache_file())
+            return
+        from a2ats.core.codebook import Codebooks
+        from a2ats.hf.calibrate import codebook_file
+
+        file = codebook_file(a.codebooks, _settings(a))
+        if file.exists():
+            Codebooks.load(file)  # a file that is not a codebook file is named now, not after the model loads
+        else:
+            check_writable(file)
+
+
+def _cache_file():
+    """A file in the codebook cache (where codebooks are calibrated into when no --codebooks is given)."""
+    from a2ats.assets.models import cache_dir
+
+    return cache_dir() / "codebooks" / "model" / "codebook.safetensors"
+
+
 def main(argv: list[str] | None = None) -> int:
-    from .assets import AssetError
-    from .codebook import CodebookError
-    from .engine.server import ServeError
+    from a2ats.assets.models import AssetError
+    from a2ats.core.codebook import CodebookError
+    from a2ats.runtime.server import ServeError
 
     a = build_parser().parse_args(argv)
     try:
+        _check_args(a)
         return a.fn(a)
-    except (AssetError, CodebookError, ValueError) as e:
+    except (AssetError, CodebookError, ValueError, OSError) as e:
         print(f"a2ats {a.cmd}: error: {e}", file=sys.stderr)
         return 2
     except ServeError as e:  # the completions finished before it are already written

@@ -16,15 +16,15 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import DynamicCache
 
-from ..cache import A2ATSCache
-from ..codebook import Codebooks
-from ..config import A2ATSConfig
-from ..engine import Engine
-from ..engine.context import Timer
-from ..hf import A2ATS
-from ..methods import A2ATSMethod
-from ..rope import WRoPE, find_rotary_embedding
-from . import DEFAULT_VARIANTS, VARIANTS
+from a2ats.bench import DEFAULT_VARIANTS, VARIANTS
+from a2ats.core.codebook import Codebooks
+from a2ats.core.config import A2ATSConfig
+from a2ats.core.rope import WRoPE, find_rotary_embedding
+from a2ats.hf import A2ATS
+from a2ats.hf.cache import A2ATSCache
+from a2ats.methods import A2ATSMethod
+from a2ats.runtime import Engine
+from a2ats.runtime.step import Timer
 
 
 @dataclass
@@ -135,7 +135,7 @@ def bench_decode(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=
     ``text_ids``: the real prompt to prefill (default: a State of the Union speech); ``gguf``: the file llama.cpp
     runs (default: the default model's)."""
     if text_ids is None:
-        from ..corpus import speeches
+        from a2ats.assets.corpus import speeches
 
         text = next(s for s in speeches()[150:] if len(s) > 6 * base)
         text_ids = torch.tensor([tok.encode(text, add_special_tokens=False)[:base]])
@@ -143,7 +143,7 @@ def bench_decode(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; choose from {VARIANTS}")
     if "llama.cpp" in variants:
-        from . import llamacpp
+        from a2ats.bench import llamacpp
 
         if not llamacpp.available():
             raise ValueError("the llama.cpp variant needs llama-cpp-python: `pip install llama-cpp-python` "
@@ -188,7 +188,7 @@ def bench_decode(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=
                     row = _row(variant, length, _time_hf(model, cache, length, steps, warmup))
                 del cache
             elif variant == "llama.cpp":
-                from .llamacpp import bench_llamacpp
+                from a2ats.bench.llamacpp import bench_llamacpp
 
                 (_, times), = bench_llamacpp(text_ids, [length], steps, warmup, gguf=gguf, log=log)
                 row = _row(variant, length, times)

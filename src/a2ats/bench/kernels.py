@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from ..kernels import cpu_backend
+from a2ats.kernels import cpu_backend
 
 
 def _best(fn, repeats: int) -> float:

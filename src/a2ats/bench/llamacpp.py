@@ -24,7 +24,7 @@ def bench_llamacpp(ids: torch.Tensor, lengths, steps: int, warmup: int = 2, thre
     """(length, decode step seconds) per length; ``ids`` (1, n) the base prompt, tiled to each length."""
     from llama_cpp import Llama
 
-    from ..assets import DEFAULT_MODEL, gguf_path, named_model
+    from a2ats.assets.models import DEFAULT_MODEL, gguf_path, named_model
 
     path = gguf or str(gguf_path(named_model(DEFAULT_MODEL), log=log))
     threads = threads or os.cpu_count()

@@ -22,12 +22,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..codebook import Codebooks
-from ..config import A2ATSConfig
-from ..engine.context import Timer
-from ..engine.preflight import PreflightError
-from ..engine.server import Request, Server
-from .decode import _tile
+from a2ats.bench.decode import _tile
+from a2ats.core.codebook import Codebooks
+from a2ats.core.config import A2ATSConfig
+from a2ats.runtime.preflight import PreflightError
+from a2ats.runtime.server import Request, Server
+from a2ats.runtime.step import Timer
 
 SYSTEMS = ("a2ats-offload", "full-local")
 # Suffixes: "-xN" decode steps in N micro-batches (Server(overlap=N)); "-kvbf16" / "-kvint8" K/V stored
@@ -49,7 +49,7 @@ class ThroughputRow:
     crossed_kib_per_step: float = 0.0  # bytes between the sides per decode step (PCIe on a GPU host)
 
 
-def _parse(system: str) -> tuple[str, int, torch.dtype | None] | None:
+def parse_system(system: str) -> tuple[str, int, torch.dtype | None] | None:
     """(base system, micro-batches, K/V dtype) of a system name, or None when it is not one."""
     parts = system.split("-")
     base, rest = "-".join(parts[:2]), parts[2:]
@@ -64,7 +64,7 @@ def _parse(system: str) -> tuple[str, int, torch.dtype | None] | None:
 
 
 def _server(model, codebooks, config, system, slots, capacity, decode_weights) -> Server:
-    base, overlap, kv = _parse(system)
+    base, overlap, kv = parse_system(system)
     cb = codebooks if base.startswith("a2ats") else None
     placement = "offload" if base.endswith("offload") else "local"
     return Server(model, cb, config, slots=slots, max_context=capacity, placement=placement, prefill_chunk=4096,
@@ -120,16 +120,16 @@ def bench_throughput(model, tok, codebooks: Codebooks, config: A2ATSConfig, leng
                      log=print) -> list[ThroughputRow]:
     """One row per (system, context, batch); a batch that does not fit this machine is skipped (logged).
     ``text_ids`` (1, n): the real prompt to prefill (default: a State of the Union speech)."""
-    from ..engine import Engine
-    from .decode import _real_prefill
+    from a2ats.bench.decode import _real_prefill
+    from a2ats.runtime import Engine
 
-    unknown = [s for s in systems if _parse(s) is None]
+    unknown = [s for s in systems if parse_system(s) is None]
     if unknown:
         raise ValueError(f"unknown system(s) {unknown}; choose from {SYSTEMS}, with -xN (a2ats-offload: N micro-batches) "
                          "and/or -kvbf16 / -kvint8 (K/V stored in bf16 / int8)")
     ids = text_ids
     if ids is None:
-        from ..corpus import speeches
+        from a2ats.assets.corpus import speeches
 
         text = next(s for s in speeches()[150:] if len(s) > 6 * base)
         ids = torch.tensor([tok.encode(text, add_special_tokens=False)[:base]])
@@ -169,7 +169,7 @@ def bench_served(model, tok, codebooks: Codebooks, config: A2ATSConfig, slots: i
     """A queue of ``requests`` real prompts (State of the Union texts, of slightly different lengths up to
     ``prompt_tokens``; or ``prompts``) through ``slots`` slots, per system."""
     if prompts is None:
-        from ..corpus import speeches
+        from a2ats.assets.corpus import speeches
 
         texts = [s for s in speeches() if len(s) > 6 * prompt_tokens][:requests]
         prompts = [tok.encode(s, add_special_tokens=False)[: prompt_tokens - 17 * i] for i, s in enumerate(texts)]
@@ -195,8 +195,8 @@ def random_model(shape_name: str, dtype: torch.dtype, device: str, centroids: in
     codebooks for it: speed only (the selection is as costly as with trained ones; the text is noise)."""
     import transformers as T
 
-    from ..codebook import CodebookSettings, model_fingerprint, weights_digest
-    from .project import SHAPES
+    from a2ats.bench.project import SHAPES
+    from a2ats.core.codebook import CodebookSettings, model_fingerprint, weights_digest
 
     if shape_name not in SHAPES:
         raise ValueError(f"unknown shape {shape_name!r}; choose from {sorted(SHAPES)}")

@@ -10,13 +10,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..codebook import Codebooks
-from ..config import A2ATSConfig
-from ..hf import A2ATS, ModelPatch
-from ..methods import Method
-from ..rope import WRoPE, undo_rotation
-from ..selection import DecodeStep, always_kept, select, topk_mask
-from .prefill import Prefill, fork, prefill
+from a2ats import kernels
+from a2ats.core.codebook import Codebooks
+from a2ats.core.config import A2ATSConfig
+from a2ats.core.rope import WRoPE, undo_rotation
+from a2ats.core.selection import DecodeStep, always_kept, select, topk_mask
+from a2ats.eval.prefill import Prefill, fork, prefill
+from a2ats.hf import A2ATS, ModelPatch
+from a2ats.methods import Method
 
 
 @dataclass
@@ -95,7 +96,7 @@ class _ScoreError(ModelPatch):
         self.count = 0
 
     def attention(self, module, query, key, value, mask, scaling, dropout, kwargs):
-        from ..attention import dense
+        from a2ats.hf.patch import dense
 
         (cos, sin), _ = self._current
         layer = module.layer_idx
@@ -106,7 +107,7 @@ class _ScoreError(ModelPatch):
         k_pre = undo_rotation(key, cos, sin)
         exact = torch.einsum("bhqd,bhnd->bhqn", q, k_pre)
         for name, cb in self.codebooks.items():
-            codes = cb.encode(layer, k_pre).long()  # (B, Hkv, n)
+            codes = kernels.encode_nearest(*cb.encode_inputs(layer, k_pre)).long()  # (B, Hkv, n)
             cent = cb.centroids[layer].to(k_pre.device)  # (Hkv, C, d)
             approx_k = torch.stack([cent[h][codes[:, h]] for h in range(Hkv)], dim=1)  # (B, Hkv, n, d)
             est = torch.einsum("bhqd,bhnd->bhqn", q, approx_k)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,55 +23,25 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..calibrate import calibrate_missing, load_or_calibrate
-from ..codebook import CodebookSettings
-from ..config import DEFAULT_BAND_RATIO, A2ATSConfig
-from ..corpus import prompt_start, speeches
-from ..generate import encode_prompt
-from ..hf import A2ATS, check_context
-from ..methods import (A2ATSMethod, FullMethod, HybridMethod, Method, OracleMethod, PQCacheMethod, QuestMethod, RerankMethod,
-                       StreamingMethod)
-from ..precision import bf16_exact, bf16_weight_reads, parse_dtype
-from ..rope import WRoPE, find_rotary_embedding
-from . import tasks as T
-from .cost import step_bytes
-from .prefill import greedy_decode, prefill
-from .text_metrics import continuation_metrics
+from a2ats.assets.corpus import prompt_start, speeches
+from a2ats.core.codebook import CodebookSettings
+from a2ats.core.config import A2ATSConfig
+from a2ats.core.support import check_context
+from a2ats.eval import tasks as T
+from a2ats.eval.cost import step_bytes
+from a2ats.eval.prefill import greedy_decode, prefill
+from a2ats.eval.text_metrics import continuation_metrics
+from a2ats.hf import A2ATS
+from a2ats.hf.calibrate import calibrate_missing, load_or_calibrate
+from a2ats.hf.generate import encode_prompt
+from a2ats.hf.precision import bf16_exact, bf16_weight_reads, parse_dtype
+from a2ats.methods import Method, RerankMethod
+from a2ats.methods.registry import KNOWN, build_method, codebook_variant, parse_method
 
 METHODS = ("full", "oracle", "streaming", "quest", "pqcache", "a2ats", "a2ats-euclid", "a2ats-postrope", "a2ats-banded",
-           "a2ats-hybrid")
+           "a2ats-hybrid")  # the names a preset runs; the grammar of names is a2ats.methods.registry's
 PAPER_METHODS = METHODS[:-2]  # the evaluation issue's set: the paper's method, its ablations and the baselines
 NEEDLE_TASKS = tuple(t for t in T.TASKS if t.startswith("niah_"))
-BAND_RATIO = DEFAULT_BAND_RATIO  # a2ats-banded: banded WRoPE (bands 64-128, 128-256, ...); +max: the library's default
-HYBRID_SHARE = 0.5  # a2ats-hybrid: share of the budget chosen by the paper's score; "a2ats-hybrid0.75" sets another
-RERANK_FACTOR = 2.0  # a2ats[-banded]-rerank: shortlist of 2 x K per query head; "a2ats-banded-rerank4" sets another
-REDUCTIONS = ("union", "max")
-KNOWN = (f"{', '.join(METHODS)} (a2ats-hybrid0.75: another share; a2ats-rerank / a2ats-banded-rerank[FACTOR]: a shortlist "
-         "of FACTOR x K re-scored with exact keys; a '+max' suffix: the max GQA reduction)")
-
-
-def _hybrid_share(name: str) -> float | None:
-    """The share in an ``a2ats-hybrid[SHARE]`` name, or None for any other name."""
-    m = re.fullmatch(r"a2ats-hybrid(0?\.\d+|[01])?", name)
-    return None if m is None else float(m.group(1) or HYBRID_SHARE)
-
-
-def _rerank(name: str) -> tuple[str, float] | None:
-    """(estimate's method, shortlist factor) of an ``a2ats[-banded]-rerank[FACTOR]`` name, or None."""
-    m = re.fullmatch(r"(a2ats|a2ats-banded)-rerank(\d+(?:\.\d+)?)?", name)
-    if m is None or (m.group(2) is not None and float(m.group(2)) < 1):
-        return None
-    return m.group(1), float(m.group(2) or RERANK_FACTOR)
-
-
-def parse_method(name: str) -> tuple[str, str]:
-    """(method, GQA reduction) of a name such as ``a2ats`` or ``a2ats+max``; ValueError for unknown names."""
-    base, plus, reduction = name.partition("+")
-    reduction = reduction if plus else "union"
-    known = base in METHODS or _hybrid_share(base) is not None or _rerank(base) is not None
-    if not known or reduction not in REDUCTIONS:
-        raise ValueError(f"unknown method {name!r}; known: {KNOWN}")
-    return base, reduction
 
 
 @dataclass(frozen=True)
@@ -176,47 +145,21 @@ PRESETS = {
 }
 
 
-# Methods over a codebook: the settings each one's codebook differs by. The paper's method and its ablations keep
-# one fixed WRoPE distance whatever the library's default; the hybrid scores over the paper's codebook.
-CODEBOOK_VARIANTS = {
-    "a2ats": {"wrope_band_ratio": None},
-    "a2ats-euclid": {"query_aware": False, "wrope_band_ratio": None},
-    "a2ats-postrope": {"post_rope": True, "wrope_band_ratio": None},
-    "a2ats-banded": {"wrope_band_ratio": BAND_RATIO},
-}
-
-
-def _codebook_variant(base: str) -> dict | None:
-    if _rerank(base) is not None:
-        return CODEBOOK_VARIANTS[_rerank(base)[0]]
-    return CODEBOOK_VARIANTS["a2ats"] if _hybrid_share(base) is not None else CODEBOOK_VARIANTS.get(base)
-
-
 def build_methods(names, model, tokenizer, cfg: EvalConfig, log: Callable = print) -> dict[str, Method]:
     """One instance per method (the ``+max`` variants share their base's). Every codebook the run needs is
     calibrated up front, forward passes shared where codebooks can share one, and cached."""
-    rot = find_rotary_embedding(model)
     dtype = parse_dtype(cfg.prefill_dtype)  # calibration forwards run like the prefills
     bases = list(dict.fromkeys(parse_method(n)[0] for n in names))
 
     def settings(base):
-        return CodebookSettings(n_centroids=cfg.centroids, **{**cfg.calibration, **_codebook_variant(base)})
+        return CodebookSettings(n_centroids=cfg.centroids, **{**cfg.calibration, **codebook_variant(base)})
 
-    calibrate_missing(model, tokenizer, [settings(b) for b in bases if _codebook_variant(b) is not None], dtype, log)
-    simple = {"full": FullMethod, "oracle": OracleMethod, "streaming": StreamingMethod, "quest": QuestMethod,
-              "pqcache": PQCacheMethod}
+    calibrate_missing(model, tokenizer, [settings(b) for b in bases if codebook_variant(b) is not None], dtype, log)
     built: dict[str, Method] = {}
     for base in bases:
-        if base in simple:
-            built[base] = simple[base]()
-            continue
-        s = settings(base)
-        cb = load_or_calibrate(model, tokenizer, settings=s, log=log, compute_dtype=dtype)
-        share, rerank = _hybrid_share(base), _rerank(base)
-        built[base] = (A2ATSMethod(cb, WRoPE(rot, s.wrope_distance, s.wrope_band_ratio)) if share is None
-                       else HybridMethod(cb, rot, s.wrope_distance, BAND_RATIO, share))
-        if rerank is not None:
-            built[base] = RerankMethod(built[base], rerank[1])
+        cb = None if codebook_variant(base) is None else load_or_calibrate(
+            model, tokenizer, settings=settings(base), log=log, compute_dtype=dtype)
+        built[base] = build_method(base, model, cb)
     return {name: built[parse_method(name)[0]] for name in names}
 
 

@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from ..hf import A2ATS
-from .prefill import Prefill, fork
+from a2ats.eval.prefill import Prefill, fork
+from a2ats.hf import A2ATS
 
 
 @torch.inference_mode()

@@ -14,12 +14,12 @@ from typing import Callable
 
 import torch
 
-from ..cache import A2ATSCache
-from ..config import A2ATSConfig
-from ..hf import A2ATS
-from ..methods import FullMethod
-from ..precision import autocast
-from ..rope import undo_rotation
+from a2ats.core.config import A2ATSConfig
+from a2ats.core.rope import undo_rotation
+from a2ats.hf import A2ATS
+from a2ats.hf.cache import A2ATSCache
+from a2ats.hf.precision import autocast
+from a2ats.methods import FullMethod
 
 
 @dataclass

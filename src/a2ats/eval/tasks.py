@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Sequence
 
-from ..corpus import essays, haystack_text, random_uuids, speeches
+from a2ats.assets.corpus import essays, haystack_text, random_uuids, speeches
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 _NOISE_SENTENCES = tuple(s.strip() for s in re.findall(r"[^.]+\.", NOISE))

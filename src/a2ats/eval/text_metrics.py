@@ -7,11 +7,11 @@ import math
 
 import torch
 
-from ..config import A2ATSConfig
-from ..hf import A2ATS
-from ..methods import Method
-from .attention_metrics import MassProbe
-from .prefill import Prefill, fork
+from a2ats.core.config import A2ATSConfig
+from a2ats.eval.attention_metrics import MassProbe
+from a2ats.eval.prefill import Prefill, fork
+from a2ats.hf import A2ATS
+from a2ats.methods import Method
 
 
 def attention_scaling(model) -> float:

@@ -6,8 +6,8 @@ torch reference (:mod:`.reference`), which defines the semantics, everywhere els
 tensors runs a Triton kernel (:mod:`.triton_score`) when triton is installed.
 """
 
-from .cpu import cpu_backend
-from .ops import (
+from a2ats.kernels.cpu import cpu_backend
+from a2ats.kernels.ops import (
     dequantize_rows,
     encode_nearest,
     linear_bf16w,
@@ -18,14 +18,14 @@ from .ops import (
     sparse_attention,
     tile_centroids,
 )
-from .reference import (
+from a2ats.kernels.reference import (
     reference_encode_nearest,
     reference_lookup_tables,
     reference_score_select,
     reference_scores,
     reference_sparse_attention,
 )
-from .triton_score import triton_available, triton_score_select
+from a2ats.kernels.triton_score import triton_available, triton_score_select
 
 __all__ = [
     "cpu_backend",

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from .cpu import cpu_backend
-from .reference import (
+from a2ats.kernels.cpu import cpu_backend
+from a2ats.kernels.reference import (
     dequantize_rows,
     quantize_rows,
     reference_encode_nearest,
@@ -15,7 +15,7 @@ from .reference import (
     reference_scores,
     reference_sparse_attention,
 )
-from .triton_score import triton_available, triton_score_select
+from a2ats.kernels.triton_score import triton_available, triton_score_select
 
 __all__ = ["dequantize_rows", "encode_nearest", "linear_bf16w", "lookup_tables", "quantize_rows", "tile_centroids", "score",
            "score_select", "sparse_attention"]
@@ -70,7 +70,7 @@ def score_select(
     sinks: int,
     window: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Union top-K selection from LUT scores, as :func:`a2ats.selection.select` ("union") computes it.
+    """Union top-K selection from LUT scores, as :func:`a2ats.core.selection.select` ("union") computes it.
 
     lut (B, Hkv, G, T) float32; codes (B, Hkv, n) int16; offsets (B, n) int32 or None; valid (B, n) bool;
     k (B,) int64 tokens per query head. Returns idx (B, Hkv, L) int32 (ascending in the first count

@@ -1,6 +1,6 @@
 """Torch references for the CPU kernels: the library's own selection and attention, repackaged.
 
-They are built on :mod:`a2ats.selection` and :mod:`a2ats.attention`, so a kernel that matches them
+They are built on (or are) :mod:`a2ats.core.selection`, :mod:`a2ats.core.attention` and :mod:`a2ats.core.codebook`, so a kernel that matches them
 matches the method. Slow (full-length masks, a topk over every token) but simple and device-agnostic.
 """
 
@@ -8,29 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from ..attention import attend_selected
-from ..selection import always_kept, topk_mask
+from a2ats.core.attention import attend_selected
+from a2ats.core.codebook import nearest_centroid as reference_encode_nearest
+from a2ats.core.selection import always_kept, topk_mask
+from a2ats.core.selection import table_scores as reference_scores
 
-
-def reference_scores(lut: torch.Tensor, codes: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
-    """(B, Hkv*G, n) float32: score[b, h*G+g, j] = lut[b, h, g, codes[b, h, j] + offsets[b, j]]."""
-    B, H, G, _ = lut.shape
-    n = codes.shape[-1]
-    entry = codes.long()
-    if offsets is not None:
-        entry = entry + offsets.long().unsqueeze(1)
-    est = torch.gather(lut.float(), -1, entry.unsqueeze(2).expand(B, H, G, n))
-    return est.reshape(B, H * G, n)
-
-
-def reference_encode_nearest(z: torch.Tensor, t: torch.Tensor, half: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """int16 (B, H, n): argmax over c of z[b, h, j] · t[h, c] - half[h, c] (z (B, H, n, d), t (H, C, d), half (H, C))."""
-    B, H, n, _ = z.shape
-    out = torch.empty(B, H, n, dtype=torch.int16, device=z.device)
-    for s in range(0, n, chunk):
-        sim = torch.matmul(z[:, :, s : s + chunk], t.transpose(-1, -2).unsqueeze(0)) - half[None, :, None, :]
-        out[:, :, s : s + chunk] = sim.argmax(-1).to(torch.int16)
-    return out
+__all__ = ["reference_encode_nearest", "reference_scores"]  # the algorithm's own computations, named as references
 
 
 def reference_lookup_tables(q: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -68,7 +51,7 @@ def reference_score_select(
     sinks: int,
     window: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`a2ats.selection.select` with reduction "union" and a given k per row, as (idx, count)."""
+    """:func:`a2ats.core.selection.select` with reduction "union" and a given k per row, as (idx, count)."""
     B, H, G, _ = lut.shape
     n = codes.shape[-1]
     scores = reference_scores(lut, codes, offsets)
@@ -100,7 +83,7 @@ def reference_sparse_attention(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(B, Hq, d): :func:`a2ats.attention.attend_selected` over the rows idx[b, h, :count[b, h]]
+    """(B, Hq, d): :func:`a2ats.core.attention.attend_selected` over the rows idx[b, h, :count[b, h]]
     (int8 caches dequantized with their row scales)."""
     used = torch.arange(idx.shape[-1], device=idx.device) < count.unsqueeze(-1).long()
     top = int(torch.where(used, idx.long(), -1).max()) + 1 if idx.numel() else 0

@@ -35,7 +35,7 @@ import os
 
 import torch
 
-from ..selection import always_kept, float_order
+from a2ats.core.selection import always_kept, float_order
 
 __all__ = ["triton_available", "triton_score_select"]
 

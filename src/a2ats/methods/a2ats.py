@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import lookup_tables, tile_centroids
-from ..codebook import Codebooks
-from ..rope import WRoPE
-from ..selection import DecodeStep
-from .base import Method
+from a2ats import kernels
+from a2ats.core.codebook import Codebooks
+from a2ats.core.config import A2ATSConfig
+from a2ats.core.rope import WRoPE, find_rotary_embedding
+from a2ats.core.selection import DecodeStep, reduce_tables, table_scores
+from a2ats.kernels import lookup_tables, tile_centroids
+from a2ats.methods.base import Method
 
 
 class A2ATSMethod(Method):
@@ -27,9 +29,25 @@ class A2ATSMethod(Method):
         if wrope.banded and not s.post_rope:
             self.name += "-banded"
 
+    @classmethod
+    def for_model(cls, model, codebooks: Codebooks, config: A2ATSConfig) -> A2ATSMethod:
+        """The method over ``codebooks`` for ``model`` at ``config``'s WRoPE, once the codebooks are checked to
+        belong to this model and these settings (a clear :class:`~a2ats.core.codebook.CodebookError` otherwise)."""
+        codebooks.check_compatible(model, config.wrope_distance, band_ratio=config.wrope_band_ratio)
+        wrope = WRoPE(find_rotary_embedding(model), config.wrope_distance, config.wrope_band_ratio)
+        return cls(codebooks, wrope)
+
+    def encode(self, layer: int, k_pre: torch.Tensor, k_post: torch.Tensor | None, kv_heads: slice) -> torch.Tensor:
+        """int16 codes (B, Hkv, t) of new keys: their nearest centroids, in the kernel (post-RoPE codebooks
+        encode ``k_post``; the others the pre-RoPE keys)."""
+        k = k_post if self.post_rope else k_pre
+        if k is None:
+            raise ValueError(f"{self.name} encodes post-RoPE keys; this caller passed only pre-RoPE keys")
+        return kernels.encode_nearest(*self.codebooks.encode_inputs(layer, k, kv_heads))
+
     def on_append(self, layer, store, k_pre, k_post, kv_heads):
         # Every key is encoded once, as it is written; int16 holds up to 32767 centroids.
-        store.write_extra("codes", self.codebooks.encode(layer, k_post if self.post_rope else k_pre, kv_heads))
+        store.write_extra("codes", self.encode(layer, k_pre, k_post, kv_heads))
 
     def band_offsets(self, valid: torch.Tensor) -> tuple[int, torch.Tensor | None]:
         """(bands in use, offsets (B, n) int32 or None): with banded WRoPE token j of row b reads the
@@ -57,21 +75,26 @@ class A2ATSMethod(Method):
             self._tiles[key] = tile_centroids(centroids)  # None off the CPU kernel: plain matmul there
         return lookup_tables(q, centroids, self._tiles[key]).reshape(B, Hkv, G, bands * C)
 
-    def tables(self, layer: int, q_pre: torch.Tensor, query: torch.Tensor, valid: torch.Tensor, kv_heads: slice):
-        """``lut`` (B, Hkv, G, T) and ``offsets`` (B, n) or None: token j of KV head h is scored
-        ``lut[b, h, g, codes[b, h, j] + offsets[b, j]]`` by query head g of the group."""
-        bands, offsets = self.band_offsets(valid)
-        return self.lut(layer, q_pre, query, bands, kv_heads), offsets
+    def score_tokens(self, layer: int, q_pre: torch.Tensor, query: torch.Tensor, codes: torch.Tensor, bands: int,
+                     offsets: torch.Tensor | None, kv_heads: slice) -> torch.Tensor:
+        """Estimated scores (B, Hq, n) of every cached token (codes (B, Hkv, n)) for this step's queries: the
+        reference path's view of the step (a full-length score tensor, then :func:`a2ats.core.selection.select`)."""
+        return table_scores(self.lut(layer, q_pre, query, bands, kv_heads), codes, offsets)
+
+    def select_rows(self, layer: int, q_pre: torch.Tensor, query: torch.Tensor, codes: torch.Tensor,
+                    valid: torch.Tensor, budget: torch.Tensor, config: A2ATSConfig, kv_heads: slice, bands: int,
+                    offsets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode step's selection as row indices (idx (B, Hkv, m) int32, count (B, Hkv)): lookup tables,
+        the GQA reduction, then fused scoring and top-K (:func:`a2ats.kernels.score_select`). Every fast path
+        (transformers' fast path, the runtime, the offload system) selects through here; it selects the
+        same set as :meth:`score_tokens` + :func:`a2ats.core.selection.select`."""
+        lut = reduce_tables(self.lut(layer, q_pre, query, bands, kv_heads), config.reduction)
+        return kernels.score_select(lut, codes, offsets, valid, budget, config.sinks, config.window)
 
     def scores(self, step: DecodeStep) -> torch.Tensor:
-        B, Hq, _ = step.q_pre.shape
-        lut, offsets = self.tables(step.layer, step.q_pre, step.query, step.valid, step.kv_heads)
-        codes = step.store.extra("codes").long()  # (B, Hkv, n)
-        if offsets is not None:
-            codes = codes + offsets.unsqueeze(1)
-        Hkv, G, n = lut.shape[1], lut.shape[2], codes.shape[-1]
-        est = torch.gather(lut, -1, codes.unsqueeze(2).expand(B, Hkv, G, n))
-        return est.reshape(B, Hq, n)
+        bands, offsets = self.band_offsets(step.valid)
+        return self.score_tokens(step.layer, step.q_pre, step.query, step.store.extra("codes"), bands, offsets,
+                                 step.kv_heads)
 
 
 def _relative_distance(valid: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 A method sees new keys as they are written (to keep per-token metadata in the cache layer, e.g.
 codes) and, at each decode step, estimates a score per query head and token. Turning scores into
-a selection (top-K, sinks, window, GQA reduction) is shared code in :mod:`a2ats.selection`, so
+a selection (top-K, sinks, window, GQA reduction) is shared code in :mod:`a2ats.core.selection`, so
 methods compare at equal budgets. A method with its own selection (a fused kernel, page-level
 top-K) overrides :meth:`Method.select`.
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ..config import A2ATSConfig
-from ..selection import DecodeStep, select
+from a2ats.core.config import A2ATSConfig
+from a2ats.core.selection import DecodeStep, select
 
 
 class Method:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ..config import A2ATSConfig
-from ..selection import DecodeStep
-from .base import Method
+from a2ats.core.config import A2ATSConfig
+from a2ats.core.selection import DecodeStep
+from a2ats.methods.base import Method
 
 
 class FullMethod(Method):

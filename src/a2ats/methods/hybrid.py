@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from ..codebook import Codebooks
-from ..config import A2ATSConfig
-from ..rope import WRoPE
-from ..selection import DecodeStep, always_kept, topk_mask
-from .a2ats import A2ATSMethod
-from .base import Method
+from a2ats.core.codebook import Codebooks
+from a2ats.core.config import A2ATSConfig
+from a2ats.core.rope import WRoPE
+from a2ats.core.selection import DecodeStep, always_kept, topk_mask
+from a2ats.methods.a2ats import A2ATSMethod
+from a2ats.methods.base import Method
 
 
 class HybridMethod(Method):

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from ..kmeans import assign, kmeans
-from ..selection import DecodeStep
-from .base import Method
+from a2ats.core.kmeans import assign, kmeans
+from a2ats.core.selection import DecodeStep
+from a2ats.methods.base import Method
 
 
 class PQCacheMethod(Method):

@@ -15,10 +15,10 @@ import math
 
 import torch
 
-from ..config import A2ATSConfig
-from ..selection import DecodeStep, always_kept, select, topk_mask
-from .base import Method
-from .oracle import OracleMethod
+from a2ats.core.config import A2ATSConfig
+from a2ats.core.selection import DecodeStep, always_kept, select, topk_mask
+from a2ats.methods.base import Method
+from a2ats.methods.oracle import OracleMethod
 
 
 class RerankMethod(Method):

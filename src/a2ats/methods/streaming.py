@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from ..selection import DecodeStep
-from .base import Method
+from a2ats.core.selection import DecodeStep
+from a2ats.methods.base import Method
 
 
 class StreamingMethod(Method):

@@ -31,26 +31,31 @@ Modules: :mod:`.inputs` (shapes, hardware, efficiencies, workload), :mod:`.model
 :mod:`.report` (markdown), :mod:`.cli` (the command).
 """
 
-from .inputs import (
-    Efficiencies,
+from a2ats.bench.project.cli import (
+    add_arguments,
+    from_args,
+    run_cli,
+)
+from a2ats.bench.project.inputs import (
     GB,
     GIB,
     H100_HOST,
-    Hardware,
     LABEL,
     MAX_BATCH,
     MEASURED_UNION,
-    ModelShape,
     SHAPES,
     TARGET_CONTEXT,
     TARGET_RATIO,
     UNION_PER_EXTRA_HEAD,
+    Efficiencies,
+    Hardware,
+    ModelShape,
     Workload,
     default_efficiencies,
     default_union_inflation,
     local_hardware,
 )
-from .model import (
+from a2ats.bench.project.model import (
     a2ats_fits,
     a2ats_max_batch,
     a2ats_step,
@@ -64,14 +69,9 @@ from .model import (
     variant_rows,
     variant_specs,
 )
-from .report import (
+from a2ats.bench.project.report import (
     render_markdown,
     verdict,
-)
-from .cli import (
-    add_arguments,
-    from_args,
-    run_cli,
 )
 
 __all__ = ["Efficiencies", "GB", "GIB", "H100_HOST", "Hardware", "LABEL", "MAX_BATCH", "MEASURED_UNION", "ModelShape", "SHAPES", "TARGET_CONTEXT", "TARGET_RATIO", "UNION_PER_EXTRA_HEAD", "Workload", "a2ats_fits", "a2ats_max_batch", "a2ats_step", "add_arguments", "assumptions", "beside_measured", "context_projection", "default_efficiencies", "default_union_inflation", "from_args", "full_max_batch", "full_step", "load_measured", "local_hardware", "project", "render_markdown", "run_cli", "variant_rows", "variant_specs", "verdict"]

@@ -6,9 +6,16 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from .inputs import H100_HOST, SHAPES, Efficiencies, Workload, default_efficiencies, local_hardware
-from .model import load_measured, project
-from .report import render_markdown
+from a2ats.bench.project.inputs import (
+    H100_HOST,
+    SHAPES,
+    Efficiencies,
+    Workload,
+    default_efficiencies,
+    local_hardware,
+)
+from a2ats.bench.project.model import load_measured, project
+from a2ats.bench.project.report import render_markdown
 
 
 def add_arguments(b) -> None:

@@ -7,7 +7,6 @@ import math
 import os
 from dataclasses import dataclass, field
 
-
 GIB = 1024**3
 GB = 1e9
 TARGET_RATIO = 2.7  # the paper's long-context serving throughput gain (docs/design.md §1.4)

@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from .inputs import (
+from a2ats.bench.project.inputs import (
     GB,
     GIB,
     LABEL,

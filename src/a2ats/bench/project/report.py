@@ -3,7 +3,7 @@ assumptions."""
 
 from __future__ import annotations
 
-from .inputs import TARGET_RATIO
+from a2ats.bench.project.inputs import TARGET_RATIO
 
 
 def _f(x, fmt="{:.0f}", none="—") -> str:

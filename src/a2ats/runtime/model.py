@@ -1,0 +1,187 @@
+"""One readable forward of a Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3), on the HF model's weights.
+
+The arithmetic is transformers' own (same RMSNorm, rotary module, projections); what changes is the
+bookkeeping around it: q/k/v and gate/up run as one matmul each, and attention is a callback, so the
+runner decides per layer and step how to attend. The HF modules' weights are re-pointed at views of
+the fused tensors, so no weight is held twice and ``model.generate`` keeps working.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from a2ats import kernels
+from a2ats.core.support import check_supported
+
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+DECODE_WEIGHTS = ("model", "bf16")
+# The runtime encodes decode keys late, from their pre-RoPE copies (see Runner.new_cache): a codebook of post-RoPE
+# keys would get wrong codes, so it is refused by name.
+POST_ROPE_REFUSAL = ("post-RoPE codebooks (the a2ats-postrope ablation) run on the transformers path only, which encodes "
+                     "each key as it is written: use a2ats.hf.A2ATS(model, codebooks, path='reference') or `--path reference`")
+BF16_MAX_ROWS = 16  # rows (batch x tokens) up to which a step uses the bf16 weight copies
+
+
+@dataclass
+class LayerWeights:
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    o_bias: torch.Tensor | None  # Llama's attention_bias adds one to o_proj too
+    gate_up_bias: torch.Tensor | None  # Llama's mlp_bias
+    down_bias: torch.Tensor | None
+    in_norm: torch.Tensor
+    post_norm: torch.Tensor
+    q_norm: torch.Tensor | None  # Qwen3 normalizes q and k per head
+    k_norm: torch.Tensor | None
+    bf16: dict[str, torch.Tensor] | None = None  # decode copies of qkv, o, gate_up, down (decode_weights="bf16")
+
+
+def _fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for several linears on the same input; the modules then view into it."""
+    weight = torch.cat([m.weight.detach() for m in linears], 0).contiguous()
+    has_bias = [m.bias is not None for m in linears]
+    bias = torch.cat([m.bias.detach() for m in linears], 0).contiguous() if all(has_bias) else None
+    if any(has_bias) and bias is None:
+        raise ValueError("some but not all of the fused projections have a bias")
+    start = 0
+    for m in linears:
+        rows = m.weight.shape[0]
+        m.weight.data = weight[start : start + rows]
+        if bias is not None:
+            m.bias.data = bias[start : start + rows]
+        start += rows
+    return weight, bias
+
+
+def _bias(linear: nn.Linear) -> torch.Tensor | None:
+    return None if linear.bias is None else linear.bias.detach()
+
+
+def _norm_eps(norm: nn.Module) -> float:
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+
+class LeanModel:
+    """Weights and shapes of a supported HF causal LM, and :meth:`forward` over them."""
+
+    def __init__(self, model: nn.Module, decode_weights: str = "model"):
+        """``decode_weights="bf16"`` (fp32 models): decode steps read bf16 copies of the projection
+        weights, with fp32 math (:func:`a2ats.kernels.linear_bf16w`): half the bytes of the step's
+        dominant read, the arithmetic of the model with its weights rounded to bf16. Prefill keeps the
+        model's weights. Costs the copies' memory (half the model's)."""
+        if decode_weights not in DECODE_WEIGHTS:
+            raise ValueError(f"decode_weights must be one of {DECODE_WEIGHTS}, got {decode_weights!r}")
+        arch = type(model).__name__
+        if arch not in SUPPORTED:
+            raise ValueError(
+                f"the lean engine supports {', '.join(SUPPORTED)}; got {arch}. "
+                "Use the transformers path instead (a2ats.hf.A2ATS, or `a2ats generate --path reference`)."
+            )
+        cfg = model.config
+        if getattr(cfg, "hidden_act", "silu") != "silu":
+            raise ValueError(f"the lean engine implements SiLU-gated MLPs; {arch} uses {cfg.hidden_act}")
+        check_supported(model)  # sliding windows, learned sinks, length-dependent RoPE: refused by name
+        core = model.model
+        self.config = cfg
+        self.hidden = cfg.hidden_size
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        attn0 = core.layers[0].self_attn
+        self.head_dim = getattr(attn0, "head_dim", None) or self.hidden // self.heads
+        self.scaling = float(getattr(attn0, "scaling", self.head_dim**-0.5))
+        self.embed = core.embed_tokens.weight
+        self.norm, self.norm_eps = core.norm.weight, _norm_eps(core.norm)
+        self.lm_head = model.lm_head.weight
+        self.rotary = core.rotary_emb
+        self.eps = _norm_eps(core.layers[0].input_layernorm)
+        self.dtype = self.embed.dtype
+        self.device = self.embed.device
+        if decode_weights == "bf16" and self.dtype != torch.float32:
+            raise ValueError(f"decode_weights='bf16' is for float32 models; this one is {self.dtype} already")
+        self.decode_weights = decode_weights
+        self.layers: list[LayerWeights] = []
+        for layer in core.layers:
+            a, m = layer.self_attn, layer.mlp
+            qkv, qkv_bias = _fuse([a.q_proj, a.k_proj, a.v_proj])
+            gate_up, gate_up_bias = _fuse([m.gate_proj, m.up_proj])
+            qn, kn = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
+            self.layers.append(LayerWeights(
+                qkv=qkv, qkv_bias=qkv_bias, o=a.o_proj.weight, gate_up=gate_up, down=m.down_proj.weight,
+                o_bias=_bias(a.o_proj), gate_up_bias=gate_up_bias, down_bias=_bias(m.down_proj),
+                in_norm=layer.input_layernorm.weight, post_norm=layer.post_attention_layernorm.weight,
+                q_norm=None if qn is None else qn.weight, k_norm=None if kn is None else kn.weight,
+            ))
+        self.lm_head16 = None
+        if decode_weights == "bf16":
+            for w in self.layers:
+                w.bf16 = {name: getattr(w, name).to(torch.bfloat16) for name in ("qkv", "o", "gate_up", "down")}
+            self.lm_head16 = self.lm_head.to(torch.bfloat16)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (B, t, rot) in the model's dtype from the model's own rotary module (any rope type)."""
+        probe = torch.empty(0, dtype=self.dtype, device=self.device)
+        return self.rotary(probe, positions)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, attend: Callable, last_only: bool = True,
+                timer=None) -> torch.Tensor:
+        """Logits for ``ids`` (B, t) at ``positions`` (B, t); ``attend(layer, q_pre, q, k_pre, k, v)`` gets
+        (B, H, t, d) tensors (q/k post-RoPE) and returns the attention output (B, t, H·d)."""
+        B, t = ids.shape
+        Hq, Hkv, d = self.heads, self.kv_heads, self.head_dim
+        small = self.lm_head16 is not None and B * t <= BF16_MAX_ROWS
+
+        def linear(x, w: LayerWeights, name: str, bias=None):
+            if small:
+                return kernels.linear_bf16w(x, w.bf16[name], bias)
+            return F.linear(x, getattr(w, name), bias)
+
+        x = F.embedding(ids, self.embed)
+        cos, sin = self.rope(positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        for i, w in enumerate(self.layers):
+            h = F.rms_norm(x, (self.hidden,), w.in_norm, self.eps)
+            qkv = linear(h, w, "qkv", w.qkv_bias)
+            q, k, v = qkv.split((Hq * d, Hkv * d, Hkv * d), dim=-1)
+            q = q.view(B, t, Hq, d)
+            k = k.view(B, t, Hkv, d)
+            if w.q_norm is not None:
+                q = F.rms_norm(q, (d,), w.q_norm, self.eps)
+                k = F.rms_norm(k, (d,), w.k_norm, self.eps)
+            q_pre, k_pre = q.transpose(1, 2), k.transpose(1, 2)
+            v = v.view(B, t, Hkv, d).transpose(1, 2)
+            q_rot, k_rot = _rotate(q_pre, cos, sin), _rotate(k_pre, cos, sin)
+            if timer is not None:
+                timer.lap("weights")
+            out = attend(i, q_pre, q_rot, k_pre, k_rot, v)
+            x = x + linear(out, w, "o", w.o_bias)
+            h = F.rms_norm(x, (self.hidden,), w.post_norm, self.eps)
+            gate, up = linear(h, w, "gate_up", w.gate_up_bias).chunk(2, dim=-1)
+            x = x + linear(F.silu(gate) * up, w, "down", w.down_bias)
+        if last_only:
+            x = x[:, -1:]
+        x = F.rms_norm(x, (self.hidden,), self.norm, self.norm_eps)
+        logits = kernels.linear_bf16w(x, self.lm_head16) if small else F.linear(x, self.lm_head)
+        if timer is not None:
+            timer.lap("weights")
+        return logits
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as transformers' Llama applies it (in the model's dtype), on the first ``rot`` dims."""
+    rot = cos.shape[-1]
+    xr = x[..., :rot]
+    x1, x2 = xr.chunk(2, dim=-1)
+    out = xr * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return out if rot == x.shape[-1] else torch.cat((out, x[..., rot:]), dim=-1)

@@ -1,0 +1,107 @@
+"""Where a served batch lives: one *slot* per sequence, each with its own length (no shared padding).
+
+- host: K and V of every layer, (slots, Hkv, capacity, d), post-RoPE, in the layout of the CPU
+  sparse-attention kernel; pinned when CUDA is present, so copies to and from it run asynchronously.
+  float32, bfloat16, or int8 with a float32 scale per row (token and head): the compact layout.
+- accelerator: the int16 codes of every key, (slots, Hkv, capacity), and each slot's length.
+
+A slot's tokens occupy positions [0, length) of its rows; later positions are invalid, so the
+selection kernels see a right-padded batch. A finished sequence frees its slot for the next one.
+Everything is allocated once, at the server's capacity, so admitting a sequence costs no allocation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from a2ats.kernels import dequantize_rows, quantize_rows
+
+
+@dataclass(frozen=True)
+class SlotBytes:
+    """Bytes a :class:`SlotCache` needs on each side."""
+
+    host: int  # K and V
+    accelerator: int  # codes, lengths
+
+    @staticmethod
+    def of(num_layers: int, slots: int, kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype,
+           codes: bool = True) -> SlotBytes:
+        item = torch.empty(0, dtype=dtype).element_size()
+        row = head_dim * item + (4 if dtype == torch.int8 else 0)  # int8 rows carry a float32 scale
+        kv = num_layers * slots * kv_heads * capacity * row * 2
+        c = num_layers * slots * kv_heads * capacity * 2 if codes else 0
+        return SlotBytes(host=kv, accelerator=c + slots * 8)
+
+
+class SlotCache:
+    def __init__(self, num_layers: int, slots: int, kv_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype, accelerator: torch.device | str, host: torch.device | str = "cpu",
+                 codes: bool = True):
+        self.num_layers, self.slots, self.kv_heads, self.head_dim = num_layers, slots, kv_heads, head_dim
+        self.capacity = -(-capacity // 64) * 64  # rows stay aligned for the kernels
+        self.dtype = dtype
+        self.accelerator, self.host = torch.device(accelerator), torch.device(host)
+        pin = self.host.type == "cpu" and self.accelerator.type == "cuda"
+        shape = (slots, kv_heads, self.capacity, head_dim)
+        # Zeroed, not empty: dense attention masks positions past a slot's length, and a mask does not
+        # neutralize NaN bit patterns (0 x NaN) that uninitialized memory may hold.
+        self.k = [torch.zeros(shape, dtype=dtype, device=self.host, pin_memory=pin) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=self.host, pin_memory=pin) for _ in range(num_layers)]
+        # int8: row scales, K and V, (slots, Hkv, capacity) float32 per layer; None for float caches.
+        self.k_scale = self.v_scale = None
+        if dtype == torch.int8:
+            self.k_scale = [torch.zeros(shape[:3], device=self.host, pin_memory=pin) for _ in range(num_layers)]
+            self.v_scale = [torch.zeros(shape[:3], device=self.host, pin_memory=pin) for _ in range(num_layers)]
+        self.codes = [torch.zeros(slots, kv_heads, self.capacity, dtype=torch.int16, device=self.accelerator)
+                      for _ in range(num_layers)] if codes else None
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=self.accelerator)
+        # The same lengths on the host, read by the scheduler without a device sync.
+        self.host_lengths = [0] * slots
+        # Positions [0, encoded[b]) of slot b have codes; later ones wait, pre-RoPE, in the runner's
+        # pending buffer until they are encoded together (see OffloadRunner.begin_decode).
+        self.encoded = [0] * slots
+
+    @property
+    def bytes(self) -> SlotBytes:
+        return SlotBytes.of(self.num_layers, self.slots, self.kv_heads, self.head_dim, self.capacity, self.dtype,
+                            self.codes is not None)
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
+
+    def put(self, layer: int, index: tuple, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store rows (..., d) at ``index`` of layer ``layer``'s K and V (quantized for an int8 cache)."""
+        if self.quantized:
+            (kq, ks), (vq, vs) = quantize_rows(k), quantize_rows(v)
+            self.k[layer][index], self.k_scale[layer][index] = kq.to(self.host), ks.to(self.host)
+            self.v[layer][index], self.v_scale[layer][index] = vq.to(self.host), vs.to(self.host)
+        else:
+            self.k[layer][index] = k.to(self.host, self.dtype)
+            self.v[layer][index] = v.to(self.host, self.dtype)
+
+    def rows(self, layer: int, slots: slice, end: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of ``slots`` up to position ``end`` as float ``dtype`` tensors on ``device``."""
+        k, v = self.k[layer][slots, :, :end], self.v[layer][slots, :, :end]
+        if self.quantized:
+            k = dequantize_rows(k, self.k_scale[layer][slots, :, :end])
+            v = dequantize_rows(v, self.v_scale[layer][slots, :, :end])
+        return k.to(device, dtype), v.to(device, dtype)
+
+    def free(self, slot: int) -> None:
+        self.lengths[slot] = 0
+        self.host_lengths[slot] = 0
+        self.encoded[slot] = 0
+
+    def filled(self, slot: int, length: int) -> None:
+        """Slot ``slot`` now holds ``length`` tokens, all of them encoded (after a prefill)."""
+        self.lengths[slot] = length
+        self.host_lengths[slot] = length
+        self.encoded[slot] = length
+
+    def valid(self, lengths: torch.Tensor, n: int) -> torch.Tensor:
+        """(slots, n) bool: position j of slot b holds a token when j < lengths[b]."""
+        return torch.arange(n, device=lengths.device) < lengths.unsqueeze(1)

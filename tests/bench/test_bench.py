@@ -1,0 +1,108 @@
+"""The benchmarks run end to end on a tiny model (their figures are not checked here: speed lives in `a2ats bench`)."""
+
+import torch
+
+from a2ats import A2ATSConfig
+from a2ats.bench import VARIANTS as ALL_VARIANTS
+from a2ats.bench.decode import bench_decode, rows_to_json
+from a2ats.bench.report import decode_plot, decode_table
+from conftest import random_codebooks, tiny_model
+
+VARIANTS = [v for v in ALL_VARIANTS if v != "llama.cpp"]  # llama.cpp runs the real GGUF: tested below
+
+
+def test_decode_bench_runs_every_variant(tmp_path):
+    model = tiny_model("llama")
+    ids = torch.randint(3, 97, (1, 150), generator=torch.Generator().manual_seed(0))
+    rows, prefill = bench_decode(model, None, random_codebooks(model), A2ATSConfig(budget=0.1, sinks=2, window=8),
+                                 lengths=(200, 333), variants=VARIANTS, steps=2, warmup=1, text_ids=ids,
+                                 log=lambda *_: None)
+    assert {(r.variant, r.context) for r in rows} == {(v, n) for v in VARIANTS for n in (200, 333)}
+    assert all(r.ms_per_token > 0 and r.steps == 2 for r in rows)
+    fast = [r for r in rows if r.variant.startswith("a2ats-fast")]
+    # sinks + window + a union of 3 heads' top-10% at most: fewer than the context, more than sinks + window
+    assert all(10 < r.attended < r.context for r in fast)
+    assert set(fast[0].breakdown_ms) == {"weights", "scoring", "attention", "rest"}
+    assert prefill["tokens"] == 150 and 0 <= prefill["encoding_share"] < 1
+    table = decode_table(rows_to_json(rows))
+    assert "speedup of a2ats-fast over dense-hf" in table and "a2ats-fast-bf16w per step" in table
+    decode_plot(rows_to_json(rows), tmp_path / "d.png", "t")
+    assert (tmp_path / "d.png").stat().st_size > 0
+
+
+def test_kernel_bench_runs_and_reports_every_rate():
+    import pytest
+
+    from a2ats.kernels import cpu_backend
+
+    if cpu_backend() is None:
+        pytest.skip("CPU kernels not built here")
+    from a2ats.bench.kernels import bench_kernels
+
+    res = bench_kernels(n=1000, repeats=2, C=64)
+    for key in ("score_select_token_heads_per_s", "attention_gbps", "lookup_tables_gbps", "encode_keys_per_s",
+                "host_read_gbps"):
+        assert res[key] > 0, key
+
+
+def test_throughput_bench_runs_both_systems(tmp_path):
+    from a2ats.bench.report import throughput_plot, throughput_table
+    from a2ats.bench.throughput import SYSTEMS, bench_served, bench_throughput
+    from a2ats.bench.throughput import rows_to_json as throughput_json
+
+    model = tiny_model("llama")
+    cb = random_codebooks(model)
+    cfg = A2ATSConfig(budget=0.1, sinks=2, window=8)
+    ids = torch.randint(3, 97, (1, 150), generator=torch.Generator().manual_seed(0))
+    rows = bench_throughput(model, None, cb, cfg, lengths=(200, 333), batches=(1, 3), steps=2, warmup=1, text_ids=ids,
+                            log=lambda *_: None)
+    assert {(r.system, r.context, r.batch) for r in rows} == {(s, n, b) for s in SYSTEMS for n in (200, 333) for b in (1, 3)}
+    a2 = [r for r in rows if r.system == "a2ats-offload"]
+    assert all(10 < r.attended < r.context and r.crossed_kib_per_step > 0 and r.largest_batch >= r.batch for r in a2)
+    assert all(r.tokens_per_s > 0 and set(r.breakdown_ms) >= {"scoring", "host attention", "transfers"} for r in rows)
+    table = throughput_table(throughput_json(rows))
+    assert "| 333 | 3 |" in table and "a2ats-offload per step" in table
+    throughput_plot(throughput_json(rows), tmp_path / "t.png", "t")
+    assert (tmp_path / "t.png").stat().st_size > 0
+    prompts = [ids[0, : 100 + 7 * i].tolist() for i in range(4)]
+    served = bench_served(model, None, cb, cfg, slots=2, new_tokens=4, prompts=prompts, log=lambda *_: None)
+    assert [s["system"] for s in served] == list(SYSTEMS)
+    assert all(s["served_tokens_per_s"] > 0 and s["requests"] == 4 for s in served)
+    # variants by name: micro-batches, bf16 K/V; nonsense is refused by name
+    rows = bench_throughput(model, None, cb, cfg, lengths=(200,), batches=(3,), steps=1, warmup=0, text_ids=ids,
+                            systems=("a2ats-offload-x2-kvbf16", "full-local-kvbf16", "a2ats-offload-kvint8"),
+                            log=lambda *_: None)
+    assert [r.system for r in rows] == ["a2ats-offload-x2-kvbf16", "full-local-kvbf16", "a2ats-offload-kvint8"]
+    # a compact cache is filled through its quantizer: it holds the tiled prefill, not a cast of it
+    from a2ats.bench.throughput import _fill, _server
+    from a2ats.runtime import Engine
+
+    eng = Engine(model, cb, cfg)
+    eng.generate(ids, max_new_tokens=1)
+    c = eng.runner.cache
+    srv = _server(model, cb, cfg, "a2ats-offload-kvint8", 2, 200, "model")
+    _fill(srv, [c.keys(i) for i in range(2)], [c.values(i) for i in range(2)], [c.layer_codes(i) for i in range(2)], 180)
+    got_k, got_v = srv.cache.rows(1, slice(0, 2), 150, torch.float32, "cpu")
+    torch.testing.assert_close(got_k, c.keys(1).expand(2, -1, -1, -1), atol=0.05, rtol=0.02)
+    torch.testing.assert_close(got_v, c.values(1).expand(2, -1, -1, -1), atol=0.05, rtol=0.02)
+    import pytest
+
+    with pytest.raises(ValueError, match="full-local-x2"):
+        bench_throughput(model, None, cb, cfg, lengths=(200,), batches=(1,), text_ids=ids, systems=("full-local-x2",))
+
+
+def test_llamacpp_variant_is_optional_and_runs_when_installed():
+    import pytest
+
+    from a2ats.bench import llamacpp
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 97, (1, 150), generator=torch.Generator().manual_seed(0))
+    if not llamacpp.available():
+        with pytest.raises(ValueError, match="pip install llama-cpp-python"):
+            bench_decode(model, None, random_codebooks(model), A2ATSConfig(), lengths=(200,), variants=("llama.cpp",),
+                         text_ids=ids, log=lambda *_: None)
+        return
+    # the embedded GGUF (SmolLM2-135M), a short context: it runs and times every step
+    (length, times), = llamacpp.bench_llamacpp(ids, [300], steps=2, warmup=1, log=lambda *_: None)
+    assert length == 300 and len(times) == 2 and all(t > 0 for t in times)

@@ -1,0 +1,157 @@
+"""The lean engine against the transformers reference path: same tokens, same selections, close logits."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from a2ats import A2ATS, A2ATSConfig, kernels
+from a2ats.core.rope import find_rotary_embedding, undo_rotation
+from a2ats.runtime import Engine
+from conftest import FAMILIES, padded_batch, random_codebooks, tiny_model
+
+GEN = dict(do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+PATHS = ["reference", pytest.param("fast", marks=pytest.mark.skipif(
+    kernels.cpu_backend() is None, reason="CPU kernels could not be built here"))]
+
+
+def _hf(model, ids, mask, n):
+    with torch.inference_mode():
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, **GEN)
+
+
+def _codebooks(model, bands):
+    """Random codebooks, marked as calibrated for ``bands`` (the default is banded, ratio 2)."""
+    cb = random_codebooks(model)
+    cb.settings = dataclasses.replace(cb.settings, wrope_band_ratio=bands)
+    return cb
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("bands", [None, 2.0])
+def test_engine_equals_reference_path(family, path, bands):
+    """Left-padded batch, odd lengths, a budget that really selects: tokens equal, logits close."""
+    # GQA reduction "max" (K per KV head) on half the cases
+    reduction = "max" if (FAMILIES.index(family) + (bands is None)) % 2 else "union"
+    model = tiny_model(family)
+    ids, mask = padded_batch(seed=3, lengths=(300, 201, 257))
+    cb = _codebooks(model, bands)
+    cfg = A2ATSConfig(budget=0.05, sinks=2, window=8, wrope_band_ratio=bands, reduction=reduction)
+    with A2ATS(model, cb, cfg, trace=True) as a2:
+        ref = _hf(model, ids, mask, 10)
+    eng = Engine(model, cb, cfg, path=path)
+    out = eng.generate(ids, mask, max_new_tokens=10, eos_token_id=model.generation_config.eos_token_id,
+                       pad_token_id=0, keep_logits=True, trace=True)
+    assert eng.path == path
+    assert torch.equal(out.tokens, ref.sequences[:, ids.shape[1]:])
+    for a, b in zip(out.logits, ref.scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # the same selections: every decode step's token set, per layer, row and KV head
+    assert out.trace.steps() == 9 and out.trace.sets == a2.trace.sets
+    assert 0 < out.attended < 0.5 * 300
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("window", [1, 3])
+def test_deferred_key_encoding_matches_per_step_encoding(path, window):
+    """Decode keys are encoded in batches when they leave the window: many flushes, same tokens and codes."""
+    model = tiny_model("llama")
+    ids, mask = padded_batch(seed=5, lengths=(120, 77))
+    cb = random_codebooks(model)
+    cfg = A2ATSConfig(budget=0.1, sinks=2, window=window)
+    with A2ATS(model, cb, cfg):
+        ref = _hf(model, ids, mask, 17)
+    eng = Engine(model, cb, cfg, path=path)
+    out = eng.generate(ids, mask, max_new_tokens=17, eos_token_id=model.generation_config.eos_token_id, pad_token_id=0)
+    assert torch.equal(out.tokens, ref.sequences[:, ids.shape[1]:])
+    cache = eng.runner.cache
+    n = cache.encoded
+    assert n >= cache.length - 1 - window  # every slot that competed at the last step had its code
+    # The codes equal a direct encoding of the (un-rotated) cached keys, prompt and decoded alike.
+    valid = cache.valid_now[:, :n]
+    positions = (valid.long().cumsum(-1) - 1).clamp_min(0)
+    cos, sin = find_rotary_embedding(model)(cache.keys(0), positions)
+    for layer in (0, cache.num_layers - 1):
+        k_pre = undo_rotation(cache.keys(layer)[:, :, :n], cos, sin)
+        want = cb.encode(layer, k_pre)
+        got = cache.layer_codes(layer)[:, :, :n]
+        assert torch.equal(got[valid.unsqueeze(1).expand_as(got)], want[valid.unsqueeze(1).expand_as(want)])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("path", PATHS)
+def test_bf16_decode_weights_equal_the_model_with_bf16_weights(family, path):
+    """decode_weights="bf16" is the model with its weights rounded to bf16: on a model whose weights
+    already are bf16 values, the engine matches the transformers reference path."""
+    model = tiny_model(family)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+    ids, mask = padded_batch(seed=4, lengths=(150, 99))
+    cb = random_codebooks(model)
+    cfg = A2ATSConfig(budget=0.1, sinks=2, window=8)
+    with A2ATS(model, cb, cfg):
+        ref = _hf(model, ids, mask, 8)
+    eng = Engine(model, cb, cfg, path=path, decode_weights="bf16")
+    out = eng.generate(ids, mask, max_new_tokens=8, eos_token_id=model.generation_config.eos_token_id,
+                       pad_token_id=0, keep_logits=True)
+    assert torch.equal(out.tokens, ref.sequences[:, ids.shape[1]:])
+    for a, b in zip(out.logits, ref.scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="float32 models"):
+        Engine(tiny_model(family).to(torch.bfloat16), decode_weights="bf16")
+    with pytest.raises(ValueError, match="decode_weights"):
+        Engine(model, decode_weights="int4")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_dense_engine_equals_transformers(family):
+    model = tiny_model(family)
+    ids, mask = padded_batch(seed=4)
+    ref = _hf(model, ids, mask, 8)
+    out = Engine(model).generate(ids, mask, max_new_tokens=8, keep_logits=True,
+                                 eos_token_id=model.generation_config.eos_token_id)
+    assert torch.equal(out.tokens, ref.sequences[:, ids.shape[1]:])
+    for a, b in zip(out.logits, ref.scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_chunked_prefill_and_cache_growth_change_nothing():
+    model = tiny_model("llama")
+    ids, mask = padded_batch(seed=5, lengths=(150, 97))
+    cb, cfg = random_codebooks(model), A2ATSConfig(budget=0.1, sinks=2, window=8)
+    one = Engine(model, cb, cfg, path="reference").generate(ids, mask, max_new_tokens=6, keep_logits=True)
+    eng = Engine(model, cb, cfg, path="reference", prefill_chunk=37)
+    chunked = eng.generate(ids, mask, max_new_tokens=6, keep_logits=True)
+    assert torch.equal(one.tokens, chunked.tokens)
+    for a, b in zip(one.logits, chunked.logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    cache = eng.runner.cache
+    cache.reserve(cache.capacity + 100)  # a grown cache keeps what it held
+    assert cache.keys(0).shape[2] == cache.length == 150 + 5
+
+
+def test_eos_stops_rows_and_pads_them():
+    model = tiny_model("llama")
+    ids, mask = padded_batch(seed=6, lengths=(40, 33))
+    free = Engine(model).generate(ids, mask, max_new_tokens=6)
+    eos = int(free.tokens[0, 2])
+    out = Engine(model).generate(ids, mask, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+    assert out.new_tokens[0] <= 3 and int(out.tokens[0, out.new_tokens[0] - 1]) == eos
+    assert (out.tokens[0, out.new_tokens[0]:] == 0).all()
+
+
+def test_engine_errors_are_clear():
+    model = tiny_model("llama")
+    ids, mask = padded_batch(seed=7, lengths=(20, 10))
+    with pytest.raises(ValueError, match="left padding"):
+        Engine(model).generate(ids, mask.flip(-1))
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        Engine(model).generate(torch.ones(1, 1000, dtype=torch.long), max_new_tokens=100)
+    with pytest.raises(ValueError, match="path must be one of"):
+        Engine(model, path="gpu")
+    import transformers as T
+    gpt2 = T.GPT2LMHeadModel(T.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="lean engine supports"):
+        Engine(gpt2)
