@@ -59,6 +59,13 @@ def _model(name: str):
         return model
     if name == "phi":  # partial rotary (a quarter of head_dim is rotated)
         return T.PhiForCausalLM(T.PhiConfig(**{**SMALL, "partial_rotary_factor": 0.5})).eval()
+    if name == "axk1":  # attention that is not the Llama layout: fails inside the model under a2ats's function
+        from transformers import CONFIG_MAPPING, AutoConfig
+
+        if "axk1" not in CONFIG_MAPPING:
+            pytest.skip("this transformers version does not ship axk1")
+        cfg = AutoConfig.for_model("axk1", **SMALL, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        return T.AutoModelForCausalLM.from_config(cfg).eval()
     if name == "olmo2":
         return T.Olmo2ForCausalLM(T.Olmo2Config(**SMALL, pad_token_id=0)).eval()
     raise ValueError(name)
@@ -74,6 +81,7 @@ REFUSED = {  # family -> what the refusal must say
     "qwen2-window": ["qwen2", "1 of its 2 layers", "sliding window"],
     "llama-dynamic": ["llama", "dynamic"],
     "phi3-longrope": ["phi3", "longrope"],
+    "axk1": ["axk1", "does not run as a2ats expects"],
 }
 
 

@@ -88,8 +88,9 @@ class ModelPatch:
     def _pre_hook(self, module, args, kwargs):
         pe = kwargs.get("position_embeddings")
         if pe is None:
-            raise ValueError(
-                f"{type(module).__name__} does not receive position_embeddings (cos, sin) from its decoder layer; "
+            raise UnsupportedModelError(
+                f"a2ats does not support this {model_type(self.model)} model: {type(module).__name__} does not receive "
+                "position_embeddings (cos, sin) from its decoder layer; "
                 "A²ATS supports models whose attention applies the shared rotary embedding (Llama, Mistral, Qwen2/3, ...)"
             )
         self._current = (pe, kwargs.get("past_key_values"))
@@ -152,6 +153,31 @@ class _RotaryProbe(ModelPatch):
         return dense(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
+def _rebuilt_score_error(model: nn.Module, tokens: int) -> tuple[float, float]:
+    """(largest |WRoPE score rebuilt from the un-rotated q, k - the model's own q·k|, largest |q·k|) in layer 0."""
+    probe = _RotaryProbe(model)
+    vocab = getattr(model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config,
+                    "vocab_size", 100)
+    ids = torch.arange(tokens, device=next(model.parameters()).device).view(1, -1) * 7919 % max(vocab - 1, 1) + 1
+    base = getattr(model, model.base_model_prefix, model)
+    with probe:
+        base(input_ids=ids, use_cache=False)
+    if probe.seen is None:
+        raise UnsupportedModelError(f"a2ats does not support this {model_type(model)} model: none of its attention "
+                                    "modules called the attention function a2ats registers")
+    q, k, cos, sin = probe.seen
+    Hq, Hkv, d = q.shape[1], k.shape[1], q.shape[-1]
+    q_pre, k_pre = undo_rotation(q, cos, sin), undo_rotation(k, cos, sin)
+    last = tokens - 1
+    worst, scale = 0.0, 0.0
+    for j in range(last):
+        est = WRoPE(probe.rotary, last - j).query(q_pre[0, :, last]).view(Hkv, Hq // Hkv, d)
+        est = (est * k_pre[0, :, j, None]).sum(-1)
+        true = (q[0, :, last].view(Hkv, Hq // Hkv, d) * k[0, :, j, None]).sum(-1)
+        worst, scale = max(worst, float((est - true).abs().max())), max(scale, float(true.abs().max()))
+    return worst, scale
+
+
 @torch.no_grad()
 def check_rotary_layout(model: nn.Module, tokens: int = 8) -> None:
     """Refuse a model whose rotary layout a2ats cannot invert, by running it once on ``tokens`` tokens.
@@ -165,23 +191,15 @@ def check_rotary_layout(model: nn.Module, tokens: int = 8) -> None:
     check_supported(model)
     if getattr(model, "_a2ats_rotary_checked", False):
         return
-    probe = _RotaryProbe(model)
-    vocab = getattr(model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config,
-                    "vocab_size", 100)
-    ids = torch.arange(tokens, device=next(model.parameters()).device).view(1, -1) * 7919 % max(vocab - 1, 1) + 1
-    base = getattr(model, model.base_model_prefix, model)
-    with probe:
-        base(input_ids=ids, use_cache=False)
-    q, k, cos, sin = probe.seen
-    Hq, Hkv, d = q.shape[1], k.shape[1], q.shape[-1]
-    q_pre, k_pre = undo_rotation(q, cos, sin), undo_rotation(k, cos, sin)
-    last = tokens - 1
-    worst, scale = 0.0, 0.0
-    for j in range(last):
-        est = WRoPE(probe.rotary, last - j).query(q_pre[0, :, last]).view(Hkv, Hq // Hkv, d)
-        est = (est * k_pre[0, :, j, None]).sum(-1)
-        true = (q[0, :, last].view(Hkv, Hq // Hkv, d) * k[0, :, j, None]).sum(-1)
-        worst, scale = max(worst, float((est - true).abs().max())), max(scale, float(true.abs().max()))
+    try:
+        worst, scale = _rebuilt_score_error(model, tokens)
+    except UnsupportedModelError:
+        raise
+    except Exception as e:  # an attention a2ats cannot host: named, not a traceback from deep inside the model
+        raise UnsupportedModelError(
+            f"a2ats does not support this {model_type(model)} model: its attention does not run as a2ats expects "
+            f"(query and key heads rotated by the shared cos/sin, a softmax over q·k per head): {type(e).__name__}: {e}"
+        ) from e
     tol = (1e-3 if next(model.parameters()).dtype == torch.float32 else 3e-2) * max(scale, 1.0)
     if worst > tol:
         kind = model_type(model)
