@@ -596,7 +596,7 @@ def _check_args(a) -> None:
         bad = [v for v in getattr(a, name, None) or () if v < 1]
         if bad:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {bad}")
-    if getattr(a, "budget", None) is not None or hasattr(a, "sinks"):
+    if hasattr(a, "sinks"):
         _config(a)  # budget range, sinks, window, WRoPE settings
     if hasattr(a, "centroids") and hasattr(a, "wrope_bands"):
         _settings(a)

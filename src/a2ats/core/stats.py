@@ -63,25 +63,20 @@ class SelectionTrace:
     def __init__(self):
         self.sets: dict[tuple[int, int], list[tuple[frozenset[int], ...]]] = {}
 
-    def _add(self, layer: int, rows, per_row) -> None:
-        for row, heads in zip(rows, per_row):
-            self.sets.setdefault((layer, row), []).append(tuple(heads))
+    def _add(self, layer: int, valid: torch.Tensor, slots, rows) -> None:
+        """``slots[b][h]``: the cache slots row b's KV head h attended, turned into positions among real tokens."""
+        rank = (valid.long().cumsum(-1) - 1).cpu()
+        for row, heads, r in zip(rows if rows is not None else range(len(slots)), slots, rank):
+            self.sets.setdefault((layer, row), []).append(tuple(frozenset(r[s.long().cpu()].tolist()) for s in heads))
 
     def add_mask(self, layer: int, keep: torch.Tensor, valid: torch.Tensor, rows=None) -> None:
         """``keep`` (B, Hkv, n) bool over cache slots, ``valid`` (B, n)."""
-        rank = (valid.long().cumsum(-1) - 1).cpu()
-        keep, valid = keep.cpu(), valid.cpu()
-        per_row = [[frozenset(rank[b][keep[b, h] & valid[b]].tolist()) for h in range(keep.shape[1])]
-                   for b in range(keep.shape[0])]
-        self._add(layer, rows if rows is not None else range(keep.shape[0]), per_row)
+        keep = keep & valid.unsqueeze(1)
+        self._add(layer, valid, [[k.nonzero().flatten() for k in heads] for heads in keep], rows)
 
     def add_rows(self, layer: int, idx: torch.Tensor, count: torch.Tensor, valid: torch.Tensor, rows=None) -> None:
         """``idx`` (B, Hkv, m) cache slots, the first ``count`` (B, Hkv) of each row and head selected."""
-        rank = (valid.long().cumsum(-1) - 1).cpu()
-        idx, count = idx.long().cpu(), count.cpu()
-        per_row = [[frozenset(rank[b][idx[b, h, : int(count[b, h])]].tolist()) for h in range(idx.shape[1])]
-                   for b in range(idx.shape[0])]
-        self._add(layer, rows if rows is not None else range(idx.shape[0]), per_row)
+        self._add(layer, valid, [[i[: int(c)] for i, c in zip(heads, counts)] for heads, counts in zip(idx, count)], rows)
 
     def steps(self) -> int:
         return max((len(v) for v in self.sets.values()), default=0)
