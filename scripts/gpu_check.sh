@@ -11,7 +11,7 @@ mkdir -p "$OUT"
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
 
 # 1. correctness on the GPU: the Triton selection against the torch reference, the server on CUDA against the CPU
-"$PY" -m pytest -q -rs tests/kernels/test_triton_kernel.py tests/runtime/test_server.py -k "cuda" 2>&1 | tee "$OUT/tests.txt"
+"$PY" -m pytest -q -rs tests/kernels/test_triton_kernel.py tests/runtime/test_serve.py -k "cuda" 2>&1 | tee "$OUT/tests.txt"
 
 # 2. throughput, Llama-3.1-8B's shape with RANDOM weights and codebooks (speed only): A²ATS with K/V in
 #    pinned host memory vs full attention with the cache on the GPU; batches that do not fit are skipped

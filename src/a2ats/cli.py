@@ -106,8 +106,11 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--path", choices=["auto", "fast", "reference"], default="auto",
-                   help="fast: the lean engine with the CPU kernels (default on a CPU where they build); "
-                        "reference: transformers' generate with the selection applied as a mask (for accuracy)")
+                   help="fast: selection and attention by the kernels (default on a CPU where they build); "
+                        "reference: the torch definition, the selection applied as a mask (for accuracy; in transformers)")
+    p.add_argument("--runtime", choices=["auto", "engine", "transformers"], default="auto",
+                   help="what runs the model: the lean engine (default where it runs the model and method, unless "
+                        "--path reference) or transformers' own forward with A²ATS patched in")
     p.add_argument("--decode-weights", choices=["model", "bf16"], default="model",
                    help="fast path, float32 models: bf16 reads decode steps' projection weights from bf16 copies "
                         "(fp32 math; about half the weight bytes per token, outputs of the model with bf16-rounded "
@@ -153,51 +156,26 @@ def _forward_dtype(a):
     return parse_dtype(a.forward_dtype)
 
 
-def _a2ats(a, model, tok):
-    """The A²ATS wrapper from parsed arguments (codebooks calibrated on first use)."""
-    from a2ats.hf import A2ATS
+def _run(a, model, tok, ids):
+    """Generate with the runtime and path asked for (:func:`a2ats.factory.decoder` decides what runs)."""
+    from a2ats import factory
 
+    method = None
     if getattr(a, "hybrid", None) is not None:
-        from a2ats.core.rope import find_rotary_embedding
-        from a2ats.methods import HybridMethod
+        from a2ats.methods.registry import build_method
 
         if a.path == "fast" or a.wrope_bands not in (None, 0):
             raise ValueError("--hybrid runs on the reference path over the paper's codebook: drop --path fast and --wrope-bands")
         a.wrope_bands = 0  # its codebook is the paper's; it bands half the budget itself
-        method = HybridMethod(_codebooks(a, model, tok), find_rotary_embedding(model), a.wrope_distance, 2.0, a.hybrid)
-        return A2ATS(model, config=_config(a), method=method, path="reference")
-    return A2ATS(model, _codebooks(a, model, tok), _config(a), path="reference" if a.path == "reference" else "auto")
-
-
-def _run(a, model, tok, ids):
-    """Generate with the path asked for: the lean engine + kernels, or transformers' generate."""
-    from a2ats import kernels
-    from a2ats.hf.generate import generate, generate_lean
-    from a2ats.runtime import Engine
-    from a2ats.runtime.model import SUPPORTED
-
-    fast = a.path == "fast" or (a.path == "auto" and a.device == "cpu" and kernels.cpu_backend() is not None)
-    fast = fast and getattr(a, "hybrid", None) is None  # the hybrid has no fast path yet
-    if fast and type(model).__name__ in SUPPORTED:
-        bf16 = a.decode_weights == "bf16" and model.dtype == torch.float32
-        engine = Engine(model, _codebooks(a, model, tok), _config(a), path="fast",
-                        decode_weights="bf16" if bf16 else "model")
-        res = generate_lean(engine, tok, ids, a.max_new_tokens)
-        if res.stats is not None:
-            _log(res.stats.summary())
-        _log(f"prompt {res.prompt_tokens} tokens, prefill {res.prefill_seconds:.1f} s (dense); {res.new_tokens} new "
-             f"tokens at {res.decode_tokens_per_second:.1f} tokens/s (fast path: lean engine + CPU kernels)")
-        return res
-    if fast:
-        _log("the lean engine does not serve this model: using transformers' generate")
-    a2 = _a2ats(a, model, tok)
-    with a2:
-        res = generate(model, tok, a2, ids, a.max_new_tokens)
-    _log(a2.stats.summary())
-    kind = ("fast path: transformers' generate + CPU kernels" if a2.path == "fast" else
-            "reference path: selection applied as a mask on one device, for accuracy, not speed")
-    _log(f"prompt {res.prompt_tokens} tokens, prefill {res.prefill_seconds:.1f} s (dense); "
-         f"{res.new_tokens} new tokens at {res.decode_tokens_per_second:.1f} tokens/s ({kind})")
+        method = build_method(f"a2ats-hybrid{a.hybrid:g}", model, _codebooks(a, model, tok))
+    bf16 = a.decode_weights == "bf16" and model.dtype == torch.float32
+    dec = factory.decoder(model, None if method else _codebooks(a, model, tok), _config(a), method=method, path=a.path,
+                          runtime=a.runtime, decode_weights="bf16" if bf16 else "model", log=_log)
+    res = factory.generate_text(dec, tok, ids, a.max_new_tokens)
+    if res.stats is not None:
+        _log(res.stats.summary())
+    _log(f"prompt {res.prompt_tokens} tokens, prefill {res.prefill_seconds:.1f} s (dense); {res.new_tokens} new "
+         f"tokens at {res.decode_tokens_per_second:.1f} tokens/s ({factory.describe(dec)})")
     return res
 
 
@@ -246,7 +224,7 @@ def cmd_serve(a) -> int:
     import json
 
     from a2ats.hf.generate import encode_prompt
-    from a2ats.runtime.server import Request, Server
+    from a2ats.runtime import Engine, Request
 
     items = _read_prompts(a.prompts, a.max_new_tokens)
     model, tok = _load(a)
@@ -254,7 +232,7 @@ def cmd_serve(a) -> int:
                     it["id"]) for it in items]
     need = max(len(r.prompt) + r.max_new_tokens for r in reqs)
     cb = None if a.dense else _codebooks(a, model, tok)
-    server = Server(model, cb, _config(a), slots=a.slots, max_context=a.max_context or need, placement=a.placement,
+    server = Engine(model, cb, _config(a), slots=a.slots, max_context=a.max_context or need, placement=a.placement,
                     decode_weights=a.decode_weights,
                     kv_dtype={"model": None, "bfloat16": torch.bfloat16, "int8": torch.int8}[a.kv_dtype])
     out = open(a.out, "a", encoding="utf-8") if a.out else sys.stdout
@@ -363,34 +341,19 @@ def cmd_report(a) -> int:
     return 0
 
 
-def _machine() -> str:
-    import os
-    import platform
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
-
-
 def cmd_bench(a) -> int:
     import json
-    from pathlib import Path
 
     if a.what == "project":  # a performance model: no model to load
         from a2ats.bench.project import run_cli
 
         return run_cli(a)
+    from a2ats.bench.output import emit, machine
+
     if a.what == "kernels":
         from a2ats.bench.kernels import bench_kernels
 
-        res = {"machine": _machine(), **bench_kernels(n=a.context, dtype=DTYPES[a.dtype])}
+        res = {"machine": machine(), **bench_kernels(n=a.context, dtype=DTYPES[a.dtype])}
         if a.json:
             print(json.dumps(res))
         else:
@@ -415,24 +378,16 @@ def cmd_bench(a) -> int:
     rows, prefill = bench_decode(model, tok, _codebooks(a, model, tok), cfg, lengths=a.lengths or DECODE_LENGTHS,
                                  variants=a.variants, steps=a.steps, gguf=gguf, log=_log)
     rows = rows_to_json(rows)
-    res = {"machine": _machine(), "model": a.model or "smollm2-135m", "dtype": a.dtype, "budget": cfg.budget_label,
+    res = {"machine": machine(), "model": a.model or "smollm2-135m", "dtype": a.dtype, "budget": cfg.budget_label,
            "wrope_bands": _band_ratio(a),
            "command": "a2ats " + " ".join(sys.argv[1:]), "prefill": prefill, "rows": rows}
-    if a.out:
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "decode.json").write_text(json.dumps(res, indent=1))
-        (out / "decode.md").write_text(decode_table(rows))
-        decode_plot(rows, out / "decode.png", f"{res['machine']}, {a.dtype}, {res['budget']}")
-        _log(f"wrote {out}/decode.json, decode.md, decode.png")
-    print(json.dumps(res) if a.json else decode_table(rows))
+    title = f"{res['machine']}, {a.dtype}, {res['budget']}"
+    emit(res, decode_table(rows), "decode", a.out, lambda p: decode_plot(rows, p, title), a.json, _log)
     return 0
 
 
 def _bench_throughput(a) -> int:
-    import json
-    from pathlib import Path
-
+    from a2ats.bench.output import emit, machine, served_table
     from a2ats.bench.report import throughput_plot, throughput_table
     from a2ats.bench.throughput import (
         bench_served,
@@ -458,24 +413,14 @@ def _bench_throughput(a) -> int:
                                          text_ids=text_ids, log=_log))
     served = bench_served(model, tok, cb, cfg, slots=max(a.batches), requests=a.requests, prompt_tokens=a.prompt_tokens,
                           new_tokens=a.max_new_tokens, decode_weights=a.decode_weights, log=_log) if a.requests else []
-    res = {"machine": _machine(), "dtype": a.dtype, "budget": cfg.budget_label, "decode_weights": a.decode_weights,
+    res = {"machine": machine(), "dtype": a.dtype, "budget": cfg.budget_label, "decode_weights": a.decode_weights,
            "model": f"{a.shape}, random weights" if a.random_weights else (a.model or "smollm2-135m"),
            "accelerator": str(model.device) + (" (the CPU stands in for the accelerator: no PCIe, shared cores)"
                                                if model.device.type == "cpu" else ""),
            "command": "a2ats " + " ".join(sys.argv[1:]), "rows": rows, "served": served}
-    table = throughput_table(rows)
-    if served:
-        table += "\nserved workload (real prompts through a queue, prefills included)\n\n| system | slots | requests | decode tokens/s | tokens/s with prefills |\n|---|---|---|---|---|\n"
-        table += "".join(f"| {s['system']} | {s['slots']} | {s['requests']} x {s['prompt_tokens']} + {s['new_tokens']} | "
-                         f"{s['decode_tokens_per_s']:.1f} | {s['served_tokens_per_s']:.1f} |\n" for s in served)
-    if a.out:
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "throughput.json").write_text(json.dumps(res, indent=1))
-        (out / "throughput.md").write_text(table)
-        throughput_plot(rows, out / "throughput.png", f"{res['machine']}, {a.dtype}, {res['budget']}")
-        _log(f"wrote {out}/throughput.json, throughput.md, throughput.png")
-    print(json.dumps(res) if a.json else table)
+    title = f"{res['machine']}, {a.dtype}, {res['budget']}"
+    emit(res, throughput_table(rows) + served_table(served), "throughput", a.out,
+         lambda p: throughput_plot(rows, p, title), a.json, _log)
     return 0
 
 
@@ -643,7 +588,7 @@ def _cache_file():
 def main(argv: list[str] | None = None) -> int:
     from a2ats.assets.models import AssetError
     from a2ats.core.codebook import CodebookError
-    from a2ats.runtime.server import ServeError
+    from a2ats.runtime import ServeError
 
     a = build_parser().parse_args(argv)
     try:

@@ -74,17 +74,21 @@ def test_throughput_bench_runs_both_systems(tmp_path):
                             log=lambda *_: None)
     assert [r.system for r in rows] == ["a2ats-offload-x2-kvbf16", "full-local-kvbf16", "a2ats-offload-kvint8"]
     # a compact cache is filled through its quantizer: it holds the tiled prefill, not a cast of it
-    from a2ats.bench.throughput import _fill, _server
-    from a2ats.runtime import Engine
+    from a2ats.bench.synthetic import real_prefill, tile
+    from a2ats.bench.throughput import engine_for
+    from a2ats.runtime import Engine, Request
 
-    eng = Engine(model, cb, cfg)
-    eng.generate(ids, max_new_tokens=1)
-    c = eng.runner.cache
-    srv = _server(model, cb, cfg, "a2ats-offload-kvint8", 2, 200, "model")
-    _fill(srv, [c.keys(i) for i in range(2)], [c.values(i) for i in range(2)], [c.layer_codes(i) for i in range(2)], 180)
-    got_k, got_v = srv.cache.rows(1, slice(0, 2), 150, torch.float32, "cpu")
-    torch.testing.assert_close(got_k, c.keys(1).expand(2, -1, -1, -1), atol=0.05, rtol=0.02)
-    torch.testing.assert_close(got_v, c.values(1).expand(2, -1, -1, -1), atol=0.05, rtol=0.02)
+    state, _ = real_prefill(Engine(model, cb, cfg), ids)
+    tiled = tile(state, 180)
+    assert torch.equal(tiled.k[1][:, 150:], state.k[1][:, :30]) and torch.equal(tiled.codes[0][:, :150], state.codes[0])
+    eng = engine_for(model, cb, cfg, "a2ats-offload-kvint8", 2, 200)
+    prompt = ids[0].tolist() + ids[0, :31].tolist()
+    held = eng.serve([Request(prompt, 1, kv=tiled, keep_kv=True) for _ in range(2)]).completions
+    for c in held:
+        torch.testing.assert_close(c.kv.k[1][:, :180], tiled.k[1], atol=0.05, rtol=0.02)
+        torch.testing.assert_close(c.kv.v[1][:, :180], tiled.v[1], atol=0.05, rtol=0.02)
+        assert not torch.equal(c.kv.k[1][:, :180], tiled.k[1])  # rounded through int8, not a copy
+        assert torch.equal(c.kv.codes[1][:, :180], tiled.codes[1])
     import pytest
 
     with pytest.raises(ValueError, match="full-local-x2"):

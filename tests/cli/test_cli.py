@@ -82,6 +82,8 @@ def test_calibrate_then_generate(tiny_checkpoint, tmp_path, capsys):
         assert "attended per step" in capsys.readouterr().err
         assert main([*args, "--path", "reference"]) == 0
         assert "reference path" in capsys.readouterr().err
+        assert main([*args, "--runtime", "transformers"]) == 0  # the kernels inside transformers
+        assert "fast path: transformers' generate + kernels" in capsys.readouterr().err
     # hybrid WRoPE: the reference path over the paper's codebook (calibrated beside the default's); not on the fast path
     assert main([*args, "--hybrid", "0.5"]) == 0
     assert "reference path" in capsys.readouterr().err
@@ -92,6 +94,8 @@ def test_calibrate_then_generate(tiny_checkpoint, tmp_path, capsys):
     assert "--wrope-bands must be 0" in capsys.readouterr().err
     assert main([*args, "--hybrid", "0.5", "--path", "fast"]) == 2
     assert "--hybrid runs on the reference path" in capsys.readouterr().err
+    assert main([*args, "--hybrid", "0.5", "--runtime", "engine"]) == 2
+    assert "runs in transformers" in capsys.readouterr().err
     assert main([*args, "--hybrid", "1.5"]) == 2
     assert "share" in capsys.readouterr().err
     # the chat template can be turned off; a token-count budget is reported as such

@@ -225,6 +225,7 @@ def _inputs():
 
 def test_failed_build_warns_once_and_falls_back(monkeypatch):
     monkeypatch.setattr(cpu_mod, "_loaded", {})
+    monkeypatch.setattr(cpu_mod, "_by_settings", {})
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     lut, codes, offsets, valid, k, q, kk, vv = _inputs()
     with warnings.catch_warnings(record=True) as caught:

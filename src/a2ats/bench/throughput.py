@@ -3,10 +3,10 @@ selection on the accelerator) against full attention with the cache where the mo
 
 Two measurements:
 - *steady decode*: every slot holds a sequence of the given context and all decode together. The
-  caches are synthesized: one real dense prefill of ``base`` tokens is tiled along the token axis into
-  every slot (as ``bench decode`` does): decode cost depends on lengths and selection spread, not text.
-  Lengths may exceed the model's trained context (the default model's is 8192): speed only.
-- *served workload*: a queue of real prompts through :meth:`Server.serve`, prefills included, new
+  caches are synthesized (:mod:`.synthetic`): one real dense prefill of ``base`` tokens tiled along the
+  token axis, given to every slot's request. Lengths may exceed the model's trained context (the default
+  model's is 8192): speed only.
+- *served workload*: a queue of real prompts through :meth:`Engine.serve`, prefills included, new
   sequences admitted as slots free up: what a user of the server sees.
 
 On a CPU-only machine the accelerator is the CPU: the offload path runs (and is what is timed), but
@@ -22,16 +22,16 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from a2ats.bench.decode import _tile
+from a2ats.bench.synthetic import decode_steps, real_prefill, tile
 from a2ats.core.codebook import Codebooks
 from a2ats.core.config import A2ATSConfig
-from a2ats.runtime.preflight import PreflightError
-from a2ats.runtime.server import Request, Server
-from a2ats.runtime.step import Timer
+from a2ats.runtime import Engine, PreflightError, Request
 
 SYSTEMS = ("a2ats-offload", "full-local")
-# Suffixes: "-xN" decode steps in N micro-batches (Server(overlap=N)); "-kvbf16" / "-kvint8" K/V stored
+# Suffixes: "-xN" decode steps in N micro-batches (Engine(overlap=N)); "-kvbf16" / "-kvint8" K/V stored
 # in bf16 / int8 with a scale per row.
+SYSTEM_CHOICES = (f"choose from {SYSTEMS}, with -xN (a2ats-offload: N micro-batches) and/or -kvbf16 / -kvint8 "
+                  "(K/V stored in bf16 / int8)")
 PARTS = ("weights", "scoring", "transfers", "host attention", "rest")
 
 
@@ -63,55 +63,17 @@ def parse_system(system: str) -> tuple[str, int, torch.dtype | None] | None:
     return base, overlap, kv
 
 
-def _server(model, codebooks, config, system, slots, capacity, decode_weights) -> Server:
-    base, overlap, kv = parse_system(system)
+def engine_for(model, codebooks: Codebooks | None, config: A2ATSConfig, system: str, slots: int, capacity: int,
+               decode_weights: str = "model") -> Engine:
+    """The engine a system name describes (see :func:`parse_system`), with ``slots`` x ``capacity`` allocated."""
+    parsed = parse_system(system)
+    if parsed is None:
+        raise ValueError(f"unknown system {system!r}; {SYSTEM_CHOICES}")
+    base, overlap, kv = parsed
     cb = codebooks if base.startswith("a2ats") else None
     placement = "offload" if base.endswith("offload") else "local"
-    return Server(model, cb, config, slots=slots, max_context=capacity, placement=placement, prefill_chunk=4096,
+    return Engine(model, cb, config, slots=slots, max_context=capacity, placement=placement, prefill_chunk=4096,
                   decode_weights=decode_weights, overlap=overlap, kv_dtype=kv, beyond_model_context=True)
-
-
-def _fill(server: Server, k, v, codes, length: int) -> None:
-    cache = server.cache
-    for i in range(cache.num_layers):
-        cache.put(i, (slice(None), slice(None), slice(0, length)), _tile(k[i], length), _tile(v[i], length))
-        if cache.codes is not None:
-            cache.codes[i][:, :, :length] = _tile(codes[i], length).to(cache.accelerator)
-    for slot in range(cache.slots):
-        cache.filled(slot, length)
-
-
-def _time_steps(server: Server, steps: int, warmup: int) -> tuple[list[float], Timer]:
-    runner, lean, S = server.runner, server.lean, server.slots
-    device = lean.device
-    active = torch.ones(S, dtype=torch.bool, device=device)
-    host_active = [True] * S
-    token = torch.full((S, 1), 42, device=device)
-    times, timer = [], Timer()
-    runner.attended.zero_()
-    runner.context.zero_()
-    runner.heads, runner.crossed = 0, 0
-    with torch.inference_mode():
-        for s in range(warmup + steps):
-            if s == warmup:
-                runner.attended.zero_()
-                runner.heads, runner.crossed = 0, 0
-                timer = Timer()
-            runner.timer = timer if s >= warmup else None
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            timer.start()
-            step = runner.begin_decode(active, host_active)
-            timer.lap("rest")
-            logits = lean.forward(token, step.pos[:, None], runner.attend, timer=runner.timer)
-            token = logits[:, -1].argmax(-1, keepdim=True)
-            token.cpu()  # the step ends when its tokens are known (a device sync on a GPU)
-            timer.lap("rest")
-            if s >= warmup:
-                times.append(time.perf_counter() - t)
-    runner.timer = None
-    return times, timer
 
 
 def bench_throughput(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=(8192, 32768),
@@ -120,43 +82,38 @@ def bench_throughput(model, tok, codebooks: Codebooks, config: A2ATSConfig, leng
                      log=print) -> list[ThroughputRow]:
     """One row per (system, context, batch); a batch that does not fit this machine is skipped (logged).
     ``text_ids`` (1, n): the real prompt to prefill (default: a State of the Union speech)."""
-    from a2ats.bench.decode import _real_prefill
-    from a2ats.runtime import Engine
-
     unknown = [s for s in systems if parse_system(s) is None]
     if unknown:
-        raise ValueError(f"unknown system(s) {unknown}; choose from {SYSTEMS}, with -xN (a2ats-offload: N micro-batches) "
-                         "and/or -kvbf16 / -kvint8 (K/V stored in bf16 / int8)")
+        raise ValueError(f"unknown system(s) {unknown}; {SYSTEM_CHOICES}")
     ids = text_ids
     if ids is None:
         from a2ats.assets.corpus import speeches
 
         text = next(s for s in speeches()[150:] if len(s) > 6 * base)
         ids = torch.tensor([tok.encode(text, add_special_tokens=False)[:base]])
-    t = time.perf_counter()
-    k, v, codes = _real_prefill(Engine(model, codebooks, config, path="fast"), ids)
-    log(f"real prefill of {ids.shape[1]} tokens in {time.perf_counter() - t:.1f} s; tiled into every slot")
+    state, seconds = real_prefill(Engine(model, codebooks, config), ids)
+    log(f"real prefill of {ids.shape[1]} tokens in {seconds:.1f} s; tiled into every slot")
     rows: list[ThroughputRow] = []
     for length in lengths:
         for system in systems:
             for B in batches:
                 t = time.perf_counter()
                 try:
-                    server = _server(model, codebooks, config, system, B, length + warmup + steps + 1, decode_weights)
+                    engine = engine_for(model, codebooks, config, system, B, length + warmup + steps + 2, decode_weights)
                 except PreflightError as e:
                     log(f"{system} {length} x {B}: skipped: {e}")
                     continue
-                fits = server.plan.largest_batch()
-                _fill(server, k, v, codes, length)
-                times, timer = _time_steps(server, steps, warmup)
-                med = statistics.median(times)
-                runner = server.runner
-                row = ThroughputRow(system, length, B, B / med, 1e3 * med, len(times),
-                                    {p: round(1e3 * timer.totals.get(p, 0.0) / len(times), 3) for p in PARTS},
-                                    float(runner.attended) / max(runner.heads, 1) if runner.method else 0.0, fits,
-                                    runner.crossed / len(times) / 1024)
+                fits = engine.plan.largest_batch()
+                tiled = tile(state, length, codes=engine.method is not None)
+                timed = decode_steps(engine, tiled, ids, B, steps, warmup)
+                med = statistics.median(s.seconds for s in timed)
+                row = ThroughputRow(system, length, B, B / med, 1e3 * med, len(timed),
+                                    {p: round(1e3 * sum(s.breakdown.get(p, 0.0) for s in timed) / len(timed), 3)
+                                     for p in PARTS},
+                                    sum(s.attended for s in timed) / max(sum(s.heads for s in timed), 1), fits,
+                                    sum(s.crossed for s in timed) / len(timed) / 1024)
                 rows.append(row)
-                del server, runner  # free this batch's cache before the next is allocated
+                del engine, tiled  # free this batch's cache before the next is allocated
                 gc.collect()
                 log(f"{system:14s} {length:6d} x {B:2d}: {row.tokens_per_s:7.1f} tokens/s ({row.ms_per_step:.1f} ms/step) "
                     f"{row.breakdown_ms}  fits {fits}  [{time.perf_counter() - t:.0f} s]")
@@ -176,8 +133,8 @@ def bench_served(model, tok, codebooks: Codebooks, config: A2ATSConfig, slots: i
     prompt_tokens = max(len(p) for p in prompts)
     out = []
     for system in systems:
-        server = _server(model, codebooks, config, system, slots, prompt_tokens + new_tokens, decode_weights)
-        res = server.serve([Request(p, new_tokens) for p in prompts])
+        engine = engine_for(model, codebooks, config, system, slots, prompt_tokens + new_tokens, decode_weights)
+        res = engine.serve([Request(p, new_tokens) for p in prompts])
         out.append({"system": system, "slots": slots, "requests": len(prompts), "prompt_tokens": prompt_tokens,
                     "new_tokens": new_tokens, "prefill_s": res.prefill_seconds, "decode_s": res.decode_seconds,
                     "decode_tokens_per_s": res.tokens_per_s, "served_tokens_per_s": res.served_tokens_per_s})

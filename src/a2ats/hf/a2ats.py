@@ -27,8 +27,6 @@ from a2ats.hf.cache import A2ATSCache
 from a2ats.hf.patch import ModelPatch, check_rotary_layout, dense, valid_from_mask
 from a2ats.methods import A2ATSMethod, Method
 
-PATHS = ("auto", "fast", "reference")
-
 
 class A2ATS(ModelPatch):
     """A²ATS retrieval attention on a Hugging Face causal LM.
@@ -51,8 +49,7 @@ class A2ATS(ModelPatch):
         path: str = "auto",
         trace: bool = False,
     ):
-        if path not in PATHS:
-            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        kernels.resolve_path(path, "cpu")  # a bad name is refused before any work
         check_supported(model)  # before the patch looks for a rotary module: the most basic reason first
         super().__init__(model)
         check_rotary_layout(model)
@@ -64,13 +61,8 @@ class A2ATS(ModelPatch):
         self.method = method
         self.stats = SelectionStats(self.config)
         self.trace = SelectionTrace() if trace else None
-        fast_ok = type(method) is A2ATSMethod  # wrappers (probes) stay reference
-        if path == "fast" and not fast_ok:
-            raise ValueError("the fast path serves the A²ATS method itself; use path='reference'")
-        if path == "auto":
-            on_cpu = next(model.parameters()).device.type == "cpu"
-            path = "fast" if fast_ok and on_cpu and kernels.cpu_backend() is not None else "reference"
-        self.path = path
+        # wrappers (probes) stay reference
+        self.path = kernels.resolve_path(path, next(model.parameters()).device, type(method) is A2ATSMethod)
 
     def new_cache(self) -> A2ATSCache:
         return A2ATSCache(self.num_layers)

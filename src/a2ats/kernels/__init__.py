@@ -18,6 +18,7 @@ from a2ats.kernels.ops import (
     sparse_attention,
     tile_centroids,
 )
+from a2ats.kernels.paths import PATHS, resolve_path
 from a2ats.kernels.reference import (
     reference_encode_nearest,
     reference_lookup_tables,
@@ -28,7 +29,9 @@ from a2ats.kernels.reference import (
 from a2ats.kernels.triton_score import triton_available, triton_score_select
 
 __all__ = [
+    "PATHS",
     "cpu_backend",
+    "resolve_path",
     "dequantize_rows",
     "quantize_rows",
     "encode_nearest",

@@ -13,6 +13,7 @@ Environment:
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import shutil
@@ -31,6 +32,7 @@ _FLAGS = {
 }
 
 _loaded: dict[str, object | None] = {}
+_by_settings: dict[tuple, object | None] = {}  # (A2ATS_KERNELS, A2ATS_CPU_ISA) -> what cpu_backend() returns
 _lock = threading.Lock()
 
 
@@ -38,8 +40,10 @@ def enabled() -> bool:
     return os.environ.get("A2ATS_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+@functools.cache
 def detected_isa() -> str:
-    """The best ISA this CPU runs, from torch's own dispatch probe."""
+    """The best ISA this CPU runs, from torch's own dispatch probe (asked once: the CPU does not change, and
+    every kernel call passes through here)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return "default"  # arm (SVE/NEON) and others: the portable build
     cap = torch.backends.cpu.get_cpu_capability().upper()
@@ -85,9 +89,14 @@ def build(isa: str, verbose: bool = False):
 
 def cpu_backend(isa: str | None = None):
     """The loaded extension module, or None (disabled, or the build failed: warned once per ISA)."""
+    if isa is None:
+        # Every kernel call asks: answer from the two settings as they are now, without re-deciding.
+        key = (os.environ.get("A2ATS_KERNELS"), os.environ.get("A2ATS_CPU_ISA"))
+        if key not in _by_settings:
+            _by_settings[key] = cpu_backend(select_isa()) if enabled() else None
+        return _by_settings[key]
     if not enabled():
         return None
-    isa = isa or select_isa()
     with _lock:
         if isa not in _loaded:
             try:

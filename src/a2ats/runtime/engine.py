@@ -1,10 +1,21 @@
-"""Greedy generation with the lean engine: dense chunked prefill, then one sparse decode step per token."""
+"""The one decode runtime: sequences in slots, continuous batching, and a public :meth:`Engine.step`.
+
+Each :meth:`~Engine.step` either admits waiting requests into free slots (a dense, chunked prefill per
+sequence, which also yields its first token) or runs one decode step of every busy slot (A²ATS selection
++ exact attention over it, or dense attention without codebooks). :meth:`~Engine.serve` steps a queue of
+requests to the end; :meth:`~Engine.generate` serves a padded batch one row per slot. Greedy decoding;
+every sequence's tokens are its own (slots never mix).
+
+Placements: ``local`` keeps K/V where the model runs; ``offload`` keeps them in host memory and selects on
+the accelerator (the paper's system, :mod:`.runner`). On a CPU-only machine both are one memory and the
+offload code path still runs.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -16,143 +27,388 @@ from a2ats.core.stats import SelectionStats, SelectionTrace
 from a2ats.core.support import check_context
 from a2ats.methods.a2ats import A2ATSMethod
 from a2ats.runtime.model import POST_ROPE_REFUSAL, LeanModel
+from a2ats.runtime.preflight import MemoryPlan, plan
+from a2ats.runtime.requests import (
+    Completion,
+    EngineOutput,
+    Request,
+    ServeError,
+    ServeResult,
+    StepResult,
+)
 from a2ats.runtime.runner import Runner
+from a2ats.runtime.slots import SlotCache
 from a2ats.runtime.step import Timer
 
-PATHS = ("auto", "fast", "reference")
-
-
-@dataclass
-class EngineOutput:
-    tokens: torch.Tensor  # (B, new) generated ids; rows that stopped early are padded with pad_token_id
-    new_tokens: list[int]  # per row, up to and including its end-of-sequence token
-    prompt_tokens: int
-    prefill_seconds: float
-    step_seconds: list[float]  # wall time of each decode step (the first token comes from prefill)
-    breakdown: dict[str, float] = field(default_factory=dict)  # seconds over decode steps, when profiled
-    stats: SelectionStats | None = None  # what decode steps attended to (A²ATS only)
-    logits: list[torch.Tensor] | None = None  # (B, vocab) per new token, when asked for (tests)
-    trace: SelectionTrace | None = None  # every decode step's selection, when asked for (tests)
-
-    @property
-    def attended(self) -> float:
-        """Mean tokens attended per decode layer-step, row and KV head (0 for dense)."""
-        return self.stats.mean_attended if self.stats is not None else 0.0
-
-    @property
-    def decode_seconds(self) -> float:
-        return sum(self.step_seconds)
-
-    @property
-    def ms_per_token(self) -> float:
-        return 1e3 * self.decode_seconds / max(len(self.step_seconds), 1)
+PLACEMENTS = ("local", "offload")
+KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
 
 
 class Engine:
-    """Lean greedy decoding of a Llama-family HF model, with A²ATS (``codebooks`` given) or dense attention.
+    """Greedy decoding of a Llama-family HF model with A²ATS (``codebooks`` or an A²ATS ``method`` given) or
+    dense attention, over ``slots`` sequences of up to ``max_context`` tokens each.
 
-    ``path``: ``fast`` uses the CPU kernels (:mod:`a2ats.kernels`), ``reference`` the torch selection and
-    masked attention; ``auto`` is fast when the kernels are built for this machine. Both select the same
-    tokens. ``decode_weights="bf16"``: decode steps of a float32 model read bf16 copies of the projection
-    weights, fp32 math (see :class:`LeanModel`). Build the engine after moving the model to its device
-    and dtype.
+    ``path``: ``fast`` selects and attends with the kernels (:mod:`a2ats.kernels`), ``reference`` scores every
+    token with torch and applies the selection as a mask; ``auto`` is fast where K/V sit in CPU memory and
+    the C++ kernels build (:func:`a2ats.kernels.resolve_path`). Both select the same tokens. ``placement``: ``local`` or ``offload`` (K/V in host memory).
+    ``slots``/``max_context``: the cache, allocated at construction after a memory preflight that refuses
+    (naming the largest batch that fits) rather than failing mid-run; left out, the cache is sized to each
+    run (:meth:`serve`, :meth:`generate`, or the requests waiting when the engine is idle), through the same
+    preflight. ``overlap``: micro-batches per decode step, so the host attends one while the accelerator
+    selects the next. ``kv_dtype``: how K/V are stored (default: the model's dtype); bf16 under an fp32 model
+    halves the bytes held and read per selected row, int8 (a float32 scale per row) quarters them.
+    ``decode_weights="bf16"``: decode steps of a float32 model read bf16 copies of the projection weights
+    (:class:`~a2ats.runtime.model.LeanModel`). ``host_free``/``accelerator_free`` override the measured free
+    memory (tests, planning). ``beyond_model_context``: allow contexts past the model's trained positions
+    (speed benchmarks only: outputs there are not meaningful). Build the engine after moving the model to its
+    device and dtype.
     """
 
-    def __init__(self, model: nn.Module, codebooks: Codebooks | None = None, config: A2ATSConfig | None = None,
-                 path: str = "auto", prefill_chunk: int = 4096, decode_weights: str = "model"):
-        if path not in PATHS:
-            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-        self.model = model
-        self.config = config or A2ATSConfig()
-        self.lean = LeanModel(model, decode_weights)
-        method = None
-        if codebooks is not None:
+    def __init__(self, model: nn.Module, codebooks: Codebooks | None = None, config: A2ATSConfig | None = None, *,
+                 method: A2ATSMethod | None = None, path: str = "auto", placement: str = "local",
+                 slots: int | None = None, max_context: int | None = None, prefill_chunk: int = 4096,
+                 decode_weights: str = "model", overlap: int = 1, kv_dtype: torch.dtype | None = None,
+                 host_free: int | None = None, accelerator_free: int | None = None, beyond_model_context: bool = False):
+        kernels.resolve_path(path, "cpu")  # a bad name is refused before any work
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+        if slots is not None and slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        if overlap < 1:
+            raise ValueError(f"overlap (micro-batches per decode step) must be >= 1, got {overlap}")
+        self.model, self.config = model, config or A2ATSConfig()
+        self.lean = lean = LeanModel(model, decode_weights)
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if max_context is not None and limit and max_context > limit and not beyond_model_context:
+            raise ValueError(f"max_context {max_context} exceeds the model's context of {limit} positions")
+        if method is None and codebooks is not None:
             method = A2ATSMethod.for_model(model, codebooks, self.config)
-            if method.post_rope:
-                raise ValueError(POST_ROPE_REFUSAL)
-        cpu = self.lean.device.type == "cpu"
-        if path == "auto":
-            path = "fast" if cpu and kernels.cpu_backend() is not None else "reference"
-        self.path = path
-        self.runner = Runner(self.lean, method, self.config, fast=path == "fast")
-        self.prefill_chunk = prefill_chunk
+        if method is not None and not isinstance(method, A2ATSMethod):
+            raise ValueError(f"the runtime decodes with A²ATS; {method.name} runs on the transformers path: "
+                             "a2ats.A2ATS(model, method=...)")
+        if method is not None and method.post_rope:
+            raise ValueError(POST_ROPE_REFUSAL)
+        self.method = method
+        self.kv_dtype = kv_dtype or lean.dtype
+        if self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be float32, bfloat16, float16 or int8, got {kv_dtype}")
+        self.placement, self.prefill_chunk, self.overlap = placement, prefill_chunk, overlap
+        self.beyond_model_context = beyond_model_context
+        self.host = torch.device("cpu") if placement == "offload" else lean.device
+        self.path = kernels.resolve_path(path, self.host)  # where attention reads K/V decides
+        self._fixed_slots = slots
+        self._fixed_context = max_context or ((limit or 4096) if slots is not None else None)
+        self._host_free, self._accelerator_free = host_free, accelerator_free
+        self.cache: SlotCache | None = None
+        self.runner: Runner | None = None
+        self.plan: MemoryPlan | None = None
+        # What a run asks for; serve() and generate() set them, a caller of step() may too.
+        self.stop_tokens: set[int] = set()
+        self.keep_logits = False
+        self.profile = False
+        self.trace: SelectionTrace | None = None  # every decode step's selection, rows = request indices
+        self._requests: dict[int, Request] = {}
+        self._waiting: deque[int] = deque()
+        self._next = 0
+        self._owner: list[int | None] = []  # request index in each slot
+        self._produced: list[list[int]] = []
+        self._kept: list[list[torch.Tensor]] = []
+        self._last = torch.zeros(0, dtype=torch.long)
+        if slots is not None:
+            self._allocate(slots, self._fixed_context)
+
+    # -- what the engine is ------------------------------------------------------------------------------------
 
     @property
     def method_name(self) -> str:
-        m = self.runner.method
-        return "dense" if m is None else m.name
+        return "dense" if self.method is None else self.method.name
+
+    @property
+    def slots(self) -> int:
+        return 0 if self.cache is None else self.cache.slots
+
+    @property
+    def max_context(self) -> int | None:
+        return self._fixed_context or (None if self.cache is None else self.cache.capacity)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting) or any(o is not None for o in self._owner)
+
+    def release(self) -> None:
+        """Free the cache (an idle engine sized to its runs allocates again on the next)."""
+        if self.has_work:
+            raise RuntimeError("the engine has sequences in flight: finish them (step) before releasing its cache")
+        if self._fixed_slots is None:
+            self.cache = self.runner = None
+            self._owner, self._produced, self._kept = [], [], []
+
+    def _allocate(self, slots: int, capacity: int) -> None:
+        self.cache = self.runner = None  # free the old cache before the new one is counted
+        lean, method = self.lean, self.method
+        self.plan = plan(lean.num_layers, slots, lean.kv_heads, lean.heads, lean.head_dim, capacity, self.kv_dtype,
+                         lean.device, self.host, self.prefill_chunk, codes=method is not None,
+                         host_free=self._host_free, accelerator_free=self._accelerator_free)
+        self.plan.check()
+        self.cache = SlotCache(lean.num_layers, slots, lean.kv_heads, lean.head_dim, capacity, self.kv_dtype,
+                               lean.device, self.host, codes=method is not None)
+        self.runner = Runner(lean, method, self.config, self.cache, self.overlap, fast=self.path == "fast")
+        self._owner = [None] * slots
+        self._produced = [[] for _ in range(slots)]
+        self._kept = [[] for _ in range(slots)]
+        self._last = torch.zeros(slots, dtype=torch.long, device=lean.device)
+        self.runner.trace, self.runner.trace_ids = self.trace, self._owner
+
+    def _fit_waiting(self) -> None:
+        """An idle engine sized to its runs: room for every waiting request at once."""
+        if self._fixed_slots is not None:
+            return
+        reqs = [self._requests[i] for i in self._waiting]
+        slots = len(reqs)
+        capacity = self._fixed_context or max(len(r.prompt) + r.max_new_tokens for r in reqs)
+        if self.cache is None or self.cache.slots < slots or self.cache.capacity < capacity:
+            self._allocate(slots, capacity)
+
+    # -- requests in, steps ------------------------------------------------------------------------------------
+
+    def check(self, r: Request) -> None:
+        """A clear error, before any work, when ``r`` cannot run on this engine."""
+        need = len(r.prompt) + r.max_new_tokens
+        if self._fixed_context is not None and need > self._fixed_context:
+            raise ValueError(f"request {r.id!r}: prompt of {len(r.prompt)} tokens + {r.max_new_tokens} new tokens "
+                             f"exceeds the engine's max_context of {self._fixed_context}: build the engine with a "
+                             "larger max_context, or shorten the prompt")
+        if not self.beyond_model_context:
+            check_context(self.model, len(r.prompt), r.max_new_tokens)
+        if r.kv is not None:
+            lean = self.lean
+            r.kv.check(lean.num_layers, lean.kv_heads, lean.head_dim, codes=self.method is not None)
+
+    def add(self, request: Request) -> int:
+        """Queue ``request``; returns its index (the key of its tokens and completion in :class:`StepResult`)."""
+        i = self._next
+        if request.id is None:
+            request.id = i
+        self.check(request)
+        self._next += 1
+        self._requests[i] = request
+        self._waiting.append(i)
+        return i
 
     @torch.inference_mode()
+    def step(self) -> StepResult:
+        """Admit waiting requests into free slots (a prefill step), or else decode one token for every busy slot.
+        On a failure every sequence in flight is dropped (the engine stays usable) and the error is raised."""
+        try:
+            if not self.has_work:
+                return StepResult(False, {}, [], 0.0)
+            if not any(o is not None for o in self._owner):
+                self._fit_waiting()
+            if self._waiting and None in self._owner and self._fits(self._waiting[0]):
+                return self._admit()
+            return self._decode()
+        except Exception:
+            self._abort()
+            raise
+
+    def _fits(self, i: int) -> bool:
+        """Whether request ``i`` fits the cache as allocated (an engine sized to its runs grows when idle)."""
+        r = self._requests[i]
+        return len(r.prompt) + r.max_new_tokens <= self.cache.capacity
+
+    def _admit(self) -> StepResult:
+        t = time.perf_counter()
+        res = StepResult(True, {}, [], 0.0)
+        for slot in range(self.slots):
+            while self._owner[slot] is None and self._waiting and self._fits(self._waiting[0]):
+                i = self._waiting.popleft()
+                self._owner[slot] = i
+                logits = self._prefill(slot, self._requests[i])
+                token = int(logits.argmax())
+                self._last[slot] = token
+                res.tokens[i] = token
+                self._take(slot, token, logits, res)
+        res.seconds = time.perf_counter() - t
+        return res
+
+    def _prefill(self, slot: int, r: Request) -> torch.Tensor:
+        """Dense prefill of one sequence into ``slot`` (from the end of its given cache, if any); the logits of
+        its last token (vocab,)."""
+        lean, runner, cache, device = self.lean, self.runner, self.cache, self.lean.device
+        start = 0
+        if r.kv is not None:
+            cache.load(slot, r.kv)
+            start = r.kv.length
+        ids = torch.tensor([r.prompt], device=device)
+        n = ids.shape[1]
+        for s in range(start, n, self.prefill_chunk):
+            e = min(s + self.prefill_chunk, n)
+            runner.begin_prefill(slot, s, e)
+            logits = lean.forward(ids[:, s:e], torch.arange(s, e, device=device)[None], runner.attend)
+        runner.host_ready()
+        cache.filled(slot, n)
+        return logits[0, -1]
+
+    def _decode(self) -> StepResult:
+        runner, device = self.runner, self.lean.device
+        busy = [o is not None for o in self._owner]
+        timer = Timer() if self.profile else None
+        t = time.perf_counter()
+        runner.timer = timer
+        if timer is not None:
+            timer.start()
+        ctx = runner.begin_decode(torch.tensor(busy, device=device), busy)
+        if timer is not None:
+            timer.lap("rest")
+        logits = self.lean.forward(self._last[:, None], ctx.pos[:, None], runner.attend, timer=timer)[:, -1]
+        self._last = logits.argmax(-1)
+        tokens = self._last.tolist()  # the step ends when its tokens are known (a device sync on a GPU)
+        seconds = time.perf_counter() - t
+        if timer is not None:
+            timer.lap("rest")
+        runner.timer = None
+        counted = runner.method is not None
+        res = StepResult(False, {}, [], seconds, dict(timer.totals) if timer is not None else {},
+                         int(runner.attended) if counted else 0, runner.heads, int(runner.context) if counted else 0,
+                         runner.crossed)
+        for slot, on in enumerate(busy):
+            if on:
+                res.tokens[self._owner[slot]] = tokens[slot]
+                self._take(slot, tokens[slot], logits[slot], res)
+        return res
+
+    def _take(self, slot: int, token: int, logits: torch.Tensor, res: StepResult) -> None:
+        self._produced[slot].append(token)
+        if self.keep_logits:
+            self._kept[slot].append(logits.float().cpu())
+        r = self._requests[self._owner[slot]]
+        if token in self.stop_tokens:
+            self._finish(slot, "eos", res)
+        elif len(self._produced[slot]) >= r.max_new_tokens:
+            self._finish(slot, "length", res)
+
+    def _finish(self, slot: int, reason: str, res: StepResult) -> None:
+        i = self._owner[slot]
+        r = self._requests.pop(i)
+        kv = self.cache.export(slot, self.lean.dtype) if r.keep_kv else None
+        c = Completion(r.id, len(r.prompt), self._produced[slot], reason, self._kept[slot] if self.keep_logits else None, kv)
+        self._owner[slot], self._produced[slot], self._kept[slot] = None, [], []
+        self.cache.free(slot)
+        res.finished.append((i, c))
+
+    def _abort(self) -> None:
+        for slot, o in enumerate(self._owner):
+            if o is not None:
+                self._owner[slot], self._produced[slot], self._kept[slot] = None, [], []
+                self.cache.free(slot)
+        self._waiting.clear()
+        self._requests.clear()
+
+    # -- runs ---------------------------------------------------------------------------------------------------
+
+    def serve(self, requests: Iterable[Request], eos_token_id: int | list[int] | None = None,
+              on_finish: Callable[[int, Completion], None] | None = None, profile: bool = False,
+              keep_logits: bool = False, trace: bool = False,
+              on_step: Callable[[StepResult], None] | None = None) -> ServeResult:
+        """Serve ``requests`` in order of arrival; ``on_finish(index, completion)`` as each one ends, ``on_step``
+        after every step. ``trace``: record every decode step's selection (:class:`~a2ats.core.stats.SelectionTrace`;
+        its rows are the requests' indices). A failure mid-run raises :class:`ServeError` holding every
+        completion finished before it."""
+        if self.has_work:
+            raise RuntimeError("serve() needs an idle engine; this one has requests added through add(): step them first")
+        reqs = list(requests)
+        for i, r in enumerate(reqs):
+            if r.id is None:
+                r.id = i
+            self.check(r)  # every request before any work
+        self.stop_tokens = set([] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int)
+                               else eos_token_id)
+        self.keep_logits, self.profile = keep_logits, profile
+        self.trace = SelectionTrace() if trace and self.method is not None else None
+        if self.runner is not None:
+            self.runner.trace = self.trace
+        self._next = 0
+        for r in reqs:
+            self.add(r)
+        done: list[Completion | None] = [None] * len(reqs)
+        prefill_s = decode_s = 0.0
+        steps = decode_tokens = attended = heads = context = crossed = 0
+        breakdown: dict[str, float] = defaultdict(float)
+        step_seconds: list[float] = []
+        try:
+            while self.has_work:
+                res = self.step()
+                if res.prefill:
+                    prefill_s += res.seconds
+                else:
+                    decode_s += res.seconds
+                    step_seconds.append(res.seconds)
+                    steps += 1
+                    decode_tokens += len(res.tokens)
+                    attended, heads, context = attended + res.attended, heads + res.heads, context + res.context
+                    crossed += res.crossed
+                    for k, v in res.breakdown.items():
+                        breakdown[k] += v
+                for i, c in res.finished:
+                    done[i] = c
+                    if on_finish is not None:
+                        on_finish(i, c)
+                if on_step is not None:
+                    on_step(res)
+        except Exception as e:
+            self._abort()
+            finished = sum(c is not None for c in done)
+            raise ServeError(f"serving failed after {finished} of {len(reqs)} sequences finished: {e}", done) from e
+        stats = None
+        if self.method is not None and heads:
+            stats = SelectionStats(self.config, steps=steps * self.lean.num_layers, attended=float(attended),
+                                   heads=heads, context=float(context), last_length=max(len(r.prompt) for r in reqs))
+        return ServeResult(done, prefill_s, decode_s, steps, decode_tokens, decode_tokens, dict(breakdown), stats,
+                           crossed, self.trace, step_seconds)
+
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
                  eos_token_id: int | list[int] | None = None, pad_token_id: int = 0,
                  on_token: Callable[[torch.Tensor], None] | None = None, profile: bool = False,
                  keep_logits: bool = False, trace: bool = False) -> EngineOutput:
-        """Greedy continuation of left-padded ``input_ids`` (B, n); ``on_token`` receives each new (B,) column."""
+        """Greedy continuation of a padded batch ``input_ids`` (B, n) (padding where ``attention_mask`` is 0, on
+        either side), one request per row; ``on_token`` receives each new (B,) column as soon as every row has
+        produced it (rows that ended: ``pad_token_id``)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        device = self.lean.device
-        ids = input_ids.to(device)
-        B, n = ids.shape
-        check_context(self.model, n, max_new_tokens)
-        mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(device).bool()
-        if not mask[:, -1].all():
-            raise ValueError("the engine needs left padding: every row's last prompt token must be real")
-        eos = torch.tensor([] if eos_token_id is None else
-                           ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)), device=device)
-        runner = self.runner
-        runner.new_cache(B, n + max_new_tokens)
-        runner.timer = None
-        runner.reset_counts()
-        runner.trace = SelectionTrace() if trace and runner.method is not None else None
-        positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
+        B, n = input_ids.shape
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        rows = [row[m].tolist() for row, m in zip(input_ids.cpu(), mask.cpu())]
+        empty = [b for b, r in enumerate(rows) if not r]
+        if empty:
+            raise ValueError(f"row(s) {empty} of the batch hold no tokens (attention_mask all 0)")
+        produced: list[list[int]] = [[] for _ in range(B)]
+        ended = [False] * B
+        emitted = 0
 
-        t0 = time.perf_counter()
-        for s in range(0, n, self.prefill_chunk):
-            e = min(s + self.prefill_chunk, n)
-            runner.begin_step(mask[:, s:e], decode=False)
-            logits = self.lean.forward(ids[:, s:e], positions[:, s:e], runner.attend)
-        token = logits[:, -1].argmax(-1)
-        kept = [logits[:, -1].float()] if keep_logits else None
-        prefill_seconds = time.perf_counter() - t0
+        def stream(res: StepResult) -> None:
+            nonlocal emitted
+            for i, token in res.tokens.items():
+                produced[i].append(token)
+            for i, _ in res.finished:
+                ended[i] = True
+            while on_token is not None and any(len(p) > emitted for p in produced) and \
+                    all(len(p) > emitted or e for p, e in zip(produced, ended)):
+                on_token(torch.tensor([p[emitted] if len(p) > emitted else pad_token_id for p in produced]))
+                emitted += 1
 
-        out = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        lengths = [max_new_tokens] * B
-        pos = positions[:, -1:] + 1
-        one = torch.ones(B, 1, dtype=torch.bool, device=device)
-        timer = Timer() if profile else None
-        steps: list[float] = []
-        for i in range(max_new_tokens):
-            token = torch.where(done, torch.full_like(token, pad_token_id), token)
-            out[:, i] = token
-            if on_token is not None:
-                on_token(token)
-            finished = ~done & torch.isin(token, eos)
-            for b in finished.nonzero().flatten().tolist():
-                lengths[b] = i + 1
-            done |= finished
-            if i == max_new_tokens - 1 or bool(done.all()):
-                break
-            t = time.perf_counter()
-            runner.timer = timer
-            if timer is not None:
-                timer.start()
-            runner.begin_step(one, decode=True)
-            if timer is not None:
-                timer.lap("rest")
-            logits = self.lean.forward(token[:, None], pos, runner.attend, timer=timer)
-            token = logits[:, -1].argmax(-1)
-            if kept is not None:
-                kept.append(logits[:, -1].float())
-            pos = pos + 1
-            steps.append(time.perf_counter() - t)
-            if timer is not None:
-                timer.lap("rest")
-        runner.timer = None
-        breakdown = dict(timer.totals) if timer is not None else {}
-        stats = None
-        if runner.method is not None and steps:
-            stats = SelectionStats(self.config, steps=len(steps) * self.lean.num_layers,
-                                   attended=float(runner.attended), heads=runner.heads,
-                                   context=float(runner.context), last_length=int(runner.ctx.valid.sum(-1).max()))
-        return EngineOutput(out[:, : i + 1], lengths, n, prefill_seconds, steps, breakdown, stats, kept, runner.trace)
+        res = self.serve([Request(r, max_new_tokens) for r in rows], eos_token_id=eos_token_id, profile=profile,
+                         keep_logits=keep_logits, trace=trace, on_step=stream)
+        lengths = [len(c.tokens) for c in res.completions]
+        width = max(lengths)
+        tokens = torch.full((B, width), pad_token_id, dtype=torch.long)
+        for b, c in enumerate(res.completions):
+            tokens[b, : len(c.tokens)] = torch.tensor(c.tokens)
+        logits = None
+        if keep_logits:
+            blank = torch.full_like(res.completions[0].logits[0], float("nan"))
+            logits = [torch.stack([c.logits[t] if t < len(c.logits) else blank for c in res.completions])
+                      for t in range(width)]
+        return EngineOutput(tokens, lengths, n, res.prefill_seconds, res.step_seconds, res.breakdown, res.stats, logits,
+                            res.trace)

@@ -1,10 +1,26 @@
-"""Per-layer attention of the engine: dense at prefill, A²ATS selection + sparse attention at decode.
+"""Per-layer attention of the runtime: dense at prefill; at decode, A²ATS selection + exact attention over
+the selection (or dense attention without a method), across two placements (docs/design.md §1.4).
 
-The fast path (CPU kernels) and the reference path (torch gather + :mod:`a2ats.core.selection` +
-:func:`a2ats.core.attention.attend_selected`) make the same selection; tests hold them equal.
+``fast`` selects with :meth:`A2ATSMethod.select_rows` and attends with :func:`a2ats.kernels.sparse_attention`
+(the kernels); the reference path scores every token (:meth:`A2ATSMethod.score_tokens`), selects with
+:func:`a2ats.core.selection.select` and applies the selection as a mask (:func:`a2ats.core.attention.attend_selected`).
+Both select the same tokens; tests hold them equal.
+
+Placement ``offload``: the *accelerator* (CUDA when present; the CPU stands in for it) runs the model, encodes keys, builds
+the lookup tables and selects; the *host* holds K and V (:class:`SlotCache`) and attends exactly over
+the selection with the CPU kernel. Per layer and decode step only the query, the new k/v, the
+selected indices and the attention output cross between them, never the retrieved K/V.
+
+Prefill runs one sequence at a time, dense, on the accelerator; each layer's K/V is copied to its
+slot on the host without blocking the next layer (pinned memory, asynchronous copy). Without
+codebooks the same runner attends densely over each slot's cache where it lives: the full-attention
+baseline (placed with ``host`` = the accelerator, it is the cache-on-GPU system the paper compares with).
+Placement ``local`` is the same code with ``host`` = the accelerator: on a CPU-only machine, one memory.
 """
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -14,123 +30,255 @@ from a2ats.core.attention import attend_selected
 from a2ats.core.config import A2ATSConfig
 from a2ats.core.selection import select
 from a2ats.core.stats import SelectionTrace
+from a2ats.kernels import quantize_rows
 from a2ats.methods.a2ats import A2ATSMethod
-from a2ats.runtime.batch_cache import BatchKV
 from a2ats.runtime.model import LeanModel
+from a2ats.runtime.slots import SlotCache
 from a2ats.runtime.step import StepContext, Timer
 
 
 class Runner:
-    def __init__(self, lean: LeanModel, method: A2ATSMethod | None, config: A2ATSConfig, fast: bool):
-        self.lean, self.method, self.config, self.fast = lean, method, config, fast
-        self.cache: BatchKV | None = None
-        self.ctx: StepContext | None = None
-        self.timer: Timer | None = None
-        self.trace: SelectionTrace | None = None  # every decode step's selection, when asked for (tests)
+    def __init__(self, lean: LeanModel, method: A2ATSMethod | None, config: A2ATSConfig, cache: SlotCache,
+                 overlap: int = 1, fast: bool = True):
+        if overlap < 1:
+            raise ValueError(f"overlap (micro-batches per decode step) must be >= 1, got {overlap}")
+        self.lean, self.method, self.config, self.cache, self.fast = lean, method, config, cache, fast
+        self.overlap = overlap  # micro-batches per step: selection of part i+1 overlaps host attention of part i
         self.kv_heads = slice(0, lean.kv_heads)
-        # Summed over decode layer-steps, rows and KV heads, kept as tensors so counting costs no device sync.
+        self.step: StepContext | None = None
+        # Decode keys are encoded when they are about to leave the window, window + 1 at a time (as the
+        # lean engine does): window keys are always attended, so their codes are not needed earlier, and
+        # one batch reads the codebook once instead of once per step. They wait here, pre-RoPE.
+        self.pending = None if method is None else torch.zeros(
+            lean.num_layers, cache.slots, lean.kv_heads, config.window + 1, lean.head_dim, dtype=lean.dtype,
+            device=cache.accelerator)
+        self.timer: Timer | None = None
+        self.trace: SelectionTrace | None = None  # every decode step's selection per slot, when asked for (tests)
+        self.trace_ids: list | None = None  # the trace's row of each slot (the server: its request's index)
+        # This decode step's counts, over layers, rows and KV heads (tensors: counting costs no device sync).
         self.attended = torch.zeros((), dtype=torch.long, device=lean.device)  # tokens attended
-        self.context = torch.zeros((), dtype=torch.long, device=lean.device)  # row lengths
-        self.heads = 0  # (layer-step, row, KV head) terms
+        self.context = torch.zeros((), dtype=torch.long, device=lean.device)  # the rows' lengths
+        self.heads = 0  # (layer, row, KV head) terms
+        self.crossed = 0  # bytes moved between the sides (what PCIe would carry)
+        # Prefill's K/V go to the host on a side stream, so the copy of layer i overlaps layer i+1's compute.
+        offloaded = cache.accelerator.type == "cuda" and cache.host.type == "cpu"
+        self.copy_stream = torch.cuda.Stream(cache.accelerator) if offloaded else None
+        # Overlap needs two workers that do not share cores: the GPU selecting while the CPU attends.
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="a2ats-select") if offloaded and overlap > 1 else None
 
-    def reset_counts(self) -> None:
+    def _copy_to_host(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        if self.copy_stream is None:
+            dst.copy_(src)
+            return
+        self.copy_stream.wait_stream(torch.cuda.current_stream(src.device))  # src is computed
+        with torch.cuda.stream(self.copy_stream):
+            dst.copy_(src, non_blocking=True)  # pinned destination: asynchronous
+        src.record_stream(self.copy_stream)  # keep src's memory until the copy has read it
+
+    def host_ready(self) -> None:
+        """Wait for prefill's copies: before the host reads K/V (decode) or sends them back (next chunk)."""
+        if self.copy_stream is not None:
+            self.copy_stream.synchronize()
+
+    # -- per step ---------------------------------------------------------------------------------------------
+
+    def begin_prefill(self, slot: int, start: int, end: int) -> StepContext:
+        self.step = StepContext(decode=False, slot=slot, start=start, end=end)
+        return self.step
+
+    def begin_decode(self, active: torch.Tensor, host_active: list[bool]) -> StepContext:
+        """One new token for every active slot (active (S,) bool on the accelerator); idle slots compute a
+        throwaway row at position 0 of their (free) slot and attend to nothing."""
+        cache = self.cache
         self.attended.zero_()
         self.context.zero_()
-        self.heads = 0
-
-    def new_cache(self, batch: int, capacity: int) -> BatchKV:
-        lean = self.lean
-        self.cache = BatchKV(lean.num_layers, batch, lean.kv_heads, lean.head_dim, capacity, lean.dtype,
-                                 lean.device, codes=self.method is not None)
-        # Decode keys inside the window are always attended, so their codes are not needed until they
-        # leave it: they wait here (pre-RoPE) and are encoded together once per `window + 1` steps,
-        # which reads the codebook once per batch instead of once per token and layer.
-        self.pending = torch.empty(lean.num_layers, batch, lean.kv_heads, self.config.window + 1, lean.head_dim,
-                                   dtype=lean.dtype, device=lean.device) if self.method is not None else None
-        return self.cache
-
-    def begin_step(self, mask: torch.Tensor, decode: bool) -> StepContext:
-        """Open cache slots for this step's tokens (mask (B, t)) and compute what every layer shares;
-        ``decode``: one generated token per row, attended sparsely (dense when there is no method)."""
-        start, end = self.cache.advance(mask)
-        valid = self.cache.valid_now
-        decode = decode and self.method is not None
-        ctx = StepContext(start=start, end=end, valid=valid, decode=decode)
-        if decode:
-            length = valid.sum(-1)
-            ctx.budget = self.config.budget.tokens_for(length)
+        self.heads = self.crossed = 0
+        pos = torch.where(active, cache.lengths, 0)
+        cache.lengths += active.long()
+        old = cache.host_lengths
+        host_lengths = [n + a for n, a in zip(old, host_active)]
+        cache.host_lengths = host_lengths
+        n = max(max(host_lengths), 1)
+        S, acc, host = cache.slots, cache.accelerator, cache.host
+        step = StepContext(decode=True, active=list(host_active), pos=pos, valid=cache.valid(cache.lengths, n),
+                           kv_rows=cache.flat_index(pos), parts=_split(S, self.overlap))
+        if self.method is None:
+            # An idle row must see one slot, or softmax over nothing turns it to NaN.
+            step.valid[:, 0] |= ~active
+            step.host_valid = step.valid.to(host)
+        else:
+            enc, W = cache.encoded, self.config.window
+            W1, H = W + 1, cache.kv_heads
+            step.pending = torch.tensor([(b * H + h) * W1 + (o - e if a else 0) for b, (o, e, a) in
+                                         enumerate(zip(old, enc, host_active)) for h in range(H)], device=acc)
+            # Every slot's keys before (its length - window) must have codes by this step's selection: when one
+            # slot needs it, every busy slot encodes all it holds pending (so slots fall back in phase).
+            if any(a and m - W > e for m, e, a in zip(host_lengths, enc, host_active)):
+                step.flush = [(b, enc[b], host_lengths[b] - enc[b]) for b in range(S) if host_active[b]]
+                for b, _, _ in step.flush:
+                    enc[b] = host_lengths[b]
+            length = cache.lengths
+            step.budget = self.config.budget.tokens_for(length)
             lean = self.lean
             self.context += length.sum() * (lean.kv_heads * lean.num_layers)
-            self.heads += valid.shape[0] * lean.kv_heads * lean.num_layers
-            ctx.bands, ctx.offsets = self.method.band_offsets(valid)
-            # Every row's newest `window` slots are real (decode appends one real token per row), so
-            # codes are needed exactly for the slots before end - window.
-            cache = self.cache
-            ctx.slot = start - cache.encoded
-            if end - self.config.window > cache.encoded:
-                ctx.encode_from, cache.encoded = cache.encoded, end
-        elif self.method is not None:
-            self.cache.encoded = end  # prefill encodes its chunk at once
-        self.ctx = ctx
-        return ctx
+            self.heads += int(sum(host_active)) * lean.kv_heads * lean.num_layers
+            step.bands, step.offsets = self.method.band_offsets(step.valid)
+        self.step = step
+        return step
+
+    def _lap(self, name: str) -> None:
+        if self.timer is not None:
+            self.timer.lap(name)
+
+    # -- per layer --------------------------------------------------------------------------------------------
 
     def attend(self, layer: int, q_pre, q, k_pre, k, v) -> torch.Tensor:
-        ctx, cache, timer = self.ctx, self.cache, self.timer
-        codes = None
-        if self.method is not None and not ctx.decode:
-            codes = self.method.encode(layer, k_pre, k, self.kv_heads)
-        cache.write(layer, ctx.start, k, v, codes)
-        if ctx.decode:
-            pending = self.pending[layer]
-            pending[:, :, ctx.slot] = k_pre[:, :, 0]
-            if ctx.encode_from >= 0:
-                codes = self.method.encode(layer, pending[:, :, : ctx.slot + 1], None, self.kv_heads)
-                cache.write_codes(layer, ctx.encode_from, codes)
-        B, Hq, t, d = q.shape
-        if timer is not None:
-            timer.lap("scoring" if ctx.decode else "rest")
-        if not ctx.decode:
-            out = self._dense(layer, q)
-            if timer is not None:
-                timer.lap("attention")
-            return out
-        q1, q1_pre = q[:, :, 0], q_pre[:, :, 0].float()
-        c, m = self.config, self.method
-        if self.fast:
-            idx, count = m.select_rows(layer, q1_pre, q1, cache.layer_codes(layer), ctx.valid, ctx.budget, c,
-                                       self.kv_heads, ctx.bands, ctx.offsets)
-            if timer is not None:
-                timer.lap("scoring")
-            out = kernels.sparse_attention(q1, cache.k[layer], cache.v[layer], idx, count, self.lean.scaling)
-            self.attended += count.sum()
-            if self.trace is not None:
-                self.trace.add_rows(layer, idx, count, ctx.valid)
+        step = self.step
+        if step.decode:
+            return self._decode(layer, q_pre, q, k_pre, k, v)
+        return self._prefill(layer, q, k_pre, k, v)
+
+    def _prefill(self, layer: int, q, k_pre, k, v) -> torch.Tensor:
+        step, cache = self.step, self.cache
+        s, start, end = step.slot, step.start, step.end
+        where = (s, slice(None), slice(start, end))
+        if cache.quantized:  # quantized beside the model; the int8 rows and their scales cross
+            (kq, ks), (vq, vs) = quantize_rows(k[0]), quantize_rows(v[0])
+            pairs = [(cache.k[layer], kq), (cache.k_scale[layer], ks), (cache.v[layer], vq), (cache.v_scale[layer], vs)]
         else:
-            scores = m.score_tokens(layer, q1_pre, q1, cache.layer_codes(layer), ctx.bands, ctx.offsets, self.kv_heads)
-            keep = select(scores, ctx.valid, cache.kv_heads, c)
-            if timer is not None:
-                timer.lap("scoring")
-            out = attend_selected(q, cache.keys(layer), cache.values(layer), keep, self.lean.scaling)
-            self.attended += keep.sum()
+            pairs = [(cache.k[layer], k[0]), (cache.v[layer], v[0])]
+        for dst, src in pairs:
+            self._copy_to_host(dst[where], src)
+        if self.method is not None:
+            cache.codes[layer][s, :, start:end] = self.method.encode(layer, k_pre, k, self.kv_heads)[0]
+        if start == 0:
+            keys, values = k, v
+        elif cache.host == q.device and cache.dtype == q.dtype:
+            keys, values = cache.k[layer][s : s + 1, :, :end], cache.v[layer][s : s + 1, :, :end]
+        else:  # earlier chunks come back from the host (in the model's dtype)
+            self.host_ready()
+            prev_k, prev_v = cache.rows(layer, slice(s, s + 1), start, q.dtype, q.device)
+            keys, values = torch.cat([prev_k, k], 2), torch.cat([prev_v, v], 2)
+        t = end - start
+        # The first chunk is plain causal attention (SDPA's causal kernel, about twice as fast as a mask);
+        # later chunks see every earlier position, so their mask is offset.
+        causal = None if start == 0 else torch.ones(t, end, dtype=torch.bool, device=q.device).tril(start)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal, is_causal=start == 0,
+                                             scale=self.lean.scaling, enable_gqa=q.shape[1] != keys.shape[1])
+        return out.transpose(1, 2).reshape(1, t, -1)
+
+    def _decode(self, layer: int, q_pre, q, k_pre, k, v) -> torch.Tensor:
+        step, cache, host = self.step, self.cache, self.cache.host
+        S, Hq, _, d = q.shape
+        self._lap("weights")
+        # The new k/v go to the host (they sit in the window: attended this very step).
+        cache.put_rows(layer, step.kv_rows, k[:, :, 0], v[:, :, 0])
+        if self.method is None:
+            n = step.valid.shape[1]
+            self._lap("transfers")
+            qh = q.to(host)
+            mask = step.host_valid[:, None, None, :]
+            keys, values = cache.rows(layer, slice(None), n, qh.dtype, host)
+            out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=mask,
+                                                 scale=self.lean.scaling, enable_gqa=Hq != cache.kv_heads)
+            self._lap("host attention")
+            out = out.to(q.device)
+            self._lap("transfers")
+            return out.reshape(S, 1, Hq * d)
+        pending = self.pending[layer]
+        pending.view(-1, d).index_copy_(0, step.pending, k_pre[:, :, 0].reshape(-1, d))
+        if step.flush:
+            keys = max(m for _, _, m in step.flush)
+            codes = self.method.encode(layer, pending[:, :, :keys], None, self.kv_heads)  # (S, Hkv, keys)
+            for b, first, m in step.flush:
+                cache.codes[layer][b, :, first : first + m] = codes[b, :, :m]
+        q1, q1_pre = q[:, :, 0], q_pre[:, :, 0].float()
+        n = step.valid.shape[1]
+        c, m = self.config, self.method
+        self.crossed += (2 * q1.numel() + 2 * k[:, :, 0].numel()) * q.element_size()  # q, new k/v, output
+        if not self.fast:
+            return self._decode_reference(layer, q, q1_pre, q1, n).reshape(S, 1, Hq * d)
+        qh = q1.to(host)
+        codes = cache.codes[layer][:, :, :n]
+
+        def select(rows: slice | None):
+            idx, count = m.select_rows(layer, _part(q1_pre, rows), _part(q1, rows), _part(codes, rows),
+                                       _part(step.valid, rows), _part(step.budget, rows), c, self.kv_heads, step.bands,
+                                       _part(step.offsets, rows))
+            return rows, count, _to_host(idx, host), _to_host(count, host)
+
+        parts = step.parts
+        if self.pool is not None and len(parts) > 1:
+            # Micro-batches: a worker thread selects part after part (GPU kernels; host syncs block only
+            # it) while this thread attends each part on the host as soon as its indices have arrived.
+            futures = [self.pool.submit(select, rows) for rows in parts]
+            results = (f.result() for f in futures)
+        else:
+            results = (select(rows) for rows in parts)  # one part, or nothing to overlap with (CPU)
+        outs = []
+        k_all, v_all = cache.k[layer], cache.v[layer]
+        scales = (cache.k_scale[layer], cache.v_scale[layer]) if cache.quantized else (None, None)
+        for rows, count_acc, (idx, ready), (count, _) in results:
+            self.attended += count_acc.sum()
+            if ready is not None:
+                ready.synchronize()
+            self._lap("scoring")
+            outs.append(kernels.sparse_attention(_part(qh, rows), _part(k_all, rows), _part(v_all, rows), idx, count,
+                                                 self.lean.scaling, _part(scales[0], rows), _part(scales[1], rows)))
+            self._lap("host attention")
             if self.trace is not None:
-                self.trace.add_mask(layer, keep, ctx.valid)
-        out = out.reshape(B, 1, Hq * d)
-        if timer is not None:
-            timer.lap("attention")
+                first = 0 if rows is None else rows.start
+                busy = [i for i in range(idx.shape[0]) if step.active[first + i]]
+                ids = self.trace_ids or range(S)
+                self.trace.add_rows(layer, idx[busy], count[busy], _part(step.valid, rows)[busy], [ids[first + i] for i in busy])
+            self.crossed += idx.numel() * 4 + count.numel() * 4  # indices and counts
+        out = (outs[0] if len(outs) == 1 else torch.cat(outs)).to(q.device)
+        self._lap("transfers")
+        return out.reshape(S, 1, Hq * d)
+
+    def _decode_reference(self, layer: int, q, q1_pre, q1, n: int) -> torch.Tensor:
+        """Every token scored, the selection applied as a mask over the slot's whole cache (on the host)."""
+        step, cache, m = self.step, self.cache, self.method
+        scores = m.score_tokens(layer, q1_pre, q1, cache.codes[layer][:, :, :n], step.bands, step.offsets, self.kv_heads)
+        keep = select(scores, step.valid, cache.kv_heads, self.config)  # (S, Hkv, n)
+        self.attended += keep.sum()
+        if self.trace is not None:
+            busy = [b for b in range(len(step.active)) if step.active[b]]
+            ids = self.trace_ids or range(len(step.active))
+            self.trace.add_mask(layer, keep[busy], step.valid[busy], [ids[b] for b in busy])
+        self.crossed += keep.numel()  # the mask, a byte per token
+        self._lap("scoring")
+        keep = keep.clone()
+        keep[:, :, 0] |= ~torch.tensor(step.active, device=keep.device)[:, None]  # an idle row attends to one slot, not none
+        keys, values = cache.rows(layer, slice(None), n, q.dtype, cache.host)
+        out = attend_selected(q.to(cache.host), keys, values, keep.to(cache.host), self.lean.scaling)
+        self._lap("host attention")
+        out = out.to(q.device)
+        self._lap("transfers")
         return out
 
-    def _dense(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        """Causal attention of this step's queries over the cache so far, padding masked (SDPA)."""
-        ctx, cache = self.ctx, self.cache
-        B, Hq, t, d = q.shape
-        n = ctx.end
-        causal = torch.ones(t, n, dtype=torch.bool, device=q.device).tril(n - t)
-        mask = (causal.unsqueeze(0) & ctx.valid.unsqueeze(1)).unsqueeze(1)  # (B, 1, t, n)
-        # A padding query row (left padding) would see nothing and turn to NaN, which its V row would then
-        # spread through 0·NaN in later layers: let every row see its own slot.
-        mask = mask.clone()
-        rows = torch.arange(t, device=q.device)
-        mask[:, :, rows, n - t + rows] = True
-        out = F.scaled_dot_product_attention(q, cache.keys(layer), cache.values(layer), attn_mask=mask,
-                                             scale=self.lean.scaling, enable_gqa=Hq != cache.kv_heads)
-        return out.transpose(1, 2).reshape(B, t, Hq * d)
+
+def _split(n: int, parts: int) -> list[slice | None]:
+    """``parts`` contiguous row ranges of near-equal size covering range(n) (fewer when n < parts); [None]: one
+    part, the whole batch."""
+    parts = max(1, min(parts, n))
+    if parts == 1:
+        return [None]
+    bounds = [n * i // parts for i in range(parts + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def _part(x: torch.Tensor | None, rows: slice | None) -> torch.Tensor | None:
+    """``x[rows]``; the whole tensor, with no indexing op, when ``rows`` is None (one part: the common case)."""
+    return x if rows is None or x is None else x[rows]
+
+
+def _to_host(x: torch.Tensor, host: torch.device) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """``x`` on the host, and an event that completes when it has arrived (None: it is there already)."""
+    if x.device == host:
+        return x, None
+    buf = torch.empty(x.shape, dtype=x.dtype, device=host, pin_memory=True)
+    buf.copy_(x, non_blocking=True)
+    ev = torch.cuda.Event()
+    ev.record()
+    return buf, ev

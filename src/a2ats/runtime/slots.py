@@ -1,4 +1,4 @@
-"""Where a served batch lives: one *slot* per sequence, each with its own length (no shared padding).
+"""Where the runtime's sequences live: one *slot* per sequence, each with its own length (no shared padding).
 
 - host: K and V of every layer, (slots, Hkv, capacity, d), post-RoPE, in the layout of the CPU
   sparse-attention kernel; pinned when CUDA is present, so copies to and from it run asynchronously.
@@ -17,6 +17,32 @@ from dataclasses import dataclass
 import torch
 
 from a2ats.kernels import dequantize_rows, quantize_rows
+
+
+@dataclass
+class KVState:
+    """One sequence's cache, taken out of a slot or to be put into one: per layer K and V (Hkv, n, d), post-RoPE,
+    and the keys' codes (Hkv, n) int16 (None for an engine without a method)."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    codes: list[torch.Tensor] | None = None
+
+    @property
+    def length(self) -> int:
+        return self.k[0].shape[1]
+
+    def check(self, num_layers: int, kv_heads: int, head_dim: int, codes: bool) -> None:
+        """A clear error when this state was not made for a model of these dimensions (or lacks codes it needs)."""
+        if len(self.k) != num_layers or len(self.v) != num_layers:
+            raise ValueError(f"the cache state has {len(self.k)} layers; this model has {num_layers}")
+        for x in (*self.k, *self.v):
+            if x.dim() != 3 or (x.shape[0], x.shape[1], x.shape[2]) != (kv_heads, self.length, head_dim):
+                raise ValueError(f"the cache state holds a tensor of shape {tuple(x.shape)}; this model needs "
+                                 f"({kv_heads} KV heads, {self.length} tokens, head_dim {head_dim}) in every layer")
+        if codes and (self.codes is None or len(self.codes) != num_layers):
+            raise ValueError("this engine selects over codes and the cache state has none: take the state from an "
+                             "engine with the same codebooks")
 
 
 @dataclass(frozen=True)
@@ -61,7 +87,7 @@ class SlotCache:
         # The same lengths on the host, read by the scheduler without a device sync.
         self.host_lengths = [0] * slots
         # Positions [0, encoded[b]) of slot b have codes; later ones wait, pre-RoPE, in the runner's
-        # pending buffer until they are encoded together (see OffloadRunner.begin_decode).
+        # pending buffer until they are encoded together (see Runner.begin_decode).
         self.encoded = [0] * slots
 
     @property
@@ -83,6 +109,26 @@ class SlotCache:
             self.k[layer][index] = k.to(self.host, self.dtype)
             self.v[layer][index] = v.to(self.host, self.dtype)
 
+    def flat_index(self, positions: torch.Tensor) -> torch.Tensor:
+        """Row numbers, in a layer's K (or V) seen as (slots·Hkv·capacity, d), of position ``positions[b]`` of
+        every slot b and head: (slots·Hkv,) on the host, for :meth:`put_rows`."""
+        pos = positions.to(self.host)
+        base = torch.arange(self.slots, device=self.host)[:, None] * self.kv_heads + torch.arange(self.kv_heads, device=self.host)
+        return (base * self.capacity + pos[:, None]).reshape(-1)
+
+    def put_rows(self, layer: int, flat: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store one row (slots, Hkv, d) of K and V per slot and head at ``flat`` (:meth:`flat_index`): a decode
+        step's new keys and values in one indexed copy each."""
+        d = self.head_dim
+        if self.quantized:
+            (kq, ks), (vq, vs) = quantize_rows(k), quantize_rows(v)
+            for dst, scale, q, sc in ((self.k, self.k_scale, kq, ks), (self.v, self.v_scale, vq, vs)):
+                dst[layer].view(-1, d).index_copy_(0, flat, q.reshape(-1, d).to(self.host))
+                scale[layer].view(-1).index_copy_(0, flat, sc.reshape(-1).to(self.host))
+            return
+        self.k[layer].view(-1, d).index_copy_(0, flat, k.reshape(-1, d).to(self.host, self.dtype))
+        self.v[layer].view(-1, d).index_copy_(0, flat, v.reshape(-1, d).to(self.host, self.dtype))
+
     def rows(self, layer: int, slots: slice, end: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of ``slots`` up to position ``end`` as float ``dtype`` tensors on ``device``."""
         k, v = self.k[layer][slots, :, :end], self.v[layer][slots, :, :end]
@@ -90,6 +136,23 @@ class SlotCache:
             k = dequantize_rows(k, self.k_scale[layer][slots, :, :end])
             v = dequantize_rows(v, self.v_scale[layer][slots, :, :end])
         return k.to(device, dtype), v.to(device, dtype)
+
+    def export(self, slot: int, dtype: torch.dtype) -> KVState:
+        """A copy of ``slot``'s cache, its whole length, as ``dtype`` tensors on the host."""
+        n = self.host_lengths[slot]
+        k, v = zip(*(self.rows(i, slice(slot, slot + 1), n, dtype, self.host) for i in range(self.num_layers)))
+        codes = None if self.codes is None else [c[slot, :, :n].cpu() for c in self.codes]
+        return KVState([x[0].clone() for x in k], [x[0].clone() for x in v], codes)
+
+    def load(self, slot: int, state: KVState) -> None:
+        """Put ``state`` in positions [0, length) of ``slot`` (quantized for an int8 cache), codes included."""
+        n = state.length
+        where = (slot, slice(None), slice(0, n))
+        for i in range(self.num_layers):
+            self.put(i, where, state.k[i], state.v[i])
+            if self.codes is not None:
+                self.codes[i][where] = state.codes[i].to(self.accelerator)
+        self.filled(slot, n)
 
     def free(self, slot: int) -> None:
         self.lengths[slot] = 0

@@ -1,4 +1,4 @@
-"""What one step shares across all layers, computed once per step instead of once per layer."""
+"""What one forward shares across its layers (nano-vllm's per-step context), and a per-part step timer."""
 
 from __future__ import annotations
 
@@ -11,15 +11,23 @@ import torch
 
 @dataclass
 class StepContext:
-    start: int  # first cache slot written this step
-    end: int  # cache length after this step
-    valid: torch.Tensor  # (B, end) bool: real tokens (False: padding)
-    decode: bool  # one new token per row: sparse attention applies
-    budget: torch.Tensor | None = None  # (B,) long: tokens per query head beyond sinks and window
+    """Set once per forward by :class:`~a2ats.runtime.runner.Runner`, read by every layer."""
+
+    decode: bool
+    slot: int = -1  # prefill: the slot being filled
+    start: int = 0  # prefill: first position of this chunk
+    end: int = 0  # prefill: end of this chunk
+    pos: torch.Tensor | None = None  # decode: (S,) position written by each slot, on the accelerator
+    pending: torch.Tensor | None = None  # decode: (S·Hkv,) rows of the pending buffer the new pre-RoPE keys go to
+    flush: list[tuple[int, int, int]] | None = None  # decode: (slot, first position, keys) to encode now
+    kv_rows: torch.Tensor | None = None  # decode: (S·Hkv,) rows of the host K/V the new keys and values go to
+    parts: list[slice] | None = None  # decode: the micro-batches' slot ranges
+    valid: torch.Tensor | None = None  # decode: (S, n) bool on the accelerator
+    host_valid: torch.Tensor | None = None  # decode without a method: the same on the host
+    budget: torch.Tensor | None = None  # decode: (S,) tokens per query head beyond sinks and window
     bands: int = 1  # banded WRoPE: tables in use
-    offsets: torch.Tensor | None = None  # (B, end) int32: each token's offset into its band's table
-    slot: int = 0  # decode: this token's slot among the keys waiting to be encoded
-    encode_from: int = -1  # decode: >= 0 when this step encodes the waiting keys, from this cache slot on
+    offsets: torch.Tensor | None = None  # (S, n) int32: each token's offset into its band's table
+    active: list[bool] | None = None  # decode: which slots hold a sequence (host)
 
 
 @dataclass

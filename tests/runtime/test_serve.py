@@ -1,4 +1,4 @@
-"""The serving engine (continuous batching, K/V on the host) against the lean engine's reference path,
+"""Engine.serve (continuous batching, K/V on the host) against the engine's reference path,
 sequence by sequence: same tokens, same selections, close logits; preflight and failure handling."""
 
 import dataclasses
@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from a2ats import A2ATSConfig
-from a2ats.runtime import Engine
+from a2ats.runtime import Engine, Request, ServeError
 from a2ats.runtime.preflight import GiB, PreflightError, plan
-from a2ats.runtime.server import Request, ServeError, Server
 from conftest import FAMILIES, padded_batch, random_codebooks, tiny_model
 
 LENGTHS = (300, 201, 257, 45, 130)
@@ -47,14 +46,14 @@ CASES = [(f, 2, 128, "offload", 1) for f in FAMILIES] + [
 
 
 @pytest.mark.parametrize("family,slots,chunk,placement,overlap", CASES)
-def test_server_equals_reference_path_per_sequence(family, slots, chunk, placement, overlap):
+def test_serve_equals_reference_path_per_sequence(family, slots, chunk, placement, overlap):
     """Five prompts of odd lengths through fewer slots (admission as slots free up), chunked prefill,
     decode steps split into micro-batches (``overlap``)."""
     model = tiny_model(family)
     cb = random_codebooks(model)
     cfg = A2ATSConfig(budget=0.05, sinks=2, window=8, reduction="max" if overlap == 3 else "union")
     reqs = _requests()
-    srv = Server(model, cb, cfg, slots=slots, max_context=320, prefill_chunk=chunk, placement=placement, overlap=overlap)
+    srv = Engine(model, cb, cfg, slots=slots, max_context=320, prefill_chunk=chunk, placement=placement, overlap=overlap)
     if overlap == 2:  # the selection thread a CUDA accelerator uses for overlap, forced on here
         from concurrent.futures import ThreadPoolExecutor
 
@@ -80,7 +79,7 @@ def test_deferred_key_encoding_across_slots_out_of_phase(window, slots):
     cb = random_codebooks(model)
     cfg = A2ATSConfig(budget=0.05, sinks=2, window=window)
     reqs = _requests(new=(12, 7, 15, 5, 10))
-    res = Server(model, cb, cfg, slots=slots, max_context=320, prefill_chunk=128).serve(reqs, keep_logits=True, trace=True)
+    res = Engine(model, cb, cfg, placement="offload", slots=slots, max_context=320, prefill_chunk=128).serve(reqs, keep_logits=True, trace=True)
     ref = Engine(model, cb, cfg, path="reference")
     for i, (r, c) in enumerate(zip(reqs, res.completions)):
         out = _alone(ref, r)
@@ -88,7 +87,7 @@ def test_deferred_key_encoding_across_slots_out_of_phase(window, slots):
         _assert_same_sets(res.trace, i, out.trace)
 
 
-def test_server_banded_and_eos():
+def test_serve_banded_and_eos():
     """Banded WRoPE offsets per slot; a sequence ending on EOS frees its slot for the next at once."""
     model = tiny_model("llama")
     cb = random_codebooks(model)
@@ -98,7 +97,7 @@ def test_server_banded_and_eos():
     ref = Engine(model, cb, cfg, path="reference")
     outs = [_alone(ref, r) for r in reqs]
     eos = outs[1].tokens[0, 3].item()  # a token the second sequence produces at its 4th step
-    srv = Server(model, cb, cfg, slots=2, max_context=320, prefill_chunk=100)
+    srv = Engine(model, cb, cfg, placement="offload", slots=2, max_context=320, prefill_chunk=100)
     res = srv.serve(reqs, eos_token_id=eos, keep_logits=True)
     for r, c in zip(reqs, res.completions):
         out = _alone(ref, r, eos)
@@ -116,10 +115,10 @@ def test_compact_host_cache_keeps_selections_and_stays_close(dense, kv_dtype):
     cb = None if dense else random_codebooks(model)
     cfg = A2ATSConfig(budget=0.05, sinks=2, window=8)
     reqs = _requests(new=(6,))
-    runs = [Server(model, cb, cfg, slots=2, max_context=320, prefill_chunk=100, kv_dtype=dt).serve(reqs, keep_logits=True,
+    runs = [Engine(model, cb, cfg, placement="offload", slots=2, max_context=320, prefill_chunk=100, kv_dtype=dt).serve(reqs, keep_logits=True,
                                                                                                    trace=True)
             for dt in (None, kv_dtype)]
-    assert Server(model, cb, cfg, slots=1, max_context=320, kv_dtype=kv_dtype).cache.k[0].dtype == kv_dtype
+    assert Engine(model, cb, cfg, placement="offload", slots=1, max_context=320, kv_dtype=kv_dtype).cache.k[0].dtype == kv_dtype
     for a, b in zip(*[r.completions for r in runs]):
         assert a.tokens == b.tokens
         for x, y in zip(a.logits, b.logits):
@@ -130,10 +129,10 @@ def test_compact_host_cache_keeps_selections_and_stays_close(dense, kv_dtype):
         assert runs[0].trace.steps() > 0 and runs[0].trace.sets == runs[1].trace.sets
 
 
-def test_dense_server_equals_dense_engine():
+def test_dense_serve_equals_dense_generate():
     model = tiny_model("qwen3")
     reqs = _requests()
-    res = Server(model, None, slots=3, max_context=320, prefill_chunk=64).serve(reqs, keep_logits=True)
+    res = Engine(model, None, placement="offload", slots=3, max_context=320, prefill_chunk=64).serve(reqs, keep_logits=True)
     ref = Engine(model)
     for r, c in zip(reqs, res.completions):
         _assert_same(c, _alone(ref, r))
@@ -145,14 +144,14 @@ def test_left_padded_batch_through_generate():
     cb = random_codebooks(model)
     cfg = A2ATSConfig(budget=0.05, sinks=2, window=8)
     ids, mask = padded_batch(seed=5, lengths=(120, 33, 97))
-    res = Server(model, cb, cfg, slots=2, max_context=200).generate(ids, mask, max_new_tokens=6)
+    res = Engine(model, cb, cfg, placement="offload", slots=2, max_context=200).generate(ids, mask, max_new_tokens=6)
     ref = Engine(model, cb, cfg, path="reference").generate(ids, mask, max_new_tokens=6)
-    assert [c.tokens for c in res.completions] == ref.tokens.tolist()
+    assert torch.equal(res.tokens, ref.tokens)
 
 
 def test_failure_mid_run_keeps_finished_sequences(monkeypatch):
     model = tiny_model("llama")
-    srv = Server(model, random_codebooks(model), A2ATSConfig(budget=0.05, sinks=2, window=8), slots=1, max_context=320)
+    srv = Engine(model, random_codebooks(model), A2ATSConfig(budget=0.05, sinks=2, window=8), placement="offload", slots=1, max_context=320)
     reqs = _requests(new=(3,))
     calls = {"n": 0}
     forward = srv.lean.forward
@@ -181,8 +180,8 @@ def test_preflight_refuses_with_the_largest_batch_that_fits():
     per = p.per_slot.host + p.per_slot.accelerator
     free = p.workspace + 3 * per + per // 2
     with pytest.raises(PreflightError, match="does not fit in host memory.*largest batch that fits is 3"):
-        Server(model, random_codebooks(model), slots=8, max_context=1024, prefill_chunk=256, host_free=free)
-    Server(model, random_codebooks(model), slots=3, max_context=1024, prefill_chunk=256, host_free=free)
+        Engine(model, random_codebooks(model), placement="offload", slots=8, max_context=1024, prefill_chunk=256, host_free=free)
+    Engine(model, random_codebooks(model), placement="offload", slots=3, max_context=1024, prefill_chunk=256, host_free=free)
     # a separate accelerator: codes there, K/V on the host; each side bounds the batch
     p = plan(2, 8, 2, 6, 16, 1024, torch.float32, torch.device("cuda"), torch.device("cpu"), 256,
              host_free=10 * p.per_slot.host, accelerator_free=p.workspace + 2 * p.per_slot.accelerator)
@@ -191,29 +190,29 @@ def test_preflight_refuses_with_the_largest_batch_that_fits():
         p.check()
 
 
-def test_server_errors_are_clear():
+def test_serve_errors_are_clear():
     model = tiny_model("llama")
-    srv = Server(model, random_codebooks(model), slots=2, max_context=128)
-    with pytest.raises(ValueError, match="exceeds the server's max_context of 128"):
+    srv = Engine(model, random_codebooks(model), placement="offload", slots=2, max_context=128)
+    with pytest.raises(ValueError, match="exceeds the engine's max_context of 128"):
         srv.serve([Request([5] * 100, max_new_tokens=40)])
     with pytest.raises(ValueError, match="non-empty prompt"):
         Request([])
     with pytest.raises(ValueError, match="max_new_tokens"):
         Request([3], max_new_tokens=0)
     with pytest.raises(ValueError, match="overlap"):
-        Server(model, slots=1, overlap=0)
+        Engine(model, placement="offload", slots=1, overlap=0)
     with pytest.raises(ValueError, match="placement"):
-        Server(model, slots=1, placement="gpu")
+        Engine(model, slots=1, placement="gpu")
     with pytest.raises(ValueError, match="exceeds the model's context"):
-        Server(model, slots=1, max_context=4096)
+        Engine(model, placement="offload", slots=1, max_context=4096)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_server_on_cuda_equals_cpu():
+def test_serve_on_cuda_equals_cpu():
     model = tiny_model("llama")
     cb = random_codebooks(model)
     cfg = A2ATSConfig(budget=0.05, sinks=2, window=8)
     reqs = _requests()
-    cpu = Server(model, cb, cfg, slots=2, max_context=320).serve(reqs)
-    gpu = Server(model.cuda(), cb, cfg, slots=2, max_context=320).serve(reqs)
+    cpu = Engine(model, cb, cfg, placement="offload", slots=2, max_context=320).serve(reqs)
+    gpu = Engine(model.cuda(), cb, cfg, placement="offload", slots=2, max_context=320).serve(reqs)
     assert [c.tokens for c in gpu.completions] == [c.tokens for c in cpu.completions]

@@ -1,0 +1,48 @@
+"""Where a benchmark's figures go: the machine they came from, a table on stdout (or one JSON object), and
+optionally ``NAME.json``, ``NAME.md`` and ``NAME.png`` in a folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def machine() -> str:
+    """The CPU (and GPU), cores, torch and its threads: every figure names the machine it came from."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def served_table(served: list[dict]) -> str:
+    if not served:
+        return ""
+    return ("\nserved workload (real prompts through a queue, prefills included)\n\n"
+            "| system | slots | requests | decode tokens/s | tokens/s with prefills |\n|---|---|---|---|---|\n"
+            + "".join(f"| {s['system']} | {s['slots']} | {s['requests']} x {s['prompt_tokens']} + {s['new_tokens']} | "
+                      f"{s['decode_tokens_per_s']:.1f} | {s['served_tokens_per_s']:.1f} |\n" for s in served))
+
+
+def emit(res: dict, table: str, name: str, out: str | None, plot: Callable[[Path], None], as_json: bool,
+         log: Callable[[str], None]) -> None:
+    """Print ``table`` (or ``res`` as JSON); with ``out``, also write NAME.json, NAME.md and NAME.png there."""
+    if out:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.json").write_text(json.dumps(res, indent=1))
+        (folder / f"{name}.md").write_text(table)
+        plot(folder / f"{name}.png")
+        log(f"wrote {folder}/{name}.json, {name}.md, {name}.png")
+    print(json.dumps(res) if as_json else table)
