@@ -66,6 +66,14 @@ def _model(name: str):
             pytest.skip("this transformers version does not ship axk1")
         cfg = AutoConfig.for_model("axk1", **SMALL, pad_token_id=0, bos_token_id=1, eos_token_id=2)
         return T.AutoModelForCausalLM.from_config(cfg).eval()
+    if name == "bamba":  # a hybrid: Mamba-2 layers beside attention layers
+        small = {k: v for k, v in SMALL.items() if k != "head_dim"}
+        cfg = T.BambaConfig(**small, attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=48, mamba_d_state=8,
+                            mamba_n_groups=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        return T.BambaForCausalLM(cfg).eval()
+    if name == "bailing_hybrid":  # a hybrid: linear-attention layers beside softmax attention
+        cfg = T.BailingHybridConfig(**SMALL, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        return T.BailingHybridForCausalLM(cfg).eval()
     if name == "olmo2":
         return T.Olmo2ForCausalLM(T.Olmo2Config(**SMALL, pad_token_id=0)).eval()
     raise ValueError(name)
@@ -82,6 +90,8 @@ REFUSED = {  # family -> what the refusal must say
     "llama-dynamic": ["llama", "dynamic"],
     "phi3-longrope": ["phi3", "longrope"],
     "axk1": ["axk1", "does not run as a2ats expects"],
+    "bamba": ["bamba", "1 of its 2 layers are not softmax attention", "1 linear_attention"],
+    "bailing_hybrid": ["bailing_hybrid", "2 of its 2 layers are not softmax attention"],
 }
 
 

@@ -188,3 +188,31 @@ def test_engine_errors_are_clear():
     gpt2 = T.GPT2LMHeadModel(T.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(ValueError, match="lean engine supports"):
         Engine(gpt2)
+
+
+def test_step_by_step_is_serve():
+    """The public step(): a prefill step admits, decode steps produce one token per busy slot; a request added
+    while others run and too long for the cache as sized waits until the engine is idle, then the cache grows.
+    Tokens equal serve()'s, request by request."""
+    model = tiny_model("llama")
+    cb, cfg = random_codebooks(model), A2ATSConfig(budget=0.1, sinks=2, window=8)
+    ids, mask = padded_batch(seed=9, lengths=(80, 51, 140))
+    prompts = [ids[i][mask[i].bool()].tolist() for i in range(3)]
+    want = [Engine(model, cb, cfg).serve([Request(p, 6)]).completions[0].tokens for p in prompts]
+    eng = Engine(model, cb, cfg)
+    a, b = eng.add(Request(prompts[0], 6)), eng.add(Request(prompts[1], 6))
+    first = eng.step()
+    assert first.prefill and set(first.tokens) == {a, b} and eng.slots == 2
+    small = eng.cache.capacity
+    got: dict[int, list[int]] = {a: [first.tokens[a]], b: [first.tokens[b]]}
+    c = eng.add(Request(prompts[2], 6))  # 146 tokens: more than the cache as sized for the first two
+    seen_c_at = None
+    while eng.has_work:
+        res = eng.step()
+        for i, token in res.tokens.items():
+            got.setdefault(i, []).append(token)
+        if c in res.tokens and seen_c_at is None:
+            seen_c_at = res
+    assert seen_c_at.prefill and eng.cache.capacity > small  # admitted only once the engine was idle
+    assert [got[a], got[b], got[c]] == want
+    assert not eng.step().tokens  # nothing left: an empty step

@@ -31,12 +31,26 @@ def model_type(model: nn.Module) -> str:
     return getattr(text_config(model), "model_type", None) or type(model).__name__
 
 
+# Layer kinds (config.layer_types) that attend to every earlier token through a KV cache.
+FULL_ATTENTION_LAYERS = ("full_attention", "attention", "global", "global_attention", "multihead_attention",
+                         "multiquery_attention")
+
+
+def _windowed(kind: str) -> bool:
+    return "sliding" in kind or "chunked" in kind or "window" in kind or kind == "local"
+
+
 def unsupported_reasons(model: nn.Module) -> list[str]:
     """Why a2ats cannot run ``model`` faithfully (empty when it can, as far as its configuration tells)."""
     cfg = text_config(model)
     reasons = []
     layer_types = getattr(cfg, "layer_types", None) or []
-    windowed = [i for i, t in enumerate(layer_types) if "sliding" in str(t) or "chunked" in str(t)]
+    windowed = [i for i, t in enumerate(layer_types) if _windowed(str(t))]
+    other = [str(t) for t in layer_types if not _windowed(str(t)) and str(t) not in FULL_ATTENTION_LAYERS]
+    if other:
+        kinds = ", ".join(f"{other.count(k)} {k}" for k in dict.fromkeys(other))
+        reasons.append(f"{len(other)} of its {len(layer_types)} layers are not softmax attention over a KV cache "
+                       f"({kinds}: a recurrent or compressed state), so there are no per-token keys to select from")
     if windowed:
         reasons.append(f"{len(windowed)} of its {len(layer_types)} layers attend through a sliding window "
                        f"({getattr(cfg, 'sliding_window', None)} tokens); a2ats selects over the whole context, and "
