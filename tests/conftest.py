@@ -65,7 +65,7 @@ def random_codebooks(model, n_centroids: int = 16, seed: int = 0, wrope_distance
     """Codebooks of the right shape for ``model`` with random centroids and a random SPD factor."""
     cfg = model.config
     g = torch.Generator().manual_seed(seed)
-    L, H = cfg.num_hidden_layers, cfg.num_key_value_heads
+    L, H = cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     a = torch.randn(L, H, d, d, generator=g)
     chol = torch.linalg.cholesky(a @ a.transpose(-1, -2) / d + torch.eye(d))

@@ -142,6 +142,22 @@ def test_runtime_applies_every_bias_of_a_llama_with_attention_and_mlp_biases():
     torch.testing.assert_close(out.logits[0], want, rtol=1e-4, atol=1e-4)
 
 
+def test_attention_experts_are_refused_by_name():
+    """JetMoE's attention experts pass more KV heads than its configuration names: refused by name (at its first
+    step), not run over the wrong heads."""
+    import transformers as T
+
+    small = {k: v for k, v in SMALL.items() if k not in ("head_dim", "num_attention_heads")}
+    cfg = T.JetMoeConfig(**small, kv_channels=16, num_local_experts=2, num_experts_per_tok=2, pad_token_id=0,
+                         bos_token_id=1, eos_token_id=2)
+    model = T.JetMoeForCausalLM(cfg).eval()
+    ids = torch.randint(3, 97, (1, 20), generator=torch.Generator().manual_seed(3))
+    with pytest.raises(UnsupportedModelError, match="jetmoe model: its attention passes 4 KV heads where its "
+                                                    "configuration has 2"):
+        with torch.inference_mode(), A2ATS(model, random_codebooks(model)):
+            model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+
+
 def test_the_layout_probe_refuses_a_family_it_does_not_know(monkeypatch):
     """The refusal comes from running the model, not from the name list: an unnamed interleaved layout is caught."""
     import a2ats.hf.patch as patch

@@ -102,7 +102,10 @@ class ModelPatch:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             r = torch.distributed.get_rank()
             return slice(r * n_local, (r + 1) * n_local)
-        raise ValueError(f"attention sees {n_local} of {self.num_kv_heads} KV heads but no process group says which")
+        raise UnsupportedModelError(
+            f"a2ats does not support this {model_type(self.model)} model: its attention passes {n_local} KV heads where "
+            f"its configuration has {self.num_kv_heads} (attention experts, or a tensor-parallel shard without a process "
+            "group to say which heads it holds)")
 
     def enable(self):
         if self._handles:

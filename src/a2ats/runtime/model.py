@@ -20,7 +20,7 @@ from a2ats.core.support import check_supported
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 DECODE_WEIGHTS = ("model", "bf16")
-# The runtime encodes decode keys late, from their pre-RoPE copies (see Runner.new_cache): a codebook of post-RoPE
+# The runtime encodes decode keys late, from their pre-RoPE copies (see Runner.begin_decode): a codebook of post-RoPE
 # keys would get wrong codes, so it is refused by name.
 POST_ROPE_REFUSAL = ("post-RoPE codebooks (the a2ats-postrope ablation) run on the transformers path only, which encodes "
                      "each key as it is written: use a2ats.hf.A2ATS(model, codebooks, path='reference') or `--path reference`")
