@@ -33,7 +33,7 @@ from a2ats.core.stats import SelectionTrace
 from a2ats.kernels import quantize_rows
 from a2ats.methods.a2ats import A2ATSMethod
 from a2ats.runtime.model import LeanModel
-from a2ats.runtime.slots import SlotCache
+from a2ats.runtime.slots import SlotCache, head_rows
 from a2ats.runtime.step import StepContext, Timer
 
 
@@ -52,6 +52,7 @@ class Runner:
         self.pending = None if method is None else torch.zeros(
             lean.num_layers, cache.slots, lean.kv_heads, config.window + 1, lean.head_dim, dtype=lean.dtype,
             device=cache.accelerator)
+        self._pending_rows = head_rows(cache.slots, lean.kv_heads, config.window + 1, cache.accelerator)
         self.timer: Timer | None = None
         self.trace: SelectionTrace | None = None  # every decode step's selection per slot, when asked for (tests)
         self.trace_ids: list | None = None  # the trace's row of each slot (the server: its request's index)
@@ -108,9 +109,8 @@ class Runner:
             step.host_valid = step.valid.to(host)
         else:
             enc, W = cache.encoded, self.config.window
-            W1, H = W + 1, cache.kv_heads
-            step.pending = torch.tensor([(b * H + h) * W1 + (o - e if a else 0) for b, (o, e, a) in
-                                         enumerate(zip(old, enc, host_active)) for h in range(H)], device=acc)
+            waiting = torch.tensor([o - e if a else 0 for o, e, a in zip(old, enc, host_active)], device=acc)
+            step.pending = (self._pending_rows + waiting[:, None]).reshape(-1)
             # Every slot's keys before (its length - window) must have codes by this step's selection: when one
             # slot needs it, every busy slot encodes all it holds pending (so slots fall back in phase).
             if any(a and m - W > e for m, e, a in zip(host_lengths, enc, host_active)):

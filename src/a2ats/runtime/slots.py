@@ -84,6 +84,7 @@ class SlotCache:
         self.codes = [torch.zeros(slots, kv_heads, self.capacity, dtype=torch.int16, device=self.accelerator)
                       for _ in range(num_layers)] if codes else None
         self.lengths = torch.zeros(slots, dtype=torch.long, device=self.accelerator)
+        self._kv_rows = head_rows(slots, kv_heads, self.capacity, self.host)  # each (slot, head)'s first row
         # The same lengths on the host, read by the scheduler without a device sync.
         self.host_lengths = [0] * slots
         # Positions [0, encoded[b]) of slot b have codes; later ones wait, pre-RoPE, in the runner's
@@ -112,9 +113,7 @@ class SlotCache:
     def flat_index(self, positions: torch.Tensor) -> torch.Tensor:
         """Row numbers, in a layer's K (or V) seen as (slots·Hkv·capacity, d), of position ``positions[b]`` of
         every slot b and head: (slots·Hkv,) on the host, for :meth:`put_rows`."""
-        pos = positions.to(self.host)
-        base = torch.arange(self.slots, device=self.host)[:, None] * self.kv_heads + torch.arange(self.kv_heads, device=self.host)
-        return (base * self.capacity + pos[:, None]).reshape(-1)
+        return (self._kv_rows + positions.to(self.host)[:, None]).reshape(-1)
 
     def put_rows(self, layer: int, flat: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store one row (slots, Hkv, d) of K and V per slot and head at ``flat`` (:meth:`flat_index`): a decode
@@ -168,3 +167,9 @@ class SlotCache:
     def valid(self, lengths: torch.Tensor, n: int) -> torch.Tensor:
         """(slots, n) bool: position j of slot b holds a token when j < lengths[b]."""
         return torch.arange(n, device=lengths.device) < lengths.unsqueeze(1)
+
+
+def head_rows(slots: int, heads: int, stride: int, device: torch.device | str) -> torch.Tensor:
+    """(slots, heads): the first row of each (slot, head) in a buffer (slots, heads, stride, d) seen as
+    (slots·heads·stride, d); adding a position per slot gives the rows an indexed copy writes."""
+    return (torch.arange(slots, device=device)[:, None] * heads + torch.arange(heads, device=device)) * stride
