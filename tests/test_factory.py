@@ -47,7 +47,7 @@ def test_what_cannot_run_is_refused_by_name():
         factory.decoder(model, method=hybrid, runtime="engine")
     with pytest.raises(ValueError, match="fast path .* serves the A²ATS method itself"):
         factory.decoder(model, method=hybrid, path="fast")
-    with pytest.raises(ValueError, match="bf16 decode weights are the lean engine's"):
+    with pytest.raises(ValueError, match="decode weights 'bf16' are the lean engine's"):
         factory.decoder(model, cb, runtime="transformers", decode_weights="bf16")
     with pytest.raises(ValueError, match="needs codebooks"):
         factory.decoder(model, runtime="transformers")

@@ -10,6 +10,7 @@ import torch
 
 from a2ats.bench import DEFAULT_VARIANTS, VARIANTS
 from a2ats.core.config import DEFAULT_BAND_RATIO
+from a2ats.runtime.model import DECODE_WEIGHTS
 
 DECODE_LENGTHS = (2048, 8192, 16384, 32768)
 THROUGHPUT_LENGTHS = (8192, 32768)
@@ -111,10 +112,10 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", choices=["auto", "engine", "transformers"], default="auto",
                    help="what runs the model: the lean engine (default where it runs the model and method, unless "
                         "--path reference) or transformers' own forward with A²ATS patched in")
-    p.add_argument("--decode-weights", choices=["model", "bf16"], default="model",
-                   help="fast path, float32 models: bf16 reads decode steps' projection weights from bf16 copies "
-                        "(fp32 math; about half the weight bytes per token, outputs of the model with bf16-rounded "
-                        "weights)")
+    p.add_argument("--decode-weights", choices=list(DECODE_WEIGHTS), default="auto",
+                   help="engine, float32 models: what decode steps read for the projection weights, with fp32 math: "
+                        "auto (int8), int8 (a scale per output row), int4 (groups of 32), bf16, or model (its own "
+                        "fp32 weights). Perplexity of each: `a2ats bench weights`")
     _add_codebook_args(p)
 
 
@@ -168,9 +169,8 @@ def _run(a, model, tok, ids):
             raise ValueError("--hybrid runs on the reference path over the paper's codebook: drop --path fast and --wrope-bands")
         a.wrope_bands = 0  # its codebook is the paper's; it bands half the budget itself
         method = build_method(f"a2ats-hybrid{a.hybrid:g}", model, _codebooks(a, model, tok))
-    bf16 = a.decode_weights == "bf16" and model.dtype == torch.float32
     dec = factory.decoder(model, None if method else _codebooks(a, model, tok), _config(a), method=method, path=a.path,
-                          runtime=a.runtime, decode_weights="bf16" if bf16 else "model", log=_log)
+                          runtime=a.runtime, decode_weights=a.decode_weights, log=_log)
     res = factory.generate_text(dec, tok, ids, a.max_new_tokens)
     if res.stats is not None:
         _log(res.stats.summary())
@@ -509,7 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-tokens", type=int, default=4096, help="throughput --requests: tokens per prompt (at most)")
     b.add_argument("--requests", type=int, default=0, help="throughput: also serve this many real prompts through a queue")
     b.add_argument("--variants", type=_csv(str), default=DEFAULT_VARIANTS,
-                   help=f"decode, comma-separated: {', '.join(VARIANTS)} (*-bf16w: decode reads bf16 weight copies)")
+                   help=f"decode, comma-separated: {', '.join(VARIANTS)} (*-fp32w/-bf16w/-int8w/-int4w: decode reads that weight format; "
+                        "a2ats-fast and dense-lean: the default, int8)")
     b.add_argument("--steps", type=int, default=8, help="decode: timed steps per variant and length (median reported)")
     b.add_argument("--out", help="decode: folder for decode.json, decode.md and decode.png")
     b.add_argument("--json", action="store_true", help="print one machine-readable JSON object")

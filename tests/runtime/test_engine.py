@@ -7,6 +7,7 @@ import torch
 
 from a2ats import A2ATS, A2ATSConfig, kernels
 from a2ats.core.rope import find_rotary_embedding, undo_rotation
+from a2ats.kernels import weights as packed_weights
 from a2ats.runtime import Engine, Request
 from conftest import FAMILIES, padded_batch, random_codebooks, tiny_model
 
@@ -49,7 +50,7 @@ def test_engine_equals_reference_path(family, path, bands):
     cfg = A2ATSConfig(budget=0.05, sinks=2, window=8, wrope_band_ratio=bands, reduction=reduction)
     with A2ATS(model, cb, cfg, trace=True) as a2:
         ref = _hf(model, ids, mask, 10)
-    eng = Engine(model, cb, cfg, path=path)
+    eng = Engine(model, cb, cfg, path=path, decode_weights="model")
     out = eng.generate(ids, mask, max_new_tokens=10, eos_token_id=model.generation_config.eos_token_id,
                        pad_token_id=0, keep_logits=True, trace=True)
     assert eng.path == path
@@ -73,7 +74,7 @@ def test_deferred_key_encoding_matches_per_step_encoding(path, window):
     cfg = A2ATSConfig(budget=0.1, sinks=2, window=window)
     with A2ATS(model, cb, cfg):
         ref = _hf(model, ids, mask, 17)
-    eng = Engine(model, cb, cfg, path=path)
+    eng = Engine(model, cb, cfg, path=path, decode_weights="model")
     out = eng.generate(ids, mask, max_new_tokens=17, eos_token_id=model.generation_config.eos_token_id, pad_token_id=0)
     assert torch.equal(out.tokens, ref.sequences[:, ids.shape[1]:])
     # The codes the slot holds equal a direct encoding of its (un-rotated) keys, prompt and decoded alike.
@@ -92,27 +93,42 @@ def test_deferred_key_encoding_matches_per_step_encoding(path, window):
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 @pytest.mark.parametrize("path", PATHS)
-def test_bf16_decode_weights_equal_the_model_with_bf16_weights(family, path):
-    """decode_weights="bf16" is the model with its weights rounded to bf16: on a model whose weights
-    already are bf16 values, the engine matches the transformers reference path."""
+@pytest.mark.parametrize("fmt", packed_weights.FORMATS)
+def test_compact_decode_weights_equal_the_model_with_those_weights(family, path, fmt):
+    """decode_weights=fmt is the model with its projection and LM-head weights replaced by what the format
+    stores (weights.unpack): on a model whose weights already are such values, the engine matches the
+    transformers reference path, token for token."""
     model = tiny_model(family)
     with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(p.bfloat16().float())
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(packed_weights.unpack(packed_weights.pack(m.weight, fmt)))
     ids, mask = padded_batch(seed=4, lengths=(150, 99))
     cb = random_codebooks(model)
     cfg = A2ATSConfig(budget=0.1, sinks=2, window=8)
     with A2ATS(model, cb, cfg):
         ref = _hf(model, ids, mask, 8)
-    eng = Engine(model, cb, cfg, path=path, decode_weights="bf16")
+    eng = Engine(model, cb, cfg, path=path, decode_weights=fmt)
+    assert eng.lean.decode_weights == fmt and eng.lean.layers[0].packed["qkv"].fmt == fmt
     out = eng.generate(ids, mask, max_new_tokens=8, eos_token_id=model.generation_config.eos_token_id,
                        pad_token_id=0, keep_logits=True)
     assert torch.equal(out.tokens, ref.sequences[:, ids.shape[1]:])
     _assert_logits_close(out.logits, ref.scores)
+
+
+def test_decode_weight_formats_are_checked():
+    model = tiny_model("llama")
+    assert Engine(model).lean.decode_weights == "int8"  # auto, on a float32 model
+    assert Engine(tiny_model("llama").to(torch.bfloat16)).lean.decode_weights == "model"  # auto keeps a bf16 model's
     with pytest.raises(ValueError, match="float32 models"):
-        Engine(tiny_model(family).to(torch.bfloat16), decode_weights="bf16")
+        Engine(tiny_model("llama").to(torch.bfloat16), decode_weights="int8")
     with pytest.raises(ValueError, match="decode_weights"):
-        Engine(model, decode_weights="int4")
+        Engine(model, decode_weights="int3")
+    odd = tiny_model("llama")
+    odd.config.hidden_size = 96  # the projections' input sizes decide; make one not divisible by 32
+    odd.model.layers[0].mlp.down_proj = torch.nn.Linear(120, 96, bias=False)
+    with pytest.raises(ValueError, match="divisible by 32"):
+        Engine(odd, decode_weights="int4")
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
@@ -120,7 +136,7 @@ def test_dense_engine_equals_transformers(family):
     model = tiny_model(family)
     ids, mask = padded_batch(seed=4)
     ref = _hf(model, ids, mask, 8)
-    out = Engine(model).generate(ids, mask, max_new_tokens=8, keep_logits=True,
+    out = Engine(model, decode_weights="model").generate(ids, mask, max_new_tokens=8, keep_logits=True,
                                  eos_token_id=model.generation_config.eos_token_id)
     assert torch.equal(out.tokens, ref.sequences[:, ids.shape[1]:])
     _assert_logits_close(out.logits, ref.scores)
@@ -130,8 +146,8 @@ def test_chunked_prefill_and_cache_growth_change_nothing():
     model = tiny_model("llama")
     ids, mask = padded_batch(seed=5, lengths=(150, 97))
     cb, cfg = random_codebooks(model), A2ATSConfig(budget=0.1, sinks=2, window=8)
-    one = Engine(model, cb, cfg, path="reference").generate(ids, mask, max_new_tokens=6, keep_logits=True)
-    eng = Engine(model, cb, cfg, path="reference", prefill_chunk=37)
+    one = Engine(model, cb, cfg, path="reference", decode_weights="model").generate(ids, mask, max_new_tokens=6, keep_logits=True)
+    eng = Engine(model, cb, cfg, path="reference", prefill_chunk=37, decode_weights="model")
     eng.generate(ids[1:, -20:], max_new_tokens=2)  # a small run first: the cache grows for the next
     small = eng.cache.capacity
     chunked = eng.generate(ids, mask, max_new_tokens=6, keep_logits=True)
@@ -147,7 +163,7 @@ def test_padding_on_either_side_and_a_given_cache_change_nothing():
     model = tiny_model("llama")
     ids, mask = padded_batch(seed=8, lengths=(90, 61))
     cb, cfg = random_codebooks(model), A2ATSConfig(budget=0.1, sinks=2, window=8)
-    eng = Engine(model, cb, cfg)
+    eng = Engine(model, cb, cfg, decode_weights="model")
     left = eng.generate(ids, mask, max_new_tokens=7, keep_logits=True)
     right_ids = torch.stack([torch.cat([r[m.bool()], r[~m.bool()]]) for r, m in zip(ids, mask)])
     right = eng.generate(right_ids, mask.flip(-1), max_new_tokens=7, keep_logits=True)
@@ -162,15 +178,15 @@ def test_padding_on_either_side_and_a_given_cache_change_nothing():
     with pytest.raises(ValueError, match="all but the prompt's last token"):
         Request(prompt[:70], 3, kv=kv)
     with pytest.raises(ValueError, match="has none"):
-        eng.serve([Request(prompt, 3, kv=Engine(model).serve([Request(prompt[:70], 1, keep_kv=True)]).completions[0].kv)])
+        eng.serve([Request(prompt, 3, kv=Engine(model, decode_weights="model").serve([Request(prompt[:70], 1, keep_kv=True)]).completions[0].kv)])
 
 
 def test_eos_stops_rows_and_pads_them():
     model = tiny_model("llama")
     ids, mask = padded_batch(seed=6, lengths=(40, 33))
-    free = Engine(model).generate(ids, mask, max_new_tokens=6)
+    free = Engine(model, decode_weights="model").generate(ids, mask, max_new_tokens=6)
     eos = int(free.tokens[0, 2])
-    out = Engine(model).generate(ids, mask, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+    out = Engine(model, decode_weights="model").generate(ids, mask, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
     assert out.new_tokens[0] <= 3 and int(out.tokens[0, out.new_tokens[0] - 1]) == eos
     assert (out.tokens[0, out.new_tokens[0]:] == 0).all()
 
@@ -179,15 +195,15 @@ def test_engine_errors_are_clear():
     model = tiny_model("llama")
     ids, mask = padded_batch(seed=7, lengths=(20, 10))
     with pytest.raises(ValueError, match=r"row\(s\) \[1\] of the batch hold no tokens"):
-        Engine(model).generate(ids, torch.stack([mask[0], torch.zeros_like(mask[1])]))
+        Engine(model, decode_weights="model").generate(ids, torch.stack([mask[0], torch.zeros_like(mask[1])]))
     with pytest.raises(ValueError, match="exceeds the model's context"):
-        Engine(model).generate(torch.ones(1, 1000, dtype=torch.long), max_new_tokens=100)
+        Engine(model, decode_weights="model").generate(torch.ones(1, 1000, dtype=torch.long), max_new_tokens=100)
     with pytest.raises(ValueError, match="path must be one of"):
-        Engine(model, path="gpu")
+        Engine(model, path="gpu", decode_weights="model")
     import transformers as T
     gpt2 = T.GPT2LMHeadModel(T.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(ValueError, match="lean engine supports"):
-        Engine(gpt2)
+        Engine(gpt2, decode_weights="model")
 
 
 def test_step_by_step_is_serve():
@@ -198,8 +214,8 @@ def test_step_by_step_is_serve():
     cb, cfg = random_codebooks(model), A2ATSConfig(budget=0.1, sinks=2, window=8)
     ids, mask = padded_batch(seed=9, lengths=(80, 51, 140))
     prompts = [ids[i][mask[i].bool()].tolist() for i in range(3)]
-    want = [Engine(model, cb, cfg).serve([Request(p, 6)]).completions[0].tokens for p in prompts]
-    eng = Engine(model, cb, cfg)
+    want = [Engine(model, cb, cfg, decode_weights="model").serve([Request(p, 6)]).completions[0].tokens for p in prompts]
+    eng = Engine(model, cb, cfg, decode_weights="model")
     a, b = eng.add(Request(prompts[0], 6)), eng.add(Request(prompts[1], 6))
     first = eng.step()
     assert first.prefill and set(first.tokens) == {a, b} and eng.slots == 2

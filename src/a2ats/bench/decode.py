@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import DynamicCache
 
-from a2ats.bench import DEFAULT_VARIANTS, VARIANTS
+from a2ats.bench import DEFAULT_VARIANTS, VARIANTS, engine_variant
 from a2ats.bench.synthetic import decode_steps, real_prefill, tile
 from a2ats.core.codebook import Codebooks
 from a2ats.core.config import A2ATSConfig
@@ -103,11 +103,14 @@ def bench_decode(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=
     speed = dict(beyond_model_context=True)  # lengths past the model's context: speed only
     fast = Engine(model, codebooks, config, path="fast", **speed)
     dense = Engine(model, **speed)
-    # *-bf16w: the same engines reading bf16 copies of the projection weights at decode (fp32 models).
+    # one engine per (variant, weight format) asked for: *-int8w etc. read that format at decode (fp32 models)
     lean = {"a2ats-fast": fast, "dense-lean": dense}
-    if any(v.endswith("-bf16w") for v in variants):
-        lean["a2ats-fast-bf16w"] = Engine(model, codebooks, config, path="fast", decode_weights="bf16", **speed)
-        lean["dense-lean-bf16w"] = Engine(model, decode_weights="bf16", **speed)
+    for v in variants:
+        parsed = engine_variant(v)
+        if parsed is not None and v not in lean:
+            base, fmt = parsed
+            lean[v] = (Engine(model, codebooks, config, path="fast", decode_weights=fmt, **speed) if base == "a2ats-fast"
+                       else Engine(model, decode_weights=fmt, **speed))
     if "a2ats-fast-paper" in variants:
         paper = A2ATSMethod(codebooks, WRoPE(find_rotary_embedding(model), config.wrope_distance, None))
         lean["a2ats-fast-paper"] = Engine(model, config=config, method=paper, path="fast", **speed)

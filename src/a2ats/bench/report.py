@@ -15,14 +15,15 @@ def decode_table(rows: list[dict]) -> str:
     for v in variants:
         cells = [f"{at[v, n]['ms_per_token']:.1f} ({at[v, n]['tokens_per_s']:.1f})" if (v, n) in at else "" for n in lengths]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
-    for fast_v in ("a2ats-fast", "a2ats-fast-bf16w"):
-        for base in ("dense-hf", "dense-lean", "dense-lean-bf16w", "llama.cpp"):
+    fast_variants = [v for v in variants if v.startswith("a2ats-fast") and v != "a2ats-fast-paper"]
+    for fast_v in fast_variants:
+        for base in ("dense-hf", "dense-lean", "llama.cpp"):
             if not any((fast_v, n) in at and (base, n) in at for n in lengths):
                 continue
             cells = [f"{at[base, n]['ms_per_token'] / at[fast_v, n]['ms_per_token']:.2f}x"
                      if (base, n) in at and (fast_v, n) in at else "" for n in lengths]
             lines.append(f"| speedup of {fast_v} over {base} | " + " | ".join(cells) + " |")
-    for fast_v in ("a2ats-fast", "a2ats-fast-bf16w"):
+    for fast_v in fast_variants:
         fast = [at[fast_v, n] for n in lengths if (fast_v, n) in at]
         if not fast or not fast[0].get("breakdown_ms"):
             continue

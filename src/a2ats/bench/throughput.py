@@ -64,7 +64,7 @@ def parse_system(system: str) -> tuple[str, int, torch.dtype | None] | None:
 
 
 def engine_for(model, codebooks: Codebooks | None, config: A2ATSConfig, system: str, slots: int, capacity: int,
-               decode_weights: str = "model") -> Engine:
+               decode_weights: str = "auto") -> Engine:
     """The engine a system name describes (see :func:`parse_system`), with ``slots`` x ``capacity`` allocated."""
     parsed = parse_system(system)
     if parsed is None:
@@ -78,7 +78,7 @@ def engine_for(model, codebooks: Codebooks | None, config: A2ATSConfig, system: 
 
 def bench_throughput(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=(8192, 32768),
                      batches=(1, 2, 4, 8), systems=SYSTEMS, steps: int = 6, warmup: int = 2, base: int = 4096,
-                     decode_weights: str = "model", text_ids: torch.Tensor | None = None,
+                     decode_weights: str = "auto", text_ids: torch.Tensor | None = None,
                      log=print) -> list[ThroughputRow]:
     """One row per (system, context, batch); a batch that does not fit this machine is skipped (logged).
     ``text_ids`` (1, n): the real prompt to prefill (default: a State of the Union speech)."""
@@ -121,7 +121,7 @@ def bench_throughput(model, tok, codebooks: Codebooks, config: A2ATSConfig, leng
 
 
 def bench_served(model, tok, codebooks: Codebooks, config: A2ATSConfig, slots: int = 4, requests: int = 8,
-                 prompt_tokens: int = 2048, new_tokens: int = 32, systems=SYSTEMS, decode_weights: str = "model",
+                 prompt_tokens: int = 2048, new_tokens: int = 32, systems=SYSTEMS, decode_weights: str = "auto",
                  prompts: list[list[int]] | None = None, log=print) -> list[dict]:
     """A queue of ``requests`` real prompts (State of the Union texts, of slightly different lengths up to
     ``prompt_tokens``; or ``prompts``) through ``slots`` slots, per system."""

@@ -57,8 +57,9 @@ class Engine:
     preflight. ``overlap``: micro-batches per decode step, so the host attends one while the accelerator
     selects the next. ``kv_dtype``: how K/V are stored (default: the model's dtype); bf16 under an fp32 model
     halves the bytes held and read per selected row, int8 (a float32 scale per row) quarters them.
-    ``decode_weights="bf16"``: decode steps of a float32 model read bf16 copies of the projection weights
-    (:class:`~a2ats.runtime.model.LeanModel`). ``host_free``/``accelerator_free`` override the measured free
+    ``decode_weights``: what decode steps of a float32 model read for the projections: ``"auto"`` (int8
+    copies), ``"int8"``, ``"int4"``, ``"bf16"`` or ``"model"`` (its own fp32 weights), always with fp32 math
+    (:class:`~a2ats.runtime.model.LeanModel`; the formats' perplexity: ``a2ats bench weights``). ``host_free``/``accelerator_free`` override the measured free
     memory (tests, planning). ``beyond_model_context``: allow contexts past the model's trained positions
     (speed benchmarks only: outputs there are not meaningful). Build the engine after moving the model to its
     device and dtype.
@@ -67,7 +68,7 @@ class Engine:
     def __init__(self, model: nn.Module, codebooks: Codebooks | None = None, config: A2ATSConfig | None = None, *,
                  method: A2ATSMethod | None = None, path: str = "auto", placement: str = "local",
                  slots: int | None = None, max_context: int | None = None, prefill_chunk: int = 4096,
-                 decode_weights: str = "model", overlap: int = 1, kv_dtype: torch.dtype | None = None,
+                 decode_weights: str = "auto", overlap: int = 1, kv_dtype: torch.dtype | None = None,
                  host_free: int | None = None, accelerator_free: int | None = None, beyond_model_context: bool = False):
         kernels.resolve_path(path, "cpu")  # a bad name is refused before any work
         if placement not in PLACEMENTS:

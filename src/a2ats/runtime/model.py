@@ -15,16 +15,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from a2ats import kernels
+from a2ats.kernels import weights as packed_weights
 from a2ats.core.support import check_supported
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-DECODE_WEIGHTS = ("model", "bf16")
+DECODE_WEIGHTS = ("auto", "model", *packed_weights.FORMATS)
+# "auto": int8, the fastest format whose perplexity stays within 1% of the model's own on both our models
+# (docs/bench/weights.md); a model not in float32 keeps its own weights (the kernels do fp32 math).
+AUTO_FORMAT = "int8"
 # The runtime encodes decode keys late, from their pre-RoPE copies (see Runner.begin_decode): a codebook of post-RoPE
 # keys would get wrong codes, so it is refused by name.
 POST_ROPE_REFUSAL = ("post-RoPE codebooks (the a2ats-postrope ablation) run on the transformers path only, which encodes "
                      "each key as it is written: use a2ats.hf.A2ATS(model, codebooks, path='reference') or `--path reference`")
-BF16_MAX_ROWS = 16  # rows (batch x tokens) up to which a step uses the bf16 weight copies
+PACKED_MAX_ROWS = 16  # rows (batch x tokens) up to which a step reads the compact weight copies
 
 
 @dataclass
@@ -41,7 +44,7 @@ class LayerWeights:
     post_norm: torch.Tensor
     q_norm: torch.Tensor | None  # Qwen3 normalizes q and k per head
     k_norm: torch.Tensor | None
-    bf16: dict[str, torch.Tensor] | None = None  # decode copies of qkv, o, gate_up, down (decode_weights="bf16")
+    packed: dict[str, packed_weights.PackedWeight] | None = None  # decode copies of qkv, o, gate_up, down
 
 
 def _fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -72,11 +75,13 @@ def _norm_eps(norm: nn.Module) -> float:
 class LeanModel:
     """Weights and shapes of a supported HF causal LM, and :meth:`forward` over them."""
 
-    def __init__(self, model: nn.Module, decode_weights: str = "model"):
-        """``decode_weights="bf16"`` (fp32 models): decode steps read bf16 copies of the projection
-        weights, with fp32 math (:func:`a2ats.kernels.linear_bf16w`): half the bytes of the step's
-        dominant read, the arithmetic of the model with its weights rounded to bf16. Prefill keeps the
-        model's weights. Costs the copies' memory (half the model's)."""
+    def __init__(self, model: nn.Module, decode_weights: str = "auto"):
+        """``decode_weights``: what decode steps of a float32 model read for the projections and the LM head,
+        with fp32 math in every case (:mod:`a2ats.kernels.weights`): ``"model"`` (the fp32 weights),
+        ``"bf16"``, ``"int8"`` or ``"int4"`` copies, or ``"auto"`` (int8). A decode step reads every weight
+        once for a few rows, so fewer bytes make it faster; the formats' perplexity cost is measured in
+        ``a2ats bench weights``. Prefill keeps the model's weights. The copies cost memory (int8: a
+        quarter of the fp32 model)."""
         if decode_weights not in DECODE_WEIGHTS:
             raise ValueError(f"decode_weights must be one of {DECODE_WEIGHTS}, got {decode_weights!r}")
         arch = type(model).__name__
@@ -104,8 +109,11 @@ class LeanModel:
         self.eps = _norm_eps(core.layers[0].input_layernorm)
         self.dtype = self.embed.dtype
         self.device = self.embed.device
-        if decode_weights == "bf16" and self.dtype != torch.float32:
-            raise ValueError(f"decode_weights='bf16' is for float32 models; this one is {self.dtype} already")
+        if decode_weights == "auto":
+            decode_weights = AUTO_FORMAT if self.dtype == torch.float32 else "model"
+        if decode_weights != "model" and self.dtype != torch.float32:
+            raise ValueError(f"decode_weights={decode_weights!r} is for float32 models (the kernels do fp32 math); "
+                             f"this one is {self.dtype}: load it in float32 or use decode_weights='model'")
         self.decode_weights = decode_weights
         self.layers: list[LayerWeights] = []
         for layer in core.layers:
@@ -119,11 +127,15 @@ class LeanModel:
                 in_norm=layer.input_layernorm.weight, post_norm=layer.post_attention_layernorm.weight,
                 q_norm=None if qn is None else qn.weight, k_norm=None if kn is None else kn.weight,
             ))
-        self.lm_head16 = None
-        if decode_weights == "bf16":
+        self.lm_head_packed = None
+        if decode_weights != "model":
             for w in self.layers:
-                w.bf16 = {name: getattr(w, name).to(torch.bfloat16) for name in ("qkv", "o", "gate_up", "down")}
-            self.lm_head16 = self.lm_head.to(torch.bfloat16)
+                for name in ("qkv", "o", "gate_up", "down"):
+                    packed_weights.check_format(decode_weights, getattr(w, name).shape[1])
+            for w in self.layers:
+                w.packed = {name: packed_weights.pack(getattr(w, name), decode_weights)
+                            for name in ("qkv", "o", "gate_up", "down")}
+            self.lm_head_packed = packed_weights.pack(self.lm_head, decode_weights)
 
     @property
     def num_layers(self) -> int:
@@ -140,11 +152,11 @@ class LeanModel:
         (B, H, t, d) tensors (q/k post-RoPE) and returns the attention output (B, t, H·d)."""
         B, t = ids.shape
         Hq, Hkv, d = self.heads, self.kv_heads, self.head_dim
-        small = self.lm_head16 is not None and B * t <= BF16_MAX_ROWS
+        small = self.lm_head_packed is not None and B * t <= PACKED_MAX_ROWS
 
         def linear(x, w: LayerWeights, name: str, bias=None):
             if small:
-                return kernels.linear_bf16w(x, w.bf16[name], bias)
+                return packed_weights.linear(x, w.packed[name], bias)
             return F.linear(x, getattr(w, name), bias)
 
         x = F.embedding(ids, self.embed)
@@ -172,7 +184,7 @@ class LeanModel:
         if last_only:
             x = x[:, -1:]
         x = F.rms_norm(x, (self.hidden,), self.norm, self.norm_eps)
-        logits = kernels.linear_bf16w(x, self.lm_head16) if small else F.linear(x, self.lm_head)
+        logits = packed_weights.linear(x, self.lm_head_packed) if small else F.linear(x, self.lm_head)
         if timer is not None:
             timer.lap("weights")
         return logits
