@@ -116,6 +116,9 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
                    help="engine, float32 models: what decode steps read for the projection weights, with fp32 math: "
                         "auto (int8), int8 (a scale per output row), int4 (groups of 32), bf16, or model (its own "
                         "fp32 weights). Perplexity of each: `a2ats bench weights`")
+    p.add_argument("--prefill-dtype", choices=["auto", "model", "bf16"], default="auto",
+                   help="engine, float32 models: the prompt's projections and attention in bf16 (fp32 out; auto: where "
+                        "the CPU multiplies bf16 natively, ~2.5x faster) or in the model's dtype")
     _add_codebook_args(p)
 
 
@@ -170,7 +173,7 @@ def _run(a, model, tok, ids):
         a.wrope_bands = 0  # its codebook is the paper's; it bands half the budget itself
         method = build_method(f"a2ats-hybrid{a.hybrid:g}", model, _codebooks(a, model, tok))
     dec = factory.decoder(model, None if method else _codebooks(a, model, tok), _config(a), method=method, path=a.path,
-                          runtime=a.runtime, decode_weights=a.decode_weights, log=_log)
+                          runtime=a.runtime, decode_weights=a.decode_weights, prefill_dtype=a.prefill_dtype, log=_log)
     res = factory.generate_text(dec, tok, ids, a.max_new_tokens)
     if res.stats is not None:
         _log(res.stats.summary())
@@ -233,7 +236,7 @@ def cmd_serve(a) -> int:
     need = max(len(r.prompt) + r.max_new_tokens for r in reqs)
     cb = None if a.dense else _codebooks(a, model, tok)
     server = Engine(model, cb, _config(a), slots=a.slots, max_context=a.max_context or need, placement=a.placement,
-                    decode_weights=a.decode_weights,
+                    decode_weights=a.decode_weights, prefill_dtype=a.prefill_dtype,
                     kv_dtype={"model": None, "bfloat16": torch.bfloat16, "int8": torch.int8}[a.kv_dtype])
     out = open(a.out, "a", encoding="utf-8") if a.out else sys.stdout
     eos = tok.eos_token_id
@@ -362,17 +365,14 @@ def cmd_bench(a) -> int:
         return 0
     if a.what == "throughput":
         return _bench_throughput(a)
+    if a.what == "weights":
+        return _bench_weights(a)
+    if a.what == "prefill":
+        return _bench_prefill(a)
     from a2ats.bench.decode import bench_decode, rows_to_json
     from a2ats.bench.report import decode_plot, decode_table
 
-    gguf = None
-    if "llama.cpp" in a.variants:  # llama.cpp runs the named model's own GGUF (verified)
-        from a2ats.assets.models import DEFAULT_MODEL, MODELS, gguf_path, named_model
-
-        if a.model is not None and a.model not in MODELS:
-            raise ValueError("the llama.cpp variant runs a named model's GGUF: give --model "
-                             f"{' or '.join(MODELS)}, or leave llama.cpp out of --variants")
-        gguf = str(gguf_path(named_model(a.model or DEFAULT_MODEL), log=_log))
+    gguf = _llamacpp_gguf(a) if "llama.cpp" in a.variants else None  # the named model's own GGUF (verified)
     model, tok = _load(a)
     cfg = _config(a)
     rows, prefill = bench_decode(model, tok, _codebooks(a, model, tok), cfg, lengths=a.lengths or DECODE_LENGTHS,
@@ -383,6 +383,65 @@ def cmd_bench(a) -> int:
            "command": "a2ats " + " ".join(sys.argv[1:]), "prefill": prefill, "rows": rows}
     title = f"{res['machine']}, {a.dtype}, {res['budget']}"
     emit(res, decode_table(rows), "decode", a.out, lambda p: decode_plot(rows, p, title), a.json, _log)
+    return 0
+
+
+def _llamacpp_gguf(a) -> str:
+    """The GGUF llama.cpp runs: the named model's own (verified)."""
+    from a2ats.assets.models import DEFAULT_MODEL, MODELS, gguf_path, named_model
+
+    if a.model is not None and a.model not in MODELS:
+        raise ValueError("the llama.cpp variant runs a named model's GGUF: give --model "
+                         f"{' or '.join(MODELS)}, or leave llama.cpp out")
+    return str(gguf_path(named_model(a.model or DEFAULT_MODEL), log=_log))
+
+
+def _bench_prefill(a) -> int:
+    """Prefill tokens/s at each length: ours (default dtype and fp32, with and without key encoding) and llama.cpp's."""
+    from a2ats.assets.corpus import speeches
+    from a2ats.bench.llamacpp import available
+    from a2ats.bench.output import emit, machine
+    from a2ats.bench.prefill import bench_prefill, prefill_table, rows_to_json
+
+    systems = a.prefill_systems
+    if "llama.cpp" in systems and not available():
+        raise ValueError("the llama.cpp system needs llama-cpp-python (see docs/bench/README.md), or leave it out")
+    gguf = _llamacpp_gguf(a) if "llama.cpp" in systems else None
+    model, tok = _load(a)
+    text = next(s for s in speeches()[150:] if len(s) > 6 * 4096)
+    ids = torch.tensor([tok.encode(text, add_special_tokens=False)[:4096]])
+    rows = rows_to_json(bench_prefill(model, _codebooks(a, model, tok), _config(a), ids, a.lengths or (4096, 16384),
+                                      systems, gguf=gguf, log=_log))
+    res = {"machine": machine(), "model": a.model or "smollm2-135m", "dtype": a.dtype,
+           "command": "a2ats " + " ".join(sys.argv[1:]), "rows": rows}
+    emit(res, prefill_table(rows), "prefill", a.out, None, a.json, _log)
+    return 0
+
+
+def _bench_weights(a) -> int:
+    """Perplexity of held-out prose per decode weight format (the quality beside `bench decode`'s speed)."""
+    import json
+
+    from a2ats.bench.output import machine
+    from a2ats.eval.weights import compare_formats, rows_to_json
+
+    model, tok = _load(a)
+    rows = rows_to_json(compare_formats(model, tok, tokens=a.ppl_tokens, log=_log))
+    res = {"machine": machine(), "model": a.model or "smollm2-135m", "dtype": a.dtype, "tokens": a.ppl_tokens,
+           "command": "a2ats " + " ".join(sys.argv[1:]), "rows": rows}
+    lines = [f"perplexity of {a.ppl_tokens} held-out tokens (2,048-token windows) per decode weight format", "",
+             "| format | bits per weight | MB read per step | perplexity | change |", "|---|---|---|---|---|"]
+    lines += [f"| {r['format']} | {r['bits']:.1f} | {r['decode_mb']:.0f} | {r['perplexity']:.3f} | {r['change']:+.2%} |"
+              for r in rows]
+    table = "\n".join(lines) + "\n"
+    if a.out:
+        from pathlib import Path
+
+        folder = Path(a.out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "weights.json").write_text(json.dumps(res, indent=1))
+        (folder / "weights.md").write_text(table)
+    print(json.dumps(res) if a.json else table)
     return 0
 
 
@@ -493,8 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_report)
 
     b = sub.add_parser("bench", help="speed: `bench kernels` (the CPU kernels vs read bandwidth), `bench decode` (ms/token vs context), "
-                       "`bench throughput` (tokens/s vs batch, serving engine), `bench project` (performance model)")
-    b.add_argument("what", choices=["kernels", "decode", "throughput", "project"])
+                       "`bench throughput` (tokens/s vs batch, serving engine), `bench weights` (perplexity per decode weight format), "
+                       "`bench project` (performance model)")
+    b.add_argument("what", choices=["kernels", "decode", "prefill", "throughput", "weights", "project"])
     _add_model_args(b)
     _add_decode_args(b)
     b.add_argument("--context", type=int, default=32768, help="kernels: tokens in the synthetic cache")
@@ -511,6 +571,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--variants", type=_csv(str), default=DEFAULT_VARIANTS,
                    help=f"decode, comma-separated: {', '.join(VARIANTS)} (*-fp32w/-bf16w/-int8w/-int4w: decode reads that weight format; "
                         "a2ats-fast and dense-lean: the default, int8)")
+    b.add_argument("--prefill-systems", type=_csv(str), default=("a2ats", "a2ats-fp32", "dense"),
+                   help="prefill: a2ats (default prefill dtype), a2ats-fp32 (the model's dtype), dense (no key "
+                        "encoding), llama.cpp (its own prefill of the same ids, when installed)")
+    b.add_argument("--ppl-tokens", type=int, default=16384,
+                   help="weights: held-out tokens scored per weight format (2,048-token windows)")
     b.add_argument("--steps", type=int, default=8, help="decode: timed steps per variant and length (median reported)")
     b.add_argument("--out", help="decode: folder for decode.json, decode.md and decode.png")
     b.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
@@ -534,7 +599,7 @@ def _check_args(a) -> None:
     if a.cmd == "report":
         for r in a.results:
             need_file(r, "results file (the results.jsonl that `a2ats eval --out DIR` wrote)")
-    for name in ("slots", "steps", "max_new_tokens", "context", "samples", "centroids"):
+    for name in ("slots", "steps", "max_new_tokens", "context", "samples", "centroids", "ppl_tokens"):
         value = getattr(a, name, None)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")

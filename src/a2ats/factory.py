@@ -41,6 +41,7 @@ def engine_refusal(model: nn.Module, method: Method | None) -> str | None:
 
 def decoder(model: nn.Module, codebooks: Codebooks | None = None, config: A2ATSConfig | None = None, *,
             method: Method | None = None, path: str = "auto", runtime: str = "auto", decode_weights: str = "auto",
+            prefill_dtype: str = "auto",
             log=None) -> Engine | A2ATS:
     """What decodes ``model`` with A²ATS over ``codebooks`` (or ``method``; neither: dense, engine only)."""
     if runtime not in RUNTIMES:
@@ -56,7 +57,8 @@ def decoder(model: nn.Module, codebooks: Codebooks | None = None, config: A2ATSC
     if runtime == "engine":
         if why is not None:
             raise ValueError(why)
-        return Engine(model, config=config, method=method, path=path, decode_weights=decode_weights)
+        return Engine(model, config=config, method=method, path=path, decode_weights=decode_weights,
+                      prefill_dtype=prefill_dtype)
     if decode_weights not in ("auto", "model"):
         raise ValueError(f"decode weights {decode_weights!r} are the lean engine's (runtime 'engine'); transformers "
                          "reads the model's own: drop the weight format or run in the engine")

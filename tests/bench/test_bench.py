@@ -78,7 +78,7 @@ def test_throughput_bench_runs_both_systems(tmp_path):
     from a2ats.bench.throughput import engine_for
     from a2ats.runtime import Engine, Request
 
-    state, _ = real_prefill(Engine(model, cb, cfg, decode_weights="model"), ids)
+    state, _ = real_prefill(Engine(model, cb, cfg, decode_weights="model", prefill_dtype="model"), ids)
     tiled = tile(state, 180)
     assert torch.equal(tiled.k[1][:, 150:], state.k[1][:, :30]) and torch.equal(tiled.codes[0][:, :150], state.codes[0])
     eng = engine_for(model, cb, cfg, "a2ats-offload-kvint8", 2, 200)

@@ -210,3 +210,25 @@ def test_a_context_that_fits_nowhere_is_skipped_beside_ones_that_fit():
     assert res["skipped"][0]["context"] == 4_000_000 and "fits neither" in res["skipped"][0]["reason"]
     with pytest.raises(ValueError, match="fits neither system"):
         project(SHAPES["llama-3.1-8b"], H100_HOST, default_efficiencies(), Workload(), [4_000_000])
+
+
+def test_paper_host_profile_and_the_bandwidth_by_ram_sweep(capsys):
+    """The paper's host is a named profile whose every input says where it comes from; the sweep's ratio never
+    falls as the host reads faster or holds more, and the full-attention side does not move with the host."""
+    from a2ats.bench.project.inputs import HOSTS, PAPER_HOST
+    from a2ats.bench.project.model import sweep
+    from a2ats.cli import main
+
+    assert HOSTS["paper-host"] is PAPER_HOST and PAPER_HOST.host_cores == 48
+    shape, eff, wl = SHAPES["llama-3.1-8b"], default_efficiencies(), Workload()
+    for field in ("host_ram_gib", "host_read_gbps", "gpu_memory_gib"):
+        assert PAPER_HOST.sources[field]
+    res = sweep(shape, PAPER_HOST, eff, wl, 131072, [95, 240, 960], [125, 1024])
+    at = {(c["host_read_gbps"], c["host_ram_gib"]): c["ratio"] for c in res["cells"]}
+    assert at[95, 125] <= at[240, 125] <= at[960, 125] and at[240, 125] <= at[240, 1024]
+    # the h100-host's ratio is the sweep's cell at its own bandwidth and RAM
+    h100 = context_projection(shape, H100_HOST, eff, wl, 131072)["summary"]["ratio_best"]
+    assert math.isclose(sweep(shape, PAPER_HOST, eff, wl, 131072, [95], [125])["cells"][0]["ratio"], h100, rel_tol=1e-9)
+    assert main(["bench", "project", "--hardware", "paper-host", "--sweep", "--contexts", "131072"]) == 0
+    md = capsys.readouterr().out
+    assert "paper-host" in md and "## Sweep: host read bandwidth x host RAM at 128K" in md

@@ -109,3 +109,23 @@ def test_missing_codebooks_share_forward_passes_and_existing_ones_are_kept(defau
     paper = Codebooks.load(C.default_codebook_path(model, want[0]))
     assert not torch.equal(banded.chol, paper.chol)  # H pooled over the bands, not the paper's single distance
     assert C.calibrate_missing(model, tok, want, log=lambda *_: None) == [] and len(passes) == 2
+
+
+@pytest.mark.skipif(__import__("a2ats").kernels.cpu_backend() is None, reason="CPU kernels could not be built here")
+def test_kmeans_with_the_kernel_assignment_equals_the_matmul_path():
+    """Calibration's k-means runs its assignment in the C++ kernel: the same iterations, centroids and inertia
+    as torch's matmul path, on odd sizes (a tile not filled, points not a multiple of anything)."""
+    from a2ats.core.kmeans import assign, kmeans
+    from a2ats.hf.calibrate import kernel_nearest
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 1003, 24, generator=g) * torch.linspace(0.5, 2.0, 24)
+    c = torch.randn(2, 37, 24, generator=g)
+    (b1, d1), (b2, d2) = assign(x, c), assign(x, c, nearest=kernel_nearest)
+    assert torch.equal(b1, b2)
+    torch.testing.assert_close(d1, d2, atol=1e-4, rtol=1e-4)
+    ref = kmeans(x, 37, max_iter=6, tol=0, seed=1)
+    fast = kmeans(x, 37, max_iter=6, tol=0, seed=1, nearest=kernel_nearest)
+    assert ref.iterations == fast.iterations and ref.reseeded == fast.reseeded
+    torch.testing.assert_close(fast.centroids, ref.centroids, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.inertia, ref.inertia, atol=1e-4, rtol=1e-4)

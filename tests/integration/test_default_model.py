@@ -107,7 +107,8 @@ def test_fast_path_equals_reference_path(default_model, codebooks, long_text_ids
                   pad_token_id=tok.pad_token_id, eos_token_id=None)
         with torch.inference_mode(), A2ATS(model, codebooks[selection], cfg, path="reference", trace=True) as a2:
             ref = model.generate(input_ids=ids, attention_mask=mask.long(), **kw)
-        eng = Engine(model, codebooks[selection], cfg, path="fast", decode_weights="bf16" if bf16_weights else "model")
+        eng = Engine(model, codebooks[selection], cfg, path="fast", decode_weights="bf16" if bf16_weights else "model",
+                     prefill_dtype="model")
         out = eng.generate(ids, mask, max_new_tokens=12, pad_token_id=tok.pad_token_id, keep_logits=True, trace=True)
     finally:
         if bf16_weights:

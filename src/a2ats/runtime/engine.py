@@ -59,7 +59,9 @@ class Engine:
     halves the bytes held and read per selected row, int8 (a float32 scale per row) quarters them.
     ``decode_weights``: what decode steps of a float32 model read for the projections: ``"auto"`` (int8
     copies), ``"int8"``, ``"int4"``, ``"bf16"`` or ``"model"`` (its own fp32 weights), always with fp32 math
-    (:class:`~a2ats.runtime.model.LeanModel`; the formats' perplexity: ``a2ats bench weights``). ``host_free``/``accelerator_free`` override the measured free
+    (:class:`~a2ats.runtime.model.LeanModel`; the formats' perplexity: ``a2ats bench weights``). ``prefill_dtype``: ``"bf16"`` runs a float32
+    model's prefill projections and attention in bf16 (fp32 out), ``"model"`` in its dtype, ``"auto"`` bf16 where
+    the CPU multiplies bf16 natively. ``host_free``/``accelerator_free`` override the measured free
     memory (tests, planning). ``beyond_model_context``: allow contexts past the model's trained positions
     (speed benchmarks only: outputs there are not meaningful). Build the engine after moving the model to its
     device and dtype.
@@ -68,7 +70,7 @@ class Engine:
     def __init__(self, model: nn.Module, codebooks: Codebooks | None = None, config: A2ATSConfig | None = None, *,
                  method: A2ATSMethod | None = None, path: str = "auto", placement: str = "local",
                  slots: int | None = None, max_context: int | None = None, prefill_chunk: int = 4096,
-                 decode_weights: str = "auto", overlap: int = 1, kv_dtype: torch.dtype | None = None,
+                 decode_weights: str = "auto", prefill_dtype: str = "auto", overlap: int = 1, kv_dtype: torch.dtype | None = None,
                  host_free: int | None = None, accelerator_free: int | None = None, beyond_model_context: bool = False):
         kernels.resolve_path(path, "cpu")  # a bad name is refused before any work
         if placement not in PLACEMENTS:
@@ -80,7 +82,7 @@ class Engine:
         if overlap < 1:
             raise ValueError(f"overlap (micro-batches per decode step) must be >= 1, got {overlap}")
         self.model, self.config = model, config or A2ATSConfig()
-        self.lean = lean = LeanModel(model, decode_weights)
+        self.lean = lean = LeanModel(model, decode_weights, prefill_dtype)
         limit = getattr(model.config, "max_position_embeddings", None)
         if max_context is not None and limit and max_context > limit and not beyond_model_context:
             raise ValueError(f"max_context {max_context} exceeds the model's context of {limit} positions")

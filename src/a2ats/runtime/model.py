@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from a2ats.kernels import weights as packed_weights
 from a2ats.core.support import check_supported
+from a2ats.kernels import weights as packed_weights
+from a2ats.kernels.cpu import native_bf16
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 DECODE_WEIGHTS = ("auto", "model", *packed_weights.FORMATS)
@@ -27,6 +28,7 @@ AUTO_FORMAT = "int8"
 # keys would get wrong codes, so it is refused by name.
 POST_ROPE_REFUSAL = ("post-RoPE codebooks (the a2ats-postrope ablation) run on the transformers path only, which encodes "
                      "each key as it is written: use a2ats.hf.A2ATS(model, codebooks, path='reference') or `--path reference`")
+PREFILL_DTYPES = ("auto", "model", "bf16")
 PACKED_MAX_ROWS = 16  # rows (batch x tokens) up to which a step reads the compact weight copies
 
 
@@ -75,13 +77,17 @@ def _norm_eps(norm: nn.Module) -> float:
 class LeanModel:
     """Weights and shapes of a supported HF causal LM, and :meth:`forward` over them."""
 
-    def __init__(self, model: nn.Module, decode_weights: str = "auto"):
+    def __init__(self, model: nn.Module, decode_weights: str = "auto", prefill_dtype: str = "auto"):
         """``decode_weights``: what decode steps of a float32 model read for the projections and the LM head,
         with fp32 math in every case (:mod:`a2ats.kernels.weights`): ``"model"`` (the fp32 weights),
         ``"bf16"``, ``"int8"`` or ``"int4"`` copies, or ``"auto"`` (int8). A decode step reads every weight
         once for a few rows, so fewer bytes make it faster; the formats' perplexity cost is measured in
         ``a2ats bench weights``. Prefill keeps the model's weights. The copies cost memory (int8: a
-        quarter of the fp32 model)."""
+        quarter of the fp32 model). ``prefill_dtype="bf16"``: prefill projections of a float32 model in bf16
+        (autocast; fp32 attention, norms and residuals), ``"model"``: in its dtype, ``"auto"``: bf16 where the
+        CPU multiplies bf16 natively (AVX-512 BF16 or AMX)."""
+        if prefill_dtype not in PREFILL_DTYPES:
+            raise ValueError(f"prefill_dtype must be one of {PREFILL_DTYPES}, got {prefill_dtype!r}")
         if decode_weights not in DECODE_WEIGHTS:
             raise ValueError(f"decode_weights must be one of {DECODE_WEIGHTS}, got {decode_weights!r}")
         arch = type(model).__name__
@@ -115,6 +121,13 @@ class LeanModel:
             raise ValueError(f"decode_weights={decode_weights!r} is for float32 models (the kernels do fp32 math); "
                              f"this one is {self.dtype}: load it in float32 or use decode_weights='model'")
         self.decode_weights = decode_weights
+        on_cpu = self.device.type == "cpu"
+        if prefill_dtype == "auto":
+            prefill_dtype = "bf16" if self.dtype == torch.float32 and on_cpu and native_bf16() else "model"
+        if prefill_dtype == "bf16" and (self.dtype != torch.float32 or not on_cpu):
+            raise ValueError(f"prefill_dtype='bf16' lowers a float32 model on the CPU; this one is {self.dtype} on "
+                             f"{self.device}: use prefill_dtype='model'")
+        self.prefill_dtype = prefill_dtype
         self.layers: list[LayerWeights] = []
         for layer in core.layers:
             a, m = layer.self_attn, layer.mlp
@@ -154,9 +167,14 @@ class LeanModel:
         Hq, Hkv, d = self.heads, self.kv_heads, self.head_dim
         small = self.lm_head_packed is not None and B * t <= PACKED_MAX_ROWS
 
+        lowered = self.prefill_dtype == "bf16" and B * t > PACKED_MAX_ROWS
+
         def linear(x, w: LayerWeights, name: str, bias=None):
             if small:
                 return packed_weights.linear(x, w.packed[name], bias)
+            if lowered:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return F.linear(x, getattr(w, name), bias).float()
             return F.linear(x, getattr(w, name), bias)
 
         x = F.embedding(ids, self.embed)

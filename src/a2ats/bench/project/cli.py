@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from a2ats.bench.project.inputs import (
-    H100_HOST,
+    HOSTS,
     SHAPES,
     Efficiencies,
     Workload,
@@ -22,8 +22,11 @@ def add_arguments(b) -> None:
     """The options `bench project` adds to the `bench` subparser (the budget, sinks, window, reduction,
     --json and --out options it shares with `bench decode` are defined there)."""
     b.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b", help="project: model shape preset")
-    b.add_argument("--hardware", choices=["h100-host", "local"], default="h100-host",
-                   help="project: hardware profile (local: from --kernels-json, no GPU)")
+    b.add_argument("--hardware", choices=[*HOSTS, "local"], default="h100-host",
+                   help="project: hardware profile (paper-host: the paper's Xeon 8469C server, assumptions named; "
+                        "local: from --kernels-json, no GPU)")
+    b.add_argument("--sweep", action="store_true",
+                   help="project: the ratio at the longest context over a grid of host read bandwidth x host RAM")
     b.add_argument("--kernels-json", default="docs/bench/kernels.json",
                    help="project: a `bench kernels --json` result (the CPU attention efficiency; local: the machine)")
     b.add_argument("--contexts", default="32768,65536,131072", help="project: comma-separated context lengths")
@@ -61,7 +64,7 @@ def from_args(a) -> dict:
                              "(run `a2ats bench kernels --json > FILE` and pass --kernels-json FILE)")
         hw = local_hardware(kernels)
     else:
-        hw = H100_HOST
+        hw = HOSTS[hw_name]
     eff = Efficiencies.from_kernels(kernels, source=str(kpath)) if kernels is not None else default_efficiencies()
     if hw.unified:
         # On the CPU the "accelerator" kernels are CPU kernels: measured rates from the decode bench.
@@ -91,8 +94,9 @@ def from_args(a) -> dict:
     measured = load_measured(a.measured) if getattr(a, "measured", None) else None
     argv0 = sys.argv[0] if sys.argv else ""
     cmd = "a2ats " + " ".join(sys.argv[1:]) if argv0.endswith(("a2ats", "__main__.py")) else None
+    grid = ((95, 240, 480, 600, 720, 960), (125, 256, 512, 1024, 2048)) if getattr(a, "sweep", False) else None
     return project(shape, hw, eff, wl, _parse_contexts(getattr(a, "contexts", "32768,65536,131072")),
-                   measured=measured, command=cmd)
+                   measured=measured, command=cmd, sweep_grid=grid)
 
 
 def run_cli(a) -> int:

@@ -159,6 +159,30 @@ H100_HOST = Hardware(
 )
 
 
+# The paper's host as we read it: an Intel Xeon Platinum 8469C server (Sapphire Rapids, 48 cores per socket, 8
+# DDR5-4800 channels per socket) beside an 80 GB Hopper-class GPU. Everything but the CPU's name is an assumption,
+# named in ``sources``; the GPU side is kept equal to the H100 profile's so that only the host differs.
+PAPER_HOST = Hardware(
+    name="paper-host", gpu_memory_gib=80.0, hbm_gbps=2940.0, gpu_tflops=400.0, pcie_h2d_gbps=55.0,
+    pcie_d2h_gbps=55.0, host_ram_gib=1024.0, host_read_gbps=240.0, host_cores=48,
+    sources={
+        "gpu_memory_gib": "assumption: an 80 GB Hopper-class GPU, as the h100-host profile (the GPU side is held "
+                          "equal so the comparison isolates the host)",
+        "hbm_gbps": "assumption: as h100-host (docs/design.md §2.1)",
+        "gpu_tflops": "assumption: as h100-host",
+        "pcie_h2d_gbps": "assumption: PCIe Gen5 x16 pinned, as h100-host", "pcie_d2h_gbps": "assumption: as h100-host",
+        "host_ram_gib": "assumption: 1 TiB (16 x 64 GB DDR5 RDIMMs, one per channel on 2 sockets): a typical fill of "
+                        "a 2-socket 8469C server; the paper does not state it in what we have",
+        "host_read_gbps": "assumption: one socket's 8 DDR5-4800 channels (307 GB/s peak) at ~78% (a STREAM-like "
+                          "read on Sapphire Rapids): the CPU attention runs on the GPU's NUMA node",
+        "host_cores": "Intel Xeon Platinum 8469C: 48 cores per socket",
+        "gpu_reserve_gib": "assumption: CUDA context, activations, allocator slack",
+        "host_reserve_gib": "assumption: OS, runtime, pinned staging buffers",
+    },
+)
+HOSTS = {"h100-host": H100_HOST, "paper-host": PAPER_HOST}
+
+
 def local_hardware(kernels: dict, host_gflops_per_core: float = 50.0) -> Hardware:
     """The machine a ``bench kernels --json`` result was measured on. There is no GPU: the
     "accelerator" is the CPU itself (weights, codes, scoring and the KV all share host memory and

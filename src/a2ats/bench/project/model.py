@@ -384,8 +384,29 @@ def _target(contexts: list[dict], variants: list[dict], hw: Hardware, eff: Effic
     }
 
 
+def sweep(shape: ModelShape, hw: Hardware, eff: Efficiencies, wl: Workload, n: int, read_gbps: list[float],
+          ram_gib: list[float]) -> dict:
+    """The best-batch ratio (A²ATS over full attention, overlapped and serial) at context ``n`` over a grid of
+    host read bandwidths and host RAM sizes, everything else as ``hw``: where the paper's 2.7x (and 4x) is
+    reached. Full attention does not depend on the host, so only A²ATS moves."""
+    cells = []
+    for bw in read_gbps:
+        for ram in ram_gib:
+            h = replace(hw, name=f"{hw.name}, {bw:g} GB/s, {ram:g} GiB", host_read_gbps=float(bw), host_ram_gib=float(ram))
+            try:
+                s = context_projection(shape, h, eff, wl, n)["summary"]
+            except ValueError:
+                cells.append({"host_read_gbps": bw, "host_ram_gib": ram, "ratio": None, "ratio_serial": None})
+                continue
+            cells.append({"host_read_gbps": bw, "host_ram_gib": ram, "ratio": s["ratio_best"],
+                          "ratio_serial": s["ratio_best_serial"], "a2ats_max_batch": s["a2ats_max_batch"],
+                          "a2ats_best_batch": s["a2ats_best"]["batch"] if s["a2ats_best"] else None,
+                          "bottleneck": s["a2ats_best"]["bottleneck"] if s["a2ats_best"] else None})
+    return {"context": n, "read_gbps": list(read_gbps), "ram_gib": list(ram_gib), "cells": cells}
+
+
 def project(shape: ModelShape, hw: Hardware, eff: Efficiencies, wl: Workload, contexts: list[int] | tuple[int, ...],
-            measured: list[dict] | None = None, command: str | None = None) -> dict:
+            measured: list[dict] | None = None, command: str | None = None, sweep_grid: tuple | None = None) -> dict:
     """The whole projection as one JSON-ready dict."""
     contexts = list(contexts)
     if not contexts:
@@ -414,4 +435,6 @@ def project(shape: ModelShape, hw: Hardware, eff: Efficiencies, wl: Workload, co
         "target": _target(ctx, variants, hw, eff, shape, wl),
         "measured": beside_measured(shape, hw, eff, wl, measured) if measured else [],
     }
+    if sweep_grid is not None:
+        res["sweep"] = sweep(shape, hw, eff, wl, max(c["context"] for c in ctx), *sweep_grid)
     return res

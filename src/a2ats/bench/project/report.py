@@ -167,6 +167,32 @@ def render_markdown(res: dict) -> str:
             out.append(f"| {_k(m['context'])} | {m['batch']} | {m.get('measured_system', m['system'])} | {m['tokens_per_s']:.1f} | "
                        f"{_f(m['projected_tokens_per_s'], '{:.1f}')}{note} | {_f(m['measured_over_projected'], '{:.2f}')} |")
         out.append("")
+    if res.get("sweep"):
+        sw = res["sweep"]
+        at = {(c["host_read_gbps"], c["host_ram_gib"]): c for c in sw["cells"]}
+        out += [f"## Sweep: host read bandwidth x host RAM at {_k(sw['context'])} (projection)", "",
+                "Best-batch ratio of A²ATS over full attention, overlapped (serial in brackets); everything else as "
+                f"{hw['name']}. **Bold**: at least the paper's {res['target']['target_ratio'] if res.get('target') else 2.7}×.",
+                "", "| host read GB/s \\ host RAM | " + " | ".join(f"{r:g} GiB" for r in sw["ram_gib"]) + " |",
+                "|---" * (len(sw["ram_gib"]) + 1) + "|"]
+        for bw in sw["read_gbps"]:
+            cells = []
+            for ram in sw["ram_gib"]:
+                c = at[bw, ram]
+                if c["ratio"] is None:
+                    cells.append("—")
+                    continue
+                txt = f"{c['ratio']:.2f}× ({c['ratio_serial']:.2f}×)"
+                cells.append(f"**{txt}**" if c["ratio"] >= 2.7 else txt)
+            out.append(f"| {bw:g} | " + " | ".join(cells) + " |")
+        first = {t: next((c for c in sorted(sw["cells"], key=lambda c: (c["host_read_gbps"], c["host_ram_gib"]))
+                          if c["ratio"] is not None and c["ratio"] >= t), None) for t in (2.7, 4.0)}
+        for t, c in first.items():
+            out.append("" if c is None else f"\nFirst cell at {t:g}×: {c['host_read_gbps']:g} GB/s with "
+                       f"{c['host_ram_gib']:g} GiB (batch {c['a2ats_best_batch']}, bound: {c['bottleneck']}).")
+            if c is None:
+                out.append(f"\nNo cell of the grid reaches {t:g}×.")
+        out.append("")
     out += ["## Inputs and assumptions", "",
             "Every number that is not from docs/design.md §2.1 or a measurement is marked *assumption*.", "",
             "| input | value | source |", "|---|---|---|"]
