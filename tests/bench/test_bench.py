@@ -110,3 +110,19 @@ def test_llamacpp_variant_is_optional_and_runs_when_installed():
     # the embedded GGUF (SmolLM2-135M), a short context: it runs and times every step
     (length, times), = llamacpp.bench_llamacpp(ids, [300], steps=2, warmup=1, log=lambda *_: None)
     assert length == 300 and len(times) == 2 and all(t > 0 for t in times)
+
+
+def test_prefill_bench_times_each_system():
+    from a2ats.bench.prefill import bench_prefill, prefill_table, rows_to_json
+
+    model = tiny_model("qwen2")
+    ids = torch.randint(3, 97, (1, 50), generator=torch.Generator().manual_seed(1))
+    rows = bench_prefill(model, random_codebooks(model), A2ATSConfig(budget=0.1, sinks=2, window=8), ids,
+                         lengths=(120, 300), systems=("a2ats", "a2ats-fp32", "dense"), log=lambda *_: None)
+    assert [(r.system, r.tokens) for r in rows] == [(s, n) for n in (120, 300) for s in ("a2ats", "a2ats-fp32", "dense")]
+    assert all(r.seconds > 0 and abs(r.tokens_per_s * r.seconds - r.tokens) < 1e-6 * r.tokens for r in rows)
+    assert "| a2ats-fp32 |" in prefill_table(rows_to_json(rows))
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown prefill system"):
+        bench_prefill(model, None, A2ATSConfig(), ids, systems=("vllm",))

@@ -138,7 +138,8 @@ def bench_decode(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=
             elif variant == "llama.cpp":
                 from a2ats.bench.llamacpp import bench_llamacpp
 
-                (_, times), = bench_llamacpp(text_ids, [length], steps, warmup, gguf=gguf, log=log)
+                (_, times), = bench_llamacpp(text_ids, [length], steps, warmup, gguf=gguf, log=log,
+                                             prefills=prefill.setdefault("llama.cpp_seconds", {}))
                 row = _row(variant, length, times)
             elif variant == "dense-hf":
                 cache = _hf_cache(tile(state, length, codes=False), a2ats=False)

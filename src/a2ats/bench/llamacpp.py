@@ -20,8 +20,10 @@ def available() -> bool:
 
 
 def bench_llamacpp(ids: torch.Tensor, lengths, steps: int, warmup: int = 2, threads: int | None = None,
-                   gguf: str | None = None, flash_attn: bool = False, log=print) -> list[tuple[int, list[float]]]:
-    """(length, decode step seconds) per length; ``ids`` (1, n) the base prompt, tiled to each length."""
+                   gguf: str | None = None, flash_attn: bool = False, log=print,
+                   prefills: dict | None = None) -> list[tuple[int, list[float]]]:
+    """(length, decode step seconds) per length; ``ids`` (1, n) the base prompt, tiled to each length.
+    ``prefills``: filled with each length's prefill seconds."""
     from llama_cpp import Llama
 
     from a2ats.assets.models import DEFAULT_MODEL, gguf_path, named_model
@@ -36,7 +38,10 @@ def bench_llamacpp(ids: torch.Tensor, lengths, steps: int, warmup: int = 2, thre
         prompt = (base * (-(-length // len(base))))[:length]
         t = time.perf_counter()
         llm.eval(prompt)
-        log(f"llama.cpp prefill of {length} tokens: {time.perf_counter() - t:.1f} s")
+        seconds = time.perf_counter() - t
+        if prefills is not None:
+            prefills[length] = seconds
+        log(f"llama.cpp prefill of {length} tokens: {seconds:.1f} s ({length / seconds:.0f} tokens/s)")
         times = []
         for s in range(warmup + steps):
             t = time.perf_counter()
