@@ -20,6 +20,7 @@ def test_decoder_picks_the_engine_where_it_runs_and_transformers_elsewhere():
     hf = factory.decoder(model, cb, cfg, runtime="transformers")
     assert isinstance(hf, A2ATS) and hf.path == ("fast" if fast else "reference")
     assert "transformers" in factory.describe(hf) or "reference" in factory.describe(hf)
+    assert "int8 decode weights" in factory.describe(factory.decoder(model, cb, cfg, runtime="engine"))
     assert factory.decoder(model).method is None  # no codebooks: the dense engine
     # a method the engine does not run goes to transformers, on the reference path
     said = []

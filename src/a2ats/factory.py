@@ -70,7 +70,12 @@ def decoder(model: nn.Module, codebooks: Codebooks | None = None, config: A2ATSC
 def describe(dec: Engine | A2ATS) -> str:
     """Which runtime and path ``dec`` is, for logs: a speed figure names where it came from."""
     if isinstance(dec, Engine):
-        return "fast path: lean engine + kernels" if dec.path == "fast" else "lean engine, reference path"
+        lean = dec.lean
+        own = str(lean.dtype).removeprefix("torch.")
+        arithmetic = (f"{own if lean.decode_weights == 'model' else lean.decode_weights} decode weights, "
+                      f"{'bf16' if lean.prefill_dtype == 'bf16' else own} prefill")
+        return ("fast path: lean engine + kernels" if dec.path == "fast" else "lean engine, reference path") + \
+            f"; {arithmetic}"
     if dec.path == "fast":
         return "fast path: transformers' generate + kernels"
     return "reference path: selection applied as a mask on one device, for accuracy, not speed"

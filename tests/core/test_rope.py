@@ -83,3 +83,17 @@ def test_each_band_is_true_rope_at_its_distance(family):
     assert qs.shape == (3, 4, d)
     for i in range(4):
         torch.testing.assert_close(qs[:, i], WRoPE(rot, w.band_distance(i)).query(q))
+
+
+@pytest.mark.parametrize("family", ["llama", "yarn", "linear", "qwen3"])
+def test_stacked_band_queries_equal_one_rotation_per_band_bit_for_bit(family):
+    """The decode step rotates a query for every band at once; the values are the per-band rotations' exactly
+    for every rope type the tiny models carry."""
+    model = tiny_model(family)
+    w = WRoPE(find_rotary_embedding(model), band_ratio=2, first_edge=8)
+    d = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    q = torch.randn(2, 5, d, generator=torch.Generator().manual_seed(2))
+    for bands in (1, 3, 7):
+        got = w.queries(q, bands)
+        assert got.shape == (2, 5, bands, d)
+        assert torch.equal(got, torch.stack([w.query(q, i) for i in range(bands)], dim=-2))

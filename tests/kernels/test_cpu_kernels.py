@@ -305,3 +305,23 @@ def test_lookup_tables_match_matmul(ext, B, H, R, d, C):
     torch.testing.assert_close(lookup_tables(q, cent), want, atol=1e-5, rtol=1e-5)  # tiles made on the spot
     with pytest.raises(ValueError, match="same H and d"):
         lookup_tables(q, cent[:, :, :-1])
+
+
+@pytest.mark.parametrize("B,H,groups,per,d,C", [(1, 3, 3, 8, 64, 4096), (2, 2, 7, 1, 16, 33), (1, 1, 2, 3, 8, 17),
+                                                (3, 2, 4, 5, 40, 100)])
+def test_lookup_tables_group_max_is_the_max_of_the_rows(ext, B, H, groups, per, d, C, monkeypatch):
+    """The GQA max taken inside the kernel equals the max over the kernel's own rows bit for bit (the same sums),
+    and the reference's max within rounding; odd group sizes and a tile not filled included."""
+    g = torch.Generator().manual_seed(groups * C + per)
+    q, cent = torch.randn(B, H, groups * per, d, generator=g), torch.randn(H, C, d, generator=g)
+    tiles = ext.tile_centroids(cent)
+    rows = ext.lookup_tables(q, tiles, C)
+    got = ext.lookup_tables(q, tiles, C, groups)
+    assert got.shape == (B, H, per, C)
+    assert torch.equal(got, rows.view(B, H, groups, per, C).amax(2))
+    want = reference_lookup_tables(q, cent).view(B, H, groups, per, C).amax(2)
+    torch.testing.assert_close(lookup_tables(q, cent, tiles, groups=groups), want, atol=1e-5, rtol=1e-5)
+    monkeypatch.setenv("A2ATS_KERNELS", "0")
+    assert torch.equal(lookup_tables(q, cent, groups=groups), want)
+    with pytest.raises(ValueError, match="groups"):
+        lookup_tables(q, cent, groups=groups * per + 1)

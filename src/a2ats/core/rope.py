@@ -156,5 +156,15 @@ class WRoPE:
         return apply_rotation(q_pre, cos, sin)
 
     def queries(self, q_pre: torch.Tensor, bands: int) -> torch.Tensor:
-        """The query rotated for each of the first ``bands`` bands: (..., bands, d)."""
-        return torch.stack([self.query(q_pre, i) for i in range(bands)], dim=-2)
+        """The query rotated for each of the first ``bands`` bands: (..., bands, d), the same values as stacking
+        :meth:`query` per band, in one broadcast rotation (a decode step calls this once per layer: one rotation
+        instead of ``bands`` of them plus a stack)."""
+        key = (torch.device(q_pre.device), bands, "stacked")
+        if key not in self._cache:
+            for band in range(bands):
+                self.query(q_pre[..., :0, :], band)  # fills each band's scaled cos/sin
+            per_band = [self._cache[(torch.device(q_pre.device), self.band_distance(b), "scaled")] for b in range(bands)]
+            self._cache[key] = (torch.stack([c for c, _ in per_band]), torch.stack([s for _, s in per_band]))
+        cos, sin = self._cache[key]  # (bands, rot)
+        x = q_pre.to(torch.float32).unsqueeze(-2).expand(*q_pre.shape[:-1], bands, q_pre.shape[-1])
+        return apply_rotation(x, cos, sin)

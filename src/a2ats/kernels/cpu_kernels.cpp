@@ -248,10 +248,13 @@ std::vector<torch::Tensor> score_select(torch::Tensor lut, torch::Tensor codes, 
     return cand[info.m[b] - 1] - cand[0] == info.m[b] - 1;
   };
 
-  // Candidates per table entry, per (b, KV head); an entry outside the table is an error.
+  // Candidates per table entry, per (b, KV head), and the list of entries that carry any (in order of first
+  // use): a row's radix select then reads only those, never the whole table, which banded WRoPE makes
+  // larger than the context (bands x 4096 entries). An entry outside the table is an error.
   auto counts = torch::zeros({B * H, T}, torch::kInt32);
   int32_t* CNT = counts.data_ptr<int32_t>();
   std::vector<uint8_t> bad(B * H, 0);
+  std::vector<std::vector<int32_t>> used(B * H);
   at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t bh = lo; bh < hi; ++bh) {
       const int64_t b = bh / H, h = bh % H;
@@ -260,13 +263,17 @@ std::vector<torch::Tensor> score_select(torch::Tensor lut, torch::Tensor codes, 
       const int32_t* orow = O ? O + b * n : nullptr;
       const int32_t* cand = info.cand.data() + b * n;
       int32_t* cnt = CNT + bh * T;
+      std::vector<int32_t>& list = used[bh];
+      list.reserve(std::min<int64_t>(info.m[b], T));
       uint32_t out = 0;
       for (int64_t i = 0; i < info.m[b]; ++i) {
         const int64_t j = cand[i];
         const int64_t e = static_cast<int64_t>(crow[j]) + (orow ? orow[j] : 0);
-        const bool inside = e >= 0 && e < T;
-        out |= !inside;
-        cnt[inside ? e : 0] += inside;
+        if (e < 0 || e >= T) {
+          out = 1;
+          continue;
+        }
+        if (cnt[e]++ == 0) list.push_back(static_cast<int32_t>(e));
       }
       bad[bh] = out != 0;
     }
@@ -293,17 +300,19 @@ std::vector<torch::Tensor> score_select(torch::Tensor lut, torch::Tensor codes, 
       }
       const float* lrow = Lp + r * T;
       const int32_t* cnt = CNT + (b * H + h) * T;
-      ek.clear();
-      ew.clear();
+      const std::vector<int32_t>& list = used[b * H + h];
+      const int64_t u = static_cast<int64_t>(list.size());
+      ek.resize(u);
+      ew.resize(u);
       uint32_t kmin = 0xFFFFFFFFu, kmax = 0;
-      for (int64_t e = 0; e < T; ++e)
-        if (cnt[e]) {
-          const uint32_t key = order_key(lrow[e]);
-          ek.push_back(key);
-          ew.push_back(static_cast<uint32_t>(cnt[e]));
-          kmin = std::min(kmin, key);
-          kmax = std::max(kmax, key);
-        }
+      for (int64_t i = 0; i < u; ++i) {
+        const int32_t e = list[i];
+        const uint32_t key = order_key(lrow[e]);
+        ek[i] = key;
+        ew[i] = static_cast<uint32_t>(cnt[e]);
+        kmin = std::min(kmin, key);
+        kmax = std::max(kmax, key);
+      }
       int64_t take_equal = kk;
       uint32_t thr = kmin;  // every key equal: the threshold is that key, ties decide
       if (kmin != kmax) {
@@ -888,7 +897,9 @@ torch::Tensor tile_centroids(torch::Tensor cent) {
 // A decode step reads every centroid of every layer once, so this streams memory: 16 centroids at a
 // time, up to 8 query rows per pass, no horizontal sums (a batched GEMM of 3 rows by 4096 columns
 // reaches a fraction of the bandwidth).
-torch::Tensor lookup_tables(torch::Tensor q, torch::Tensor tiles, int64_t C) {
+// groups > 1: rows r = g * (R / groups) + i, and the output keeps the max over g of each i (B, H, R / groups, C):
+// the GQA "max" reduction taken on the tile in registers instead of as a pass over (B, H, R, C) afterwards.
+torch::Tensor lookup_tables(torch::Tensor q, torch::Tensor tiles, int64_t C, int64_t groups) {
   TORCH_CHECK(q.dim() == 4 && q.scalar_type() == torch::kFloat32, "q must be float32 (B, H, R, d)");
   TORCH_CHECK(tiles.dim() == 4 && tiles.scalar_type() == torch::kFloat32 && tiles.is_contiguous() &&
                   tiles.size(0) == q.size(1) && tiles.size(2) == q.size(3) && tiles.size(3) == kTile &&
@@ -896,7 +907,9 @@ torch::Tensor lookup_tables(torch::Tensor q, torch::Tensor tiles, int64_t C) {
               "tiles must be the contiguous (H, ceil(C/16), d, 16) layout of tile_centroids, matching q");
   q = q.contiguous();
   const int64_t B = q.size(0), H = q.size(1), R = q.size(2), d = q.size(3), nt = tiles.size(1);
-  auto out = torch::empty({B, H, R, C}, q.options());
+  TORCH_CHECK(groups >= 1 && R % groups == 0, "groups must divide the rows of q");
+  const int64_t Ro = R / groups;
+  auto out = torch::empty({B, H, Ro, C}, q.options());
   const float* Q = q.data_ptr<float>();
   const float* TL = tiles.data_ptr<float>();
   float* O = out.data_ptr<float>();
@@ -919,8 +932,12 @@ torch::Tensor lookup_tables(torch::Tensor q, torch::Tensor tiles, int64_t C) {
             }
           }
           for (int64_t rr = 0; rr < rows; ++rr) {
-            float* o = O + ((b * H + h) * R + r0 + rr) * C + c0;
-            for (int64_t l = 0; l < cn; ++l) o[l] = acc[rr][l];
+            const int64_t r = r0 + rr;  // rows ascend, so g = 0 writes an output row before any other g
+            float* o = O + ((b * H + h) * Ro + r % Ro) * C + c0;
+            if (r < Ro)
+              for (int64_t l = 0; l < cn; ++l) o[l] = acc[rr][l];
+            else
+              for (int64_t l = 0; l < cn; ++l) o[l] = std::max(o[l], acc[rr][l]);
           }
         }
     }
@@ -938,6 +955,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_int8w", &linear_int8w, "x @ w.T (+ bias) with int8 weights and a scale per output row, fp32 math");
   m.def("linear_int4w", &linear_int4w, "x @ w.T (+ bias) with 4-bit weights in groups of 32 (scale, min), fp32 math");
   m.def("tile_centroids", &tile_centroids, "centroids (H, C, d) -> tiles (H, ceil(C/16), d, 16)");
-  m.def("lookup_tables", &lookup_tables, "q . centroids^T from tiles -> (B, H, R, C)");
+  m.def("lookup_tables", &lookup_tables, "q . centroids^T from tiles -> (B, H, R, C), or its max over groups",
+        py::arg("q"), py::arg("tiles"), py::arg("C"), py::arg("groups") = 1);
   m.def("encode_nearest", &encode_nearest, "nearest centroid (argmax of z.t - half) -> int16 codes");
 }

@@ -166,21 +166,28 @@ def linear_bf16w(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
     return y.reshape(*lead, w.shape[0])
 
 
-def lookup_tables(q: torch.Tensor, centroids: torch.Tensor, tiles: torch.Tensor | None = None) -> torch.Tensor:
+def lookup_tables(q: torch.Tensor, centroids: torch.Tensor, tiles: torch.Tensor | None = None,
+                  groups: int = 1) -> torch.Tensor:
     """Lookup tables (B, H, R, C) float32: q (B, H, R, d) dotted with every centroid (H, C, d) of its KV head.
 
     ``tiles``: :func:`tile_centroids` of ``centroids``, computed once and kept by the caller (the kernel
-    streams that layout); without it the layout is made on the spot.
+    streams that layout); without it the layout is made on the spot. ``groups`` > 1: rows come as ``groups``
+    blocks of R / groups (a GQA group's query heads) and the result is their entry-wise max, (B, H, R / groups, C),
+    exactly ``lookup_tables(q, ...).view(B, H, groups, -1, C).amax(2)``.
     """
+    if groups < 1 or q.dim() == 4 and q.shape[2] % groups:
+        raise ValueError(f"groups must be >= 1 and divide the rows of q; got {groups} for q {tuple(q.shape)}")
     if q.dim() != 4 or centroids.dim() != 3 or q.shape[1] != centroids.shape[0] or q.shape[3] != centroids.shape[2]:
         raise ValueError(f"q must be (B, H, R, d) and centroids (H, C, d) with the same H and d; got "
                          f"{tuple(q.shape)}, {tuple(centroids.shape)}")
     ext = cpu_backend() if _on_cpu(q, centroids) else None
     if ext is None:
-        return reference_lookup_tables(q, centroids)
+        lut = reference_lookup_tables(q, centroids)
+        B, H, R, C = lut.shape
+        return lut if groups == 1 else lut.view(B, H, groups, R // groups, C).amax(2)
     if tiles is None:
         tiles = ext.tile_centroids(centroids.float())
-    return ext.lookup_tables(q.float(), tiles, centroids.shape[1])
+    return ext.lookup_tables(q.float(), tiles, centroids.shape[1], groups)
 
 
 def tile_centroids(centroids: torch.Tensor) -> torch.Tensor | None:

@@ -58,8 +58,10 @@ class A2ATSMethod(Method):
         band = self.wrope.band_of(_relative_distance(valid), nb)
         return nb, (band * self.codebooks.settings.n_centroids).to(torch.int32)
 
-    def lut(self, layer: int, q_pre: torch.Tensor, query: torch.Tensor, bands: int, kv_heads: slice) -> torch.Tensor:
-        """Lookup tables (B, Hkv, G, bands·C) fp32, a row per query head: q̃ · centroids for each band's q̃."""
+    def lut(self, layer: int, q_pre: torch.Tensor, query: torch.Tensor, bands: int, kv_heads: slice,
+            group_max: bool = False) -> torch.Tensor:
+        """Lookup tables (B, Hkv, G, bands·C) fp32, a row per query head: q̃ · centroids for each band's q̃.
+        ``group_max``: their max over each GQA group, (B, Hkv, 1, bands·C), taken inside the kernel."""
         B, Hq, d = q_pre.shape
         centroids = self.codebooks.tensors_for(layer, kv_heads, q_pre.device)[0]  # (Hkv, C, d)
         Hkv, C = centroids.shape[0], centroids.shape[1]
@@ -73,6 +75,8 @@ class A2ATSMethod(Method):
         key = (layer, kv_heads.start, kv_heads.stop, str(q.device))
         if key not in self._tiles:
             self._tiles[key] = tile_centroids(centroids)  # None off the CPU kernel: plain matmul there
+        if group_max:
+            return lookup_tables(q, centroids, self._tiles[key], groups=G).reshape(B, Hkv, 1, bands * C)
         return lookup_tables(q, centroids, self._tiles[key]).reshape(B, Hkv, G, bands * C)
 
     def score_tokens(self, layer: int, q_pre: torch.Tensor, query: torch.Tensor, codes: torch.Tensor, bands: int,
@@ -88,7 +92,10 @@ class A2ATSMethod(Method):
         the GQA reduction, then fused scoring and top-K (:func:`a2ats.kernels.score_select`). Every fast path
         (transformers' fast path, the runtime, the offload system) selects through here; it selects the
         same set as :meth:`score_tokens` + :func:`a2ats.core.selection.select`."""
-        lut = reduce_tables(self.lut(layer, q_pre, query, bands, kv_heads), config.reduction)
+        if config.reduction == "max":  # reduce_tables' max, taken in the lookup kernel
+            lut = self.lut(layer, q_pre, query, bands, kv_heads, group_max=True)
+        else:
+            lut = reduce_tables(self.lut(layer, q_pre, query, bands, kv_heads), config.reduction)
         return kernels.score_select(lut, codes, offsets, valid, budget, config.sinks, config.window)
 
     def scores(self, step: DecodeStep) -> torch.Tensor:
