@@ -625,6 +625,25 @@ torch::Tensor encode_nearest(torch::Tensor z, torch::Tensor t, torch::Tensor hal
 // Kernel 4: decode projections with bf16-stored weights and fp32 math
 // ---------------------------------------------------------------------------------------------------
 
+// The decode projections' shared loop: output rows in blocks of 16 across threads; in AVX-512 builds
+// `four(o, o1)` takes rows o .. o + 3 (o1: the block's end, for prefetching), then `one(o, o1)` the rest.
+template <class Four, class One>
+void over_output_rows(int64_t O, Four four, One one) {
+  constexpr int64_t kRowsPerItem = 16;  // enough to amortize the split
+  at::parallel_for(0, (O + kRowsPerItem - 1) / kRowsPerItem, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t blk = lo; blk < hi; ++blk) {
+      const int64_t o0 = blk * kRowsPerItem, o1 = std::min(O, o0 + kRowsPerItem);
+      int64_t o = o0;
+#if defined(__AVX512F__)
+      for (; o + 4 <= o1; o += 4) four(o, o1);
+#else
+      (void)four;
+#endif
+      for (; o < o1; ++o) one(o, o1);
+    }
+  });
+}
+
 #if defined(__AVX512F__)
 // Four output rows at once (see dot4_int8 below for why): bf16 widens to fp32 by a 16-bit shift.
 inline void dot4_bf16(const float* x, const c10::BFloat16* w, int64_t stride, int64_t I, float* out) {
@@ -646,6 +665,13 @@ inline void dot4_bf16(const float* x, const c10::BFloat16* w, int64_t stride, in
 }
 #endif
 
+torch::Tensor bias_or_empty(const c10::optional<torch::Tensor>& bias, int64_t O) {
+  if (!bias.has_value()) return torch::Tensor();
+  auto b = bias->to(torch::kFloat32).contiguous();
+  TORCH_CHECK(b.dim() == 1 && b.size(0) == O, "bias must be (O,)");
+  return b;
+}
+
 // y (M, O) = x (M, I) @ w (O, I)^T (+ bias): w bf16, x and y float32, fp32 accumulation. A decode
 // step's projections read every weight once for a few rows, so they are bound by memory bandwidth:
 // bf16 weights halve the bytes; widening bf16 to fp32 is a shift, so the math stays fp32 as with
@@ -656,33 +682,25 @@ torch::Tensor linear_bf16w(torch::Tensor x, torch::Tensor w, c10::optional<torch
               "w must be a contiguous bfloat16 (O, I) tensor matching x");
   x = x.contiguous();
   const int64_t M = x.size(0), I = x.size(1), O = w.size(0);
-  const float* bp = nullptr;
-  torch::Tensor bias_f;
-  if (bias.has_value()) {
-    bias_f = bias->to(torch::kFloat32).contiguous();
-    TORCH_CHECK(bias_f.dim() == 1 && bias_f.size(0) == O, "bias must be (O,)");
-    bp = bias_f.data_ptr<float>();
-  }
+  auto bias_f = bias_or_empty(bias, O);
+  const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   auto y = torch::empty({M, O}, x.options());
   const float* X = x.data_ptr<float>();
   const c10::BFloat16* W = w.data_ptr<c10::BFloat16>();
   float* Y = y.data_ptr<float>();
-  constexpr int64_t kRowsPerItem = 16;  // output rows per work item: enough to amortize the split
-  at::parallel_for(0, (O + kRowsPerItem - 1) / kRowsPerItem, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t blk = lo; blk < hi; ++blk) {
-      const int64_t o0 = blk * kRowsPerItem, o1 = std::min(O, o0 + kRowsPerItem);
-      int64_t o = o0;
+  over_output_rows(
+      O,
+      [&](int64_t o, int64_t o1) {
 #if defined(__AVX512F__)
-      for (; o + 4 <= o1; o += 4) {
         if (o + 8 <= o1) prefetch_row(W + (o + 4) * I, 4 * I);
         for (int64_t r = 0; r < M; ++r) {
           float d[4];
           dot4_bf16(X + r * I, W + o * I, I, I, d);
           for (int k = 0; k < 4; ++k) Y[r * O + o + k] = d[k] + (bp ? bp[o + k] : 0.f);
         }
-      }
 #endif
-      for (; o < o1; ++o) {
+      },
+      [&](int64_t o, int64_t o1) {
         const c10::BFloat16* __restrict wr = W + o * I;
         if (o + 2 < o1) prefetch_row(W + (o + 2) * I, I);
         for (int64_t r = 0; r < M; ++r) {
@@ -692,9 +710,7 @@ torch::Tensor linear_bf16w(torch::Tensor x, torch::Tensor w, c10::optional<torch
           for (int64_t i = 0; i < I; ++i) acc += xr[i] * to_f(wr[i]);
           Y[r * O + o] = acc + (bp ? bp[o] : 0.f);
         }
-      }
-    }
-  });
+      });
   return y;
 }
 
@@ -746,12 +762,6 @@ inline void dot4_int4(const float* x, const uint8_t* w, int64_t stride, const fl
 }
 #endif
 
-torch::Tensor bias_or_empty(const c10::optional<torch::Tensor>& bias, int64_t O) {
-  if (!bias.has_value()) return torch::Tensor();
-  auto b = bias->to(torch::kFloat32).contiguous();
-  TORCH_CHECK(b.dim() == 1 && b.size(0) == O, "bias must be (O,)");
-  return b;
-}
 
 torch::Tensor linear_int8w(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be float32 (M, I)");
@@ -768,22 +778,19 @@ torch::Tensor linear_int8w(torch::Tensor x, torch::Tensor w, torch::Tensor scale
   const int8_t* W = w.data_ptr<int8_t>();
   const float* S = scale.data_ptr<float>();
   float* Y = y.data_ptr<float>();
-  constexpr int64_t kRowsPerItem = 16;
-  at::parallel_for(0, (O + kRowsPerItem - 1) / kRowsPerItem, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t blk = lo; blk < hi; ++blk) {
-      const int64_t o0 = blk * kRowsPerItem, o1 = std::min(O, o0 + kRowsPerItem);
-      int64_t o = o0;
+  over_output_rows(
+      O,
+      [&](int64_t o, int64_t o1) {
 #if defined(__AVX512F__)
-      for (; o + 4 <= o1; o += 4) {
         if (o + 8 <= o1) prefetch_row(W + (o + 4) * I, 4 * I);
         for (int64_t r = 0; r < M; ++r) {
           float d[4];
           dot4_int8(X + r * I, W + o * I, I, I, d);
           for (int k = 0; k < 4; ++k) Y[r * O + o + k] = d[k] * S[o + k] + (bp ? bp[o + k] : 0.f);
         }
-      }
 #endif
-      for (; o < o1; ++o) {
+      },
+      [&](int64_t o, int64_t o1) {
         const int8_t* __restrict wr = W + o * I;
         if (o + 2 < o1) prefetch_row(W + (o + 2) * I, I);
         for (int64_t r = 0; r < M; ++r) {
@@ -793,9 +800,7 @@ torch::Tensor linear_int8w(torch::Tensor x, torch::Tensor w, torch::Tensor scale
           for (int64_t i = 0; i < I; ++i) acc += xr[i] * static_cast<float>(wr[i]);
           Y[r * O + o] = acc * S[o] + (bp ? bp[o] : 0.f);
         }
-      }
-    }
-  });
+      });
   return y;
 }
 
@@ -828,13 +833,10 @@ torch::Tensor linear_int4w(torch::Tensor x, torch::Tensor w, torch::Tensor scale
   const float* Mn = mins.data_ptr<float>();
   float* Y = y.data_ptr<float>();
   const int64_t row_bytes = I / 2;
-  constexpr int64_t kRowsPerItem = 16;
-  at::parallel_for(0, (O + kRowsPerItem - 1) / kRowsPerItem, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t blk = lo; blk < hi; ++blk) {
-      const int64_t o0 = blk * kRowsPerItem, o1 = std::min(O, o0 + kRowsPerItem);
-      int64_t o = o0;
+  over_output_rows(
+      O,
+      [&](int64_t o, int64_t o1) {
 #if defined(__AVX512F__)
-      for (; o + 4 <= o1; o += 4) {
         if (o + 8 <= o1) prefetch_row(W + (o + 4) * row_bytes, 4 * row_bytes);
         for (int64_t r = 0; r < M; ++r) {
           float d[4];
@@ -845,9 +847,9 @@ torch::Tensor linear_int4w(torch::Tensor x, torch::Tensor w, torch::Tensor scale
             Y[r * O + o + k] = d[k] + min_term + (bp ? bp[o + k] : 0.f);
           }
         }
-      }
 #endif
-      for (; o < o1; ++o) {
+      },
+      [&](int64_t o, int64_t o1) {
         const uint8_t* __restrict wr = W + o * row_bytes;
         if (o + 2 < o1) prefetch_row(W + (o + 2) * row_bytes, row_bytes);
         const float* so = S + o * G;
@@ -871,9 +873,7 @@ torch::Tensor linear_int4w(torch::Tensor x, torch::Tensor w, torch::Tensor scale
           for (int j = 0; j < 16; ++j) acc += lanes[j];
           Y[r * O + o] = acc + min_term + (bp ? bp[o] : 0.f);
         }
-      }
-    }
-  });
+      });
   return y;
 }
 
