@@ -645,8 +645,10 @@ void over_output_rows(int64_t O, Four four, One one) {
 }
 
 #if defined(__AVX512F__)
-// Four output rows at once (see dot4_int8 below for why): bf16 widens to fp32 by a 16-bit shift.
-inline void dot4_bf16(const float* x, const c10::BFloat16* w, int64_t stride, int64_t I, float* out) {
+// `out[k]` = x . w_k over I inputs for four output rows at once: four independent accumulators hide the FMA
+// latency, and each x vector is loaded once for the four rows (a single-accumulator loop measured
+// compute-bound at half the memory bandwidth on a 2-core Xeon). bf16 widens to fp32 by a 16-bit shift.
+inline void dot4(const float* x, const c10::BFloat16* w, int64_t stride, int64_t I, float* out) {
   __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
   int64_t i = 0;
   for (; i + 16 <= I; i += 16) {
@@ -663,7 +665,55 @@ inline void dot4_bf16(const float* x, const c10::BFloat16* w, int64_t stride, in
     out[k] = t;
   }
 }
+
+// The same for int8 rows (the scale is applied by the caller).
+inline void dot4(const float* x, const int8_t* w, int64_t stride, int64_t I, float* out) {
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  int64_t i = 0;
+  for (; i + 16 <= I; i += 16) {
+    const __m512 xv = _mm512_loadu_ps(x + i);
+    for (int k = 0; k < 4; ++k) {
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k * stride + i));
+      acc[k] = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), acc[k]);
+    }
+  }
+  for (int k = 0; k < 4; ++k) {
+    float t = _mm512_reduce_add_ps(acc[k]);
+    for (int64_t j = i; j < I; ++j) t += x[j] * static_cast<float>(w[k * stride + j]);
+    out[k] = t;
+  }
+}
+
 #endif
+
+// y = x @ w.T (+ bias) for bf16 or int8 rows, times a scale per output row where ``S`` is given (int8).
+template <class T>
+void rows_times_x(const float* X, const T* W, const float* S, const float* bp, float* Y, int64_t M, int64_t I,
+                  int64_t O) {
+  over_output_rows(
+      O,
+      [&](int64_t o, int64_t o1) {
+#if defined(__AVX512F__)
+        if (o + 8 <= o1) prefetch_row(W + (o + 4) * I, 4 * I);
+        for (int64_t r = 0; r < M; ++r) {
+          float d[4];
+          dot4(X + r * I, W + o * I, I, I, d);
+          for (int k = 0; k < 4; ++k) Y[r * O + o + k] = d[k] * (S ? S[o + k] : 1.f) + (bp ? bp[o + k] : 0.f);
+        }
+#endif
+      },
+      [&](int64_t o, int64_t o1) {
+        const T* __restrict wr = W + o * I;
+        if (o + 2 < o1) prefetch_row(W + (o + 2) * I, I);
+        for (int64_t r = 0; r < M; ++r) {
+          const float* __restrict xr = X + r * I;
+          float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t i = 0; i < I; ++i) acc += xr[i] * to_f(wr[i]);
+          Y[r * O + o] = acc * (S ? S[o] : 1.f) + (bp ? bp[o] : 0.f);
+        }
+      });
+}
 
 torch::Tensor bias_or_empty(const c10::optional<torch::Tensor>& bias, int64_t O) {
   if (!bias.has_value()) return torch::Tensor();
@@ -688,29 +738,7 @@ torch::Tensor linear_bf16w(torch::Tensor x, torch::Tensor w, c10::optional<torch
   const float* X = x.data_ptr<float>();
   const c10::BFloat16* W = w.data_ptr<c10::BFloat16>();
   float* Y = y.data_ptr<float>();
-  over_output_rows(
-      O,
-      [&](int64_t o, int64_t o1) {
-#if defined(__AVX512F__)
-        if (o + 8 <= o1) prefetch_row(W + (o + 4) * I, 4 * I);
-        for (int64_t r = 0; r < M; ++r) {
-          float d[4];
-          dot4_bf16(X + r * I, W + o * I, I, I, d);
-          for (int k = 0; k < 4; ++k) Y[r * O + o + k] = d[k] + (bp ? bp[o + k] : 0.f);
-        }
-#endif
-      },
-      [&](int64_t o, int64_t o1) {
-        const c10::BFloat16* __restrict wr = W + o * I;
-        if (o + 2 < o1) prefetch_row(W + (o + 2) * I, I);
-        for (int64_t r = 0; r < M; ++r) {
-          const float* __restrict xr = X + r * I;
-          float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t i = 0; i < I; ++i) acc += xr[i] * to_f(wr[i]);
-          Y[r * O + o] = acc + (bp ? bp[o] : 0.f);
-        }
-      });
+  rows_times_x(X, W, nullptr, bp, Y, M, I, O);
   return y;
 }
 
@@ -725,27 +753,7 @@ torch::Tensor linear_bf16w(torch::Tensor x, torch::Tensor w, c10::optional<torch
 constexpr int64_t kGroup4 = 32;
 
 #if defined(__AVX512F__)
-// Four output rows at once: four independent accumulators hide the FMA latency, and each x vector is
-// loaded once for the four rows. (A single-accumulator loop measured compute-bound at half the
-// memory bandwidth on a 2-core Xeon.) `out[k]` = x . w_k over I inputs.
-inline void dot4_int8(const float* x, const int8_t* w, int64_t stride, int64_t I, float* out) {
-  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-  int64_t i = 0;
-  for (; i + 16 <= I; i += 16) {
-    const __m512 xv = _mm512_loadu_ps(x + i);
-    for (int k = 0; k < 4; ++k) {
-      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k * stride + i));
-      acc[k] = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), acc[k]);
-    }
-  }
-  for (int k = 0; k < 4; ++k) {
-    float t = _mm512_reduce_add_ps(acc[k]);
-    for (int64_t j = i; j < I; ++j) t += x[j] * static_cast<float>(w[k * stride + j]);
-    out[k] = t;
-  }
-}
-
-// The same for 4-bit groups: `out[k]` = sum over groups of scale * (x . q), the min term added by the caller.
+// The same for 4-bit groups (see dot4): `out[k]` = sum over groups of scale * (x . q), the min term added by the caller.
 inline void dot4_int4(const float* x, const uint8_t* w, int64_t stride, const float* scale, int64_t G, float* out) {
   __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
   const __m512i nib = _mm512_set1_epi32(0x0F);
@@ -778,29 +786,7 @@ torch::Tensor linear_int8w(torch::Tensor x, torch::Tensor w, torch::Tensor scale
   const int8_t* W = w.data_ptr<int8_t>();
   const float* S = scale.data_ptr<float>();
   float* Y = y.data_ptr<float>();
-  over_output_rows(
-      O,
-      [&](int64_t o, int64_t o1) {
-#if defined(__AVX512F__)
-        if (o + 8 <= o1) prefetch_row(W + (o + 4) * I, 4 * I);
-        for (int64_t r = 0; r < M; ++r) {
-          float d[4];
-          dot4_int8(X + r * I, W + o * I, I, I, d);
-          for (int k = 0; k < 4; ++k) Y[r * O + o + k] = d[k] * S[o + k] + (bp ? bp[o + k] : 0.f);
-        }
-#endif
-      },
-      [&](int64_t o, int64_t o1) {
-        const int8_t* __restrict wr = W + o * I;
-        if (o + 2 < o1) prefetch_row(W + (o + 2) * I, I);
-        for (int64_t r = 0; r < M; ++r) {
-          const float* __restrict xr = X + r * I;
-          float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t i = 0; i < I; ++i) acc += xr[i] * static_cast<float>(wr[i]);
-          Y[r * O + o] = acc * S[o] + (bp ? bp[o] : 0.f);
-        }
-      });
+  rows_times_x(X, W, S, bp, Y, M, I, O);
   return y;
 }
 
