@@ -138,7 +138,7 @@ def test_runtime_applies_every_bias_of_a_llama_with_attention_and_mlp_biases():
     ids = torch.randint(3, 97, (1, 30), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         want = model(input_ids=ids).logits[:, -1]
-    out = Engine(model).generate(ids, max_new_tokens=1, keep_logits=True)
+    out = Engine(model, decode_weights="model", prefill_dtype="model").generate(ids, max_new_tokens=1, keep_logits=True)
     torch.testing.assert_close(out.logits[0], want, rtol=1e-4, atol=1e-4)
 
 
