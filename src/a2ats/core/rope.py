@@ -146,14 +146,17 @@ class WRoPE:
     def query(self, q_pre: torch.Tensor, band: int = 0) -> torch.Tensor:
         """``R_b q_pre`` for query heads (..., d), fp32, scaled so that ``query(q) . k_pre`` is the model's own
         logit at distance b (rope types such as YaRN scale both q and k by their attention factor)."""
-        key = (torch.device(q_pre.device), self.band_distance(band), "scaled")
+        return apply_rotation(q_pre, *self._scaled(q_pre.device, band))
+
+    def _scaled(self, device: torch.device, band: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (rot,) of band ``band``, times the rope type's attention factor (see :meth:`query`)."""
+        key = (torch.device(device), self.band_distance(band), "scaled")
         if key not in self._cache:  # once per device and distance: a decode step calls this once per layer
-            cos, sin = self.rotation(q_pre.device, band)
+            cos, sin = self.rotation(device, band)
             cos, sin = cos.reshape(-1), sin.reshape(-1)
             factor = (cos * cos + sin * sin).sqrt()
             self._cache[key] = (cos * factor, sin * factor)
-        cos, sin = self._cache[key]
-        return apply_rotation(q_pre, cos, sin)
+        return self._cache[key]
 
     def queries(self, q_pre: torch.Tensor, bands: int) -> torch.Tensor:
         """The query rotated for each of the first ``bands`` bands: (..., bands, d), the same values as stacking
@@ -161,9 +164,7 @@ class WRoPE:
         instead of ``bands`` of them plus a stack)."""
         key = (torch.device(q_pre.device), bands, "stacked")
         if key not in self._cache:
-            for band in range(bands):
-                self.query(q_pre[..., :0, :], band)  # fills each band's scaled cos/sin
-            per_band = [self._cache[(torch.device(q_pre.device), self.band_distance(b), "scaled")] for b in range(bands)]
+            per_band = [self._scaled(q_pre.device, b) for b in range(bands)]
             self._cache[key] = (torch.stack([c for c, _ in per_band]), torch.stack([s for _, s in per_band]))
         cos, sin = self._cache[key]  # (bands, rot)
         x = q_pre.to(torch.float32).unsqueeze(-2).expand(*q_pre.shape[:-1], bands, q_pre.shape[-1])

@@ -22,7 +22,7 @@ from a2ats.kernels.cpu import native_bf16
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 DECODE_WEIGHTS = ("auto", "model", *packed_weights.FORMATS)
 # "auto": int8, the fastest format whose perplexity stays within 1% of the model's own on both our models
-# (docs/bench/weights.md); a model not in float32 keeps its own weights (the kernels do fp32 math).
+# (docs/bench/speed/README.md); a model not in float32 keeps its own weights (the kernels do fp32 math).
 AUTO_FORMAT = "int8"
 # The runtime encodes decode keys late, from their pre-RoPE copies (see Runner.begin_decode): a codebook of post-RoPE
 # keys would get wrong codes, so it is refused by name.
@@ -142,9 +142,6 @@ class LeanModel:
             ))
         self.lm_head_packed = None
         if decode_weights != "model":
-            for w in self.layers:
-                for name in ("qkv", "o", "gate_up", "down"):
-                    packed_weights.check_format(decode_weights, getattr(w, name).shape[1])
             for w in self.layers:
                 w.packed = {name: packed_weights.pack(getattr(w, name), decode_weights)
                             for name in ("qkv", "o", "gate_up", "down")}
