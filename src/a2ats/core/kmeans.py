@@ -25,11 +25,39 @@ class KMeansResult:
     reseeded: int  # empty clusters re-seeded over all iterations
 
 
-def kmeans_pp_init(x: torch.Tensor, k: int, generator: torch.Generator, sample: int | None = None) -> torch.Tensor:
+# The k-means++ draws (G, k) sample indices of points ``pts`` (G, S, d), given the first pick (G,) and uniform draws
+# ``u`` (G, k - 1) float64: :func:`pp_picks` below, or the C++ kernel's same loop (a2ats.kernels.kmeans_pp_picks).
+SeedPicks = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def pp_picks(pts: torch.Tensor, first: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """k-means++'s sequential draws, each proportional to the squared distance to the nearest pick so far: the
+    first point whose running sum (float64) of those distances reaches ``u`` times their total."""
+    G, S, _ = pts.shape
+    k = u.shape[1] + 1
+    norms = (pts * pts).sum(-1)
+    ar = torch.arange(G)
+    picks = torch.empty(G, k, dtype=torch.long)
+    picks[:, 0] = first
+    c = pts[ar, first]
+    mind = (norms - 2 * torch.einsum("gnd,gd->gn", pts, c) + (c * c).sum(-1, keepdim=True)).clamp_min_(0)
+    for j in range(1, k):
+        cdf = mind.double().cumsum(-1)  # searchsorted: 30x cheaper than multinomial
+        pick = torch.searchsorted(cdf, u[:, j - 1 : j] * cdf[:, -1:]).squeeze(1).clamp_max_(S - 1)
+        picks[:, j] = pick
+        c = pts[ar, pick]
+        dist = norms - 2 * torch.bmm(pts, c.unsqueeze(-1)).squeeze(-1) + (c * c).sum(-1, keepdim=True)
+        torch.minimum(mind, dist.clamp_min_(0), out=mind)
+    return picks
+
+
+def kmeans_pp_init(x: torch.Tensor, k: int, generator: torch.Generator, sample: int | None = None,
+                   seed_picks: SeedPicks | None = None) -> torch.Tensor:
     """k-means++ seeding of ``k`` centroids for each of G point sets ``x`` (G, N, d).
 
     Seeds from a random subsample of ``sample`` points (default max(2k, 4096)) to keep the k sequential steps
-    cheap (each is memory-bound over the sample); Lloyd then runs on all points.
+    cheap (each is memory-bound over the sample); Lloyd then runs on all points. ``seed_picks``: the draws'
+    loop (default :func:`pp_picks`).
     """
     G, N, d = x.shape
     if k > N:
@@ -37,22 +65,10 @@ def kmeans_pp_init(x: torch.Tensor, k: int, generator: torch.Generator, sample: 
     sample = min(N, sample or max(2 * k, 4096))
     idx = torch.stack([torch.randperm(N, generator=generator)[:sample] for _ in range(G)])
     pts = torch.gather(x, 1, idx.unsqueeze(-1).expand(G, sample, d)).contiguous()
-    norms = (pts * pts).sum(-1)
-    cent = torch.empty(G, k, d, dtype=x.dtype)
-    ar = torch.arange(G)
     first = torch.randint(sample, (G,), generator=generator)
-    cent[:, 0] = pts[ar, first]
-    mind = (norms - 2 * torch.einsum("gnd,gd->gn", pts, cent[:, 0]) + (cent[:, 0] ** 2).sum(-1, keepdim=True)).clamp_min_(0)
-    for j in range(1, k):
-        # Sample proportional to squared distance (cumsum + searchsorted: 30x cheaper than multinomial).
-        cdf = mind.cumsum(-1)
-        u = torch.rand(G, 1, generator=generator) * cdf[:, -1:]
-        pick = torch.searchsorted(cdf, u).squeeze(1).clamp_max_(sample - 1)
-        c = pts[ar, pick]
-        cent[:, j] = c
-        dist = norms - 2 * torch.bmm(pts, c.unsqueeze(-1)).squeeze(-1) + (c * c).sum(-1, keepdim=True)
-        torch.minimum(mind, dist.clamp_min_(0), out=mind)
-    return cent
+    u = torch.rand(G, k - 1, generator=generator, dtype=torch.float64)
+    picks = (seed_picks or pp_picks)(pts, first, u)
+    return torch.gather(pts, 1, picks.unsqueeze(-1).expand(G, k, d)).clone()
 
 
 def assign(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 512,
@@ -115,10 +131,11 @@ def lloyd(x: torch.Tensor, centroids: torch.Tensor, max_iter: int, tol: float, n
 
 def kmeans(
     x: torch.Tensor, k: int, *, max_iter: int = 300, tol: float = 1e-4, seed: int = 0, init_sample: int | None = None,
-    nearest: Nearest | None = None,
+    nearest: Nearest | None = None, seed_picks: SeedPicks | None = None,
 ) -> KMeansResult:
-    """k-means++ then Lloyd, for G point sets at once: ``x`` is (G, N, d)."""
+    """k-means++ then Lloyd, for G point sets at once: ``x`` is (G, N, d). ``nearest`` and ``seed_picks``: faster
+    equivalents of the assignment and of the seeding loop (the kernels')."""
     gen = torch.Generator().manual_seed(seed)
     x = x.to(torch.float32).contiguous()
-    init = kmeans_pp_init(x, k, gen, sample=init_sample)
+    init = kmeans_pp_init(x, k, gen, sample=init_sample, seed_picks=seed_picks)
     return lloyd(x, init, max_iter=max_iter, tol=tol, nearest=nearest)

@@ -10,6 +10,7 @@ from a2ats.kernels.cpu import cpu_backend
 from a2ats.kernels.ops import (
     dequantize_rows,
     encode_nearest,
+    kmeans_pp_picks,
     linear_bf16w,
     lookup_tables,
     quantize_rows,
@@ -35,6 +36,7 @@ __all__ = [
     "dequantize_rows",
     "quantize_rows",
     "encode_nearest",
+    "kmeans_pp_picks",
     "linear_bf16w",
     "lookup_tables",
     "reference_encode_nearest",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from a2ats.core.kmeans import pp_picks
 from a2ats.kernels.cpu import cpu_backend
 from a2ats.kernels.reference import (
     dequantize_rows,
@@ -17,7 +18,7 @@ from a2ats.kernels.reference import (
 )
 from a2ats.kernels.triton_score import triton_available, triton_score_select
 
-__all__ = ["dequantize_rows", "encode_nearest", "linear_bf16w", "lookup_tables", "quantize_rows", "tile_centroids", "score",
+__all__ = ["dequantize_rows", "encode_nearest", "kmeans_pp_picks", "linear_bf16w", "lookup_tables", "quantize_rows", "tile_centroids", "score",
            "score_select", "sparse_attention"]
 
 
@@ -150,6 +151,19 @@ def encode_nearest(z: torch.Tensor, t: torch.Tensor, half: torch.Tensor) -> torc
     if ext is None:
         return reference_encode_nearest(z.float(), t.float(), half.float())
     return ext.encode_nearest(z.float(), t.float(), half.float())
+
+
+def kmeans_pp_picks(pts: torch.Tensor, first: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """k-means++'s draws (G, k) over points ``pts`` (G, S, d): :func:`a2ats.core.kmeans.pp_picks`, whose loop of
+    small torch ops per draw is the seeding's cost, run in C++ on CPU tensors (the same picks but where float
+    rounding of a distance moves a draw across a boundary)."""
+    if pts.dim() != 3 or first.shape != pts.shape[:1] or u.dim() != 2 or u.shape[0] != pts.shape[0]:
+        raise ValueError(f"pts must be (G, S, d), first (G,), u (G, k - 1); got {tuple(pts.shape)}, "
+                         f"{tuple(first.shape)}, {tuple(u.shape)}")
+    ext = cpu_backend() if _on_cpu(pts, first, u) else None
+    if ext is None:
+        return pp_picks(pts, first, u)
+    return ext.kmeans_pp_picks(pts.float(), first.long(), u.double())
 
 
 def linear_bf16w(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
