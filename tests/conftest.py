@@ -11,6 +11,7 @@ from a2ats.core.codebook import (
     model_fingerprint,
     weights_digest,
 )
+from a2ats.kernels import cpu as cpu_mod
 
 torch.set_num_threads(2)
 
@@ -84,3 +85,15 @@ def default_model():
     from a2ats.assets.models import load_model
 
     return load_model(log=lambda *_: None)
+
+
+# every ISA this CPU runs, the portable build included: each C++ kernel test runs on each build (`isa_ext`)
+RUNNABLE_ISAS = [isa for isa in cpu_mod.ISAS if cpu_mod.ISAS.index(isa) <= cpu_mod.ISAS.index(cpu_mod.detected_isa())]
+
+
+@pytest.fixture(scope="module", params=RUNNABLE_ISAS)
+def isa_ext(request):
+    mod = cpu_mod.cpu_backend(request.param)
+    if mod is None:
+        pytest.skip(f"the {request.param} build of the C++ kernels is unavailable here")
+    return mod

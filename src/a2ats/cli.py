@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -36,7 +38,13 @@ def _budget(text: str):
 
 
 def _log(msg: str) -> None:
+    if _QUIET:
+        return
     print(f"[a2ats] {msg}", file=sys.stderr, flush=True)
+
+
+_QUIET = False  # a torchrun rank other than 0: rank 0 alone prints (every rank computes the same tokens)
+TORCHRUN_COMMANDS = ("generate", "demo")  # commands that run sharded over torchrun's ranks
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -130,9 +138,13 @@ def _add_hybrid_arg(p: argparse.ArgumentParser) -> None:
 
 def _load(a):
     from a2ats.assets.models import load_model
+    from a2ats.hf import tp
 
     t = time.perf_counter()
-    model, tok = load_model(a.model, DTYPES[a.dtype], a.device, log=_log)
+    if tp.launched():  # under torchrun: each rank loads its shards (transformers' tensor-parallel plan)
+        model, tok = tp.load(a.model, DTYPES[a.dtype], a.device, log=_log)
+    else:
+        model, tok = load_model(a.model, DTYPES[a.dtype], a.device, log=_log)
     _log(f"loaded {a.model or 'the default model (smollm2-135m)'} in {time.perf_counter() - t:.1f} s")
     return model, tok
 
@@ -223,12 +235,67 @@ def _read_prompts(path: str, default_new: int) -> list[dict]:
     return items
 
 
+def _kv_dtype(a):
+    return {"model": None, "bfloat16": torch.bfloat16, "int8": torch.int8}[a.kv_dtype]
+
+
+def _server_engine(a, model, tok, dense: bool, placement: str, slots: int, max_context: int):
+    """The fixed-size engine a server runs (its cache allocated now, after the memory preflight)."""
+    from a2ats.runtime import Engine
+
+    cb = None if dense else _codebooks(a, model, tok)
+    return Engine(model, cb, _config(a), slots=slots, max_context=max_context, placement=placement,
+                  decode_weights=a.decode_weights, prefill_dtype=a.prefill_dtype, kv_dtype=_kv_dtype(a))
+
+
+def _model_name(a) -> str:
+    from pathlib import Path
+
+    from a2ats.assets.models import DEFAULT_MODEL, MODELS
+
+    return a.model if a.model in MODELS else Path(a.model).name if a.model else DEFAULT_MODEL
+
+
+def _server_config(a, port: int):
+    import os
+
+    try:
+        from a2ats.server import API_KEY_ENV, ServerConfig
+    except ImportError as e:
+        raise ValueError(f"the HTTP server needs fastapi and uvicorn ({e}): pip install 'a2ats[serve]'") from None
+    return ServerConfig(_model_name(a), host=a.host, port=port, api_key=a.api_key or os.environ.get(API_KEY_ENV),
+                        max_queue=a.max_queue, max_body_bytes=a.max_body_bytes, default_max_tokens=a.max_new_tokens,
+                        drain_seconds=a.drain_seconds)
+
+
+def _http_server(a, model, tok, dense: bool, placement: str, max_context: int, port: int, log_level: str):
+    from a2ats.server import HttpServer, stop_token_ids
+
+    config = _server_config(a, port)
+    engine = _server_engine(a, model, tok, dense, placement, a.slots, max_context)
+    return HttpServer(engine, tok, config, stop_token_ids(tok, model), log_level=log_level)
+
+
+def _serve_http(a) -> int:
+    model, tok = _load(a)
+    limit = getattr(model.config, "max_position_embeddings", None) or 8192
+    max_context = a.max_context or min(limit, 8192)
+    server = _http_server(a, model, tok, a.dense, a.placement, max_context, a.port, "info")
+    engine, config = server.service.engine, server.config
+    _log(f"serving {config.model_name} ({engine.method_name}, {engine.slots} slots x {engine.max_context} tokens, "
+         f"up to {config.max_queue} waiting) on http://{config.host}:{config.port}/v1; API key "
+         f"{'required' if config.api_key else 'not required'}; SIGTERM drains")
+    return server.run()
+
+
 def cmd_serve(a) -> int:
     import json
 
     from a2ats.hf.generate import encode_prompt
     from a2ats.runtime import Engine, Request
 
+    if a.http:
+        return _serve_http(a)
     items = _read_prompts(a.prompts, a.max_new_tokens)
     model, tok = _load(a)
     reqs = [Request(encode_prompt(tok, it["prompt"], chat_template=not a.no_chat_template)[0], int(it["max_new_tokens"]),
@@ -244,7 +311,8 @@ def cmd_serve(a) -> int:
     def write(i, c):  # each completion is written (and flushed) as it finishes: a later failure loses nothing
         text = tok.decode(c.tokens[:-1] if c.finish_reason == "eos" else c.tokens)
         out.write(json.dumps({"id": c.id, "completion": text, "prompt_tokens": c.prompt_tokens,
-                              "new_tokens": len(c.tokens), "finish_reason": c.finish_reason}) + "\n")
+                              "new_tokens": len(c.tokens), "finish_reason": c.finish_reason,
+                              **({"error": c.error} if c.error else {})}) + "\n")
         out.flush()
 
     _log(f"serving {len(reqs)} prompts through {a.slots} slots of {server.max_context} tokens "
@@ -365,6 +433,8 @@ def cmd_bench(a) -> int:
         return 0
     if a.what == "throughput":
         return _bench_throughput(a)
+    if a.what == "serve":
+        return _bench_serve(a)
     if a.what == "weights":
         return _bench_weights(a)
     if a.what == "prefill":
@@ -483,6 +553,60 @@ def _bench_throughput(a) -> int:
     return 0
 
 
+SERVE_LENGTHS = (1024, 2048, 4096, 8192)
+
+
+def _serve_prompts(tok, lengths, count: int, new_tokens: int, skip: int = 0) -> list[list[int]]:
+    """``count`` chat prompts cycling through ``lengths``: a window of the essays to summarize, each its own, so
+    that the prompt and ``new_tokens`` fill about (at most) that many tokens."""
+    from a2ats.assets.corpus import essays
+    from a2ats.hf.generate import encode_prompt
+
+    ids = tok.encode("\n\n".join(essays()), add_special_tokens=False)
+    ask = "\n\nSummarize the text above in a few sentences."
+    margin = 64  # the chat template and the question
+    prompts = []
+    for i in range(count):
+        n = lengths[i % len(lengths)] - new_tokens - margin
+        at = (104729 * (skip + i)) % (len(ids) - n)  # windows spread over the essays
+        prompts.append(encode_prompt(tok, tok.decode(ids[at : at + n]) + ask)[0].tolist())
+    return prompts
+
+
+def _bench_serve(a) -> int:
+    """The HTTP server under load: N concurrent streaming clients, A²ATS and full attention, then a soak run."""
+    from a2ats.bench import serve as load
+    from a2ats.bench.output import emit, machine
+
+    model, tok = _load(a)
+    lengths = a.lengths or SERVE_LENGTHS
+    requests = a.requests or 4 * a.clients
+    prompts = _serve_prompts(tok, lengths, requests, a.max_new_tokens)
+    short = _serve_prompts(tok, (128, 256), a.soak, 8, skip=requests)  # the soak's
+    max_context = max([len(p) + a.max_new_tokens for p in prompts] + [len(p) + 8 for p in short])
+    rows = []
+    for n, system in enumerate(a.serve_systems):
+        dense = system == "dense"
+        placement = "local" if dense else "offload"
+        server = _http_server(a, model, tok, dense, placement, max_context, 0, "warning").start()
+        try:
+            _log(f"{system}: {requests} requests of {min(lengths)}-{max(lengths)} tokens, {a.clients} clients, "
+                 f"{a.slots} slots")
+            rows.append(load.load(server.url, server.config.model_name, prompts, a.clients, a.max_new_tokens,
+                                  f"{system} ({placement})", server.config.api_key))
+            if a.soak and n == 0:  # on the first system
+                _log(f"{system}: soak, {a.soak} short requests through {max(a.clients, 2 * a.slots)} clients")
+                rows.append(load.soak(server.url, server.config.model_name, short, max(a.clients, 2 * a.slots), 8,
+                                      f"{system} ({placement})", server.config.api_key))
+        finally:
+            server.stop()
+    res = {"machine": machine(), "model": a.model or "smollm2-135m", "dtype": a.dtype, "budget": _config(a).budget_label,
+           "slots": a.slots, "command": "a2ats " + " ".join(sys.argv[1:]), "rows": rows}
+    emit(res, load.table(rows), "serve", a.out, None, a.json, _log)
+    lost = [r for r in rows if r.get("soak") and not r["exactly_once"]]
+    return 1 if lost else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="a2ats", description="A²ATS retrieval attention for Hugging Face causal LMs")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -498,9 +622,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="answer many prompts with continuous batching, K/V in host memory (JSON lines out)")
     _add_model_args(s)
     _add_decode_args(s)
-    s.add_argument("prompts", help='file of prompts: JSON lines {"prompt": ..., "max_new_tokens": ..., "id": ...} or one per line')
+    s.add_argument("prompts", nargs="?", help='file of prompts: JSON lines {"prompt": ..., "max_new_tokens": ..., "id": ...} '
+                   "or one per line (not with --http)")
     s.add_argument("--slots", type=int, default=4, help="sequences decoding together (the batch)")
-    s.add_argument("--max-context", type=int, help="tokens per slot (default: the longest prompt + its new tokens)")
+    s.add_argument("--max-context", type=int, help="tokens per slot (default: the longest prompt + its new tokens; "
+                                                   "--http: the model's context, at most 8192)")
+    _add_http_args(s)
     s.add_argument("--placement", choices=["offload", "local"], default="offload",
                    help="offload: K/V in host memory, selection beside the model (the paper's system); local: K/V beside the model")
     s.add_argument("--kv-dtype", choices=["model", "bfloat16", "int8"], default="model",
@@ -554,7 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="speed: `bench kernels` (the CPU kernels vs read bandwidth), `bench decode` (ms/token vs context), "
                        "`bench throughput` (tokens/s vs batch, serving engine), `bench weights` (perplexity per decode weight format), "
                        "`bench project` (performance model)")
-    b.add_argument("what", choices=["kernels", "decode", "prefill", "throughput", "weights", "project"])
+    b.add_argument("what", choices=["kernels", "decode", "prefill", "throughput", "weights", "project", "serve"])
     _add_model_args(b)
     _add_decode_args(b)
     b.add_argument("--context", type=int, default=32768, help="kernels: tokens in the synthetic cache")
@@ -579,11 +706,32 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=8, help="decode: timed steps per variant and length (median reported)")
     b.add_argument("--out", help="decode: folder for decode.json, decode.md and decode.png")
     b.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
+    b.add_argument("--clients", type=int, default=4, help="serve: concurrent clients, each streaming one request at a time")
+    b.add_argument("--slots", type=int, default=4, help="serve: the server's slots")
+    b.add_argument("--serve-systems", type=_csv(str), default=("a2ats", "dense"),
+                   help="serve: a2ats (K/V in host memory) and/or dense (full attention, --dense)")
+    b.add_argument("--soak", type=int, default=0, metavar="N",
+                   help="serve: then N short requests (half streamed) to the first system, each checked answered exactly once")
+    b.set_defaults(host="127.0.0.1", api_key=None, max_queue=64, max_body_bytes=2 << 20, drain_seconds=30.0,
+                   kv_dtype="model")
     from a2ats.bench.project import add_arguments as _add_project_args
 
     _add_project_args(b)  # bench project: --shape, --hardware, --kernels-json, --contexts, --measured
     b.set_defaults(fn=cmd_bench)
     return p
+
+
+def _add_http_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--http", action="store_true", help="an OpenAI-compatible HTTP server (/v1/completions, "
+                   "/v1/chat/completions, /v1/models, /health, /metrics) instead of a prompts file")
+    s.add_argument("--host", default="127.0.0.1", help="--http: address to listen on (default: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="--http: port (0: any free one)")
+    s.add_argument("--api-key", help="--http: require 'Authorization: Bearer KEY' (default: $A2ATS_API_KEY, else none; "
+                                     "the variable keeps the key out of the process list)")
+    s.add_argument("--max-queue", type=int, default=64, help="--http: requests waiting for a slot before 429")
+    s.add_argument("--max-body-bytes", type=int, default=2 << 20, help="--http: larger request bodies are answered 413")
+    s.add_argument("--drain-seconds", type=float, default=30.0,
+                   help="--http: after SIGTERM, how long requests in flight may finish before they are answered 503")
 
 
 def _check_args(a) -> None:
@@ -596,10 +744,17 @@ def _check_args(a) -> None:
 
     need_file(getattr(a, "prompt_file", None), "prompt file")
     need_file(getattr(a, "prompts", None), "prompts file")
+    if a.cmd == "serve" and (a.prompts is None) != a.http:
+        raise ValueError("give a prompts file (JSON lines mode) or --http (the HTTP server), not both" if a.http
+                         else "give a prompts file, or --http for the HTTP server")
+    if a.cmd == "serve" and a.http:
+        _server_config(a, a.port)  # port, queue, limits, key: refused before the model loads
+    if a.cmd == "bench" and getattr(a, "soak", 0) < 0:
+        raise ValueError(f"--soak must be >= 0, got {a.soak}")
     if a.cmd == "report":
         for r in a.results:
             need_file(r, "results file (the results.jsonl that `a2ats eval --out DIR` wrote)")
-    for name in ("slots", "steps", "max_new_tokens", "context", "samples", "centroids", "ppl_tokens"):
+    for name in ("slots", "steps", "max_new_tokens", "context", "samples", "centroids", "ppl_tokens", "clients"):
         value = getattr(a, name, None)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -644,6 +799,41 @@ def _check_args(a) -> None:
             check_writable(file)
 
 
+@contextmanager
+def _ranks(a):
+    """Under torchrun: only the commands that run sharded, a prompt from a file (stdin reaches one rank only),
+    rank 0 alone printing; the process group is left at the end. Otherwise nothing."""
+    global _QUIET
+    from a2ats.hf import tp
+
+    if not tp.launched():
+        yield
+        return
+    from a2ats.core.distributed import TensorParallelError
+
+    _QUIET = int(os.environ.get("RANK", "0")) != 0
+    if a.cmd not in TORCHRUN_COMMANDS:
+        raise TensorParallelError(f"`a2ats {a.cmd}` runs in one process; under torchrun a2ats runs "
+                                  f"{' and '.join(TORCHRUN_COMMANDS)}: drop torchrun")
+    if a.cmd == "generate" and not a.prompt_file:
+        raise TensorParallelError("under torchrun give the prompt with --prompt-file (stdin reaches one rank only)")
+    # the file descriptor, not sys.stdout: writers that hold the stream from import time go quiet too
+    saved = os.dup(1) if _QUIET else None
+    if _QUIET:
+        sys.stdout.flush()
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.close(null)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+        tp.finish()
+
+
 def _cache_file():
     """A file in the codebook cache (where codebooks are calibrated into when no --codebooks is given)."""
     from a2ats.assets.models import cache_dir
@@ -654,14 +844,21 @@ def _cache_file():
 def main(argv: list[str] | None = None) -> int:
     from a2ats.assets.models import AssetError
     from a2ats.core.codebook import CodebookError
+    from a2ats.core.distributed import TensorParallelError
     from a2ats.runtime import ServeError
 
     a = build_parser().parse_args(argv)
     try:
         _check_args(a)
-        return a.fn(a)
+        with _ranks(a):
+            return a.fn(a)
+    except TensorParallelError as e:  # every rank refuses alike: said once
+        if not _QUIET:
+            print(f"a2ats {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
     except (AssetError, CodebookError, ValueError, OSError) as e:
-        print(f"a2ats {a.cmd}: error: {e}", file=sys.stderr)
+        who = f" (rank {os.environ.get('RANK')})" if _QUIET else ""  # a rank's own trouble is not hidden
+        print(f"a2ats {a.cmd}{who}: error: {e}", file=sys.stderr)
         return 2
     except ServeError as e:  # the completions finished before it are already written
         print(f"a2ats {a.cmd}: error: {e}", file=sys.stderr)

@@ -179,6 +179,23 @@ def test_serve_writes_each_completion(tiny_checkpoint, tmp_path, capsys):
     assert 'needs a "prompt" string' in capsys.readouterr().err
 
 
+@pytest.mark.default_model
+def test_bench_serve(tiny_checkpoint, tmp_path, capsys):
+    """The load generator against the HTTP server the command starts (full attention: no calibration here)."""
+    import json
+
+    out = tmp_path / "serve"
+    argv = ["bench", "serve", "--model", str(tiny_checkpoint), "--serve-systems", "dense", "--lengths", "200,300",
+            "--requests", "4", "--clients", "2", "--slots", "2", "--max-new-tokens", "4", "--soak", "30",
+            "--out", str(out), "--json"]
+    assert main(argv) == 0
+    res = json.loads(capsys.readouterr().out)
+    load, soak = res["rows"]
+    assert load["ok"] == load["requests"] == 4 and load["system"] == "dense (local)"
+    assert soak["exactly_once"] and soak["server_answered"] == 30
+    assert (out / "serve.json").is_file() and "answered exactly once" in (out / "serve.md").read_text()
+
+
 @pytest.mark.parametrize("argv, words", [
     (["serve", "missing.jsonl"], "no prompts file at missing.jsonl"),
     (["generate", "--prompt-file", "missing.txt"], "no prompt file at missing.txt"),
@@ -188,6 +205,12 @@ def test_serve_writes_each_completion(tiny_checkpoint, tmp_path, capsys):
     (["bench", "throughput", "--systems", "a2ats-nowhere"], "unknown system"),
     (["bench", "decode", "--variants", "warp-speed"], "unknown variant"),
     (["serve", "/etc/hostname", "--slots", "0"], "--slots must be >= 1"),
+    (["serve"], "give a prompts file, or --http"),
+    (["serve", "/etc/hostname", "--http"], "not both"),
+    (["serve", "--http", "--port", "70000"], "port must be in 0-65535"),
+    (["serve", "--http", "--max-queue", "-1"], "max_queue must be >= 0"),
+    (["serve", "--http", "--api-key", " "], "the API key is empty"),
+    (["bench", "serve", "--clients", "0"], "--clients must be >= 1"),
     (["generate", "--window", "0"], "window >= 1"),
     (["report", "missing.jsonl", "--out", "x"], "no results file"),
 ])

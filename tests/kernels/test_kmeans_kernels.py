@@ -8,28 +8,17 @@ import torch
 
 from a2ats import kernels
 from a2ats.core.kmeans import kmeans, pp_picks
-from a2ats.kernels import cpu as cpu_mod
-
-ISAS = [isa for isa in cpu_mod.ISAS if cpu_mod.ISAS.index(isa) <= cpu_mod.ISAS.index(cpu_mod.detected_isa())]
-
-
-@pytest.fixture(scope="module", params=ISAS)
-def ext(request):
-    mod = cpu_mod.cpu_backend(request.param)
-    if mod is None:
-        pytest.skip(f"the {request.param} build of the C++ kernels is unavailable here")
-    return mod
 
 
 @pytest.mark.parametrize("G,S,d,k", [(3, 1001, 24, 37), (1, 257, 64, 100), (2, 50, 7, 50)])
-def test_kmeans_pp_seeding_kernel_draws_the_reference_picks(ext, G, S, d, k):
+def test_kmeans_pp_seeding_kernel_draws_the_reference_picks(isa_ext, G, S, d, k):
     """The same draws as the torch loop given the same uniform numbers, distinct points (a pick is at distance 0
     and never drawn again), down to as many picks as points."""
     g = torch.Generator().manual_seed(11)
     pts = torch.randn(G, S, d, generator=g) * torch.linspace(0.3, 3.0, d)
     first = torch.randint(S, (G,), generator=g)
     u = torch.rand(G, k - 1, generator=g, dtype=torch.float64)
-    picks = ext.kmeans_pp_picks(pts, first, u)
+    picks = isa_ext.kmeans_pp_picks(pts, first, u)
     assert torch.equal(picks, pp_picks(pts, first, u))
     assert all(len(set(row.tolist())) == k for row in picks)
 

@@ -5,19 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from a2ats.kernels import cpu as cpu_mod
 from a2ats.kernels import weights as W
-
-# every ISA this CPU runs, the portable build included: the AVX-512 build has its own 4-rows-at-a-time loops
-ISAS = [isa for isa in cpu_mod.ISAS if cpu_mod.ISAS.index(isa) <= cpu_mod.ISAS.index(cpu_mod.detected_isa())]
-
-
-@pytest.fixture(scope="module", params=ISAS)
-def ext(request):
-    mod = cpu_mod.cpu_backend(request.param)
-    if mod is None:
-        pytest.skip(f"the {request.param} build of the C++ kernels is unavailable here")
-    return mod
 
 
 def _kernel(ext, x, p, bias):
@@ -35,7 +23,7 @@ SHAPES = [(1, 576, 960), (3, 96, 101), (5, 64, 1), (2, 1536, 17), (16, 160, 7)]
 @pytest.mark.parametrize("fmt", W.FORMATS)
 @pytest.mark.parametrize("M,I,O", SHAPES + [(1, 37, 13), (4, 200, 6)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_kernels_match_the_unpacked_weights(ext, fmt, M, I, O, bias):
+def test_kernels_match_the_unpacked_weights(isa_ext, fmt, M, I, O, bias):
     if fmt == "int4" and I % W.GROUP:
         pytest.skip("int4 needs inputs in groups of 32 (refused: see test_int4_refuses_ragged_inputs)")
     g = torch.Generator().manual_seed(M * I + O)
@@ -43,7 +31,7 @@ def test_kernels_match_the_unpacked_weights(ext, fmt, M, I, O, bias):
     b = torch.randn(O, generator=g) if bias else None
     p = W.pack(w, fmt)
     want = torch.nn.functional.linear(x, W.unpack(p), b)
-    torch.testing.assert_close(_kernel(ext, x, p, b), want, atol=3e-5 * I**0.5, rtol=1e-5)
+    torch.testing.assert_close(_kernel(isa_ext, x, p, b), want, atol=3e-5 * I**0.5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("fmt", W.FORMATS)

@@ -8,6 +8,7 @@ Centroids are kept in key space (for the lookup table) and in the transformed sp
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -20,7 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from a2ats.core.config import DEFAULT_BAND_RATIO
-from a2ats.core.kmeans import Nearest, kmeans
+from a2ats.core.distributed import full, is_dtensor
+from a2ats.core.kmeans import Nearest, SeedPicks, kmeans
 
 FORMAT_VERSION = 1
 
@@ -110,19 +112,27 @@ def model_fingerprint(config: Any) -> dict[str, Any]:
 def weights_digest(model: torch.nn.Module) -> str:
     """A short hash of the first and last layers' key projections: tells two checkpoints of one architecture apart.
 
-    Hashed in bf16 so the fp32 and bf16 copies of one checkpoint agree.
+    Hashed in bf16 so the fp32 and bf16 copies of one checkpoint agree. Under tensor parallelism the hash is of
+    the whole projections, gathered once from the ranks (a collective: every rank computes it; then kept on the
+    model), so a run on N ranks finds the codebooks one process cached.
     """
+    cached = getattr(model, "_a2ats_tp_digest", None)
+    if cached is not None:
+        return cached
     names = [n for n, _ in model.named_parameters() if n.endswith("k_proj.weight")]
     if not names:
         return ""
     params = dict(model.named_parameters())
     h = hashlib.sha256()
+    sharded = False
     for n in (names[0], names[-1]):
-        w = params[n].detach()
-        if type(w).__name__ == "DTensor":  # tensor parallel: shards differ per rank
-            return ""
+        sharded |= is_dtensor(params[n])
+        w = full(params[n])
         h.update(w.to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
-    return h.hexdigest()[:16]
+    digest = h.hexdigest()[:16]
+    if sharded:  # sharded weights are not edited in place: the gather is done once
+        model._a2ats_tp_digest = digest
+    return digest
 
 
 def fingerprint_id(fp: dict[str, Any]) -> str:
@@ -164,6 +174,7 @@ class Codebooks:
         # Encoding space, computed once here, never per step.
         self.transformed = torch.matmul(self.centroids, self.chol).contiguous()
         self._device_cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.first_head = 0  # the global index of the first KV head held (a tensor-parallel rank holds a block)
 
     @property
     def num_layers(self) -> int:
@@ -171,16 +182,37 @@ class Codebooks:
 
     @property
     def num_kv_heads(self) -> int:
+        """KV heads held here: all of the model's, or a rank's block (:meth:`for_heads`)."""
         return self.centroids.shape[1]
+
+    @property
+    def heads(self) -> slice:
+        """The global KV heads held here."""
+        return slice(self.first_head, self.first_head + self.num_kv_heads)
+
+    def for_heads(self, heads: slice) -> Codebooks:
+        """The codebooks of the global KV heads ``heads`` only (a tensor-parallel rank's block), addressed by their
+        global indices as before; the others' memory is not kept. Sliced, not recomputed: the same numbers."""
+        if heads == self.heads:
+            return self
+        if not (self.first_head <= heads.start < heads.stop <= self.heads.stop):
+            raise CodebookError(f"codebooks of KV heads {self.heads.start}..{self.heads.stop - 1} do not hold heads "
+                                f"{heads.start}..{heads.stop - 1}")
+        part = copy.copy(self)
+        rows = slice(heads.start - self.first_head, heads.stop - self.first_head)
+        part.centroids, part.chol, part.transformed = (x[:, rows].clone() for x in (self.centroids, self.chol, self.transformed))
+        part.first_head, part._device_cache = heads.start, {}
+        return part
 
     # -- fitting ---------------------------------------------------------------------------------------------
 
     @classmethod
     def fit_layer(
-        cls, keys: torch.Tensor, h: torch.Tensor | None, settings: CodebookSettings, nearest: Nearest | None = None
+        cls, keys: torch.Tensor, h: torch.Tensor | None, settings: CodebookSettings, nearest: Nearest | None = None,
+        seed_picks: SeedPicks | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """Fit one layer: keys (Hkv, N, d) pre-RoPE, h (Hkv, d, d) or None (Euclidean). Returns (centroids, chol, info).
-        ``nearest``: the k-means assignment (see :data:`a2ats.core.kmeans.Nearest`)."""
+        ``nearest``, ``seed_picks``: the k-means assignment and seeding loop (see :mod:`a2ats.core.kmeans`)."""
         Hkv, N, d = keys.shape
         keys = keys.to(torch.float32)
         if settings.query_aware:
@@ -191,7 +223,7 @@ class Codebooks:
             chol = torch.eye(d).expand(Hkv, d, d).contiguous()
         z = torch.bmm(keys, chol)
         res = kmeans(z, settings.n_centroids, max_iter=settings.max_iter, tol=settings.tol, seed=settings.seed,
-                     nearest=nearest)
+                     nearest=nearest, seed_picks=seed_picks)
         # Back to key space: c = c' L^{-1}, i.e. solve c L = c' (L lower-triangular).
         cent = torch.linalg.solve_triangular(chol, res.centroids, upper=False, left=False)
         return cent, chol, {"iterations": res.iterations, "reseeded": res.reseeded}
@@ -202,15 +234,19 @@ class Codebooks:
         """(centroids, transformed, chol, half squared norms of transformed) of a layer on ``device``, cached."""
         key = (layer, f"{device}:{heads.start}:{heads.stop}")
         if key not in self._device_cache:
-            c = self.centroids[layer, heads].to(device)
-            t = self.transformed[layer, heads].to(device)
-            self._device_cache[key] = (c, t, self.chol[layer, heads].to(device), 0.5 * (t * t).sum(-1))
+            if not (self.first_head <= heads.start and heads.stop <= self.heads.stop):
+                raise CodebookError(f"KV heads {heads.start}..{heads.stop - 1} asked of codebooks that hold heads "
+                                    f"{self.heads.start}..{self.heads.stop - 1}")
+            rows = slice(heads.start - self.first_head, heads.stop - self.first_head)
+            c = self.centroids[layer, rows].to(device)
+            t = self.transformed[layer, rows].to(device)
+            self._device_cache[key] = (c, t, self.chol[layer, rows].to(device), 0.5 * (t * t).sum(-1))
         return self._device_cache[key]
 
     def encode_inputs(self, layer: int, k: torch.Tensor, heads: slice | None = None):
         """(z, t, half) of keys (B, Hkv, n, d): the keys in the transformed space, the transformed centroids
         and their half squared norms, whose ``argmax_c z·t_c - half_c`` is each key's code."""
-        heads = heads or slice(0, self.num_kv_heads)
+        heads = heads or self.heads
         _, t, chol, half = self.tensors_for(layer, heads, k.device)
         return torch.matmul(k.to(torch.float32), chol.unsqueeze(0)), t, half  # z (B, H, n, d)
 
@@ -235,6 +271,8 @@ class Codebooks:
 
     def save(self, path: str | Path) -> Path:
         """Write atomically: an interrupted save never leaves a half file under the final name."""
+        if self.heads != slice(0, self.fingerprint.get("num_key_value_heads", self.num_kv_heads)):
+            raise CodebookError("these codebooks hold one tensor-parallel rank's KV heads only: save the whole set")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")

@@ -94,8 +94,10 @@ def reduce_tables(lut: torch.Tensor, reduction: str) -> torch.Tensor:
     return lut.amax(2, keepdim=True) if reduction == "max" else lut
 
 
-def select(scores: torch.Tensor, valid: torch.Tensor, num_kv_heads: int, config: A2ATSConfig) -> torch.Tensor:
-    """Tokens each KV head attends to, (B, Hkv, n) bool, from per-query-head scores (B, Hq, n).
+def select(scores: torch.Tensor, valid: torch.Tensor, num_kv_heads: int, config: A2ATSConfig,
+           budget: torch.Tensor | None = None) -> torch.Tensor:
+    """Tokens each KV head attends to, (B, Hkv, n) bool, from per-query-head scores (B, Hq, n); ``budget`` (B,):
+    each row's top-K (default: the config's budget of its length).
 
     ``union``: top-K per query head, OR over the GQA group (the paper).
     ``max``: each token scored by the max over the group's heads, top-K per KV head.
@@ -103,7 +105,7 @@ def select(scores: torch.Tensor, valid: torch.Tensor, num_kv_heads: int, config:
     B, Hq, n = scores.shape
     G = Hq // num_kv_heads
     always, candidates, length = always_kept(valid, config.sinks, config.window)
-    k = config.budget.tokens_for(length)
+    k = config.budget.tokens_for(length) if budget is None else budget
     if config.reduction == "max":
         per_kv = scores.float().view(B, num_kv_heads, G, n).amax(2)
         chosen = topk_mask(per_kv, candidates, k)

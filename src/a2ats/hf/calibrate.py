@@ -19,12 +19,14 @@ from a2ats import kernels
 from a2ats.assets.corpus import calibration_sequences, prompt_start
 from a2ats.assets.models import cache_dir
 from a2ats.core.codebook import (
+    CodebookError,
     Codebooks,
     CodebookSettings,
     fingerprint_id,
     model_fingerprint,
     weights_digest,
 )
+from a2ats.core.distributed import head_counts, kv_heads_held, rank
 from a2ats.core.rope import WRoPE, undo_rotation
 from a2ats.hf.patch import ModelPatch, check_rotary_layout, dense
 from a2ats.hf.precision import autocast, full_precision
@@ -161,7 +163,8 @@ def fit(recording: Recording, settings: CodebookSettings, progress: bool = True)
     # the kernel where it builds and the keys are in CPU memory; else torch's chunked matmul (no n x C buffer)
     nearest = kernel_nearest if kernels.cpu_backend() is not None and recording.keys[0].device.type == "cpu" else None
     for layer in tqdm(range(len(recording.keys)), desc="k-means per layer", unit="layer", disable=not progress):
-        c, l, info = Codebooks.fit_layer(recording.keys[layer], h[layer], settings, nearest=nearest)
+        c, l, info = Codebooks.fit_layer(recording.keys[layer], h[layer], settings, nearest=nearest,
+                                         seed_picks=kernels.kmeans_pp_picks)
         cents.append(c)
         chols.append(l)
         iters.append(info["iterations"])
@@ -182,10 +185,25 @@ def settings_sequences(model, tokenizer, settings: CodebookSettings) -> list[tor
     return calibration_sequences(tokenizer, settings.text_tokens, settings.uuid_tokens, seq_len, settings.seed, prefix)
 
 
+def refuse_sharded(model, file: Path | None = None) -> None:
+    """Calibration needs the whole model in one process (k-means over every KV head's keys): a tensor-parallel rank
+    holds a shard, so it is refused, naming the one-process command whose cache every rank then reads."""
+    held, hkv = kv_heads_held(model), head_counts(model.config)[1]
+    if held == slice(0, hkv):
+        return
+    where = f"no codebooks at {file}; " if file is not None else ""
+    raise CodebookError(
+        f"{where}a tensor-parallel run does not calibrate (rank {rank()} holds KV heads {held.start}.."
+        f"{held.stop - 1} of {hkv}): build the codebooks once in one process: `a2ats calibrate --model MODEL` (with "
+        "the same codebook options) writes them to the cache every rank reads; or calibrate with `--out FILE` and "
+        "pass `--codebooks FILE`")
+
+
 def calibrate(
     model, tokenizer, settings: CodebookSettings | None = None, progress: bool = True, compute_dtype: torch.dtype | None = None
 ) -> Codebooks:
     """Build codebooks for ``model`` from the built-in offline corpus (forward under ``compute_dtype`` autocast)."""
+    refuse_sharded(model)
     check_rotary_layout(model)
     settings = settings or CodebookSettings()
     seqs = settings_sequences(model, tokenizer, settings)
@@ -258,6 +276,7 @@ def load_or_calibrate(
     settings = settings or CodebookSettings()
     file = default_codebook_path(model, settings) if path is None else codebook_file(path, settings)
     if not file.exists():
+        refuse_sharded(model, file)  # every rank sees the same file system: all refuse alike, none calibrates
         check_writable(file)  # before a calibration of minutes, not after it
     if file.exists():
         cb = Codebooks.load(file)

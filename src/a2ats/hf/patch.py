@@ -19,6 +19,7 @@ from transformers.masking_utils import (
     AttentionMaskInterface,
 )
 
+from a2ats.core.distributed import kv_heads_held
 from a2ats.core.rope import WRoPE, find_rotary_embedding, undo_rotation
 from a2ats.core.support import UnsupportedModelError, check_supported, model_type
 
@@ -81,6 +82,7 @@ class ModelPatch:
         self.num_layers = len(self.modules)
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.held = kv_heads_held(model)  # every head, or this tensor-parallel rank's block (a bad rank count: refused)
         self._current: tuple[Any, Any] | None = None
         self._handles: list[Any] = []
         self._prev_impl: str | None = None
@@ -96,16 +98,14 @@ class ModelPatch:
         self._current = (pe, kwargs.get("past_key_values"))
 
     def kv_heads(self, n_local: int) -> slice:
-        """The global KV heads this process holds: all of them, or this rank's slice under tensor parallelism."""
-        if n_local == self.num_kv_heads:
-            return slice(0, n_local)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            r = torch.distributed.get_rank()
-            return slice(r * n_local, (r + 1) * n_local)
+        """The global KV heads this process holds: all of them, or this rank's block under tensor parallelism."""
+        if n_local == self.held.stop - self.held.start:
+            return self.held
         raise UnsupportedModelError(
             f"a2ats does not support this {model_type(self.model)} model: its attention passes {n_local} KV heads where "
-            f"its configuration has {self.num_kv_heads} (attention experts, or a tensor-parallel shard without a process "
-            "group to say which heads it holds)")
+            f"its configuration has {self.num_kv_heads}, of which this process holds {self.held.stop - self.held.start} "
+            "(attention experts, or a tensor-parallel shard made by hand: load the model with transformers' "
+            "tp_plan='auto' instead)")
 
     def enable(self):
         if self._handles:

@@ -12,6 +12,7 @@ import torch
 from a2ats import kernels
 from a2ats.core.codebook import Codebooks
 from a2ats.core.config import A2ATSConfig
+from a2ats.core.distributed import kv_heads_held
 from a2ats.core.rope import WRoPE, find_rotary_embedding
 from a2ats.core.selection import DecodeStep, reduce_tables, table_scores
 from a2ats.kernels import lookup_tables, tile_centroids
@@ -32,10 +33,11 @@ class A2ATSMethod(Method):
     @classmethod
     def for_model(cls, model, codebooks: Codebooks, config: A2ATSConfig) -> A2ATSMethod:
         """The method over ``codebooks`` for ``model`` at ``config``'s WRoPE, once the codebooks are checked to
-        belong to this model and these settings (a clear :class:`~a2ats.core.codebook.CodebookError` otherwise)."""
+        belong to this model and these settings (a clear :class:`~a2ats.core.codebook.CodebookError` otherwise).
+        Under tensor parallelism the method keeps only the codebooks of the KV heads this rank computes."""
         codebooks.check_compatible(model, config.wrope_distance, band_ratio=config.wrope_band_ratio)
         wrope = WRoPE(find_rotary_embedding(model), config.wrope_distance, config.wrope_band_ratio)
-        return cls(codebooks, wrope)
+        return cls(codebooks.for_heads(kv_heads_held(model)), wrope)
 
     def encode(self, layer: int, k_pre: torch.Tensor, k_post: torch.Tensor | None, kv_heads: slice) -> torch.Tensor:
         """int16 codes (B, Hkv, t) of new keys: their nearest centroids, in the kernel (post-RoPE codebooks

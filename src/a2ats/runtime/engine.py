@@ -3,8 +3,10 @@
 Each :meth:`~Engine.step` either admits waiting requests into free slots (a dense, chunked prefill per
 sequence, which also yields its first token) or runs one decode step of every busy slot (A²ATS selection
 + exact attention over it, or dense attention without codebooks). :meth:`~Engine.serve` steps a queue of
-requests to the end; :meth:`~Engine.generate` serves a padded batch one row per slot. Greedy decoding;
-every sequence's tokens are its own (slots never mix).
+requests to the end; :meth:`~Engine.generate` serves a padded batch one row per slot. Greedy decoding
+unless a request samples (its own temperature, top_p and seed); every sequence's tokens are its own (slots never
+mix). :meth:`~Engine.cancel` frees a request's slot at once; a failure in one sequence's prefill or token ends
+that sequence alone (``finish_reason="error"``), a failure of a whole decode step drops every sequence.
 
 Placements: ``local`` keeps K/V where the model runs; ``offload`` keeps them in host memory and selects on
 the accelerator (the paper's system, :mod:`.runner`). On a CPU-only machine both are one memory and the
@@ -66,6 +68,13 @@ class Engine:
     (speed benchmarks only: outputs there are not meaningful). Build the engine after moving the model to its
     device and dtype.
     """
+
+    # Requests admitted by one prefill step at most (None: every free slot at once, the default). Set, prefill
+    # steps also alternate with decode steps while sequences decode. A server sets 1: each request's first
+    # token goes out when its own prefill ends, and a burst of arrivals stalls the running sequences for one
+    # prefill at a time, not for all of them.
+    admit_limit: int | None = None
+    _admitted_last = False  # the last step was a prefill (with admit_limit: the next one decodes, if any can)
 
     def __init__(self, model: nn.Module, codebooks: Codebooks | None = None, config: A2ATSConfig | None = None, *,
                  method: A2ATSMethod | None = None, path: str = "auto", placement: str = "local",
@@ -161,6 +170,7 @@ class Engine:
         self._owner = [None] * slots
         self._produced = [[] for _ in range(slots)]
         self._kept = [[] for _ in range(slots)]
+        self._generators: list[torch.Generator | None] = [None] * slots  # a sampling sequence's own
         self._last = torch.zeros(slots, dtype=torch.long, device=lean.device)
         self.runner.trace, self.runner.trace_ids = self.trace, self._owner
 
@@ -185,6 +195,9 @@ class Engine:
                              "larger max_context, or shorten the prompt")
         if not self.beyond_model_context:
             check_context(self.model, len(r.prompt), r.max_new_tokens)
+        if r.budget is not None and self.method is None:
+            raise ValueError(f"request {r.id!r} sets a retrieval budget; this engine attends to every token (no "
+                             "A²ATS codebooks): leave the budget out")
         if r.kv is not None:
             lean = self.lean
             r.kv.check(lean.num_layers, lean.kv_heads, lean.head_dim, codes=self.method is not None)
@@ -203,14 +216,19 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> StepResult:
         """Admit waiting requests into free slots (a prefill step), or else decode one token for every busy slot.
-        On a failure every sequence in flight is dropped (the engine stays usable) and the error is raised."""
+        A failure in one sequence's prefill or token finishes that sequence with ``finish_reason="error"``; any
+        other failure drops every sequence in flight (the engine stays usable) and is raised."""
         try:
             if not self.has_work:
                 return StepResult(False, {}, [], 0.0)
             if not any(o is not None for o in self._owner):
                 self._fit_waiting()
-            if self._waiting and None in self._owner and self._fits(self._waiting[0]):
+            busy = any(o is not None for o in self._owner)
+            turn = self.admit_limit is None or not (self._admitted_last and busy)
+            if turn and self._waiting and None in self._owner and self._fits(self._waiting[0]):
+                self._admitted_last = True
                 return self._admit()
+            self._admitted_last = False
             return self._decode()
         except Exception:
             self._abort()
@@ -224,15 +242,20 @@ class Engine:
     def _admit(self) -> StepResult:
         t = time.perf_counter()
         res = StepResult(True, {}, [], 0.0)
+        room = float("inf") if self.admit_limit is None else self.admit_limit
         for slot in range(self.slots):
-            while self._owner[slot] is None and self._waiting and self._fits(self._waiting[0]):
+            while self._owner[slot] is None and self._waiting and self._fits(self._waiting[0]) and room > 0:
+                room -= 1
                 i = self._waiting.popleft()
                 self._owner[slot] = i
-                logits = self._prefill(slot, self._requests[i])
-                token = int(logits.argmax())
-                self._last[slot] = token
-                res.tokens[i] = token
-                self._take(slot, token, logits, res)
+                try:
+                    logits = self._prefill(slot, self._start(slot, self._requests[i]))
+                    token = int(logits.argmax()) if self._generators[slot] is None else self._sample(slot, logits)
+                    self._last[slot] = token
+                    res.tokens[i] = token
+                    self._take(slot, token, logits, res)
+                except Exception as e:  # this sequence alone: the others' slots are untouched
+                    self._fail(slot, e, res)
         res.seconds = time.perf_counter() - t
         return res
 
@@ -278,9 +301,37 @@ class Engine:
                          runner.crossed)
         for slot, on in enumerate(busy):
             if on:
-                res.tokens[self._owner[slot]] = tokens[slot]
-                self._take(slot, tokens[slot], logits[slot], res)
+                try:
+                    if self._generators[slot] is not None:
+                        tokens[slot] = self._sample(slot, logits[slot])
+                        self._last[slot] = tokens[slot]
+                    res.tokens[self._owner[slot]] = tokens[slot]
+                    self._take(slot, tokens[slot], logits[slot], res)
+                except Exception as e:  # this sequence alone: the batch's forward is done, the others go on
+                    self._fail(slot, e, res)
         return res
+
+    def _start(self, slot: int, r: Request) -> Request:
+        """A sequence enters ``slot``: its own sampler and budget."""
+        if r.temperature > 0:
+            g = torch.Generator()
+            if r.seed is None:
+                g.seed()  # nondeterministic, as asked
+            else:
+                g.manual_seed(r.seed)
+            self._generators[slot] = g
+        self.runner.budgets[slot] = r.budget
+        return r
+
+    def _sample(self, slot: int, logits: torch.Tensor) -> int:
+        """A token drawn from softmax(logits / temperature), cut to the smallest set whose mass reaches top_p."""
+        r = self._requests[self._owner[slot]]
+        p = torch.softmax(logits.float().cpu() / r.temperature, -1)
+        if r.top_p < 1.0:
+            sorted_p, order = p.sort(descending=True)
+            keep = sorted_p.cumsum(0) - sorted_p < r.top_p  # the mass before each token: the first is always kept
+            p = torch.zeros_like(p).index_put_((order[keep],), sorted_p[keep])
+        return int(torch.multinomial(p, 1, generator=self._generators[slot]))
 
     def _take(self, slot: int, token: int, logits: torch.Tensor, res: StepResult) -> None:
         self._produced[slot].append(token)
@@ -292,20 +343,46 @@ class Engine:
         elif len(self._produced[slot]) >= r.max_new_tokens:
             self._finish(slot, "length", res)
 
-    def _finish(self, slot: int, reason: str, res: StepResult) -> None:
+    def _finish(self, slot: int, reason: str, res: StepResult, error: str | None = None) -> None:
         i = self._owner[slot]
-        r = self._requests.pop(i)
-        kv = self.cache.export(slot, self.lean.dtype) if r.keep_kv else None
-        c = Completion(r.id, len(r.prompt), self._produced[slot], reason, self._kept[slot] if self.keep_logits else None, kv)
-        self._owner[slot], self._produced[slot], self._kept[slot] = None, [], []
-        self.cache.free(slot)
+        r = self._requests[i]
+        kv = self.cache.export(slot, self.lean.dtype) if r.keep_kv and reason in ("eos", "length") else None
+        del self._requests[i]  # only now: a failed export leaves the request for _fail to answer
+        c = Completion(r.id, len(r.prompt), self._produced[slot], reason, self._kept[slot] if self.keep_logits else None, kv,
+                       error)
+        self._clear(slot)
         res.finished.append((i, c))
+
+    def _fail(self, slot: int, e: Exception, res: StepResult) -> None:
+        """End the sequence in ``slot`` with ``finish_reason="error"`` and the error's text."""
+        if self._owner[slot] in self._requests:
+            self._finish(slot, "error", res, f"{type(e).__name__}: {e}")
+        elif self._owner[slot] is not None:  # it failed after its completion was out
+            self._clear(slot)
+
+    def _clear(self, slot: int) -> None:
+        self._owner[slot], self._produced[slot], self._kept[slot] = None, [], []
+        self._generators[slot] = self.runner.budgets[slot] = None
+        self.cache.free(slot)
+
+    def cancel(self, index: int) -> Completion | None:
+        """Drop request ``index`` now: out of the queue, or out of its slot (free for the next step to admit
+        another). Returns its completion so far (``finish_reason="cancelled"``); None when the engine no
+        longer holds it (finished, or never added). Call it between steps, from the thread that steps."""
+        if index in self._waiting:
+            self._waiting.remove(index)
+            r = self._requests.pop(index)
+            return Completion(r.id, len(r.prompt), [], "cancelled")
+        if index in self._owner:
+            res = StepResult(False, {}, [], 0.0)
+            self._finish(self._owner.index(index), "cancelled", res)
+            return res.finished[0][1]
+        return None
 
     def _abort(self) -> None:
         for slot, o in enumerate(self._owner):
             if o is not None:
-                self._owner[slot], self._produced[slot], self._kept[slot] = None, [], []
-                self.cache.free(slot)
+                self._clear(slot)
         self._waiting.clear()
         self._requests.clear()
 

@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from a2ats.core.distributed import full, kv_heads_held, local
 from a2ats.core.support import check_supported
 from a2ats.kernels import weights as packed_weights
 from a2ats.kernels.cpu import native_bf16
+from a2ats.runtime import tp
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 DECODE_WEIGHTS = ("auto", "model", *packed_weights.FORMATS)
@@ -66,8 +68,18 @@ def _fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight, bias
 
 
+def _fuse_parts(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`_fuse` of a tensor-parallel rank's shards. The modules keep their sharded weights (transformers'
+    forward needs them): the fused shards are a second copy of this rank's part."""
+    weight = torch.cat([local(m.weight) for m in linears], 0).contiguous()
+    has_bias = [m.bias is not None for m in linears]
+    if any(has_bias) and not all(has_bias):
+        raise ValueError("some but not all of the fused projections have a bias")
+    return weight, torch.cat([local(m.bias) for m in linears], 0).contiguous() if all(has_bias) else None
+
+
 def _bias(linear: nn.Linear) -> torch.Tensor | None:
-    return None if linear.bias is None else linear.bias.detach()
+    return None if linear.bias is None else local(linear.bias)  # o/down biases: replicated, whole
 
 
 def _norm_eps(norm: nn.Module) -> float:
@@ -108,9 +120,20 @@ class LeanModel:
         attn0 = core.layers[0].self_attn
         self.head_dim = getattr(attn0, "head_dim", None) or self.hidden // self.heads
         self.scaling = float(getattr(attn0, "scaling", self.head_dim**-0.5))
-        self.embed = core.embed_tokens.weight
-        self.norm, self.norm_eps = core.norm.weight, _norm_eps(core.norm)
-        self.lm_head = model.lm_head.weight
+        # Under transformers' tensor-parallel plan this rank computes a block of the heads (:mod:`.tp`): the counts
+        # below are its own, ``kv_slice`` says which of the model's KV heads they are (codebooks are per head).
+        self.kv_slice = kv_heads_held(model)
+        self.sharded = self.kv_slice != slice(0, self.kv_heads)
+        local_kv = self.kv_slice.stop - self.kv_slice.start
+        self.heads, self.kv_heads = self.heads // self.kv_heads * local_kv, local_kv
+        self.group = tp.part(attn0.o_proj.weight).group  # the ranks whose partial products are summed
+        if self.sharded and self.group is None:
+            raise ValueError("the lean engine runs transformers' tensor-parallel plan (tp_plan='auto': o_proj and "
+                             "down_proj by input columns); this model's key heads are sharded but its o_proj is not")
+        self.embed = full(core.embed_tokens.weight)  # replicated: a sharded embedding is gathered once
+        self.norm, self.norm_eps = local(core.norm.weight), _norm_eps(core.norm)
+        head = tp.part(model.lm_head.weight)  # by vocabulary rows, or whole
+        self.lm_head, self.vocab_group, self.vocab = head.local, head.group, model.lm_head.weight.shape[0]
         self.rotary = core.rotary_emb
         self.eps = _norm_eps(core.layers[0].input_layernorm)
         self.dtype = self.embed.dtype
@@ -129,22 +152,28 @@ class LeanModel:
                              f"{self.device}: use prefill_dtype='model'")
         self.prefill_dtype = prefill_dtype
         self.layers: list[LayerWeights] = []
+        fuse = _fuse_parts if self.sharded else _fuse
         for layer in core.layers:
             a, m = layer.self_attn, layer.mlp
-            qkv, qkv_bias = _fuse([a.q_proj, a.k_proj, a.v_proj])
-            gate_up, gate_up_bias = _fuse([m.gate_proj, m.up_proj])
+            qkv, qkv_bias = fuse([a.q_proj, a.k_proj, a.v_proj])
+            gate_up, gate_up_bias = fuse([m.gate_proj, m.up_proj])
             qn, kn = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
             self.layers.append(LayerWeights(
-                qkv=qkv, qkv_bias=qkv_bias, o=a.o_proj.weight, gate_up=gate_up, down=m.down_proj.weight,
-                o_bias=_bias(a.o_proj), gate_up_bias=gate_up_bias, down_bias=_bias(m.down_proj),
-                in_norm=layer.input_layernorm.weight, post_norm=layer.post_attention_layernorm.weight,
-                q_norm=None if qn is None else qn.weight, k_norm=None if kn is None else kn.weight,
+                qkv=qkv, qkv_bias=qkv_bias, o=local(a.o_proj.weight), gate_up=gate_up,
+                down=local(m.down_proj.weight), o_bias=_bias(a.o_proj), gate_up_bias=gate_up_bias,
+                down_bias=_bias(m.down_proj), in_norm=local(layer.input_layernorm.weight),
+                post_norm=local(layer.post_attention_layernorm.weight),
+                q_norm=None if qn is None else local(qn.weight), k_norm=None if kn is None else local(kn.weight),
             ))
+            if decode_weights != "model":
+                w = self.layers[-1]
+                w.packed = {"qkv": packed_weights.pack(w.qkv, decode_weights),
+                            "gate_up": packed_weights.pack(w.gate_up, decode_weights),
+                            # by input columns under tensor parallelism: quantized as the whole weight (:mod:`.tp`)
+                            "o": tp.packed(a.o_proj.weight, decode_weights),
+                            "down": tp.packed(m.down_proj.weight, decode_weights)}
         self.lm_head_packed = None
         if decode_weights != "model":
-            for w in self.layers:
-                w.packed = {name: packed_weights.pack(getattr(w, name), decode_weights)
-                            for name in ("qkv", "o", "gate_up", "down")}
             self.lm_head_packed = packed_weights.pack(self.lm_head, decode_weights)
 
     @property
@@ -174,6 +203,12 @@ class LeanModel:
                     return F.linear(x, getattr(w, name), bias).float()
             return F.linear(x, getattr(w, name), bias)
 
+        def summed(x, w: LayerWeights, name: str, bias):  # o and down: the ranks' partial products added up
+            if self.group is None:
+                return linear(x, w, name, bias)
+            y = tp.all_reduce(linear(x, w, name), self.group)
+            return y if bias is None else y + bias
+
         x = F.embedding(ids, self.embed)
         cos, sin = self.rope(positions)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
@@ -192,14 +227,16 @@ class LeanModel:
             if timer is not None:
                 timer.lap("weights")
             out = attend(i, q_pre, q_rot, k_pre, k_rot, v)
-            x = x + linear(out, w, "o", w.o_bias)
+            x = x + summed(out, w, "o", w.o_bias)
             h = F.rms_norm(x, (self.hidden,), w.post_norm, self.eps)
             gate, up = linear(h, w, "gate_up", w.gate_up_bias).chunk(2, dim=-1)
-            x = x + linear(F.silu(gate) * up, w, "down", w.down_bias)
+            x = x + summed(F.silu(gate) * up, w, "down", w.down_bias)
         if last_only:
             x = x[:, -1:]
         x = F.rms_norm(x, (self.hidden,), self.norm, self.norm_eps)
         logits = packed_weights.linear(x, self.lm_head_packed) if small else F.linear(x, self.lm_head)
+        if self.vocab_group is not None:
+            logits = tp.gather_last(logits, self.vocab_group, self.vocab)
         if timer is not None:
             timer.lap("weights")
         return logits

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from a2ats.core.config import Budget
 from a2ats.core.stats import SelectionStats, SelectionTrace
 from a2ats.runtime.slots import KVState
 
@@ -18,6 +19,12 @@ class Request:
     id: Any = None  # echoed in the completion (default: the request's index)
     kv: KVState | None = None  # the cache of the prompt's first kv.length tokens, already computed: not prefilled again
     keep_kv: bool = False  # the completion carries the sequence's cache (Completion.kv)
+    # Sampling: greedy (argmax, as without these) when temperature is 0; else softmax(logits / temperature),
+    # cut to the top_p nucleus, drawn from the request's own generator (``seed``: reproducible whatever it is batched with).
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    budget: Budget | float | int | str | None = None  # this sequence's retrieval budget (a Budget once constructed)
 
     def __post_init__(self) -> None:
         ids = self.prompt.flatten().tolist() if isinstance(self.prompt, torch.Tensor) else list(self.prompt)
@@ -25,6 +32,12 @@ class Request:
             raise ValueError("a request needs a non-empty prompt")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0.0 <= self.temperature < float("inf"):  # also refuses NaN
+            raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.budget is not None:
+            self.budget = Budget.parse(self.budget)
         if self.kv is not None and self.kv.length >= len(ids):
             raise ValueError(f"the request's cache holds {self.kv.length} tokens of a {len(ids)}-token prompt: it may "
                              "cover all but the prompt's last token, whose logits start the generation")
@@ -36,9 +49,10 @@ class Completion:
     id: Any
     prompt_tokens: int
     tokens: list[int]  # generated ids, up to and including the end-of-sequence token
-    finish_reason: str  # "eos" or "length"
+    finish_reason: str  # "eos", "length", "cancelled" (Engine.cancel) or "error" (this sequence failed; see error)
     logits: list[torch.Tensor] | None = None  # (vocab,) per token, when asked for (tests)
     kv: KVState | None = None  # the sequence's cache (prompt and all generated tokens but the last), when asked for
+    error: str | None = None  # why the sequence failed (finish_reason "error"); the others went on
 
 
 @dataclass

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from a2ats import kernels
 from a2ats.core.attention import attend_selected
-from a2ats.core.config import A2ATSConfig
+from a2ats.core.config import A2ATSConfig, Budget
 from a2ats.core.selection import select
 from a2ats.core.stats import SelectionTrace
 from a2ats.kernels import quantize_rows
@@ -44,7 +44,7 @@ class Runner:
             raise ValueError(f"overlap (micro-batches per decode step) must be >= 1, got {overlap}")
         self.lean, self.method, self.config, self.cache, self.fast = lean, method, config, cache, fast
         self.overlap = overlap  # micro-batches per step: selection of part i+1 overlaps host attention of part i
-        self.kv_heads = slice(0, lean.kv_heads)
+        self.kv_heads = lean.kv_slice  # the model's KV heads this process holds (a tensor-parallel rank: a block)
         self.step: StepContext | None = None
         # Decode keys are encoded when they are about to leave the window, window + 1 at a time (as the
         # lean engine does): window keys are always attended, so their codes are not needed earlier, and
@@ -53,6 +53,7 @@ class Runner:
             lean.num_layers, cache.slots, lean.kv_heads, config.window + 1, lean.head_dim, dtype=lean.dtype,
             device=cache.accelerator)
         self._pending_rows = head_rows(cache.slots, lean.kv_heads, config.window + 1, cache.accelerator)
+        self.budgets: list[Budget | None] = [None] * cache.slots  # a sequence's own budget, else the config's
         self.timer: Timer | None = None
         self.trace: SelectionTrace | None = None  # every decode step's selection per slot, when asked for (tests)
         self.trace_ids: list | None = None  # the trace's row of each slot (the server: its request's index)
@@ -119,6 +120,11 @@ class Runner:
                     enc[b] = host_lengths[b]
             length = cache.lengths
             step.budget = self.config.budget.tokens_for(length)
+            if any(b is not None for b in self.budgets):
+                step.budget = step.budget.clone()
+                for b, own in enumerate(self.budgets):
+                    if own is not None:
+                        step.budget[b] = own.tokens_for(length[b : b + 1])[0]
             lean = self.lean
             self.context += length.sum() * (lean.kv_heads * lean.num_layers)
             self.heads += int(sum(host_active)) * lean.kv_heads * lean.num_layers
@@ -242,7 +248,7 @@ class Runner:
         """Every token scored, the selection applied as a mask over the slot's whole cache (on the host)."""
         step, cache, m = self.step, self.cache, self.method
         scores = m.score_tokens(layer, q1_pre, q1, cache.codes[layer][:, :, :n], step.bands, step.offsets, self.kv_heads)
-        keep = select(scores, step.valid, cache.kv_heads, self.config)  # (S, Hkv, n)
+        keep = select(scores, step.valid, cache.kv_heads, self.config, step.budget)  # (S, Hkv, n)
         self.attended += keep.sum()
         if self.trace is not None:
             busy = [b for b in range(len(step.active)) if step.active[b]]

@@ -1,0 +1,212 @@
+"""`a2ats bench serve`: a load generator for the OpenAI-compatible server, a plain HTTP client (httpx) that knows
+nothing of the server's code. ``clients`` concurrent clients take prompts from one queue and stream their
+completions; per request it records the time to the first token and the time per output token after it, and
+from the server's /metrics counters what the engine itself did (tokens per second of decode and of prefill).
+
+:func:`soak` sends many short requests, streamed and not, and checks that every one was answered exactly once
+(one 200 with its own completion id each, and the server's own request counters grown by exactly that many).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class Sample:
+    """One request as the client saw it."""
+
+    prompt_tokens: int
+    status: int = 0
+    tokens: int = 0  # completion tokens (the server's usage count)
+    seconds: float = 0.0  # request sent to last byte
+    ttft: float | None = None  # request sent to the first text
+    tpot: float | None = None  # seconds per output token after the first
+    id: str | None = None
+    error: str | None = None
+
+
+def percentile(xs: list[float], q: float) -> float | None:
+    """The nearest-rank ``q`` percentile (0-100) of ``xs``; None when empty."""
+    if not xs:
+        return None
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, int(-(-q * len(s) // 100)) - 1))]
+
+
+async def _stream(client, url: str, body: dict, headers: dict) -> Sample:
+    sample = Sample(len(body["prompt"]) if isinstance(body["prompt"], list) else 0)
+    t0 = time.perf_counter()
+    first = last = None
+    try:
+        async with client.stream("POST", url, json=body, headers=headers) as r:
+            sample.status = r.status_code
+            if r.status_code != 200:
+                sample.error = (await r.aread()).decode(errors="replace")[:300]
+                return sample
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    break
+                obj = json.loads(data)
+                if "error" in obj:
+                    sample.error = obj["error"].get("message")
+                    break
+                sample.id = obj.get("id", sample.id)
+                if obj.get("usage"):
+                    sample.tokens = obj["usage"]["completion_tokens"]
+                if obj.get("choices") and obj["choices"][0].get("text"):
+                    last = time.perf_counter()
+                    first = first or last
+    except Exception as e:  # a dropped connection is a lost request: counted, never hidden
+        sample.error = f"{type(e).__name__}: {e}"
+    sample.seconds = time.perf_counter() - t0
+    if first is not None:
+        sample.ttft = first - t0
+        if sample.tokens > 1:
+            sample.tpot = (last - first) / (sample.tokens - 1)
+    return sample
+
+
+async def _plain(client, url: str, body: dict, headers: dict) -> Sample:
+    sample = Sample(len(body["prompt"]) if isinstance(body["prompt"], list) else 0)
+    t0 = time.perf_counter()
+    try:
+        r = await client.post(url, json=body, headers=headers)
+        sample.status = r.status_code
+        obj = r.json()
+        if r.status_code == 200:
+            sample.id, sample.tokens = obj["id"], obj["usage"]["completion_tokens"]
+        else:
+            sample.error = obj.get("error", {}).get("message")
+    except Exception as e:
+        sample.error = f"{type(e).__name__}: {e}"
+    sample.seconds = time.perf_counter() - t0
+    return sample
+
+
+async def _drive(base: str, model: str, prompts: list, clients: int, max_tokens: int, api_key: str | None,
+                 streamed: list[bool]) -> tuple[list[Sample], float]:
+    import httpx
+
+    queue: asyncio.Queue = asyncio.Queue()
+    for item in enumerate(prompts):
+        queue.put_nowait(item)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    samples: list[Sample | None] = [None] * len(prompts)
+    url = f"{base}/v1/completions"
+
+    async def client_loop(client) -> None:
+        while not queue.empty():
+            i, prompt = queue.get_nowait()
+            body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
+            if streamed[i]:
+                body.update(stream=True, stream_options={"include_usage": True})
+                samples[i] = await _stream(client, url, body, headers)
+            else:
+                samples[i] = await _plain(client, url, body, headers)
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    return samples, wall
+
+
+def summarize(system: str, samples: list[Sample], wall: float, clients: int, max_tokens: int) -> dict:
+    ok = [s for s in samples if s.status == 200 and s.error is None]
+    ttft = [s.ttft for s in ok if s.ttft is not None]
+    tpot = [s.tpot for s in ok if s.tpot is not None]
+    tokens = sum(s.tokens for s in ok)
+    lengths = [s.prompt_tokens for s in samples]
+    return {"system": system, "clients": clients, "requests": len(samples), "ok": len(ok),
+            "errors": [s.error or f"HTTP {s.status}" for s in samples if s not in ok][:5],
+            "prompt_tokens": [min(lengths), max(lengths)], "max_tokens": max_tokens, "wall_s": wall,
+            "requests_per_s": len(ok) / wall, "output_tokens": tokens, "output_tokens_per_s": tokens / wall,
+            "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
+            "tpot_p50_ms": _ms(percentile(tpot, 50)), "tpot_p99_ms": _ms(percentile(tpot, 99)),
+            "samples": [asdict(s) for s in samples]}
+
+
+def _ms(x: float | None) -> float | None:
+    return None if x is None else 1e3 * x
+
+
+def server_metrics(base: str, api_key: str | None = None) -> dict[str, float]:
+    """The server's /metrics series, {name with labels: value}."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    text = httpx.get(f"{base}/metrics", headers=headers, timeout=30).text
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def _answered(m: dict[str, float]) -> int:
+    return int(sum(v for k, v in m.items() if k.startswith("a2ats_requests_total{")))
+
+
+def _engine_rates(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+    """What the engine did during the run, from its own counters: tokens per second of decode (prefill) step time."""
+    out: dict[str, float | None] = {}
+    for kind in ("decode", "prefill"):
+        tokens = after[f"a2ats_{kind}_tokens_total"] - before[f"a2ats_{kind}_tokens_total"]
+        seconds = after[f"a2ats_{kind}_seconds_total"] - before[f"a2ats_{kind}_seconds_total"]
+        out[f"engine_{kind}_tokens_per_s"] = tokens / seconds if seconds else None
+        out[f"engine_{kind}_seconds"] = seconds
+    return out
+
+
+def load(base: str, model: str, prompts: list[list[int]], clients: int, max_tokens: int, system: str,
+         api_key: str | None = None) -> dict:
+    """``prompts`` (token ids) through ``clients`` concurrent streaming clients; the figures of the run."""
+    before = server_metrics(base, api_key)
+    samples, wall = asyncio.run(_drive(base, model, prompts, clients, max_tokens, api_key, [True] * len(prompts)))
+    res = summarize(system, samples, wall, clients, max_tokens)
+    res.update(_engine_rates(before, server_metrics(base, api_key)))
+    return res
+
+
+def soak(base: str, model: str, prompts: list[list[int]], clients: int, max_tokens: int, system: str,
+         api_key: str | None = None) -> dict:
+    """Every prompt once, half streamed and half not; whether each was answered exactly once (as the client
+    counts: one 200 with its own completion id each; as the server counts: its answers grew by exactly that many)."""
+    before = server_metrics(base, api_key)
+    streamed = [i % 2 == 0 for i in range(len(prompts))]
+    samples, wall = asyncio.run(_drive(base, model, prompts, clients, max_tokens, api_key, streamed))
+    after = server_metrics(base, api_key)
+    answered = _answered(after) - _answered(before)
+    res = summarize(system, samples, wall, clients, max_tokens)
+    res.update(_engine_rates(before, after))
+    ids = [s.id for s in samples if s.id is not None]
+    res.update(soak=True, server_answered=answered, unique_ids=len(set(ids)),
+               exactly_once=answered == len(prompts) == res["ok"] == len(set(ids)))
+    return res
+
+
+def table(rows: list[dict]) -> str:
+    def f(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    lines = ["| system | clients | requests (ok) | prompt tokens | max new | requests/s | output tokens/s | "
+             "engine decode tokens/s | engine prefill tokens/s | TTFT p50 / p99 (s) | per-token p50 / p99 (ms) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lo, hi = r["prompt_tokens"]
+        lines.append(f"| {r['system']}{' (soak)' if r.get('soak') else ''} | {r['clients']} | {r['requests']} ({r['ok']}) | "
+                     f"{lo}-{hi} | {r['max_tokens']} | {r['requests_per_s']:.3f} | {r['output_tokens_per_s']:.1f} | "
+                     f"{f(r.get('engine_decode_tokens_per_s'), '.1f')} | {f(r.get('engine_prefill_tokens_per_s'), '.0f')} | "
+                     f"{f(r['ttft_p50_s'], '.2f')} / {f(r['ttft_p99_s'], '.2f')} | "
+                     f"{f(r['tpot_p50_ms'], '.1f')} / {f(r['tpot_p99_ms'], '.1f')} |")
+    soaks = [r for r in rows if r.get("soak")]
+    for r in soaks:
+        lines.append(f"\nsoak ({r['system']}): {r['requests']} requests, {r['ok']} answered 200 with "
+                     f"{r['unique_ids']} distinct ids; the server counted {r['server_answered']} answers: "
+                     f"{'every request answered exactly once' if r['exactly_once'] else 'NOT exactly once'}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,177 @@
+"""What a request may ask of the engine beyond greedy tokens: sampling (temperature, top_p, seed), its own
+retrieval budget, cancellation (the slot frees at once), and a failure that ends its sequence alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from a2ats import A2ATSConfig
+from a2ats.core.config import Budget
+from a2ats.core.stats import SelectionTrace
+from a2ats.runtime import Engine, Request
+from conftest import padded_batch, random_codebooks, tiny_model
+
+CFG = A2ATSConfig(budget=0.05, sinks=2, window=8)
+LENGTHS = (300, 201, 257, 45)
+
+
+def _prompts(lengths=LENGTHS, seed=3):
+    ids, mask = padded_batch(seed=seed, lengths=lengths)
+    return [ids[i][mask[i].bool()].tolist() for i in range(len(lengths))]
+
+
+def _engine(model, slots=2, cb=True, cfg=CFG, path="auto"):
+    return Engine(model, random_codebooks(model) if cb else None, cfg, slots=slots, max_context=320, path=path,
+                  decode_weights="model", prefill_dtype="model")
+
+
+def _run(engine, requests) -> dict:
+    """Step to the end; {request index: completion}."""
+    idx = [engine.add(r) for r in requests]
+    done = {}
+    while engine.has_work:
+        for i, c in engine.step().finished:
+            done[i] = c
+    assert sorted(done) == idx
+    return done
+
+
+def test_temperature_zero_is_greedy_and_seeds_reproduce_whatever_the_batch():
+    model = tiny_model("llama")
+    prompts = _prompts()
+    greedy = _run(_engine(model), [Request(p, 8) for p in prompts])
+    explicit = _run(_engine(model), [Request(p, 8, temperature=0.0, seed=5) for p in prompts])
+    assert [c.tokens for c in explicit.values()] == [c.tokens for c in greedy.values()]
+    # one sampled request, alone and among greedy ones in other slots
+    alone = _run(_engine(model, slots=1), [Request(prompts[0], 12, temperature=1.2, top_p=0.9, seed=11)])[0].tokens
+    mixed = _run(_engine(model, slots=3), [Request(prompts[1], 5), Request(prompts[0], 12, temperature=1.2, top_p=0.9,
+                                                                             seed=11), Request(prompts[2], 9)])
+    assert mixed[1].tokens == alone
+    assert mixed[0].tokens == greedy[1].tokens[:5]
+    other = _run(_engine(model, slots=1), [Request(prompts[0], 12, temperature=1.2, top_p=0.9, seed=12)])[0].tokens
+    assert other != alone
+    # a nucleus holding one token is the argmax
+    nucleus = _run(_engine(model, slots=1), [Request(prompts[0], 8, temperature=1.0, top_p=1e-9, seed=1)])[0].tokens
+    assert nucleus == greedy[0].tokens
+
+
+def test_sampling_draws_from_the_tempered_distribution():
+    """Many first tokens of one prompt at a high temperature: not all the argmax, every one within the nucleus."""
+    model = tiny_model("llama")
+    prompt = _prompts()[3]
+    engine = _engine(model, slots=4)
+    logits = engine.generate(torch.tensor([prompt]), max_new_tokens=1, keep_logits=True).logits[0][0]
+    p = torch.softmax(logits / 2.0, -1)
+    order = p.argsort(descending=True)
+    nucleus = set(order[: int((p[order].cumsum(0) < 0.5).sum()) + 1].tolist())
+    firsts = [c.tokens[0] for c in _run(engine, [Request(prompt, 1, temperature=2.0, top_p=0.5, seed=s)
+                                                 for s in range(24)]).values()]
+    assert set(firsts) <= nucleus and len(set(firsts)) > 1
+
+
+@pytest.mark.parametrize("path", ["auto", "reference"])
+def test_a_requests_budget_selects_as_an_engine_configured_with_it(path):
+    model = tiny_model("qwen3")
+    prompts = _prompts()
+    own = Budget(fraction=0.2)
+    engine = _engine(model, slots=3, path=path)
+    engine.trace = engine.runner.trace = SelectionTrace()  # rows: request indices
+    got = _run(engine, [Request(prompts[0], 6), Request(prompts[1], 6, budget=own), Request(prompts[2], 6, budget=64)])
+    for i, budget in ((0, CFG.budget), (1, own), (2, Budget(tokens=64))):
+        cfg = A2ATSConfig(budget=budget, sinks=2, window=8)
+        ref = _engine(model, slots=1, cfg=cfg, path=path).generate(torch.tensor([prompts[i]]), max_new_tokens=6, trace=True)
+        assert got[i].tokens == ref.tokens[0].tolist()
+        for (layer, row), sets in ref.trace.sets.items():
+            assert engine.trace.sets[(layer, i)] == sets
+    assert engine.runner.budgets == [None] * 3  # a finished sequence leaves no budget behind
+
+
+def test_request_settings_are_checked():
+    for bad, match in [(dict(temperature=-0.1), "temperature"), (dict(temperature=float("nan")), "temperature"),
+                       (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(budget=1.5), "budget fraction"),
+                       (dict(budget="lots"), "not a number")]:
+        with pytest.raises(ValueError, match=match):
+            Request([1, 2, 3], 4, **bad)
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="attends to every token"):
+        _engine(model, cb=False).add(Request([1, 2, 3], 4, budget=0.1))
+
+
+def test_cancel_frees_the_slot_at_once_and_leaves_the_others_alone():
+    model = tiny_model("llama")
+    prompts = _prompts()
+    base = _run(_engine(model, slots=2), [Request(p, 10) for p in prompts])
+    engine = _engine(model, slots=2)
+    idx = [engine.add(Request(p, 10)) for p in prompts]
+    res = engine.step()  # both slots admitted
+    assert set(res.tokens) == {idx[0], idx[1]}
+    engine.step()
+    c = engine.cancel(idx[0])  # in flight
+    assert c.finish_reason == "cancelled" and c.tokens == base[0].tokens[:2]
+    w = engine.cancel(idx[3])  # waiting
+    assert w.finish_reason == "cancelled" and w.tokens == []
+    assert engine.cancel(idx[0]) is None and engine.cancel(99) is None
+    res = engine.step()  # the freed slot is filled before any decode step
+    assert res.prefill and set(res.tokens) == {idx[2]}
+    done = {}
+    while engine.has_work:
+        done.update(engine.step().finished)
+    assert done[idx[1]].tokens == base[1].tokens and done[idx[2]].tokens == base[2].tokens
+
+
+@pytest.mark.parametrize("where", ["prefill", "token"])
+def test_a_failing_sequence_ends_alone(monkeypatch, where):
+    model = tiny_model("llama")
+    prompts = _prompts()
+    base = _run(_engine(model, slots=2), [Request(p, 6) for p in prompts])
+    engine = _engine(model, slots=2)
+    poison = prompts[1]
+    if where == "prefill":
+        prefill = engine._prefill
+
+        def faulty(slot, r):
+            if r.prompt == poison:
+                raise RuntimeError("bad prefill")
+            return prefill(slot, r)
+
+        monkeypatch.setattr(engine, "_prefill", faulty)
+    else:
+        take = engine._take
+
+        def faulty(slot, token, logits, res):
+            if engine._requests[engine._owner[slot]].prompt == poison and len(engine._produced[slot]) == 3:
+                raise RuntimeError("bad token")
+            return take(slot, token, logits, res)
+
+        monkeypatch.setattr(engine, "_take", faulty)
+    got = _run(engine, [Request(p, 6) for p in prompts])
+    assert got[1].finish_reason == "error" and f"RuntimeError: bad {where}" == got[1].error
+    assert got[1].tokens == ([] if where == "prefill" else base[1].tokens[:3])
+    for i in (0, 2, 3):
+        assert got[i].tokens == base[i].tokens and got[i].error is None
+
+
+def test_admit_limit_prefills_one_request_per_step_between_decode_steps():
+    model = tiny_model("llama")
+    prompts = _prompts()
+    base = _run(_engine(model, slots=3), [Request(p, 5) for p in prompts])
+    engine = _engine(model, slots=3)
+    engine.admit_limit = 1
+    idx = [engine.add(Request(p, 5)) for p in prompts]
+    done = {}
+
+    def step():
+        res = engine.step()
+        done.update(res.finished)
+        return res
+
+    for i in idx[:3]:  # one request per prefill step, its first token out at once; the running ones decode between
+        res = step()
+        assert res.prefill and list(res.tokens) == [i]
+        res = step()
+        assert not res.prefill and i in res.tokens
+    assert not step().prefill  # the fourth waits for a slot
+    while engine.has_work:
+        step()
+    assert {i: c.tokens for i, c in done.items()} == {i: c.tokens for i, c in base.items()}
