@@ -114,8 +114,10 @@ def test_fast_path_equals_reference_path(default_model, codebooks, long_text_ids
         if bf16_weights:
             model.load_state_dict(saved)
     assert torch.equal(out.tokens, ref.sequences[:, ids.shape[1]:])
+    # close logits: a rare near-tie code (below) changes one head's selection and moves a few logits by up to a
+    # few 1e-3 (2.3e-3 on 0.1% of them on an AMD EPYC, where BLAS sums in another order than on the Intel machine)
     for a, b in zip(out.logits, ref.scores):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=5e-3)
     # the same token sets per step, layer, row and KV head, up to a rare near-tie: the engine's fused projections
     # round differently from transformers' separate ones, so a key near two centroids may take the other code
     pairs = [(r, f) for key, sets in a2.trace.sets.items() for rs, fs in zip(sets, out.trace.sets[key]) for r, f in zip(rs, fs)]
