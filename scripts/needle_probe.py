@@ -35,6 +35,7 @@ from a2ats.hf import A2ATS
 from a2ats.hf.generate import encode_prompt
 from a2ats.hf.precision import bf16_weight_reads, parse_dtype
 from a2ats.methods import FullMethod, Method, OracleMethod, RerankMethod
+from a2ats.provenance import provenance
 
 p = argparse.ArgumentParser()
 p.add_argument("--model", default="qwen2.5-coder-0.5b")
@@ -169,6 +170,7 @@ report = {"command": "python " + " ".join(sys.argv), "task": a.task, "length": a
                       for name in methods},
           "wall_seconds": round(time.perf_counter() - t_start, 1)}
 name = f"{a.task}-{a.length}-s{a.sample}"
+report["provenance"] = provenance(vars(a))
 (out / f"{name}.json").write_text(json.dumps(report, indent=1))
 lines = [f"# {a.task}, {a.length} tokens, sample {a.sample}: per-needle probe (rho = {a.budget:g})", "",
          f"`{report['command']}`", "", f"Expected {sample.answers}; teacher-forced answer (full attention's): "

@@ -31,6 +31,7 @@ from a2ats.eval.prefill import prefill
 from a2ats.eval.report import load_rows
 from a2ats.hf.calibrate import load_or_calibrate
 from a2ats.methods import A2ATSMethod, HybridMethod, OracleMethod, QuestMethod
+from a2ats.provenance import provenance
 
 p = argparse.ArgumentParser()
 p.add_argument("--out", default="docs/retrieval")
@@ -95,9 +96,10 @@ for x in texts if methods else ():
             print(f"{key}: mass {probe.mean():.4f}, attended {probe.mean('attended'):.0f}", flush=True)
 
 if earlier is not None:
-    res = {k: earlier[k] for k in ("command", "machine", "date", "setup", "mass", "added") if k in earlier}
+    res = {k: earlier[k] for k in ("command", "machine", "date", "setup", "mass", "added", "provenance") if k in earlier}
     if mass:
-        res.setdefault("added", []).append({"command": _command(), "date": time.strftime("%Y-%m-%d"), "methods": sorted(mass)})
+        res.setdefault("added", []).append({"command": _command(), "date": time.strftime("%Y-%m-%d"), "methods": sorted(mass),
+                                            "provenance": provenance(vars(a))})
 else:
     res = {
         "command": _command(),
@@ -132,6 +134,7 @@ def suite_scores(paths) -> dict:
 
 res["suite"] = suite_scores(a.results)
 res["needles"] = suite_scores(a.needle_results)
+res.setdefault("provenance", provenance(vars(a)))  # the first run's; each `added` entry holds its own
 (out / "retrieval_quality.json").write_text(json.dumps(res, indent=1))
 
 panels = [("mass", "share of true attention mass kept"), ("suite", "average suite score (9 tasks, 1 sample)"),

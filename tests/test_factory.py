@@ -1,6 +1,7 @@
 """The factory picks the runtime and path asked for, and refuses by name what cannot run."""
 
 import pytest
+import torch
 
 from a2ats import A2ATS, A2ATSConfig, factory, kernels
 from a2ats.methods.registry import build_method
@@ -19,13 +20,31 @@ def test_decoder_picks_the_engine_where_it_runs_and_transformers_elsewhere():
     assert isinstance(factory.decoder(model, cb, cfg, path="reference", runtime="engine"), Engine)
     hf = factory.decoder(model, cb, cfg, runtime="transformers")
     assert isinstance(hf, A2ATS) and hf.path == ("fast" if fast else "reference")
-    assert "transformers" in factory.describe(hf) or "reference" in factory.describe(hf)
+    assert factory.describe(hf) == ("fast path: transformers' generate + kernels" if fast else
+                                    "reference path: selection applied as a mask on one device, for accuracy, not speed")
+    assert factory.describe(ref).startswith("reference path") and "lean engine" in factory.describe(eng)
     assert "int8 decode weights" in factory.describe(factory.decoder(model, cb, cfg, runtime="engine"))
     assert factory.decoder(model).method is None  # no codebooks: the dense engine
     # a method the engine does not run goes to transformers, on the reference path
     said = []
     hybrid = factory.decoder(model, config=cfg, method=build_method("a2ats-hybrid0.5", model, cb), log=said.append)
     assert isinstance(hybrid, A2ATS) and hybrid.path == "reference" and "runs in transformers" in said[0]
+
+
+def test_the_engines_own_settings_make_an_engine_on_either_path():
+    """A server's settings (slots, placement, K/V dtype): only the engine takes them, so `auto` is the engine even on
+    the reference path, and transformers is refused by name."""
+    model = tiny_model("llama")
+    cb, cfg = random_codebooks(model), A2ATSConfig(budget=0.1, sinks=2, window=8)
+    eng = factory.decoder(model, cb, cfg, path="reference", slots=2, max_context=64, placement="offload",
+                          kv_dtype=torch.bfloat16, decode_weights="bf16")
+    assert isinstance(eng, Engine) and eng.path == "reference" and eng.slots == 2 and eng.max_context == 64
+    assert (eng.placement, eng.kv_dtype, eng.lean.decode_weights) == ("offload", torch.bfloat16, "bf16")
+    assert factory.decoder(model, slots=1, max_context=32).method is None  # dense
+    with pytest.raises(ValueError, match="max_context, slots are the lean engine's"):
+        factory.decoder(model, cb, cfg, runtime="transformers", slots=2, max_context=64)
+    with pytest.raises(ValueError, match="runs in transformers"):
+        factory.decoder(model, config=cfg, method=build_method("a2ats-hybrid0.5", model, cb), slots=2)
 
 
 def test_engine_and_transformers_decode_the_same_tokens():

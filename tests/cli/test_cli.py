@@ -31,7 +31,7 @@ def test_default_selection_from_the_command_line():
     """No --budget/--reduction: the library's default (max, 10% per KV head); --reduction union alone: the paper's
     3% per query head; `bench project` without them models the paper's design (3%, GQA union)."""
     from a2ats.bench.project.cli import from_args
-    from a2ats.cli import _config
+    from a2ats.factory.options import config as _config
 
     p = build_parser()
     cfg = _config(p.parse_args(["generate"]))
@@ -91,7 +91,7 @@ def test_calibrate_then_generate(tiny_checkpoint, tmp_path, capsys):
     assert main([*args, "--wrope-bands", "0"]) == 0  # the paper's selection, over that codebook
     assert "attended per step" in capsys.readouterr().err
     assert main([*args, "--wrope-bands", "1"]) == 2
-    assert "--wrope-bands must be 0" in capsys.readouterr().err
+    assert "wrope_band_ratio must be > 1" in capsys.readouterr().err
     assert main([*args, "--hybrid", "0.5", "--path", "fast"]) == 2
     assert "--hybrid runs on the reference path" in capsys.readouterr().err
     assert main([*args, "--hybrid", "0.5", "--runtime", "engine"]) == 2

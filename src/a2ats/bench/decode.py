@@ -8,21 +8,26 @@ along the token axis up to each length. Positions continue from the synthesized 
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 from transformers import DynamicCache
 
+from a2ats import factory
 from a2ats.bench import DEFAULT_VARIANTS, VARIANTS, engine_variant
+from a2ats.bench.output import emit, machine
 from a2ats.bench.synthetic import decode_steps, real_prefill, tile
 from a2ats.core.codebook import Codebooks
 from a2ats.core.config import A2ATSConfig
 from a2ats.core.rope import WRoPE, find_rotary_embedding
-from a2ats.hf import A2ATS
+from a2ats.factory import options
 from a2ats.hf.cache import A2ATSCache
 from a2ats.methods import A2ATSMethod
-from a2ats.runtime import Engine, KVState, StepResult
+from a2ats.runtime import KVState, StepResult
+
+LENGTHS = (2048, 8192, 16384, 32768)
 
 
 @dataclass
@@ -80,7 +85,7 @@ def _engine_row(variant: str, length: int, steps: list[StepResult]) -> DecodeRow
     return row
 
 
-def bench_decode(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=(2048, 8192, 16384, 32768),
+def bench_decode(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=LENGTHS,
                  variants=DEFAULT_VARIANTS, steps: int = 8, warmup: int = 2, base: int = 4096, text_ids=None,
                  gguf: str | None = None, log=print) -> tuple[list[DecodeRow], dict]:
     """One row per (variant, length), and prefill facts (the cost of encoding keys at prefill).
@@ -100,20 +105,22 @@ def bench_decode(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=
         if not llamacpp.available():
             raise ValueError("the llama.cpp variant needs llama-cpp-python: `pip install llama-cpp-python` "
                              "(builds from source, ~10-15 min on 2 cores), or leave llama.cpp out of --variants")
-    speed = dict(beyond_model_context=True)  # lengths past the model's context: speed only
-    fast = Engine(model, codebooks, config, path="fast", **speed)
-    dense = Engine(model, **speed)
+    def engine(cb=None, **kw):  # lengths past the model's context: speed only
+        return factory.decoder(model, cb, config, runtime="engine", beyond_model_context=True, **kw)
+
+    fast = engine(codebooks, path="fast")
+    dense = engine()
     # one engine per (variant, weight format) asked for: *-int8w etc. read that format at decode (fp32 models)
     lean = {"a2ats-fast": fast, "dense-lean": dense}
     for v in variants:
         parsed = engine_variant(v)
         if parsed is not None and v not in lean:
             base, fmt = parsed
-            lean[v] = (Engine(model, codebooks, config, path="fast", decode_weights=fmt, **speed) if base == "a2ats-fast"
-                       else Engine(model, decode_weights=fmt, **speed))
+            lean[v] = (engine(codebooks, path="fast", decode_weights=fmt) if base == "a2ats-fast"
+                       else engine(decode_weights=fmt))
     if "a2ats-fast-paper" in variants:
         paper = A2ATSMethod(codebooks, WRoPE(find_rotary_embedding(model), config.wrope_distance, None))
-        lean["a2ats-fast-paper"] = Engine(model, config=config, method=paper, path="fast", **speed)
+        lean["a2ats-fast-paper"] = engine(method=paper, path="fast")
     state, with_codes = real_prefill(fast, text_ids)
     _, plain = real_prefill(dense, text_ids)
     dense.release()
@@ -132,7 +139,7 @@ def bench_decode(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=
                 eng.release()
             elif variant == "a2ats-reference":
                 cache = _hf_cache(tile(state, length), a2ats=True)
-                with A2ATS(model, codebooks, config, path="reference"):
+                with factory.decoder(model, codebooks, config, path="reference", runtime="transformers"):
                     row = _row(variant, length, _time_hf(model, cache, length, steps, warmup))
                 del cache
             elif variant == "llama.cpp":
@@ -153,3 +160,39 @@ def bench_decode(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=
 
 def rows_to_json(rows: list[DecodeRow]) -> list[dict]:
     return [asdict(r) for r in rows]
+
+
+def add_arguments(p) -> None:
+    options.add_model_args(p)
+    options.add_selection_args(p)
+    options.add_codebook_args(p)
+    p.add_argument("--lengths", type=options.csv(int),
+                   help=f"context lengths (default {','.join(map(str, LENGTHS))})")
+    p.add_argument("--variants", type=options.csv(str), default=DEFAULT_VARIANTS,
+                   help=f"comma-separated: {', '.join(VARIANTS)} (*-fp32w/-bf16w/-int8w/-int4w: decode reads that weight "
+                        f"format; a2ats-fast and dense-lean: the default, int8); default {','.join(DEFAULT_VARIANTS)}")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per variant and length (median reported)")
+    p.add_argument("--out", help="folder for decode.json, decode.md and decode.png")
+    p.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
+
+
+def main(a) -> int:
+    """ms per token against context, one row per variant and length: a table (or JSON), with --out the files."""
+    from a2ats.bench.llamacpp import gguf_for
+    from a2ats.bench.report import decode_plot, decode_table
+
+    unknown = [v for v in a.variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    gguf = gguf_for(a.model, log=options.log) if "llama.cpp" in a.variants else None  # the named model's (verified)
+    model, tok = options.load(a)
+    cfg = options.config(a)
+    rows, prefill = bench_decode(model, tok, options.codebooks(a, model, tok), cfg, lengths=a.lengths or LENGTHS,
+                                 variants=a.variants, steps=a.steps, gguf=gguf, log=options.log)
+    rows = rows_to_json(rows)
+    res = {"machine": machine(), "model": options.model_label(a), "dtype": a.dtype, "budget": cfg.budget_label,
+           "wrope_bands": cfg.wrope_band_ratio,
+           "command": "a2ats " + " ".join(sys.argv[1:]), "prefill": prefill, "rows": rows}
+    title = f"{res['machine']}, {a.dtype}, {res['budget']}"
+    emit(res, decode_table(rows), "decode", a.out, lambda p: decode_plot(rows, p, title), a.json, options.log)
+    return 0

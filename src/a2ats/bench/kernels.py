@@ -1,12 +1,18 @@
-"""Micro-benchmark of the CPU kernels at a decode-like shape, next to the host's read bandwidth."""
+"""`a2ats bench kernels`: micro-benchmark of the CPU kernels at a decode-like shape, next to the host's read
+bandwidth."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import torch
 
+from a2ats.bench.output import machine, with_provenance
+from a2ats.factory.options import DTYPES
 from a2ats.kernels import cpu_backend
+
+CONTEXT = 32768  # tokens in the synthetic cache
 
 
 def _best(fn, repeats: int) -> float:
@@ -19,7 +25,7 @@ def _best(fn, repeats: int) -> float:
     return best
 
 
-def bench_kernels(n: int = 32768, B: int = 1, Hkv: int = 3, G: int = 3, d: int = 64, rho: float = 0.03,
+def bench_kernels(n: int = CONTEXT, B: int = 1, Hkv: int = 3, G: int = 3, d: int = 64, rho: float = 0.03,
                   dtype: torch.dtype = torch.float32, repeats: int = 20, C: int = 4096) -> dict:
     """Best-of-``repeats`` timings (seconds) and rates of the kernels, plus host read bandwidth (GB/s).
 
@@ -78,6 +84,17 @@ def bench_kernels(n: int = 32768, B: int = 1, Hkv: int = 3, G: int = 3, d: int =
     }
 
 
-if __name__ == "__main__":
-    for key, value in bench_kernels().items():
-        print(f"{key:32s} {value:.6g}")
+def add_arguments(p) -> None:
+    p.add_argument("--context", type=int, default=CONTEXT, help="tokens in the synthetic cache")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the K/V rows attended")
+    p.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
+
+
+def main(a) -> int:
+    res = {"machine": machine(), **bench_kernels(n=a.context, dtype=DTYPES[a.dtype])}
+    if a.json:  # the file `bench project --kernels-json` reads: it records what produced it
+        print(json.dumps(with_provenance({**res, "context": a.context, "dtype": a.dtype})))
+    else:
+        for k, v in res.items():
+            print(f"{k:34s} {v:.4g}" if isinstance(v, float) else f"{k:34s} {v}")
+    return 0

@@ -68,3 +68,13 @@ def prefill_seconds(prompt: list[int], threads: int | None = None, gguf: str | N
     seconds = time.perf_counter() - t
     del llm
     return seconds
+
+
+def gguf_for(model: str | None, log=print) -> str:
+    """The GGUF llama.cpp runs for ``model`` (None: the default model): a named model's own, verified."""
+    from a2ats.assets.models import DEFAULT_MODEL, MODELS, gguf_path, named_model
+
+    if model is not None and model not in MODELS:
+        raise ValueError("the llama.cpp variant runs a named model's GGUF: give --model "
+                         f"{' or '.join(MODELS)}, or leave llama.cpp out")
+    return str(gguf_path(named_model(model or DEFAULT_MODEL), log=log))

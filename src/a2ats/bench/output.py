@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from a2ats.provenance import provenance
+
 
 def machine() -> str:
     """The CPU (and GPU), cores, torch and its threads: every figure names the machine it came from."""
@@ -35,9 +37,20 @@ def served_table(served: list[dict]) -> str:
                       f"{s['decode_tokens_per_s']:.1f} | {s['served_tokens_per_s']:.1f} |\n" for s in served))
 
 
+def with_provenance(res: dict) -> dict:
+    """``res`` with a ``provenance`` record (a2ats.provenance) unless it has one; the run's settings in it are the
+    result's own top-level fields (model, dtype, budget, lengths, ...), its rows left out."""
+    if "provenance" in res:
+        return res
+    settings = {k: v for k, v in res.items() if not isinstance(v, (list, dict)) or k in ("lengths", "variants")}
+    return {**res, "provenance": provenance(settings)}
+
+
 def emit(res: dict, table: str, name: str, out: str | None, plot: Callable[[Path], None] | None, as_json: bool,
          log: Callable[[str], None]) -> None:
-    """Print ``table`` (or ``res`` as JSON); with ``out``, also write NAME.json, NAME.md and NAME.png there."""
+    """Print ``table`` (or ``res`` as JSON); with ``out``, also write NAME.json, NAME.md and NAME.png there. Both
+    JSON forms carry ``provenance``: what produced the figures (commit, machine, versions, command, defaults)."""
+    res = with_provenance(res)
     if out:
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)

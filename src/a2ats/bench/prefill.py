@@ -7,16 +7,22 @@ what the text says. Each figure is one prefill (a long prefill is its own averag
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
+from a2ats import factory
+from a2ats.bench.output import emit, machine
 from a2ats.core.codebook import Codebooks
 from a2ats.core.config import A2ATSConfig
-from a2ats.runtime import Engine, Request
+from a2ats.factory import options
+from a2ats.runtime import Request
 
 SYSTEMS = ("a2ats", "a2ats-fp32", "dense", "llama.cpp")  # a2ats: the default prefill dtype; -fp32: the model's own
+DEFAULT_SYSTEMS = ("a2ats", "a2ats-fp32", "dense")
+LENGTHS = (4096, 16384)
 
 
 @dataclass
@@ -32,7 +38,7 @@ def _prompt(text_ids: torch.Tensor, length: int) -> list[int]:
     return (base * -(-length // len(base)))[:length]
 
 
-def bench_prefill(model, codebooks: Codebooks, config: A2ATSConfig, text_ids: torch.Tensor, lengths=(4096, 16384),
+def bench_prefill(model, codebooks: Codebooks, config: A2ATSConfig, text_ids: torch.Tensor, lengths=LENGTHS,
                   systems=SYSTEMS, gguf: str | None = None, log=print) -> list[PrefillRow]:
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
@@ -47,8 +53,9 @@ def bench_prefill(model, codebooks: Codebooks, config: A2ATSConfig, text_ids: to
                 seconds = prefill_seconds(prompt, gguf=gguf)
             else:
                 cb = codebooks if system.startswith("a2ats") else None
-                engine = Engine(model, cb, config, slots=1, max_context=length + 2, beyond_model_context=True,
-                                prefill_dtype="model" if system.endswith("-fp32") else "auto")
+                engine = factory.decoder(model, cb, config, runtime="engine", slots=1, max_context=length + 2,
+                                         beyond_model_context=True,
+                                         prefill_dtype="model" if system.endswith("-fp32") else "auto")
                 t = time.perf_counter()
                 engine.serve([Request(prompt, 1)])
                 seconds = time.perf_counter() - t
@@ -72,3 +79,38 @@ def prefill_table(rows: list[dict]) -> str:
         cells = [f"{at[s, n]['tokens_per_s']:.0f} ({at[s, n]['seconds']:.1f} s)" if (s, n) in at else "" for n in lengths]
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def add_arguments(p) -> None:
+    options.add_model_args(p)
+    options.add_selection_args(p)
+    options.add_codebook_args(p)
+    p.add_argument("--lengths", type=options.csv(int), help=f"prompt lengths (default {','.join(map(str, LENGTHS))})")
+    p.add_argument("--prefill-systems", type=options.csv(str), default=DEFAULT_SYSTEMS,
+                   help="a2ats (default prefill dtype), a2ats-fp32 (the model's dtype), dense (no key encoding), "
+                        f"llama.cpp (its own prefill of the same ids, when installed); default {','.join(DEFAULT_SYSTEMS)}")
+    p.add_argument("--out", help="folder for prefill.json and prefill.md")
+    p.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
+
+
+def main(a) -> int:
+    """Prefill tokens/s at each length: ours (default dtype and fp32, with and without key encoding) and llama.cpp's."""
+    from a2ats.assets.corpus import speeches
+    from a2ats.bench.llamacpp import available, gguf_for
+
+    systems = a.prefill_systems
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown:
+        raise ValueError(f"unknown prefill system(s) {unknown}; choose from {', '.join(SYSTEMS)}")
+    if "llama.cpp" in systems and not available():
+        raise ValueError("the llama.cpp system needs llama-cpp-python (see docs/bench/README.md), or leave it out")
+    gguf = gguf_for(a.model, log=options.log) if "llama.cpp" in systems else None
+    model, tok = options.load(a)
+    text = next(s for s in speeches()[150:] if len(s) > 6 * 4096)
+    ids = torch.tensor([tok.encode(text, add_special_tokens=False)[:4096]])
+    rows = rows_to_json(bench_prefill(model, options.codebooks(a, model, tok), options.config(a), ids,
+                                      a.lengths or LENGTHS, systems, gguf=gguf, log=options.log))
+    res = {"machine": machine(), "model": options.model_label(a), "dtype": a.dtype,
+           "command": "a2ats " + " ".join(sys.argv[1:]), "rows": rows}
+    emit(res, prefill_table(rows), "prefill", a.out, None, a.json, options.log)
+    return 0

@@ -11,8 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
+
+from a2ats.bench.output import emit, machine
+from a2ats.factory import options
+
+LENGTHS = (1024, 2048, 4096, 8192)
+SYSTEMS = ("a2ats", "dense")  # a2ats: K/V in host memory; dense: full attention, the cache beside the model
 
 
 @dataclass
@@ -210,3 +217,79 @@ def table(rows: list[dict]) -> str:
                      f"{r['unique_ids']} distinct ids; the server counted {r['server_answered']} answers: "
                      f"{'every request answered exactly once' if r['exactly_once'] else 'NOT exactly once'}")
     return "\n".join(lines) + "\n"
+
+
+def prompts_for(tok, lengths, count: int, new_tokens: int, skip: int = 0) -> list[list[int]]:
+    """``count`` chat prompts cycling through ``lengths``: a window of the essays to summarize, each its own, so
+    that the prompt and ``new_tokens`` fill about (at most) that many tokens."""
+    from a2ats.assets.corpus import essays
+    from a2ats.hf.generate import encode_prompt
+
+    ids = tok.encode("\n\n".join(essays()), add_special_tokens=False)
+    ask = "\n\nSummarize the text above in a few sentences."
+    margin = 64  # the chat template and the question
+    prompts = []
+    for i in range(count):
+        n = lengths[i % len(lengths)] - new_tokens - margin
+        at = (104729 * (skip + i)) % (len(ids) - n)  # windows spread over the essays
+        prompts.append(encode_prompt(tok, tok.decode(ids[at : at + n]) + ask)[0].tolist())
+    return prompts
+
+
+def add_arguments(p) -> None:
+    options.add_model_args(p)
+    options.add_selection_args(p)
+    options.add_runtime_args(p, "path", "decode_weights", "prefill_dtype")
+    options.add_codebook_args(p)
+    p.add_argument("--lengths", type=options.csv(int),
+                   help=f"prompt lengths, cycled through (default {','.join(map(str, LENGTHS))})")
+    p.add_argument("--requests", type=int, default=0, help="requests per system (default: 4 per client)")
+    p.add_argument("--clients", type=int, default=4, help="concurrent clients, each streaming one request at a time")
+    p.add_argument("--slots", type=int, default=4, help="the server's slots")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per request")
+    p.add_argument("--serve-systems", type=options.csv(str), default=SYSTEMS,
+                   help="a2ats (K/V in host memory) and/or dense (full attention, the cache beside the model)")
+    p.add_argument("--soak", type=int, default=0, metavar="N",
+                   help="then N short requests (half streamed) to the first system, each checked answered exactly once")
+    p.add_argument("--out", help="folder for serve.json and serve.md")
+    p.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
+
+
+def main(a, http_server) -> int:
+    """The HTTP server under load: N concurrent streaming clients, A²ATS and full attention, then a soak run.
+    ``http_server(a, model, tok, dense=..., max_context=..., port=0, log_level=..., placement=...)``: the server
+    to load (the command line hands in :func:`a2ats.server.cli.http_server`; bench does not import the server)."""
+    if a.soak < 0:
+        raise ValueError(f"--soak must be >= 0, got {a.soak}")
+    unknown = [s for s in a.serve_systems if s not in SYSTEMS]
+    if unknown:
+        raise ValueError(f"unknown system(s) {unknown}; choose from {', '.join(SYSTEMS)}")
+    model, tok = options.load(a)
+    lengths = a.lengths or LENGTHS
+    requests = a.requests or 4 * a.clients
+    prompts = prompts_for(tok, lengths, requests, a.max_new_tokens)
+    short = prompts_for(tok, (128, 256), a.soak, 8, skip=requests)  # the soak's
+    max_context = max([len(p) + a.max_new_tokens for p in prompts] + [len(p) + 8 for p in short])
+    rows = []
+    for n, system in enumerate(a.serve_systems):
+        dense = system == "dense"
+        placement = "local" if dense else "offload"
+        server = http_server(a, model, tok, dense=dense, max_context=max_context, port=0, log_level="warning",
+                             placement=placement).start()
+        try:
+            options.log(f"{system}: {requests} requests of {min(lengths)}-{max(lengths)} tokens, {a.clients} clients, "
+                        f"{a.slots} slots")
+            rows.append(load(server.url, server.config.model_name, prompts, a.clients, a.max_new_tokens,
+                             f"{system} ({placement})", server.config.api_key))
+            if a.soak and n == 0:  # on the first system
+                options.log(f"{system}: soak, {a.soak} short requests through {max(a.clients, 2 * a.slots)} clients")
+                rows.append(soak(server.url, server.config.model_name, short, max(a.clients, 2 * a.slots), 8,
+                                 f"{system} ({placement})", server.config.api_key))
+        finally:
+            server.stop()
+    res = {"machine": machine(), "model": options.model_label(a), "dtype": a.dtype,
+           "budget": options.config(a).budget_label, "slots": a.slots, "command": "a2ats " + " ".join(sys.argv[1:]),
+           "rows": rows}
+    emit(res, table(rows), "serve", a.out, None, a.json, options.log)
+    lost = [r for r in rows if r.get("soak") and not r["exactly_once"]]
+    return 1 if lost else 0

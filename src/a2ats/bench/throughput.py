@@ -17,17 +17,24 @@ from __future__ import annotations
 
 import gc
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from a2ats import factory
+from a2ats.bench.output import emit, machine, served_table
+from a2ats.bench.project.inputs import DEFAULT_SHAPE, SHAPES
 from a2ats.bench.synthetic import decode_steps, real_prefill, tile
-from a2ats.core.codebook import Codebooks
+from a2ats.core.codebook import Codebooks, CodebookSettings
 from a2ats.core.config import A2ATSConfig
+from a2ats.factory import options
 from a2ats.runtime import Engine, PreflightError, Request
 
 SYSTEMS = ("a2ats-offload", "full-local")
+LENGTHS = (8192, 32768)
+BATCHES = (1, 2, 4, 8)
 # Suffixes: "-xN" decode steps in N micro-batches (Engine(overlap=N)); "-kvbf16" / "-kvint8" K/V stored
 # in bf16 / int8 with a scale per row.
 SYSTEM_CHOICES = (f"choose from {SYSTEMS}, with -xN (a2ats-offload: N micro-batches) and/or -kvbf16 / -kvint8 "
@@ -72,12 +79,13 @@ def engine_for(model, codebooks: Codebooks | None, config: A2ATSConfig, system: 
     base, overlap, kv = parsed
     cb = codebooks if base.startswith("a2ats") else None
     placement = "offload" if base.endswith("offload") else "local"
-    return Engine(model, cb, config, slots=slots, max_context=capacity, placement=placement, prefill_chunk=4096,
-                  decode_weights=decode_weights, overlap=overlap, kv_dtype=kv, beyond_model_context=True)
+    return factory.decoder(model, cb, config, runtime="engine", slots=slots, max_context=capacity, placement=placement,
+                           prefill_chunk=4096, decode_weights=decode_weights, overlap=overlap, kv_dtype=kv,
+                           beyond_model_context=True)
 
 
-def bench_throughput(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=(8192, 32768),
-                     batches=(1, 2, 4, 8), systems=SYSTEMS, steps: int = 6, warmup: int = 2, base: int = 4096,
+def bench_throughput(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=LENGTHS,
+                     batches=BATCHES, systems=SYSTEMS, steps: int = 6, warmup: int = 2, base: int = 4096,
                      decode_weights: str = "auto", text_ids: torch.Tensor | None = None,
                      log=print) -> list[ThroughputRow]:
     """One row per (system, context, batch); a batch that does not fit this machine is skipped (logged).
@@ -91,7 +99,7 @@ def bench_throughput(model, tok, codebooks: Codebooks, config: A2ATSConfig, leng
 
         text = next(s for s in speeches()[150:] if len(s) > 6 * base)
         ids = torch.tensor([tok.encode(text, add_special_tokens=False)[:base]])
-    state, seconds = real_prefill(Engine(model, codebooks, config), ids)
+    state, seconds = real_prefill(factory.decoder(model, codebooks, config, runtime="engine"), ids)
     log(f"real prefill of {ids.shape[1]} tokens in {seconds:.1f} s; tiled into every slot")
     rows: list[ThroughputRow] = []
     for length in lengths:
@@ -147,13 +155,13 @@ def rows_to_json(rows: list[ThroughputRow]) -> list[dict]:
     return [asdict(r) for r in rows]
 
 
-def random_model(shape_name: str, dtype: torch.dtype, device: str, centroids: int = 4096, max_context: int = 131072):
+def random_model(shape_name: str, dtype: torch.dtype, device: str, centroids: int = CodebookSettings.n_centroids,
+                 max_context: int = 131072):
     """A Llama of a preset shape (:data:`a2ats.bench.project.SHAPES`) with random weights, and random
     codebooks for it: speed only (the selection is as costly as with trained ones; the text is noise)."""
     import transformers as T
 
-    from a2ats.bench.project import SHAPES
-    from a2ats.core.codebook import CodebookSettings, model_fingerprint, weights_digest
+    from a2ats.core.codebook import model_fingerprint, weights_digest
 
     if shape_name not in SHAPES:
         raise ValueError(f"unknown shape {shape_name!r}; choose from {sorted(SHAPES)}")
@@ -174,3 +182,76 @@ def random_model(shape_name: str, dtype: torch.dtype, device: str, centroids: in
     cb = Codebooks(torch.randn(L, H, centroids, d, generator=g), torch.eye(d).expand(L, H, d, d).contiguous(),
                    model_fingerprint(cfg), CodebookSettings(n_centroids=centroids), weights_digest(model))
     return model, cb
+
+
+# calibration's own options: random codebooks are not calibrated, so with --random-weights these do nothing
+CALIBRATION_FLAGS = ("codebooks", "text_tokens", "uuid_tokens", "max_iter", "calib_seq_len", "seed", "euclidean",
+                     "no_sink_prefix")
+
+
+def add_arguments(p) -> None:
+    options.add_model_args(p)
+    options.add_selection_args(p)
+    options.add_runtime_args(p, "decode_weights")
+    options.add_codebook_args(p)
+    p.add_argument("--lengths", type=options.csv(int), help=f"context lengths (default {','.join(map(str, LENGTHS))})")
+    p.add_argument("--batches", type=options.csv(int), default=BATCHES, help="batch sizes (slots)")
+    p.add_argument("--systems", type=options.csv(str), default=SYSTEMS,
+                   help="a2ats-offload (K/V in host memory), full-local (full attention, cache beside the model), "
+                        "suffixes: -xN (a2ats-offload: decode steps in N micro-batches), -kvbf16 / -kvint8 (K/V stored "
+                        "in bf16 / int8 with a scale per row)")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per system, length and batch (median reported)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="a model of --shape with random weights and codebooks (e.g. Llama-3.1-8B on a GPU): speed only")
+    p.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                   help=f"--random-weights: the model's shape (default {DEFAULT_SHAPE})")
+    p.add_argument("--requests", type=int, default=0, help="also serve this many real prompts through a queue")
+    p.add_argument("--prompt-tokens", type=int, default=4096, help="--requests: tokens per prompt (at most)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="--requests: new tokens per prompt")
+    p.add_argument("--out", help="folder for throughput.json, throughput.md and throughput.png")
+    p.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
+
+
+def main(a) -> int:
+    """Decode tokens/s against batch and context (and with --requests a served queue): a table (or JSON), with
+    --out the files."""
+    from a2ats.bench.report import throughput_plot, throughput_table
+
+    unknown = [s for s in a.systems if parse_system(s) is None]
+    if unknown:
+        raise ValueError(f"unknown system(s) {unknown}; {SYSTEM_CHOICES}")
+    if a.random_weights:
+        idle = [f"--{f.replace('_', '-')}" for f in CALIBRATION_FLAGS if getattr(a, f) not in (None, False)]
+        if idle:
+            raise ValueError(f"--random-weights makes random codebooks: {', '.join(idle)} would do nothing; drop them")
+        if a.requests:
+            raise ValueError("--requests serves real prompts: it needs the embedded model, not --random-weights")
+    elif a.shape is not None:
+        raise ValueError("--shape is the shape of --random-weights' model: give --random-weights, or drop --shape")
+    cfg = options.config(a)
+    lengths = a.lengths or LENGTHS
+    text_ids = None
+    if a.random_weights:
+        a.shape = a.shape or DEFAULT_SHAPE
+        model, cb = random_model(a.shape, options.DTYPES[a.dtype], a.device, options.settings(a).n_centroids,
+                                 max_context=max(lengths) + 4096)
+        tok, text_ids = None, torch.randint(3, model.config.vocab_size, (1, 4096))
+        options.log(f"{a.shape} shape with RANDOM weights and codebooks on {a.device} ({a.dtype}): speed only")
+    else:
+        model, tok = options.load(a)
+        cb = options.codebooks(a, model, tok)
+    rows = rows_to_json(bench_throughput(model, tok, cb, cfg, lengths=lengths, batches=a.batches, systems=a.systems,
+                                         steps=a.steps, decode_weights=a.decode_weights, text_ids=text_ids,
+                                         log=options.log))
+    served = bench_served(model, tok, cb, cfg, slots=max(a.batches), requests=a.requests, prompt_tokens=a.prompt_tokens,
+                          new_tokens=a.max_new_tokens, decode_weights=a.decode_weights,
+                          log=options.log) if a.requests else []
+    res = {"machine": machine(), "dtype": a.dtype, "budget": cfg.budget_label, "decode_weights": a.decode_weights,
+           "model": f"{a.shape}, random weights" if a.random_weights else options.model_label(a),
+           "accelerator": str(model.device) + (" (the CPU stands in for the accelerator: no PCIe, shared cores)"
+                                               if model.device.type == "cpu" else ""),
+           "command": "a2ats " + " ".join(sys.argv[1:]), "rows": rows, "served": served}
+    title = f"{res['machine']}, {a.dtype}, {res['budget']}"
+    emit(res, throughput_table(rows) + served_table(served), "throughput", a.out,
+         lambda p: throughput_plot(rows, p, title), a.json, options.log)
+    return 0

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from a2ats.core.config import DEFAULT_BAND_RATIO
+from a2ats.core.config import DEFAULT_BAND_RATIO, check_band_ratio
 from a2ats.core.distributed import full, is_dtensor
 from a2ats.core.kmeans import Nearest, SeedPicks, kmeans
 
@@ -69,8 +69,7 @@ class CodebookSettings:
             raise ValueError("calibration needs a positive number of text_tokens + uuid_tokens")
         if self.seq_len < 16:
             raise ValueError(f"seq_len must be >= 16, got {self.seq_len}")
-        if self.wrope_band_ratio is not None and not self.wrope_band_ratio > 1:
-            raise ValueError(f"wrope_band_ratio must be > 1 (or None for the paper's single distance), got {self.wrope_band_ratio}")
+        check_band_ratio(self.wrope_band_ratio)
         if self.max_iter < 0 or self.tol < 0:
             raise ValueError("max_iter and tol must be >= 0")
 

@@ -13,6 +13,14 @@ import torch
 DEFAULT_BAND_RATIO = 2.0
 
 
+def check_band_ratio(ratio: float | None) -> None:
+    """Banded WRoPE's ratio: > 1, or None for the paper's single distance. Every setting of it (A2ATSConfig,
+    CodebookSettings, WRoPE) is checked here."""
+    if ratio is not None and not ratio > 1:
+        raise ValueError(f"wrope_band_ratio must be > 1 (e.g. 2: bands 64-128, 128-256, ...), or None for the "
+                         f"paper's single distance (`--wrope-bands 0` on the command line); got {ratio:g}")
+
+
 @dataclass(frozen=True)
 class Budget:
     """How many tokens each query head (``union``) or KV head (``max``) retrieves per step, beyond sinks and window.
@@ -73,8 +81,8 @@ class Budget:
 Reduction = Literal["union", "max"]
 
 # The default budget of each reduction. 0.03 per query head is the paper's example; with the union of a GQA group
-# it reads 10-11% of each KV head's rows on Qwen2.5-Coder-0.5B (7 query heads per KV head). 0.10 per KV head with
-# the max reduction reads those same bytes there, and finds every needle the union misses at 16K (docs/eval/qwen).
+# of 7 query heads (Qwen2.5-Coder-0.5B) it reads about a tenth of each KV head's rows, so 0.10 per KV head with the
+# max reduction reads nearly the same bytes there (somewhat more on the task prompts: docs/eval/qwen).
 DEFAULT_BUDGETS = {"union": 0.03, "max": 0.10}
 
 
@@ -111,8 +119,7 @@ class A2ATSConfig:
             raise ValueError(f"sinks must be >= 0 and window >= 1 (the current token), got {self.sinks}, {self.window}")
         if self.wrope_distance < 0:
             raise ValueError(f"wrope_distance must be >= 0, got {self.wrope_distance}")
-        if self.wrope_band_ratio is not None and not self.wrope_band_ratio > 1:
-            raise ValueError(f"wrope_band_ratio must be > 1 (e.g. 4), or None for the paper's single distance; got {self.wrope_band_ratio}")
+        check_band_ratio(self.wrope_band_ratio)
 
     @property
     def budget_label(self) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from a2ats.core.config import check_band_ratio
 from a2ats.core.support import UnsupportedModelError, model_type
 
 
@@ -92,8 +93,7 @@ class WRoPE:
     """
 
     def __init__(self, rotary: nn.Module, distance: int = 2048, band_ratio: float | None = None, first_edge: int = 64):
-        if band_ratio is not None and not band_ratio > 1:
-            raise ValueError(f"band_ratio must be > 1 (e.g. 4: bands 64-256, 256-1K, 1K-4K, ...), got {band_ratio}")
+        check_band_ratio(band_ratio)
         if first_edge < 1:
             raise ValueError(f"first_edge must be >= 1, got {first_edge}")
         self.rotary = rotary

@@ -5,10 +5,8 @@ prefill (:mod:`a2ats.eval.prefill`), so a full sweep costs one prefill per sampl
 written as JSONL (one row per sample, method and budget) as they come, and a run started again on
 the same folder skips every row already there (a sweep of hours survives an interruption).
 
-Method names: ``full``, ``oracle``, ``streaming``, ``quest``, ``pqcache``, ``a2ats`` (the paper),
-``a2ats-euclid``, ``a2ats-postrope``, ``a2ats-banded``, ``a2ats-hybrid[SHARE]``, ``a2ats-rerank[FACTOR]`` and
-``a2ats-banded-rerank[FACTOR]`` (the estimate shortlists FACTOR x K, exact keys choose K); a ``+max`` suffix runs a
-method with the ``max`` GQA reduction (K per KV head) instead of the union.
+Methods are named as :mod:`a2ats.methods.registry` names them; a ``+max`` suffix runs a method with the ``max``
+GQA reduction (K per KV head) instead of the union.
 """
 
 from __future__ import annotations
@@ -35,12 +33,12 @@ from a2ats.hf import A2ATS
 from a2ats.hf.calibrate import calibrate_missing, load_or_calibrate
 from a2ats.hf.generate import encode_prompt
 from a2ats.hf.precision import bf16_exact, bf16_weight_reads, parse_dtype
-from a2ats.methods import Method, RerankMethod
+from a2ats.methods import Method, RerankMethod, registry
 from a2ats.methods.registry import KNOWN, build_method, codebook_variant, parse_method
+from a2ats.provenance import provenance
 
-METHODS = ("full", "oracle", "streaming", "quest", "pqcache", "a2ats", "a2ats-euclid", "a2ats-postrope", "a2ats-banded",
-           "a2ats-hybrid")  # the names a preset runs; the grammar of names is a2ats.methods.registry's
-PAPER_METHODS = METHODS[:-2]  # the evaluation issue's set: the paper's method, its ablations and the baselines
+METHODS = registry.NAMES  # every method a preset runs, by its registry name
+PAPER_METHODS = registry.names("reference", "ceiling", "window", "retrieval", "paper", "ablation")  # the paper's set
 NEEDLE_TASKS = tuple(t for t in T.TASKS if t.startswith("niah_"))
 
 
@@ -227,9 +225,20 @@ def run(model, tokenizer, cfg: EvalConfig, out_dir: Path, progress: bool = True,
     rows = _load_done(out_dir, cfg, log)
     done = {_row_key(r) for r in rows}
     (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    record_run(out_dir, {**asdict(cfg), "only": only}, first_row=len(rows))
     with bf16_weight_reads(model) if cfg.bf16_weight_reads else contextlib.nullcontext():
         _sweep(model, tokenizer, cfg, out_dir, rows, done, progress, log, only)
     return rows
+
+
+def record_run(out_dir: Path, settings: dict, first_row: int) -> None:
+    """Append this run's provenance to ``out_dir/provenance.json`` (``{"runs": [...]}``): a results file is often
+    written in parts, resumed on other days or machines, so each part records what produced it and the first row
+    of ``results.jsonl`` it wrote (its rows run to the next part's ``first_row``)."""
+    path = out_dir / "provenance.json"
+    runs = json.loads(path.read_text())["runs"] if path.is_file() else []
+    runs.append({"first_row": first_row, **provenance(settings)})
+    path.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
 
 
 def _sweep(model, tokenizer, cfg: EvalConfig, out_dir: Path, rows: list, done: set, progress: bool, log: Callable,

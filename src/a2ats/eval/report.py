@@ -7,6 +7,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from statistics import mean
 
+from a2ats.methods import registry
+
 
 def load_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
@@ -210,8 +212,7 @@ GOAL = {"needles": 0.97, "suite": 0.95}  # shares of full attention's average th
 # The library's default selection (A2ATSConfig: banded WRoPE, max reduction at 10% per KV head), first in the goal,
 # then the others at the paper's rho = 3%: on a 7-head GQA group the paper's union reads the same bytes there.
 DEFAULT_METHOD = ("a2ats-banded+max", 0.1)
-GOAL_METHODS = (DEFAULT_METHOD, ("a2ats-banded", 0.03), ("a2ats", 0.03), ("oracle", 0.03), ("quest", 0.03),
-                ("pqcache", 0.03))
+GOAL_METHODS = (DEFAULT_METHOD, *((m, 0.03) for m in registry.names("library", "paper", "ceiling", "retrieval")))
 
 
 def goal_table(rows: list[dict], methods=GOAL_METHODS) -> str:

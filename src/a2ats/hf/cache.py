@@ -96,9 +96,6 @@ class A2ATSLayer(CacheLayerMixin):
             raise KeyError(f"no per-token '{name}' in this cache layer")
         return self._extras[name][:, :, : self.length]
 
-    def has_extra(self, name: str) -> bool:
-        return name in self._extras
-
     def snapshot_metadata(self) -> tuple[dict, dict]:
         """Copies of the per-token extras and per-sequence state (what a method built from the keys so far)."""
         return {k: v.clone() for k, v in self._extras.items()}, {k: v.clone() for k, v in self.state.items()}

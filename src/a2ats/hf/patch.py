@@ -55,13 +55,6 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     return sorted(mods, key=lambda m: m.layer_idx)
 
 
-def _set_attn_implementation(model: nn.Module, name: str) -> None:
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(name)
-    else:  # pragma: no cover - older transformers
-        model.config._attn_implementation = name
-
-
 def valid_from_mask(mask: torch.Tensor | None, batch: int, n: int, device) -> torch.Tensor:
     """(B, n) bool of the tokens the current (last) query may attend to, from a 4D mask or None."""
     if mask is None:
@@ -114,7 +107,7 @@ class ModelPatch:
         for m in self.modules:
             m._a2ats_patch = self
             self._handles.append(m.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
-        _set_attn_implementation(self.model, ATTN_IMPLEMENTATION)
+        self.model.set_attn_implementation(ATTN_IMPLEMENTATION)
         return self
 
     def disable(self) -> None:
@@ -125,7 +118,7 @@ class ModelPatch:
             if getattr(m, "_a2ats_patch", None) is self:
                 del m._a2ats_patch
         if self._prev_impl is not None:
-            _set_attn_implementation(self.model, self._prev_impl)
+            self.model.set_attn_implementation(self._prev_impl)
 
     def __enter__(self):
         return self.enable()

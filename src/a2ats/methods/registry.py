@@ -13,6 +13,7 @@ A name is a base method and an optional GQA reduction, ``BASE[+max]``:
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from a2ats.core.codebook import Codebooks
 from a2ats.core.config import DEFAULT_BAND_RATIO
@@ -27,22 +28,57 @@ from a2ats.methods.quest import QuestMethod
 from a2ats.methods.rerank import RerankMethod
 from a2ats.methods.streaming import StreamingMethod
 
+# What a method is to the evaluation: "reference" (what every score is a share of), "ceiling" (the best any
+# selection at the budget does), "window" (no retrieval), "retrieval" (another retrieval method), "paper" (A²ATS
+# as the paper scores), "ablation" (the paper's with one part removed), "library" (the library's default
+# scoring), "extension" (beyond the paper, not the default).
+ROLES = ("reference", "ceiling", "window", "retrieval", "paper", "ablation", "library", "extension")
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What the evaluation, the byte count and the help need to know of a method beside how it is built.
+
+    ``reads``: what a decode step reads to choose its tokens (:func:`a2ats.eval.cost.step_bytes` counts it):
+    ``cache`` (attends to every token), ``keys`` (every key, exactly), ``nothing``, ``page bounds`` (per-page
+    min and max keys), ``pq codes``, ``codes`` (int16 codes and a shared codebook). ``codebook``: the
+    CodebookSettings fields its codebook differs by (None: it needs none)."""
+
+    role: str
+    reads: str
+    codebook: dict | None = None
+
+
+# The paper's method and its ablations keep one WRoPE distance whatever the library's default; the hybrid and the
+# re-rank use their estimate's codebook.
+METHODS = {
+    "full": MethodInfo("reference", "cache"),
+    "oracle": MethodInfo("ceiling", "keys"),
+    "streaming": MethodInfo("window", "nothing"),
+    "quest": MethodInfo("retrieval", "page bounds"),
+    "pqcache": MethodInfo("retrieval", "pq codes"),
+    "a2ats": MethodInfo("paper", "codes", {"wrope_band_ratio": None}),
+    "a2ats-euclid": MethodInfo("ablation", "codes", {"query_aware": False, "wrope_band_ratio": None}),
+    "a2ats-postrope": MethodInfo("ablation", "codes", {"post_rope": True, "wrope_band_ratio": None}),
+    "a2ats-banded": MethodInfo("library", "codes", {"wrope_band_ratio": DEFAULT_BAND_RATIO}),
+    "a2ats-hybrid": MethodInfo("extension", "codes", {"wrope_band_ratio": None}),
+}
+NAMES = tuple(METHODS)
 WITHOUT_CODEBOOK = {"full": FullMethod, "oracle": OracleMethod, "streaming": StreamingMethod, "quest": QuestMethod,
                     "pqcache": PQCacheMethod}
-# What each codebook method's codebook differs by (CodebookSettings fields). The paper's method and its ablations
-# keep one WRoPE distance whatever the library's default; the hybrid and the re-rank use their estimate's.
-CODEBOOK_VARIANTS = {
-    "a2ats": {"wrope_band_ratio": None},
-    "a2ats-euclid": {"query_aware": False, "wrope_band_ratio": None},
-    "a2ats-postrope": {"post_rope": True, "wrope_band_ratio": None},
-    "a2ats-banded": {"wrope_band_ratio": DEFAULT_BAND_RATIO},
-}
-NAMES = (*WITHOUT_CODEBOOK, *CODEBOOK_VARIANTS, "a2ats-hybrid")
 HYBRID_SHARE = 0.5  # a2ats-hybrid: share of the budget chosen by the paper's score
 RERANK_FACTOR = 2.0  # a2ats[-banded]-rerank: shortlist of 2 x K per query head
 REDUCTIONS = ("union", "max")
 KNOWN = (f"{', '.join(NAMES)} (a2ats-hybrid0.75: another share; a2ats-rerank / a2ats-banded-rerank[FACTOR]: a shortlist "
          "of FACTOR x K re-scored with exact keys; a '+max' suffix: the max GQA reduction)")
+
+
+def names(*roles: str) -> tuple[str, ...]:
+    """The method names of ``roles``, in the registry's order, role by role as given."""
+    unknown = [r for r in roles if r not in ROLES]
+    if unknown:
+        raise ValueError(f"unknown role(s) {unknown}; choose from {ROLES}")
+    return tuple(n for r in roles for n, info in METHODS.items() if info.role == r)
 
 
 def hybrid_share(base: str) -> float | None:
@@ -63,17 +99,23 @@ def parse_method(name: str) -> tuple[str, str]:
     """(base method, GQA reduction) of a name such as ``a2ats`` or ``a2ats+max``; ValueError naming the known ones."""
     base, plus, reduction = name.partition("+")
     reduction = reduction if plus else "union"
-    known = base in WITHOUT_CODEBOOK or base in CODEBOOK_VARIANTS or hybrid_share(base) is not None or rerank(base) is not None
+    known = base in METHODS or hybrid_share(base) is not None or rerank(base) is not None
     if not known or reduction not in REDUCTIONS:
         raise ValueError(f"unknown method {name!r}; known: {KNOWN}")
     return base, reduction
 
 
+def info(name: str) -> MethodInfo:
+    """The registry's entry for any method name (``a2ats-hybrid0.75``: the hybrid's; a re-rank: its estimate's)."""
+    base = parse_method(name)[0]
+    if rerank(base) is not None:
+        return METHODS[rerank(base)[0]]
+    return METHODS["a2ats-hybrid"] if hybrid_share(base) is not None else METHODS[base]
+
+
 def codebook_variant(base: str) -> dict | None:
     """The CodebookSettings fields of the codebook method ``base`` scores over (None: it needs no codebook)."""
-    if rerank(base) is not None:
-        return CODEBOOK_VARIANTS[rerank(base)[0]]
-    return CODEBOOK_VARIANTS["a2ats"] if hybrid_share(base) is not None else CODEBOOK_VARIANTS.get(base)
+    return info(base).codebook
 
 
 def build_method(base: str, model, codebooks: Codebooks | None = None) -> Method:

@@ -445,7 +445,7 @@ class Engine:
         if self.method is not None and heads:
             stats = SelectionStats(self.config, steps=steps * self.lean.num_layers, attended=float(attended),
                                    heads=heads, context=float(context), last_length=max(len(r.prompt) for r in reqs))
-        return ServeResult(done, prefill_s, decode_s, steps, decode_tokens, decode_tokens, dict(breakdown), stats,
+        return ServeResult(done, prefill_s, decode_s, steps, decode_tokens, dict(breakdown), stats,
                            crossed, self.trace, step_seconds)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,

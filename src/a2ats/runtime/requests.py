@@ -78,7 +78,6 @@ class ServeResult:
     decode_seconds: float
     decode_steps: int
     decode_tokens: int  # tokens produced by decode steps (each prefill also yields one)
-    slot_steps: int = 0  # sum over decode steps of the busy slots
     breakdown: dict[str, float] = field(default_factory=dict)  # seconds per part of decode steps, when profiled
     stats: SelectionStats | None = None
     crossed_bytes: int = 0  # moved between accelerator and host during decode

@@ -11,7 +11,19 @@
 """
 
 from a2ats.server.config import API_KEY_ENV, ServerConfig
-from a2ats.server.run import HttpServer
-from a2ats.server.service import stop_token_ids
 
 __all__ = ["API_KEY_ENV", "HttpServer", "ServerConfig", "stop_token_ids"]
+
+
+def __getattr__(name: str):
+    # FastAPI and uvicorn (the `serve` extra) are imported on first use: `a2ats serve PROMPTS` and the command
+    # line's parser run without them
+    if name == "HttpServer":
+        from a2ats.server.run import HttpServer
+
+        return HttpServer
+    if name == "stop_token_ids":
+        from a2ats.server.service import stop_token_ids
+
+        return stop_token_ids
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -28,13 +28,13 @@ inflation (the union of the G heads' top-K over the per-head budget). tokens/s =
 Pure Python (no torch): every function returns plain dicts and lists, ready for JSON.
 
 Modules: :mod:`.inputs` (shapes, hardware, efficiencies, workload), :mod:`.model` (the arithmetic),
-:mod:`.report` (markdown), :mod:`.cli` (the command).
+:mod:`.report` (markdown), :mod:`.cli` (the command: its options and run).
 """
 
 from a2ats.bench.project.cli import (
     add_arguments,
     from_args,
-    run_cli,
+    main,
 )
 from a2ats.bench.project.inputs import (
     GB,
@@ -74,4 +74,4 @@ from a2ats.bench.project.report import (
     verdict,
 )
 
-__all__ = ["Efficiencies", "GB", "GIB", "H100_HOST", "Hardware", "LABEL", "MAX_BATCH", "MEASURED_UNION", "ModelShape", "SHAPES", "TARGET_CONTEXT", "TARGET_RATIO", "UNION_PER_EXTRA_HEAD", "Workload", "a2ats_fits", "a2ats_max_batch", "a2ats_step", "add_arguments", "assumptions", "beside_measured", "context_projection", "default_efficiencies", "default_union_inflation", "from_args", "full_max_batch", "full_step", "load_measured", "local_hardware", "project", "render_markdown", "run_cli", "variant_rows", "variant_specs", "verdict"]
+__all__ = ["Efficiencies", "GB", "GIB", "H100_HOST", "Hardware", "LABEL", "MAX_BATCH", "MEASURED_UNION", "ModelShape", "SHAPES", "TARGET_CONTEXT", "TARGET_RATIO", "UNION_PER_EXTRA_HEAD", "Workload", "a2ats_fits", "a2ats_max_batch", "a2ats_step", "add_arguments", "assumptions", "beside_measured", "context_projection", "default_efficiencies", "default_union_inflation", "from_args", "full_max_batch", "full_step", "load_measured", "local_hardware", "main", "project", "render_markdown", "variant_rows", "variant_specs", "verdict"]

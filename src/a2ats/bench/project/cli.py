@@ -1,4 +1,4 @@
-"""`a2ats bench project`: its options on the `bench` subparser, and the run."""
+"""`a2ats bench project`: its options and the run."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from a2ats.bench.output import with_provenance
 from a2ats.bench.project.inputs import (
+    DEFAULT_SHAPE,
     HOSTS,
     SHAPES,
     Efficiencies,
@@ -16,21 +18,28 @@ from a2ats.bench.project.inputs import (
 )
 from a2ats.bench.project.model import load_measured, project
 from a2ats.bench.project.report import render_markdown
+from a2ats.factory import options
+
+CONTEXTS = "32768,65536,131072"
+KERNELS_JSON = "docs/bench/kernels.json"
 
 
 def add_arguments(b) -> None:
-    """The options `bench project` adds to the `bench` subparser (the budget, sinks, window, reduction,
-    --json and --out options it shares with `bench decode` are defined there)."""
-    b.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b", help="project: model shape preset")
+    """The options of `bench project`: the selection modelled (left out: the paper's design), the shape, the
+    hardware and what to read and write."""
+    options.add_selection_args(b, paper_default=True)
+    b.add_argument("--shape", choices=sorted(SHAPES), default=DEFAULT_SHAPE, help="model shape preset")
     b.add_argument("--hardware", choices=[*HOSTS, "local"], default="h100-host",
-                   help="project: hardware profile (paper-host: the paper's Xeon 8469C server, assumptions named; "
+                   help="hardware profile (paper-host: the paper's Xeon 8469C server, assumptions named; "
                         "local: from --kernels-json, no GPU)")
     b.add_argument("--sweep", action="store_true",
-                   help="project: the ratio at the longest context over a grid of host read bandwidth x host RAM")
-    b.add_argument("--kernels-json", default="docs/bench/kernels.json",
-                   help="project: a `bench kernels --json` result (the CPU attention efficiency; local: the machine)")
-    b.add_argument("--contexts", default="32768,65536,131072", help="project: comma-separated context lengths")
-    b.add_argument("--measured", help="project: JSON list of measured {context, batch, system, tokens_per_s} rows")
+                   help="the ratio at the longest context over a grid of host read bandwidth x host RAM")
+    b.add_argument("--kernels-json", default=KERNELS_JSON,
+                   help="a `bench kernels --json` result (the CPU attention efficiency; local: the machine)")
+    b.add_argument("--contexts", default=CONTEXTS, help="comma-separated context lengths")
+    b.add_argument("--measured", help="JSON list of measured {context, batch, system, tokens_per_s} rows")
+    b.add_argument("--out", help="folder for project.md and project.json")
+    b.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
 
 
 def _parse_contexts(text) -> list[int]:
@@ -49,8 +58,8 @@ def from_args(a) -> dict:
     """The projection for parsed `bench project` arguments."""
     import sys
 
-    shape = SHAPES[getattr(a, "shape", "llama-3.1-8b")]
-    kpath = Path(getattr(a, "kernels_json", None) or "docs/bench/kernels.json")
+    shape = SHAPES[getattr(a, "shape", DEFAULT_SHAPE)]
+    kpath = Path(getattr(a, "kernels_json", None) or KERNELS_JSON)
     kernels = None
     if kpath.is_file():
         try:
@@ -69,9 +78,9 @@ def from_args(a) -> dict:
     if hw.unified:
         # On the CPU the "accelerator" kernels are CPU kernels: measured rates from the decode bench.
         src = dict(eff.sources)
-        src["gpu_weights"] = ("measured on the CPU: docs/bench/README.md, 540 MB of fp32 projections in 29 ms "
+        src["gpu_weights"] = ("measured on the CPU: docs/bench/decode.json, 540 MB of fp32 projections in 29 ms "
                               "(18.6 of 29.7 GB/s)")
-        src["gpu_attention"] = ("measured on the CPU: docs/bench/README.md, dense lean engine at 32K, ~226 ms of "
+        src["gpu_attention"] = ("measured on the CPU: docs/bench/decode.json, dense lean engine at 32K, ~226 ms of "
                                 "attention over 1.5 GB of fp32 KV (6.7 of 29.7 GB/s)")
         src["gpu_scoring"] = "assumption: codes and score streams on the CPU at ~50% of read bandwidth"
         rate = kernels.get("score_select_token_heads_per_s")
@@ -88,20 +97,21 @@ def from_args(a) -> dict:
             kw["budget_tokens"] = budget.tokens
         elif getattr(budget, "fraction", None) is not None:
             kw["rho"] = budget.fraction
-    if getattr(a, "reduction", "union") == "max":
+    if getattr(a, "reduction", None) == "max":
         kw["union_inflation"] = 1.0
-    wl = Workload(sinks=getattr(a, "sinks", 8), window=getattr(a, "window", 64), **kw)
+    kw.update({k: getattr(a, k) for k in ("sinks", "window") if getattr(a, k, None) is not None})
+    wl = Workload(**kw)
     measured = load_measured(a.measured) if getattr(a, "measured", None) else None
     argv0 = sys.argv[0] if sys.argv else ""
     cmd = "a2ats " + " ".join(sys.argv[1:]) if argv0.endswith(("a2ats", "__main__.py")) else None
     grid = ((95, 240, 480, 600, 720, 960), (125, 256, 512, 1024, 2048)) if getattr(a, "sweep", False) else None
-    return project(shape, hw, eff, wl, _parse_contexts(getattr(a, "contexts", "32768,65536,131072")),
+    return project(shape, hw, eff, wl, _parse_contexts(getattr(a, "contexts", CONTEXTS)),
                    measured=measured, command=cmd, sweep_grid=grid)
 
 
-def run_cli(a) -> int:
+def main(a) -> int:
     """`a2ats bench project`: print (and with --out write) the projection."""
-    res = from_args(a)
+    res = with_provenance(from_args(a))
     md = render_markdown(res)
     if getattr(a, "out", None):
         out = Path(a.out)

@@ -103,6 +103,7 @@ SHAPES: dict[str, ModelShape] = {
     "smollm2-135m": ModelShape("smollm2-135m", layers=30, q_heads=9, kv_heads=3, head_dim=64, hidden=576,
                                intermediate=1536, vocab=49152, tied_embeddings=True),
 }
+DEFAULT_SHAPE = "llama-3.1-8b"  # the paper's serving model
 
 
 
@@ -286,7 +287,7 @@ def default_efficiencies() -> Efficiencies:
 
 
 # Measured on the default model (G = 3) in this repo: attended rows per KV head minus sinks and window,
-# over the per-head budget K: 1.70 at 32K (docs/bench/README.md: 1,739 rows, K = 983), 1.84 at 3,879
+# over the per-head budget K: 1.70 at 32K (docs/bench/decode.json: 1,739 rows, K = 983), 1.84 at 3,879
 # tokens (README.md example: 285 rows, K = 116).
 MEASURED_UNION = {3: 1.8}
 UNION_PER_EXTRA_HEAD = 0.4  # (1.8 - 1) / (3 - 1): the extrapolation for other group sizes

@@ -232,7 +232,7 @@ def variant_specs(shape: ModelShape, wl: Workload, eff: Efficiencies) -> list[tu
         ("paper design", f"{cur}, GQA union x{g:g}, bf16 host cache", wl, eff, None),
         ("host kernel at the read ceiling", "sensitivity: CPU sparse attention at 100% of host read bandwidth",
          wl, replace(eff, host_attention=1.0), None),
-        ("host kernel at the cold in-step rate", "sensitivity: 21% of host read bandwidth (docs/bench/README.md: "
+        ("host kernel at the cold in-step rate", "sensitivity: 21% of host read bandwidth (docs/bench/decode.json: "
          "6.2 of 29.7 GB/s inside a real 32K step, rows cold)", wl, replace(eff, host_attention=0.21), None),
         ("lower budget, half", f"{half_s} with the GQA union", replace(wl, **half), eff, None),
         ("no union inflation", f"{cur}, K per KV head (e.g. --reduction max)",

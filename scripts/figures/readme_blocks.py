@@ -1,0 +1,85 @@
+"""The README's headline results, from the sources the results pages read: accuracy and retrieval quality (the Qwen
+suite) and decode speed (the speed machine)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from blocks import block, expect
+from formatting import k
+from qwen_eval import (
+    PAPER,
+    QWEN,
+    kib_per_step,
+    library_default,
+    qwen_rows,
+    share_cell,
+    task_cells,
+)
+from sources import machine_short, same_machine
+from speed_sources import MODELS, SPEED, SPREAD, decode_source, tie
+
+
+@block("readme-results")
+def readme_results(root: Path) -> str:
+    from a2ats.eval.report import bootstrap
+
+    default = library_default()
+    rows, runs, config, left = qwen_rows(root)
+    lengths = (4096, 8192, 16384)
+    kept, needles = task_cells(rows, lengths)
+    need = bootstrap(kept, needles)
+    full = ("full", 1.0)
+    k32, n32 = task_cells(rows, (32000,))
+    r32 = bootstrap(k32, n32)
+    n32p = len({(r["task"], r["seed"]) for r in k32 if r["method"] == "full"})
+    att = {(r["method"], r["budget"], r["length"]): r for r in rows if r["task"] == "attention"}
+    tl = tuple(config["text_lengths"])
+
+    def mass(key):
+        return " / ".join(f"{att[(*key, n)]['mass']:.3f}" for n in tl)
+
+    def of_oracle(key):
+        return " / ".join(f"{att[(*key, n)]['mass'] / att[('oracle', 0.03, n)]['mass']:.2f}" for n in tl)
+
+    kib = " / ".join(f"{kib_per_step(kept, default, n):,.0f}" for n in lengths)
+    kib_p = " / ".join(f"{kib_per_step(kept, PAPER, n):,.0f}" for n in lengths)
+    more = " / ".join(f"{100 * (kib_per_step(kept, default, n) / kib_per_step(kept, PAPER, n) - 1):+.0f}%" for n in lengths)
+    d = r32[default][32000]
+    f32 = r32[full][32000]
+    acc = (
+        f"- **Accuracy** (Qwen2.5-Coder-0.5B-Instruct, {machine_short(runs[0])}; `{QWEN}`): on the six needle tasks the default selection scores "
+        + " / ".join(f"{share_cell(need, default, n, '')}" for n in lengths)
+        + f" of full attention's average at {' / '.join(k(n) for n in lengths)} (full attention's average ×100: "
+        + " / ".join(f"{100 * need[full][n][0]:.1f}" for n in lengths)
+        + f"; 95% bootstrap intervals); at 32K ({n32p} prompts on that machine) {100 * d[0]:.1f} against full "
+        f"attention's {100 * f32[0]:.1f}, a share of {d[3]:.2f} [{d[4]:.2f}, {d[5]:.2f}]"
+        + (", a tie" if d[4] <= 1 <= d[5] else "") + ". It reads "
+        f"{kib} KiB per decode step on the {k(4096)} / {k(8192)} / {k(16384)} task prompts, against {kib_p} for "
+        f"the paper's selection at ρ = 3% ({more}). [`docs/results.md`](docs/results.md#accuracy)")
+    ret = (f"- **Retrieval quality** (same source): the default keeps {mass(default)} of the true attention mass on "
+           f"held-out prose at {' / '.join(k(n) for n in tl)} ({of_oracle(default)} of the exact top-K's at ρ = 3%); "
+           f"the paper's selection {mass(PAPER)} ({of_oracle(PAPER)}).")
+    sp = []
+    provs = []
+    for model, (_, title, lengths_) in MODELS.items():
+        dd = decode_source(root, model)
+        provs.append(dd["provenance"])
+        sp.append(f"{title} " + ", ".join(
+            f"{tie(dd['_ms'][('dense-lean', n)] / dd['_ms'][('a2ats-fast', n)])} at {k(n)}" for n in lengths_))
+    same_machine(*provs)
+    lc = []
+    for model, (_, title, _) in MODELS.items():
+        ours, theirs = decode_source(root, model), decode_source(root, model, f"{model}-llamacpp")
+        how = (theirs["provenance"].get("documented") or {}).get("llama.cpp", "")
+        expect("AMX_TILE=OFF" in how and "flash attention off" in how and "Q4" in how,
+               f"{theirs['_rel']}: the record does not say llama.cpp ran 4-bit with AMX and flash attention off")
+        lc.append(f"{title} " + ", ".join(
+            f"{tie(t / ours['_ms'][('a2ats-fast', n)])} at {k(n)}" for (v, n), t in sorted(theirs["_ms"].items(),
+                                                                                       key=lambda x: x[0][1])))
+    speed = (f"- **Decode speed** (batch 1, {machine_short(provs[0])}, committed "
+             f"{provs[0]['date'][:10]}; `{SPEED}`): the default over dense attention in the same engine at the same "
+             f"int8 weights: " + "; ".join(sp) + ". Over llama.cpp's dense decode (4-bit weights, AMX and flash "
+             "attention off, separate runs): " + "; ".join(lc)
+             + f". Within ±{100 * SPREAD:.0f}% is a tie. [`docs/results.md`](docs/results.md#decode-speed)")
+    return "\n".join([acc, ret, speed])

@@ -1,0 +1,51 @@
+"""Throughput beyond one decode stream: serving concurrent clients (AMD EPYC) and the projection of the paper's
+design (a performance model, not a measurement)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from blocks import block, expect
+from formatting import k, paragraphs, ratio, table
+from sources import load_json, source_line
+
+
+@block("serve")
+def serve(root: Path) -> str:
+    rel = "docs/bench/serve/serve.json"
+    d = load_json(root, rel)
+    expect(d.get("model") == "smollm2-135m", f"{rel}: model {d.get('model')!r}")
+    expect(d.get("budget") == "rho=0.1 per KV head (max)", f"{rel}: budget {d.get('budget')!r}")
+    out = []
+    for r in d["rows"]:
+        soak = r["clients"] != d["rows"][0]["clients"] or r["requests"] > 100
+        out.append([r["system"] + (" (soak)" if soak else ""), str(r["clients"]), f"{r['requests']} ({r['ok']})",
+                    "–".join(map(str, r["prompt_tokens"])), str(r["max_tokens"]), f"{r['wall_s']:.1f}",
+                    f"{r['engine_prefill_seconds']:.1f}", f"{r['engine_decode_seconds']:.1f}",
+                    f"{r['engine_decode_tokens_per_s']:.1f}", f"{r['engine_prefill_tokens_per_s']:.0f}",
+                    f"{r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f}", f"{r['tpot_p50_ms']:.0f} / {r['tpot_p99_ms']:.0f}"])
+    head = ["system", "clients", "requests (ok)", "prompt tokens", "max new", "wall s", "prefill s", "decode s",
+            "decode tokens/s", "prefill tokens/s", "TTFT p50 / p99 s", "per-token p50 / p99 ms"]
+    return "\n".join([f"{d['slots']} slots; one run of each system (no repeats: no spread is known).", "",
+                      table(head, out), "", source_line(rel, d["provenance"])])
+
+
+@block("projection")
+def projection(root: Path) -> str:
+    out, srcs = [], []
+    for rel in ("docs/bench/project.json", "docs/bench/paper-host/project.json"):
+        d = load_json(root, rel)
+        expect(d.get("label", "").startswith("PROJECTION"), f"{rel}: not labelled a projection")
+        w = d["workload"]
+        expect(w["rho"] == 0.03 and w["kv_bytes"] == 2.0 and w["union_inflation"] is None and w["budget_tokens"] is None,
+               f"{rel}: workload {w} is not the paper's design the block claims")
+        srcs.append(source_line(rel, d["provenance"]))
+        t = d["target"]
+        out.append([f"`{d['hardware']['name']}`", f"{d['hardware']['host_read_gbps']:g}",
+                    f"{d['shape']['name']}", k(t["context"]), ratio(t["ratio"]), ratio(t["ratio_serial"]),
+                    t["bottleneck"], f"`{d['provenance'].get('command')}`"])
+    return "\n".join(["Projected decode throughput of A²ATS with K/V in host memory over full attention on the GPU "
+                      "(the paper's design: ρ = 3%, GQA union, bf16 host K/V), from the performance model "
+                      "(`a2ats bench project`); computed, not measured:", "",
+                      table(["hardware profile", "host read GB/s (input)", "shape", "context", "projected ratio",
+                             "without overlap", "bound by", "command"], out), ""] + paragraphs(srcs))
