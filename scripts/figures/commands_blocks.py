@@ -55,6 +55,6 @@ def demo_output(root: Path) -> str:
     lines = [x for x in d["output_tail"] if _DEMO_LINE.match(x)]
     expect(any(x.startswith("A: ") for x in lines), f"{rel}: no answer in the recorded output")
     p = d["provenance"]
-    return (f"`make demo` on a {machine_short(p)}, {p['date'][:10]}, commit {(p.get('commit') or 'unknown')[:12]}"
+    return (f"`make demo` on {machine_short(p)}, {p['date'][:10]}, commit {(p.get('commit') or 'unknown')[:12]}"
             f"{' (dirty tree)' if p.get('dirty') else ''}{', from an empty cache' if d.get('fresh_cache') else ''} "
             f"(`{rel}`):\n\n```\n" + "\n".join(lines) + "\n```")
