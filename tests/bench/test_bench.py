@@ -23,9 +23,15 @@ def test_decode_bench_runs_every_variant(tmp_path):
     # sinks + window + a union of 3 heads' top-10% at most: fewer than the context, more than sinks + window
     assert all(10 < r.attended < r.context for r in fast)
     assert set(fast[0].breakdown_ms) == {"weights", "scoring", "attention", "rest"}
-    assert prefill["tokens"] == 150 and 0 <= prefill["encoding_share"] < 1
+    assert prefill["tokens"] == 150 and 0 <= prefill["encoding_share"] < 1 and prefill["host_read_gbps"] > 0
+    # every lean-engine row accounts for its bytes against the bandwidth measured in the run; the others cannot
+    accounted = {r.variant for r in rows if r.accounting}
+    assert accounted == {v for v in VARIANTS if v.startswith(("a2ats-fast", "dense-lean"))}
+    assert all(r.accounting["share_of_floor"] > 0 and r.accounting["bytes"]["weights"] > 0 for r in rows if r.accounting)
+    assert all(r.accounting["bytes"]["scoring"] == 0 for r in rows if r.variant.startswith("dense-lean"))
     table = decode_table(rows_to_json(rows))
     assert "speedup of a2ats-fast over dense-hf" in table and "a2ats-fast-bf16w per step" in table
+    assert "share of the floor" in table
     decode_plot(rows_to_json(rows), tmp_path / "d.png", "t")
     assert (tmp_path / "d.png").stat().st_size > 0
 

@@ -17,6 +17,7 @@ from transformers import DynamicCache
 
 from a2ats import factory
 from a2ats.bench import DEFAULT_VARIANTS, VARIANTS, engine_variant
+from a2ats.bench.accounting import account, host_read_gbps, step_bytes
 from a2ats.bench.output import emit, machine
 from a2ats.bench.synthetic import decode_steps, real_prefill, tile
 from a2ats.core.codebook import Codebooks
@@ -39,6 +40,7 @@ class DecodeRow:
     steps: int
     breakdown_ms: dict[str, float] = field(default_factory=dict)  # per step, fast path only
     attended: float = 0.0  # tokens attended per layer and KV head (A²ATS)
+    accounting: dict = field(default_factory=dict)  # lean engine only: bytes, GB/s per part, share of the floor
 
 
 def _time_hf(model, cache, length: int, steps: int, warmup: int) -> list[float]:
@@ -87,10 +89,11 @@ def _engine_row(variant: str, length: int, steps: list[StepResult]) -> DecodeRow
 
 def bench_decode(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=LENGTHS,
                  variants=DEFAULT_VARIANTS, steps: int = 8, warmup: int = 2, base: int = 4096, text_ids=None,
-                 gguf: str | None = None, log=print) -> tuple[list[DecodeRow], dict]:
-    """One row per (variant, length), and prefill facts (the cost of encoding keys at prefill).
-    ``text_ids``: the real prompt to prefill (default: a State of the Union speech); ``gguf``: the file llama.cpp
-    runs (default: the default model's)."""
+                 gguf: str | None = None, read_gbps: float | None = None, log=print) -> tuple[list[DecodeRow], dict]:
+    """One row per (variant, length), and run facts: the prefill (the cost of encoding keys at prefill) and the
+    host's read bandwidth, measured here unless ``read_gbps`` is given, that each lean-engine row's bytes are
+    held against (:mod:`.accounting`). ``text_ids``: the real prompt to prefill (default: a State of the Union
+    speech); ``gguf``: the file llama.cpp runs (default: the default model's)."""
     if text_ids is None:
         from a2ats.assets.corpus import speeches
 
@@ -125,7 +128,8 @@ def bench_decode(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=
     _, plain = real_prefill(dense, text_ids)
     dense.release()
     prefill = {"tokens": int(text_ids.shape[1]), "seconds_dense": plain, "seconds_with_encoding": with_codes,
-               "encoding_share": max(with_codes - plain, 0.0) / with_codes}
+               "encoding_share": max(with_codes - plain, 0.0) / with_codes,
+               "host_read_gbps": read_gbps or host_read_gbps()}
     log(f"real prefill of {text_ids.shape[1]} tokens: {with_codes:.1f} s with key encoding, {plain:.1f} s without "
         f"(encoding {prefill['encoding_share']:.1%}); tiled to each length")
     rows: list[DecodeRow] = []
@@ -136,6 +140,9 @@ def bench_decode(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=
                 eng = lean[variant]
                 tiled = tile(state, length, codes=eng.method is not None)
                 row = _engine_row(variant, length, decode_steps(eng, tiled, text_ids, 1, steps, warmup))
+                attended = row.attended if eng.method is not None else length
+                row.accounting = account(step_bytes(eng, length, attended), row.breakdown_ms, row.ms_per_token,
+                                         prefill["host_read_gbps"])
                 eng.release()
             elif variant == "a2ats-reference":
                 cache = _hf_cache(tile(state, length), a2ats=True)
@@ -191,8 +198,8 @@ def main(a) -> int:
                                  variants=a.variants, steps=a.steps, gguf=gguf, log=options.log)
     rows = rows_to_json(rows)
     res = {"machine": machine(), "model": options.model_label(a), "dtype": a.dtype, "budget": cfg.budget_label,
-           "wrope_bands": cfg.wrope_band_ratio,
-           "command": "a2ats " + " ".join(sys.argv[1:]), "prefill": prefill, "rows": rows}
+           "wrope_bands": cfg.wrope_band_ratio, "command": "a2ats " + " ".join(sys.argv[1:]),
+           "host_read_gbps": prefill.pop("host_read_gbps"), "prefill": prefill, "rows": rows}
     title = f"{res['machine']}, {a.dtype}, {res['budget']}"
     emit(res, decode_table(rows), "decode", a.out, lambda p: decode_plot(rows, p, title), a.json, options.log)
     return 0

@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from a2ats.bench.accounting import host_read_gbps
 from a2ats.bench.output import machine, with_provenance
 from a2ats.factory.options import DTYPES
 from a2ats.kernels import cpu_backend
@@ -66,9 +67,6 @@ def bench_kernels(n: int = CONTEXT, B: int = 1, Hkv: int = 3, G: int = 3, d: int
     half = 0.5 * (cents[0] * cents[0]).sum(-1)
     t_enc = _best(lambda: ext.encode_nearest(z, cents[0], half), 3)
 
-    big = torch.ones(128 * 1024 * 1024, dtype=torch.float32)  # 512 MiB
-    t_host = _best(lambda: big.sum(), 3)
-    host_bytes = big.numel() * 4
     return {
         "threads": float(torch.get_num_threads()),
         "score_select_s": t_sel,
@@ -80,7 +78,7 @@ def bench_kernels(n: int = CONTEXT, B: int = 1, Hkv: int = 3, G: int = 3, d: int
         "lookup_tables_ms_per_step": t_lut * 1e3,
         "lookup_tables_gbps": lut_bytes / t_lut / 1e9,
         "encode_keys_per_s": B * Hkv * 4096 / t_enc,
-        "host_read_gbps": host_bytes / t_host / 1e9,
+        "host_read_gbps": host_read_gbps(),
     }
 
 

@@ -33,6 +33,17 @@ def decode_table(rows: list[dict]) -> str:
         for r in fast:
             lines.append(f"| {r['context'] // 1024}K | " + " | ".join(f"{r['breakdown_ms'][p]:.1f}" for p in parts)
                          + f" | {r['attended']:.0f} |")
+    accounted = [v for v in variants if any(at[v, n].get("accounting") for n in lengths if (v, n) in at)]
+    if accounted:
+        lines += ["", "what a step must read (weights + scoring + attention, MB) at the read bandwidth measured in the "
+                  "same run, as a share of the step's time (1.00: at the machine's limit)", "",
+                  head.replace("variant", "variant: MB, share of the floor"), "|---" * (len(lengths) + 1) + "|"]
+        for v in accounted:
+            cells = []
+            for n in lengths:
+                acc = at[v, n].get("accounting") if (v, n) in at else None
+                cells.append(f"{sum(acc['bytes'].values()) / 1e6:.0f} MB, {acc['share_of_floor']:.2f}" if acc else "")
+            lines.append(f"| {v} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
