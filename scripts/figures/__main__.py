@@ -26,6 +26,7 @@ from pathlib import Path
 
 # the generators register their blocks on import
 import commands_blocks  # noqa: F401
+import floor_blocks  # noqa: F401
 import qwen_blocks  # noqa: F401
 import readme_blocks  # noqa: F401
 import smollm2_blocks  # noqa: F401
