@@ -1,5 +1,5 @@
 """Which calibration corpus serves long contexts: attention mass kept at 4K-32K by codebooks calibrated on
-short sequences (the first recipe: 2K chunks of prose and UUIDs), on the same chunks each starting with the
+short sequences (2K chunks of prose and UUIDs), on the same chunks each starting with the
 token real prompts start with (the attention sink), and on long sequences (16K) with that token.
 
     .venv/bin/python scripts/calibration_recipe.py --model qwen2.5-coder-0.5b --out docs/eval/qwen/calibration
@@ -32,7 +32,7 @@ from a2ats.methods import A2ATSMethod, OracleMethod
 from a2ats.provenance import provenance
 
 RECIPES = {
-    "2k": dict(seq_len=2048, sink_prefix=False),  # the first recipe
+    "2k": dict(seq_len=2048, sink_prefix=False),  # short chunks, no sink token
     "2k+sink": dict(seq_len=2048, sink_prefix=True),
     "8k+sink": dict(seq_len=8192, sink_prefix=True),
     "16k+sink": dict(seq_len=16384, sink_prefix=True),

@@ -47,7 +47,7 @@ def test_sequences_start_with_the_sink_token_and_keep_their_length(default_model
 
 def test_recipe_is_in_the_file_tag_and_old_files_still_load(tmp_path):
     paper = dict(wrope_band_ratio=None)  # the paper's single distance; the default is banded
-    assert CodebookSettings(seq_len=2048, sink_prefix=False, **paper).tag == "c4096-b2048-qa"  # the first recipe's name
+    assert CodebookSettings(seq_len=2048, sink_prefix=False, **paper).tag == "c4096-b2048-qa"  # the short recipe's name
     assert CodebookSettings(seq_len=16384, sink_prefix=True, **paper).tag == "c4096-b2048-qa-s16k"
     assert CodebookSettings(seq_len=2048, sink_prefix=True, query_aware=False, **paper).tag == "c4096-b2048-euclid-s2k"
     assert CodebookSettings().tag == "c4096-bands2-qa-s16k"

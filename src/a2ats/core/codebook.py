@@ -81,7 +81,7 @@ class CodebookSettings:
             space = f"bands{self.wrope_band_ratio:g}"
         n = self.seq_len
         size = f"{n // 1024}k" if n % 1024 == 0 else str(n)
-        # the first recipe (2K sequences, no sink token) keeps its files' names
+        # 2K sequences without the sink token (the short recipe) keep the plain file names existing caches hold
         corpus = "" if (n, self.sink_prefix) == (2048, False) else f"-{'s' if self.sink_prefix else ''}{size}"
         return f"c{self.n_centroids}-{space}-{'qa' if self.query_aware else 'euclid'}{corpus}"
 

@@ -106,7 +106,7 @@ def add_codebook_args(p: argparse.ArgumentParser, file: bool = True) -> None:
     p.add_argument("--calib-seq-len", type=int, default=None,
                    help=f"calibration sequence length in tokens (default {s.seq_len}; capped at the model's context)")
     p.add_argument("--no-sink-prefix", action="store_true",
-                   help="calibration sequences without the token real prompts start with (the first recipe: "
+                   help="calibration sequences without the token real prompts start with (2K sequences without it: "
                         "--calib-seq-len 2048 --no-sink-prefix)")
     p.add_argument("--forward-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="compute dtype of the calibration forward (autocast); auto: bfloat16 on CPUs with native bf16 "
