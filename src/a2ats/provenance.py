@@ -26,7 +26,7 @@ _MAX_DIRTY_PATHS = 20  # enough to see what changed; a tree with more changes is
 def provenance(settings: dict | None = None) -> dict:
     """A JSON-ready record of what produced a result; ``settings``: the run's own (model, lengths, variants, ...)."""
     commit, dirty, dirty_paths = _source_state()
-    cpu, flags = _cpu()
+    cpu, flags = cpu_model_and_flags()
     torch_version, threads, gpu = _torch()
     return {
         "commit": commit,
@@ -81,7 +81,7 @@ def _git(cwd: Path, *args: str) -> str | None:
     return out.stdout.rstrip("\n") if out.returncode == 0 else None
 
 
-def _cpu() -> tuple[str, list[str]]:
+def cpu_model_and_flags() -> tuple[str, list[str]]:
     """The CPU's model name and the flags of ``CPU_FLAGS`` it has (Linux: /proc/cpuinfo; elsewhere the platform's
     processor string and no flags)."""
     model, flags = None, set()

@@ -5,25 +5,17 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from a2ats.provenance import provenance
+from a2ats.provenance import cpu_model_and_flags, provenance
 
 
 def machine() -> str:
     """The CPU (and GPU), cores, torch and its threads: every figure names the machine it came from."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu, _ = cpu_model_and_flags()
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
