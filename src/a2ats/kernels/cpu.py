@@ -1,4 +1,4 @@
-"""Build and load the C++ CPU kernels (``cpu_kernels.cpp``) on first use.
+"""Build and load the C++ CPU kernels (every ``cpu_*.cpp`` beside this file, one extension) on first use.
 
 The extension is compiled with torch's JIT builder for one instruction set, chosen at run time, and
 the ISA is part of the extension's name: builds for different ISAs never share a cache entry, and a
@@ -7,13 +7,14 @@ CPU without AVX-512 never loads an AVX-512 build (which would die on an illegal 
 
 Environment:
 - ``A2ATS_KERNELS=0``: never build or load; the public functions use the torch references.
-- ``A2ATS_CPU_ISA`` in {avx512, avx2, default}: force an ISA (never above what the CPU supports).
+- ``A2ATS_CPU_ISA`` in {avx512vnni, avx512, avx2, default}: force an ISA (never above what the CPU supports).
 - ``A2ATS_KERNEL_DIR``: build directory root (default: torch's extensions directory).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import platform
 import shutil
@@ -23,9 +24,13 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-ISAS = ("default", "avx2", "avx512")
+HERE = Path(__file__).parent
+SOURCES = sorted(HERE.glob("cpu_*.cpp"))  # cpu_kernels.cpp defines the module; the others register into it
+HEADERS = sorted(HERE.glob("cpu_*.h"))
+ISAS = ("default", "avx2", "avx512", "avx512vnni")
 _FLAGS = {
+    # AVX-512 with VNNI integer and BF16 dot products (Zen 4 and later, Cooper Lake, Sapphire Rapids and later)
+    "avx512vnni": ["-O3", "-march=x86-64-v4", "-mavx512vnni", "-mavx512bf16", "-fopenmp"],
     "avx512": ["-O3", "-march=x86-64-v4", "-fopenmp"],
     "avx2": ["-O3", "-march=x86-64-v3", "-fopenmp"],
     "default": ["-O3", "-fopenmp"],  # the compiler's baseline target: runs anywhere torch does
@@ -48,21 +53,25 @@ def detected_isa() -> str:
         return "default"  # arm (SVE/NEON) and others: the portable build
     cap = torch.backends.cpu.get_cpu_capability().upper()
     if cap.startswith("AVX512"):
-        return "avx512"
+        return "avx512vnni" if {"avx512_vnni", "avx512_bf16"} <= cpu_flags() else "avx512"
     if cap == "AVX2":
         return "avx2"
     return "default"
 
 
 @functools.cache
-def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX): only then is a bf16 forward faster."""
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-        return "avx512_bf16" in flags or "amx_bf16" in flags
+            return frozenset(next((line for line in f if line.startswith("flags")), "").split())
     except OSError:
-        return False
+        return frozenset()
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX): only then is a bf16 forward faster."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def select_isa() -> str:
@@ -79,6 +88,16 @@ def select_isa() -> str:
     return want
 
 
+@functools.cache
+def source_digest() -> str:
+    """A short hash of every kernel source and header: part of the build's name, so an edited header (which
+    torch's builder does not track) never reuses a stale build."""
+    h = hashlib.sha256()
+    for p in SOURCES + HEADERS:
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:10]
+
+
 def build(isa: str, verbose: bool = False):
     """Compile (or reuse a cached build of) the extension for ``isa`` and import it. Raises on failure."""
     if isa not in _FLAGS:
@@ -88,13 +107,13 @@ def build(isa: str, verbose: bool = False):
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         raise RuntimeError(f"no C++ compiler {cxx!r} found")
-    name = f"a2ats_cpu_{isa}"
+    name = f"a2ats_cpu_{isa}_{source_digest()}"
     kwargs = {}
     root = os.environ.get("A2ATS_KERNEL_DIR")
     if root:
         kwargs["build_directory"] = os.path.join(root, name)
         os.makedirs(kwargs["build_directory"], exist_ok=True)
-    return load(name=name, sources=[str(SOURCE)], extra_cflags=_FLAGS[isa], extra_ldflags=["-fopenmp"],
+    return load(name=name, sources=[str(p) for p in SOURCES], extra_cflags=_FLAGS[isa], extra_ldflags=["-fopenmp"],
                 verbose=verbose, **kwargs)
 
 
