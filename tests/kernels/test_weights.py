@@ -1,4 +1,5 @@
-"""Compact decode weights: each format's packing against its definition, and each kernel build against the reference."""
+"""Compact decode weights: each format's packing against its definition, the activation quantizer, and each kernel
+build against the reference (weights.reference)."""
 
 from __future__ import annotations
 
@@ -16,22 +17,71 @@ def _kernel(ext, x, p, bias):
     return ext.linear_int4w(x, p.data, p.scale, p.mins, bias)
 
 
-# odd output counts (tails of the 4-row blocks), inputs not a multiple of 16 (bf16/int8 tails), batches of rows
-SHAPES = [(1, 576, 960), (3, 96, 101), (5, 64, 1), (2, 1536, 17), (16, 160, 7)]
+def _exact(x, p, bias):
+    """The format's product in float64 (the activations as the format quantizes them), and the sum of the
+    products' magnitudes: the scale of fp32 rounding error in any order of summation."""
+    xa, w = W.activations(x, p.fmt).double(), W.unpack(p).double()
+    b = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.double()
+    return xa @ w.T + b, xa.abs() @ w.abs().T + b.abs()
+
+
+# inputs: below one block (13), ragged blocks (37, 100, 576 + 5), odd 64-byte vectors and int4 groups of 4 (96, 160);
+# outputs: tails of the 4-row blocks and of the 16-row work items; rows: 1, 3, 8 (passes of 4 activation rows)
+SHAPES = [(1, 576, 960), (3, 96, 101), (8, 64, 1), (1, 1536, 17), (3, 37, 13), (8, 100, 6), (1, 581, 33),
+          (3, 13, 5), (8, 160, 7), (5, 576, 20)]
 
 
 @pytest.mark.parametrize("fmt", W.FORMATS)
-@pytest.mark.parametrize("M,I,O", SHAPES + [(1, 37, 13), (4, 200, 6)])
+@pytest.mark.parametrize("M,I,O", SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
-def test_kernels_match_the_unpacked_weights(isa_ext, fmt, M, I, O, bias):
+def test_kernels_match_the_reference(isa_ext, fmt, M, I, O, bias):
     if fmt == "int4" and I % W.GROUP:
         pytest.skip("int4 needs inputs in groups of 32 (refused: see test_int4_refuses_ragged_inputs)")
     g = torch.Generator().manual_seed(M * I + O)
     x, w = torch.randn(M, I, generator=g), torch.randn(O, I, generator=g)
+    x[0, : I // 3] *= 20  # blocks of very different scales in one row
     b = torch.randn(O, generator=g) if bias else None
     p = W.pack(w, fmt)
-    want = torch.nn.functional.linear(x, W.unpack(p), b)
-    torch.testing.assert_close(_kernel(isa_ext, x, p, b), want, atol=3e-5 * I**0.5, rtol=1e-5)
+    want, mag = _exact(x, p, b)
+    got = _kernel(isa_ext, x, p, b).double()
+    assert got.shape == (M, O)
+    assert ((got - want).abs() <= 1e-6 * mag + 1e-30).all(), ((got - want).abs() / mag).max()
+    # the torch reference agrees to fp32 rounding too
+    assert ((W.reference(x, p, b).double() - want).abs() <= 1e-6 * mag + 1e-30).all()
+
+
+@pytest.mark.parametrize("I", [1, 13, 32, 37, 100, 581])
+def test_kernels_quantize_activations_as_the_reference(isa_ext, I):
+    g = torch.Generator().manual_seed(I)
+    x = torch.randn(3, I, generator=g) * torch.logspace(-4, 4, 3)[:, None]
+    x[1, :5] = 0.0
+    x[2, : min(I, 32)] = 0.0  # an all-zero block
+    x[0, -1] = -x[0].abs().max() * 2  # a negative extreme
+    q, s = isa_ext.quantize_activations(x)
+    want_q, want_s = W.quantize_activations(x)
+    assert torch.equal(q, want_q) and torch.equal(s, want_s)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_kernels_keep_nan(isa_ext, fmt):
+    """A NaN activation makes its row's outputs NaN (the block's scale is NaN), not a silent number."""
+    g = torch.Generator().manual_seed(1)
+    x, p = torch.randn(2, 128, generator=g), W.pack(torch.randn(9, 128, generator=g), fmt)
+    x[1, 70] = float("nan")
+    y = _kernel(isa_ext, x, p, None)
+    assert torch.isfinite(y[0]).all() and torch.isnan(y[1]).all()
+
+
+def test_kernels_refuse_mismatched_inputs(isa_ext):
+    p8, p4 = W.pack(torch.randn(4, 64), "int8"), W.pack(torch.randn(4, 64), "int4")
+    with pytest.raises(RuntimeError, match="float32"):
+        isa_ext.linear_int8w(torch.randn(2, 64).double(), p8.data, p8.scale, None)
+    with pytest.raises(RuntimeError, match="matching x"):
+        isa_ext.linear_int8w(torch.randn(2, 63), p8.data, p8.scale, None)
+    with pytest.raises(RuntimeError, match="divisible by 32"):
+        isa_ext.linear_int4w(torch.randn(2, 40), p4.data[:, :20].contiguous(), p4.scale, p4.mins, None)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        isa_ext.linear_int4w(torch.randn(2, 64), p4.data, p4.scale, p4.mins, torch.randn(5))
 
 
 @pytest.mark.parametrize("fmt", W.FORMATS)
@@ -39,12 +89,55 @@ def test_linear_runs_the_kernel_or_the_reference(fmt, monkeypatch):
     g = torch.Generator().manual_seed(7)
     x, w, b = torch.randn(2, 3, 96, generator=g), torch.randn(33, 96, generator=g), torch.randn(33, generator=g)
     p = W.pack(w, fmt)
-    want = torch.nn.functional.linear(x, W.unpack(p), b)
-    torch.testing.assert_close(W.linear(x, p, b), want, atol=1e-4, rtol=1e-5)
+    want, mag = _exact(x, p, b)
+    assert ((W.linear(x, p, b).double() - want).abs() <= 1e-6 * mag).all()
     monkeypatch.setenv("A2ATS_KERNELS", "0")
-    torch.testing.assert_close(W.linear(x, p, b), want, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(W.linear(x, p, b), W.reference(x, p, b), atol=0, rtol=0)
+    assert ((W.linear(x, p, b).double() - want).abs() <= 1e-6 * mag).all()
     with pytest.raises(ValueError, match="float32"):
         W.linear(x.double(), p)
+
+
+def test_the_formats_quantize_activations_bf16_does_not():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 70, generator=g)
+    assert torch.equal(W.activations(x, "bf16"), x)
+    for fmt in ("int8", "int4"):
+        assert torch.equal(W.activations(x, fmt), W.dequantize_activations(*W.quantize_activations(x)))
+    with pytest.raises(ValueError, match="weight format"):
+        W.activations(x, "int2")
+
+
+def test_quantize_activations_round_within_half_a_step():
+    g = torch.Generator().manual_seed(11)
+    I = 32 * 5 + 7  # a partial last block
+    x = torch.randn(2, 3, I, generator=g) * torch.logspace(-3, 3, 6).view(2, 3, 1)
+    x[0, 1, 32:64] = 0.0  # an all-zero block
+    x[1, 2, 64:96] = -x[1, 2, 64:96].abs()  # all negative: the extreme is -max|x|
+    q, s = W.quantize_activations(x)
+    assert q.dtype == torch.int8 and q.shape == x.shape
+    assert s.dtype == torch.float32 and s.shape == (2, 3, 6)
+    blocks = torch.nn.functional.pad(x, (0, 6 * 32 - I)).view(2, 3, 6, 32)
+    assert torch.equal(s, blocks.abs().amax(-1) / 127)
+    assert q.abs().max() <= 127
+    back = W.dequantize_activations(q, s)
+    step = s.repeat_interleave(32, -1)[..., :I]
+    assert ((back - x).abs() <= step / 2 * (1 + 1e-5)).all()
+    # the zero block: scale 0, values 0, no NaN
+    assert s[0, 1, 1] == 0 and (q[0, 1, 32:64] == 0).all() and (back[0, 1, 32:64] == 0).all()
+    # each block's largest magnitude is exactly +-127 steps: the negative extreme is stored exactly
+    seg = x[1, 2, 64:96]
+    i = seg.abs().argmax()
+    assert q[1, 2, 64 + i] == -127
+    torch.testing.assert_close(back[1, 2, 64 + i], seg[i], atol=0, rtol=1e-6)
+    assert torch.isfinite(back).all()
+
+
+def test_quantize_activations_rounds_half_to_even():
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -126.5, 3.0]])  # scale 1: q = round(x)
+    q, s = W.quantize_activations(x)
+    assert s.tolist() == [[1.0]]
+    assert q.tolist() == [[127, 0, 2, 2, 0, -2, -126, 3]]
 
 
 def test_formats_round_within_half_a_step():

@@ -50,7 +50,7 @@ def test_engine_equals_reference_path(family, path, bands):
     cfg = A2ATSConfig(budget=0.05, sinks=2, window=8, wrope_band_ratio=bands, reduction=reduction)
     with A2ATS(model, cb, cfg, trace=True) as a2:
         ref = _hf(model, ids, mask, 10)
-    eng = Engine(model, cb, cfg, path=path, decode_weights="model", prefill_dtype="model")
+    eng = Engine(model, cb, cfg, path=path, dense_below=0, decode_weights="model", prefill_dtype="model")
     out = eng.generate(ids, mask, max_new_tokens=10, eos_token_id=model.generation_config.eos_token_id,
                        pad_token_id=0, keep_logits=True, trace=True)
     assert eng.path == path
@@ -74,7 +74,7 @@ def test_deferred_key_encoding_matches_per_step_encoding(path, window):
     cfg = A2ATSConfig(budget=0.1, sinks=2, window=window)
     with A2ATS(model, cb, cfg):
         ref = _hf(model, ids, mask, 17)
-    eng = Engine(model, cb, cfg, path=path, decode_weights="model", prefill_dtype="model")
+    eng = Engine(model, cb, cfg, path=path, dense_below=0, decode_weights="model", prefill_dtype="model")
     out = eng.generate(ids, mask, max_new_tokens=17, eos_token_id=model.generation_config.eos_token_id, pad_token_id=0)
     assert torch.equal(out.tokens, ref.sequences[:, ids.shape[1]:])
     # The codes the slot holds equal a direct encoding of its (un-rotated) keys, prompt and decoded alike.
@@ -108,7 +108,7 @@ def test_compact_decode_weights_equal_the_model_with_those_weights(family, path,
     cfg = A2ATSConfig(budget=0.1, sinks=2, window=8)
     with A2ATS(model, cb, cfg):
         ref = _hf(model, ids, mask, 8)
-    eng = Engine(model, cb, cfg, path=path, decode_weights=fmt, prefill_dtype="model")
+    eng = Engine(model, cb, cfg, path=path, dense_below=0, decode_weights=fmt, prefill_dtype="model")
     assert eng.lean.decode_weights == fmt and eng.lean.layers[0].packed["qkv"].fmt == fmt
     out = eng.generate(ids, mask, max_new_tokens=8, eos_token_id=model.generation_config.eos_token_id,
                        pad_token_id=0, keep_logits=True)
@@ -190,7 +190,7 @@ def test_padding_on_either_side_and_a_given_cache_change_nothing():
     model = tiny_model("llama")
     ids, mask = padded_batch(seed=8, lengths=(90, 61))
     cb, cfg = random_codebooks(model), A2ATSConfig(budget=0.1, sinks=2, window=8)
-    eng = Engine(model, cb, cfg, decode_weights="model", prefill_dtype="model")
+    eng = Engine(model, cb, cfg, dense_below=0, decode_weights="model", prefill_dtype="model")
     left = eng.generate(ids, mask, max_new_tokens=7, keep_logits=True)
     right_ids = torch.stack([torch.cat([r[m.bool()], r[~m.bool()]]) for r, m in zip(ids, mask)])
     right = eng.generate(right_ids, mask.flip(-1), max_new_tokens=7, keep_logits=True)
@@ -241,8 +241,8 @@ def test_step_by_step_is_serve():
     cb, cfg = random_codebooks(model), A2ATSConfig(budget=0.1, sinks=2, window=8)
     ids, mask = padded_batch(seed=9, lengths=(80, 51, 140))
     prompts = [ids[i][mask[i].bool()].tolist() for i in range(3)]
-    want = [Engine(model, cb, cfg, decode_weights="model", prefill_dtype="model").serve([Request(p, 6)]).completions[0].tokens for p in prompts]
-    eng = Engine(model, cb, cfg, decode_weights="model", prefill_dtype="model")
+    want = [Engine(model, cb, cfg, dense_below=0, decode_weights="model", prefill_dtype="model").serve([Request(p, 6)]).completions[0].tokens for p in prompts]
+    eng = Engine(model, cb, cfg, dense_below=0, decode_weights="model", prefill_dtype="model")
     a, b = eng.add(Request(prompts[0], 6)), eng.add(Request(prompts[1], 6))
     first = eng.step()
     assert first.prefill and set(first.tokens) == {a, b} and eng.slots == 2

@@ -22,7 +22,7 @@ def _prompts(lengths=LENGTHS, seed=3):
 
 
 def _engine(model, slots=2, cb=True, cfg=CFG, path="auto"):
-    return Engine(model, random_codebooks(model) if cb else None, cfg, slots=slots, max_context=320, path=path,
+    return Engine(model, random_codebooks(model) if cb else None, cfg, slots=slots, max_context=320, path=path, dense_below=0,
                   decode_weights="model", prefill_dtype="model")
 
 

@@ -53,7 +53,7 @@ def test_serve_equals_reference_path_per_sequence(family, slots, chunk, placemen
     cb = random_codebooks(model)
     cfg = A2ATSConfig(budget=0.05, sinks=2, window=8, reduction="max" if overlap == 3 else "union")
     reqs = _requests()
-    srv = Engine(model, cb, cfg, slots=slots, max_context=320, prefill_chunk=chunk, placement=placement, overlap=overlap, decode_weights="model", prefill_dtype="model")
+    srv = Engine(model, cb, cfg, slots=slots, max_context=320, prefill_chunk=chunk, placement=placement, overlap=overlap, dense_below=0, decode_weights="model", prefill_dtype="model")
     if overlap == 2:  # the selection thread a CUDA accelerator uses for overlap, forced on here
         from concurrent.futures import ThreadPoolExecutor
 
@@ -79,7 +79,7 @@ def test_deferred_key_encoding_across_slots_out_of_phase(window, slots):
     cb = random_codebooks(model)
     cfg = A2ATSConfig(budget=0.05, sinks=2, window=window)
     reqs = _requests(new=(12, 7, 15, 5, 10))
-    res = Engine(model, cb, cfg, placement="offload", slots=slots, max_context=320, prefill_chunk=128, decode_weights="model", prefill_dtype="model").serve(reqs, keep_logits=True, trace=True)
+    res = Engine(model, cb, cfg, placement="offload", slots=slots, max_context=320, prefill_chunk=128, dense_below=0, decode_weights="model", prefill_dtype="model").serve(reqs, keep_logits=True, trace=True)
     ref = Engine(model, cb, cfg, path="reference", decode_weights="model", prefill_dtype="model")
     for i, (r, c) in enumerate(zip(reqs, res.completions)):
         out = _alone(ref, r)
@@ -97,7 +97,7 @@ def test_serve_banded_and_eos():
     ref = Engine(model, cb, cfg, path="reference", decode_weights="model", prefill_dtype="model")
     outs = [_alone(ref, r) for r in reqs]
     eos = outs[1].tokens[0, 3].item()  # a token the second sequence produces at its 4th step
-    srv = Engine(model, cb, cfg, placement="offload", slots=2, max_context=320, prefill_chunk=100, decode_weights="model", prefill_dtype="model")
+    srv = Engine(model, cb, cfg, placement="offload", slots=2, max_context=320, prefill_chunk=100, dense_below=0, decode_weights="model", prefill_dtype="model")
     res = srv.serve(reqs, eos_token_id=eos, keep_logits=True)
     for r, c in zip(reqs, res.completions):
         out = _alone(ref, r, eos)
@@ -115,10 +115,10 @@ def test_compact_host_cache_keeps_selections_and_stays_close(dense, kv_dtype):
     cb = None if dense else random_codebooks(model)
     cfg = A2ATSConfig(budget=0.05, sinks=2, window=8)
     reqs = _requests(new=(6,))
-    runs = [Engine(model, cb, cfg, placement="offload", slots=2, max_context=320, prefill_chunk=100, kv_dtype=dt, decode_weights="model", prefill_dtype="model").serve(reqs, keep_logits=True,
+    runs = [Engine(model, cb, cfg, placement="offload", slots=2, max_context=320, prefill_chunk=100, kv_dtype=dt, dense_below=0, decode_weights="model", prefill_dtype="model").serve(reqs, keep_logits=True,
                                                                                                    trace=True)
             for dt in (None, kv_dtype)]
-    assert Engine(model, cb, cfg, placement="offload", slots=1, max_context=320, kv_dtype=kv_dtype, decode_weights="model", prefill_dtype="model").cache.k[0].dtype == kv_dtype
+    assert Engine(model, cb, cfg, placement="offload", slots=1, max_context=320, kv_dtype=kv_dtype, dense_below=0, decode_weights="model", prefill_dtype="model").cache.k[0].dtype == kv_dtype
     for a, b in zip(*[r.completions for r in runs]):
         assert a.tokens == b.tokens
         for x, y in zip(a.logits, b.logits):
@@ -144,14 +144,14 @@ def test_left_padded_batch_through_generate():
     cb = random_codebooks(model)
     cfg = A2ATSConfig(budget=0.05, sinks=2, window=8)
     ids, mask = padded_batch(seed=5, lengths=(120, 33, 97))
-    res = Engine(model, cb, cfg, placement="offload", slots=2, max_context=200, decode_weights="model", prefill_dtype="model").generate(ids, mask, max_new_tokens=6)
+    res = Engine(model, cb, cfg, placement="offload", slots=2, max_context=200, dense_below=0, decode_weights="model", prefill_dtype="model").generate(ids, mask, max_new_tokens=6)
     ref = Engine(model, cb, cfg, path="reference", decode_weights="model", prefill_dtype="model").generate(ids, mask, max_new_tokens=6)
     assert torch.equal(res.tokens, ref.tokens)
 
 
 def test_failure_mid_run_keeps_finished_sequences(monkeypatch):
     model = tiny_model("llama")
-    srv = Engine(model, random_codebooks(model), A2ATSConfig(budget=0.05, sinks=2, window=8), placement="offload", slots=1, max_context=320, decode_weights="model", prefill_dtype="model")
+    srv = Engine(model, random_codebooks(model), A2ATSConfig(budget=0.05, sinks=2, window=8), placement="offload", slots=1, max_context=320, dense_below=0, decode_weights="model", prefill_dtype="model")
     reqs = _requests(new=(3,))
     calls = {"n": 0}
     forward = srv.lean.forward
@@ -180,8 +180,8 @@ def test_preflight_refuses_with_the_largest_batch_that_fits():
     per = p.per_slot.host + p.per_slot.accelerator
     free = p.workspace + 3 * per + per // 2
     with pytest.raises(PreflightError, match="does not fit in host memory.*largest batch that fits is 3"):
-        Engine(model, random_codebooks(model), placement="offload", slots=8, max_context=1024, prefill_chunk=256, host_free=free, decode_weights="model", prefill_dtype="model")
-    Engine(model, random_codebooks(model), placement="offload", slots=3, max_context=1024, prefill_chunk=256, host_free=free, decode_weights="model", prefill_dtype="model")
+        Engine(model, random_codebooks(model), placement="offload", slots=8, max_context=1024, prefill_chunk=256, host_free=free, dense_below=0, decode_weights="model", prefill_dtype="model")
+    Engine(model, random_codebooks(model), placement="offload", slots=3, max_context=1024, prefill_chunk=256, host_free=free, dense_below=0, decode_weights="model", prefill_dtype="model")
     # a separate accelerator: codes there, K/V on the host; each side bounds the batch
     p = plan(2, 8, 2, 6, 16, 1024, torch.float32, torch.device("cuda"), torch.device("cpu"), 256,
              host_free=10 * p.per_slot.host, accelerator_free=p.workspace + 2 * p.per_slot.accelerator)
@@ -192,7 +192,7 @@ def test_preflight_refuses_with_the_largest_batch_that_fits():
 
 def test_serve_errors_are_clear():
     model = tiny_model("llama")
-    srv = Engine(model, random_codebooks(model), placement="offload", slots=2, max_context=128, decode_weights="model", prefill_dtype="model")
+    srv = Engine(model, random_codebooks(model), placement="offload", slots=2, max_context=128, dense_below=0, decode_weights="model", prefill_dtype="model")
     with pytest.raises(ValueError, match="exceeds the engine's max_context of 128"):
         srv.serve([Request([5] * 100, max_new_tokens=40)])
     with pytest.raises(ValueError, match="non-empty prompt"):
@@ -213,6 +213,6 @@ def test_serve_on_cuda_equals_cpu():
     cb = random_codebooks(model)
     cfg = A2ATSConfig(budget=0.05, sinks=2, window=8)
     reqs = _requests()
-    cpu = Engine(model, cb, cfg, placement="offload", slots=2, max_context=320, decode_weights="model", prefill_dtype="model").serve(reqs)
-    gpu = Engine(model.cuda(), cb, cfg, placement="offload", slots=2, max_context=320, decode_weights="model", prefill_dtype="model").serve(reqs)
+    cpu = Engine(model, cb, cfg, placement="offload", slots=2, max_context=320, dense_below=0, decode_weights="model", prefill_dtype="model").serve(reqs)
+    gpu = Engine(model.cuda(), cb, cfg, placement="offload", slots=2, max_context=320, dense_below=0, decode_weights="model", prefill_dtype="model").serve(reqs)
     assert [c.tokens for c in gpu.completions] == [c.tokens for c in cpu.completions]

@@ -3,10 +3,15 @@ and dense through the lean engine, on the same model, dtype and cache contents.
 
 The long caches are *synthesized* (:mod:`.synthetic`): one real dense prefill of ``base`` tokens is tiled
 along the token axis up to each length. Positions continue from the synthesized length.
+
+The lean A²ATS engines run as they are built by default: a decode step where selection costs more than dense
+attention (the engine's measured crossover, :mod:`a2ats.runtime.crossover`) attends densely, and its row says so
+(``dense_steps``, ``note``); ``dense_below=0`` times selection at every length.
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -29,6 +34,21 @@ from a2ats.methods import A2ATSMethod
 from a2ats.runtime import KVState, StepResult
 
 LENGTHS = (2048, 8192, 16384, 32768)
+KV_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
+
+
+def _dense_below(text: str) -> int | str:
+    """``--dense-below``: "auto" or a context in tokens >= 0."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"--dense-below takes auto or a context in tokens >= 0 (0: always select), "
+                                         f"got {text!r}")
+    return value
 
 
 @dataclass
@@ -41,6 +61,8 @@ class DecodeRow:
     breakdown_ms: dict[str, float] = field(default_factory=dict)  # per step, fast path only
     attended: float = 0.0  # tokens attended per layer and KV head (A²ATS)
     accounting: dict = field(default_factory=dict)  # lean engine only: bytes, GB/s per part, share of the floor
+    dense_steps: int = 0  # A²ATS lean engines: timed steps that attended to every token (mostly: the dense fallback)
+    note: str = ""  # which path the row ran where it is not the variant's own (the dense fallback, and why)
 
 
 def _time_hf(model, cache, length: int, steps: int, warmup: int) -> list[float]:
@@ -78,6 +100,8 @@ def _row(variant, length, times, attended=0.0) -> DecodeRow:
 def _engine_row(variant: str, length: int, steps: list[StepResult]) -> DecodeRow:
     row = _row(variant, length, [s.seconds for s in steps],
                sum(s.attended for s in steps) / max(sum(s.heads for s in steps), 1))
+    # an A²ATS step that attended to every token of every row: the dense fallback (or a budget covering the context)
+    row.dense_steps = sum(1 for s in steps if s.heads and s.attended == s.context)
     parts = {k: 1e3 * sum(s.breakdown.get(k, 0.0) for s in steps) / len(steps)
              for k in ("weights", "scoring", "host attention", "transfers", "rest")}
     # one memory on a CPU: the runtime's "transfers" are no-ops there, counted with the rest
@@ -89,11 +113,16 @@ def _engine_row(variant: str, length: int, steps: list[StepResult]) -> DecodeRow
 
 def bench_decode(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=LENGTHS,
                  variants=DEFAULT_VARIANTS, steps: int = 8, warmup: int = 2, base: int = 4096, text_ids=None,
-                 gguf: str | None = None, read_gbps: float | None = None, log=print) -> tuple[list[DecodeRow], dict]:
-    """One row per (variant, length), and run facts: the prefill (the cost of encoding keys at prefill) and the
+                 gguf: str | None = None, read_gbps: float | None = None, log=print, kv_dtype: torch.dtype | None = None,
+                 dense_below: int | str = "auto", llama_bench: str | None = None,
+                 llama_ggufs: list[str] | None = None) -> tuple[list, dict]:
+    """One row per (variant, length), and run facts: the prefill (the cost of encoding keys at prefill), the
     host's read bandwidth, measured here unless ``read_gbps`` is given, that each lean-engine row's bytes are
-    held against (:mod:`.accounting`). ``text_ids``: the real prompt to prefill (default: a State of the Union
-    speech); ``gguf``: the file llama.cpp runs (default: the default model's)."""
+    held against (:mod:`.accounting`), and where the A²ATS engines start selecting (``crossover``). ``text_ids``:
+    the real prompt to prefill (default: a State of the Union speech); ``gguf``: the file llama.cpp runs (default:
+    the default model's). ``kv_dtype`` and ``dense_below``: the lean engines' (default: theirs). ``llama_bench``: a
+    natively built llama-bench, run on ``llama_ggufs`` at each length right after our variants (same run, same
+    depth), one row per GGUF at its better flash-attention setting."""
     if text_ids is None:
         from a2ats.assets.corpus import speeches
 
@@ -109,7 +138,9 @@ def bench_decode(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=
             raise ValueError("the llama.cpp variant needs llama-cpp-python: `pip install llama-cpp-python` "
                              "(builds from source, ~10-15 min on 2 cores), or leave llama.cpp out of --variants")
     def engine(cb=None, **kw):  # lengths past the model's context: speed only
-        return factory.decoder(model, cb, config, runtime="engine", beyond_model_context=True, **kw)
+        if cb is not None or "method" in kw:
+            kw["dense_below"] = dense_below
+        return factory.decoder(model, cb, config, runtime="engine", beyond_model_context=True, kv_dtype=kv_dtype, **kw)
 
     fast = engine(codebooks, path="fast")
     dense = engine()
@@ -132,6 +163,9 @@ def bench_decode(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=
                "host_read_gbps": read_gbps or host_read_gbps()}
     log(f"real prefill of {text_ids.shape[1]} tokens: {with_codes:.1f} s with key encoding, {plain:.1f} s without "
         f"(encoding {prefill['encoding_share']:.1%}); tiled to each length")
+    prefill["kv_dtype"] = str(fast.kv_dtype).removeprefix("torch.")
+    prefill["crossover"] = fast.dense_rule.describe() if fast.dense_rule is not None else "always selects"
+    log(f"a2ats-fast ({prefill['kv_dtype']} K/V): {prefill['crossover']}")
     rows: list[DecodeRow] = []
     for length in lengths:
         for variant in variants:
@@ -141,8 +175,13 @@ def bench_decode(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=
                 tiled = tile(state, length, codes=eng.method is not None)
                 row = _engine_row(variant, length, decode_steps(eng, tiled, text_ids, 1, steps, warmup))
                 attended = row.attended if eng.method is not None else length
-                row.accounting = account(step_bytes(eng, length, attended), row.breakdown_ms, row.ms_per_token,
-                                         prefill["host_read_gbps"])
+                read = step_bytes(eng, length, attended)
+                if row.dense_steps:  # dense steps read no codes
+                    read["scoring"] = round(read["scoring"] * (1 - row.dense_steps / row.steps))
+                    what = f"dense fallback ({eng.dense_step})" if eng.dense_step else "selected every token"
+                    row.note = what if row.dense_steps == row.steps else \
+                        f"{what} on {row.dense_steps} of {row.steps} steps"
+                row.accounting = account(read, row.breakdown_ms, row.ms_per_token, prefill["host_read_gbps"])
                 eng.release()
             elif variant == "a2ats-reference":
                 cache = _hf_cache(tile(state, length), a2ats=True)
@@ -161,7 +200,12 @@ def bench_decode(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=
                 del cache
             rows.append(row)
             log(f"{variant:16s} {length:6d} tokens: {row.ms_per_token:7.1f} ms/token "
-                f"({row.tokens_per_s:5.1f} tokens/s) {row.breakdown_ms or ''}  [{time.perf_counter() - t:.0f} s]")
+                f"({row.tokens_per_s:5.1f} tokens/s) {row.breakdown_ms or ''}  [{time.perf_counter() - t:.0f} s]"
+                + (f"  {row.note}" if row.note else ""))
+        if llama_bench:
+            from a2ats.bench.llamacpp import llama_bench as run_llama_bench
+
+            rows += run_llama_bench(llama_bench, llama_ggufs or [], length, log=log)
     return rows, prefill
 
 
@@ -179,6 +223,18 @@ def add_arguments(p) -> None:
                    help=f"comma-separated: {', '.join(VARIANTS)} (*-fp32w/-bf16w/-int8w/-int4w: decode reads that weight "
                         f"format; a2ats-fast and dense-lean: the default, int8); default {','.join(DEFAULT_VARIANTS)}")
     p.add_argument("--steps", type=int, default=8, help="timed steps per variant and length (median reported)")
+    p.add_argument("--kv-dtype", choices=list(KV_DTYPES), default="auto",
+                   help="how the lean engines store K/V (auto: the engine's default, bf16 for a float32 model from a "
+                        "16-bit checkpoint)")
+    p.add_argument("--dense-below", type=_dense_below, default="auto",
+                   help="A²ATS lean engines: auto (dense where selection costs more, measured at start-up), or a context "
+                        "in tokens below which steps attend densely (0: select at every length)")
+    p.add_argument("--llama-bench", metavar="PATH",
+                   help="a natively built llama.cpp llama-bench: run after our variants at each length (flash "
+                        "attention off and on, the better kept) on --llama-gguf")
+    p.add_argument("--llama-gguf", type=options.csv(str), metavar="FILES",
+                   help="GGUFs for --llama-bench (default: a Q8_0 converted once from the model's bf16 copy by the "
+                        "converter in llama-bench's source tree, our int8's bits; and the model's shipped 4-bit GGUF)")
     p.add_argument("--out", help="folder for decode.json, decode.md and decode.png")
     p.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
 
@@ -192,14 +248,26 @@ def main(a) -> int:
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     gguf = gguf_for(a.model, log=options.log) if "llama.cpp" in a.variants else None  # the named model's (verified)
+    ggufs = a.llama_gguf
+    if a.llama_bench and not ggufs:
+        from a2ats.assets.models import DEFAULT_MODEL, cache_dir, model_path
+        from a2ats.bench.llamacpp import q8_0_gguf
+
+        shipped = gguf_for(a.model, log=options.log)  # refuses a model that is not a named one
+        name = a.model or DEFAULT_MODEL
+        ggufs = [q8_0_gguf(a.llama_bench, model_path(name, log=options.log), cache_dir() / "gguf", log=options.log),
+                 shipped]
     model, tok = options.load(a)
     cfg = options.config(a)
     rows, prefill = bench_decode(model, tok, options.codebooks(a, model, tok), cfg, lengths=a.lengths or LENGTHS,
-                                 variants=a.variants, steps=a.steps, gguf=gguf, log=options.log)
+                                 variants=a.variants, steps=a.steps, gguf=gguf, log=options.log,
+                                 kv_dtype=KV_DTYPES[a.kv_dtype], dense_below=a.dense_below,
+                                 llama_bench=a.llama_bench, llama_ggufs=ggufs)
     rows = rows_to_json(rows)
     res = {"machine": machine(), "model": options.model_label(a), "dtype": a.dtype, "budget": cfg.budget_label,
            "wrope_bands": cfg.wrope_band_ratio, "command": "a2ats " + " ".join(sys.argv[1:]),
-           "host_read_gbps": prefill.pop("host_read_gbps"), "prefill": prefill, "rows": rows}
+           "host_read_gbps": prefill.pop("host_read_gbps"), "kv_dtype": prefill.pop("kv_dtype"),
+           "crossover": prefill.pop("crossover"), "prefill": prefill, "rows": rows}
     title = f"{res['machine']}, {a.dtype}, {res['budget']}"
     emit(res, decode_table(rows), "decode", a.out, lambda p: decode_plot(rows, p, title), a.json, options.log)
     return 0

@@ -1,16 +1,24 @@
-"""llama.cpp's dense decode of the same model (the embedded GGUF: Q4_1 weights, f16 KV), timed like our
-variants, when ``llama-cpp-python`` is installed (optional: it builds from source in ~10-15 min on 2 cores,
-``pip install llama-cpp-python``; never a test dependency).
+"""llama.cpp's dense decode of the same model, two ways (neither is a test dependency):
 
-The context is a real prefill by llama.cpp itself of the same token ids our variants use (tiled to the
-length), then single-token decode steps, timed one by one; the median is reported.
+- ``llama-bench``, the standard tool, built natively (``bench decode --llama-bench PATH``): each GGUF at each
+  depth, flash attention off and on, no Python in the loop. :func:`q8_0_gguf` converts the library's own bf16
+  copy of the model to Q8_0 with the converter beside that build, for a comparison at equal bits with our int8
+  weights; the model's shipped GGUF (4-bit) is the other row.
+- the ``llama-cpp-python`` binding (the ``llama.cpp`` variant; it builds from source in ~10-15 min on 2 cores):
+  a real prefill by llama.cpp of the same token ids our variants use (tiled to the length), then single-token
+  decode steps, timed one by one; the median is reported.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import subprocess
+import sys
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -78,3 +86,97 @@ def gguf_for(model: str | None, log=print) -> str:
         raise ValueError("the llama.cpp variant runs a named model's GGUF: give --model "
                          f"{' or '.join(MODELS)}, or leave llama.cpp out")
     return str(gguf_path(named_model(model or DEFAULT_MODEL), log=log))
+
+
+@dataclass
+class LlamaBenchRow:
+    """One GGUF at one depth, the better of flash attention off and on (both kept in ``ms_by_flash``)."""
+
+    variant: str  # "llama.cpp-" + the GGUF's weight type, e.g. llama.cpp-q8_0
+    context: int
+    ms_per_token: float  # mean over llama-bench's repetitions, at its best flash-attention setting
+    tokens_per_s: float
+    steps: int  # tokens generated per repetition
+    flash_attn: str
+    ms_by_flash: dict[str, float] = field(default_factory=dict)
+    spread_ms: float = 0.0  # llama-bench's standard deviation across repetitions, in ms per token
+    gguf: str = ""
+    model_type: str = ""
+
+
+def weight_type(model_type: str) -> str:
+    """The weight type in llama-bench's ``model_type`` ("<arch> <size> <type>"), as its file names spell it:
+    ``llama 135M Q8_0`` -> ``q8_0``, ``qwen2 0.5B Q4_K - Medium`` -> ``q4_k_m``."""
+    words = model_type.split(maxsplit=2)
+    if len(words) < 3:
+        return "gguf"
+    base, _, size = words[2].partition(" - ")
+    return (base.strip() + (f"_{size.strip()[0]}" if size.strip() else "")).lower()
+
+
+def llama_bench(binary: str | Path, ggufs: list[str], length: int, threads: int | None = None, gen: int = 16,
+                repeats: int = 2, log=print) -> list[LlamaBenchRow]:
+    """Decode at depth ``length`` for each GGUF with the natively built ``llama-bench`` at ``binary``: ``gen``
+    tokens per repetition, ``threads`` threads (default: every core), flash attention off and on."""
+    binary = Path(binary)
+    if not (binary.is_file() and os.access(binary, os.X_OK)):
+        raise ValueError(f"--llama-bench: {binary} is not an executable llama-bench; build llama.cpp's tools "
+                         "natively (cmake -DGGML_NATIVE=ON, target llama-bench) and give the binary's path")
+    for g in ggufs:
+        if not Path(g).is_file():
+            raise ValueError(f"GGUF {g} not found")
+    threads = threads or os.cpu_count()
+    cmd = [str(binary), "-m", ",".join(ggufs), "-t", str(threads), "-p", "0", "-n", str(gen), "-d", str(length),
+           "-fa", "off,on", "-r", str(repeats), "-o", "json"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+    results = json.loads(done.stdout)
+    rows: dict[str, LlamaBenchRow] = {}
+    for r in results:
+        kind = weight_type(r.get("model_type", ""))
+        flash = "on" if r.get("flash_attn") in (True, 1, "on", "enabled") else "off"
+        ms = 1e3 / r["avg_ts"]
+        spread = 1e3 * r.get("stddev_ts", 0.0) / r["avg_ts"] ** 2  # d(1/ts) = dts / ts^2
+        row = rows.setdefault(r["model_filename"], LlamaBenchRow(f"llama.cpp-{kind}", length, ms, r["avg_ts"],
+                                                                   int(r["n_gen"]), flash, gguf=r["model_filename"],
+                                                                   model_type=r.get("model_type", "")))
+        row.ms_by_flash[flash] = round(ms, 3)
+        if ms <= row.ms_per_token:
+            row.ms_per_token, row.tokens_per_s, row.flash_attn, row.spread_ms = ms, r["avg_ts"], flash, spread
+    out = list(rows.values())
+    for row in out:
+        log(f"{row.variant:16s} {length:6d} tokens: {row.ms_per_token:7.1f} ms/token (flash attention "
+            f"{row.flash_attn}; {', '.join(f'{k} {v:.1f}' for k, v in row.ms_by_flash.items())})")
+    return out
+
+
+def converter_for(binary: str | Path) -> Path:
+    """llama.cpp's ``convert_hf_to_gguf.py`` in the source tree the ``llama-bench`` binary was built in."""
+    for folder in Path(binary).resolve().parents:
+        script = folder / "convert_hf_to_gguf.py"
+        if script.is_file():
+            return script
+    raise ValueError(f"no convert_hf_to_gguf.py above {binary}: give a llama-bench built inside llama.cpp's source "
+                     "tree, or a Q8_0 GGUF of your own with --llama-gguf")
+
+
+def q8_0_gguf(binary: str | Path, model_dir: Path, out_dir: Path, log=print) -> str:
+    """A Q8_0 GGUF of the bf16 model in ``model_dir`` (converted once into ``out_dir``), made by the converter of
+    the llama.cpp tree ``binary`` was built in: llama.cpp's weights at our int8 weights' bits."""
+    out = Path(out_dir) / f"{Path(model_dir).name}.q8_0.gguf"
+    if out.is_file():
+        return str(out)
+    script = converter_for(binary)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(script.parent / "gguf-py"),
+                                                                    os.environ.get("PYTHONPATH")])))
+    log(f"converting {model_dir} to Q8_0 with {script} (once)")
+    tmp = out.with_suffix(".part")
+    done = subprocess.run([sys.executable, str(script), str(model_dir), "--outtype", "q8_0", "--outfile", str(tmp)],
+                          capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        hint = " (pip install sentencepiece)" if "sentencepiece" in done.stderr else ""
+        raise RuntimeError(f"Q8_0 conversion failed{hint}: {done.stderr.strip()[-500:]}")
+    tmp.replace(out)
+    return str(out)

@@ -17,7 +17,7 @@ def decode_table(rows: list[dict]) -> str:
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     fast_variants = [v for v in variants if v.startswith("a2ats-fast") and v != "a2ats-fast-paper"]
     for fast_v in fast_variants:
-        for base in ("dense-hf", "dense-lean", "llama.cpp"):
+        for base in ("dense-hf", "dense-lean", *(v for v in variants if v.startswith("llama.cpp"))):
             if not any((fast_v, n) in at and (base, n) in at for n in lengths):
                 continue
             cells = [f"{at[base, n]['ms_per_token'] / at[fast_v, n]['ms_per_token']:.2f}x"

@@ -1,6 +1,7 @@
 """`a2ats bench weights`: the quality cost of each decode weight format (the quality beside `bench decode`'s
 speed), measured as llama.cpp measures its quantizations: perplexity of held-out prose with the model's projection
-and LM-head weights replaced by what the format stores, against the model's own weights.
+and LM-head weights replaced by what the format stores, against the model's own weights. The linears compute what
+the decode kernels do (``weights.reference``): int8 and int4 also quantize their inputs in blocks of 32.
 
 The text: State of the Union addresses that calibration never reads (it takes the essays and the latest
 60 addresses), in windows of ``window`` tokens, each scored in full (teacher forcing, dense attention).
@@ -56,19 +57,35 @@ def _decode_linears(model: nn.Module) -> list[nn.Linear]:
 
 @contextmanager
 def weights_as(model: nn.Module, fmt: str):
-    """Inside the block the decode linears hold ``unpack(pack(w, fmt))`` (new parameters, so a tied LM head
-    stops sharing with the embedding, as in the engine, whose embedding reads the model's own table)."""
-    saved = []
+    """Inside the block the decode linears compute as the decode kernels for ``fmt`` do (:func:`weights.reference
+    <a2ats.kernels.weights.reference>`): they hold ``unpack(pack(w, fmt))`` (new parameters, so a tied LM head
+    stops sharing with the embedding, as in the engine, whose embedding reads the model's own table), and for
+    int8 and int4 their inputs are quantized in blocks of 32 (a forward pre-hook, in torch: a prefill-shaped
+    forward runs at matmul speed)."""
+    saved, hooks = [], []
     try:
         for m in _decode_linears(model):
             saved.append((m, m.weight))
-            if fmt != "model":
-                m.weight = nn.Parameter(packed_weights.unpack(packed_weights.pack(m.weight, fmt)).to(m.weight.dtype),
-                                        requires_grad=False)
+            if fmt == "model":
+                continue
+            m.weight = nn.Parameter(packed_weights.unpack(packed_weights.pack(m.weight, fmt)).to(m.weight.dtype),
+                                    requires_grad=False)
+            if fmt != "bf16":
+                hooks.append(m.register_forward_pre_hook(_quantized_input(fmt)))
         yield
     finally:
+        for h in hooks:
+            h.remove()
         for m, w in saved:
             m.weight = w
+
+
+def _quantized_input(fmt: str):
+    def hook(module, args):
+        x = args[0]
+        return (packed_weights.activations(x, fmt).to(x.dtype), *args[1:])
+
+    return hook
 
 
 @torch.inference_mode()

@@ -160,12 +160,29 @@ class WRoPE:
 
     def queries(self, q_pre: torch.Tensor, bands: int) -> torch.Tensor:
         """The query rotated for each of the first ``bands`` bands: (..., bands, d), the same values as stacking
-        :meth:`query` per band, in one broadcast rotation (a decode step calls this once per layer: one rotation
-        instead of ``bands`` of them plus a stack)."""
-        key = (torch.device(q_pre.device), bands, "stacked")
+        :meth:`query` per band, bit for bit (a decode step calls this once per layer: a few broadcast operations
+        instead of ``bands`` rotations plus a stack)."""
+        d = q_pre.shape[-1]
+        key = (torch.device(q_pre.device), bands, d, "stacked")
         if key not in self._cache:
-            per_band = [self._scaled(q_pre.device, b) for b in range(bands)]
-            self._cache[key] = (torch.stack([c for c, _ in per_band]), torch.stack([s for _, s in per_band]))
-        cos, sin = self._cache[key]  # (bands, rot)
-        x = q_pre.to(torch.float32).unsqueeze(-2).expand(*q_pre.shape[:-1], bands, q_pre.shape[-1])
-        return apply_rotation(x, cos, sin)
+            self._cache[key] = self._stacked(q_pre.device, bands, d)
+        cos, sin, swap = self._cache[key]
+        x = q_pre.to(torch.float32).unsqueeze(-2)  # (..., 1, d), broadcast over the bands
+        return (x * cos).add_(x.index_select(-1, swap) * sin)
+
+    def _stacked(self, device: torch.device, bands: int, d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(cos, sin, swap) with ``x * cos + x[..., swap] * sin`` = :func:`apply_rotation` of x (..., d) by each
+        band's rotation, (bands, d): ``swap`` exchanges the two halves of the rotated dims, the sign of
+        ``rotate_half`` sits in ``sin`` (a negation is exact: the same products), and dims past a partial rotary
+        pass through (cos 1, sin 0)."""
+        per_band = [self._scaled(device, b) for b in range(bands)]
+        rot = per_band[0][0].shape[-1]
+        half = rot // 2
+        cos = torch.ones(bands, d, device=device)
+        sin = torch.zeros(bands, d, device=device)
+        cos[:, :rot] = torch.stack([c for c, _ in per_band])
+        sin[:, :rot] = torch.stack([s for _, s in per_band])
+        sin[:, :half] = -sin[:, :half]
+        swap = torch.arange(d, device=device)
+        swap[:rot] = torch.cat([swap[half:rot], swap[:half]])
+        return cos, sin, swap

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,9 +17,14 @@ class SelectionStats:
     heads: int = 0  # number of (layer-step, row, KV head) terms
     context: float = 0.0  # sum over the same terms of the row's length
     last_length: int = 0
+    decode_steps: int = 0  # decode steps (of every layer), where counted
+    # decode steps that attended to every token instead of selecting (the runtime's dense fallback), by why;
+    # their tokens count as attended above
+    dense: dict[str, int] = field(default_factory=dict)
 
     def reset(self) -> None:
         self.steps, self.attended, self.heads, self.context, self.last_length = 0, 0.0, 0, 0.0, 0
+        self.decode_steps, self.dense = 0, {}
 
     def record(self, keep: torch.Tensor, valid: torch.Tensor) -> None:
         self.record_counts(keep.sum(-1), valid)
@@ -48,11 +53,19 @@ class SelectionStats:
         k = int(cfg.budget.tokens_for(torch.tensor([self.last_length]))[0])
         k = min(k, max(self.last_length - cfg.sinks - cfg.window, 0))  # cannot retrieve more than compete
         per = "query head, GQA union" if cfg.reduction == "union" else "KV head (max over the group)"
-        return (
+        line = (
             f"context {self.last_length} tokens | attended per step: {self.mean_attended:.0f} tokens per KV head "
             f"({self.mean_fraction:.1%} of the context, mean over layers and steps) | budget {cfg.budget}: "
             f"{k} retrieved per {per} + {cfg.sinks} sinks + {cfg.window} window"
         )
+        if self.dense:
+            why = "; ".join(f"{n} {reason}" if len(self.dense) > 1 else reason for reason, n in self.dense.items())
+            line += f" | dense: {sum(self.dense.values())} of {self.decode_steps} steps ({why})"
+        return line
+
+    @property
+    def dense_steps(self) -> int:
+        return sum(self.dense.values())
 
 
 class SelectionTrace:

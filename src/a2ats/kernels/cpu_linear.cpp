@@ -1,10 +1,12 @@
 // CPU kernels for a decode step's projections: compact weights (bf16, int8, 4-bit) times a few rows
-// (torch reference: a2ats.kernels.weights.unpack).
+// (torch reference: a2ats.kernels.weights.reference).
 
 #include "cpu_common.h"
 
 using a2ats::prefetch_row;
 using a2ats::to_f;
+
+namespace {
 
 // ---------------------------------------------------------------------------------------------------
 // Kernel 4: decode projections with bf16-stored weights and fp32 math
@@ -50,31 +52,11 @@ inline void dot4(const float* x, const c10::BFloat16* w, int64_t stride, int64_t
     out[k] = t;
   }
 }
-
-// The same for int8 rows (the scale is applied by the caller).
-inline void dot4(const float* x, const int8_t* w, int64_t stride, int64_t I, float* out) {
-  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-  int64_t i = 0;
-  for (; i + 16 <= I; i += 16) {
-    const __m512 xv = _mm512_loadu_ps(x + i);
-    for (int k = 0; k < 4; ++k) {
-      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k * stride + i));
-      acc[k] = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), acc[k]);
-    }
-  }
-  for (int k = 0; k < 4; ++k) {
-    float t = _mm512_reduce_add_ps(acc[k]);
-    for (int64_t j = i; j < I; ++j) t += x[j] * static_cast<float>(w[k * stride + j]);
-    out[k] = t;
-  }
-}
-
 #endif
 
-// y = x @ w.T (+ bias) for bf16 or int8 rows, times a scale per output row where ``S`` is given (int8).
-template <class T>
-void rows_times_x(const float* X, const T* W, const float* S, const float* bp, float* Y, int64_t M, int64_t I,
-                  int64_t O) {
+// y = x @ w.T (+ bias) for bf16 rows.
+void bf16_rows_times_x(const float* X, const c10::BFloat16* W, const float* bp, float* Y, int64_t M, int64_t I,
+                       int64_t O) {
   over_output_rows(
       O,
       [&](int64_t o, int64_t o1) {
@@ -83,19 +65,19 @@ void rows_times_x(const float* X, const T* W, const float* S, const float* bp, f
         for (int64_t r = 0; r < M; ++r) {
           float d[4];
           dot4(X + r * I, W + o * I, I, I, d);
-          for (int k = 0; k < 4; ++k) Y[r * O + o + k] = d[k] * (S ? S[o + k] : 1.f) + (bp ? bp[o + k] : 0.f);
+          for (int k = 0; k < 4; ++k) Y[r * O + o + k] = d[k] + (bp ? bp[o + k] : 0.f);
         }
 #endif
       },
       [&](int64_t o, int64_t o1) {
-        const T* __restrict wr = W + o * I;
+        const c10::BFloat16* __restrict wr = W + o * I;
         if (o + 2 < o1) prefetch_row(W + (o + 2) * I, I);
         for (int64_t r = 0; r < M; ++r) {
           const float* __restrict xr = X + r * I;
           float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
           for (int64_t i = 0; i < I; ++i) acc += xr[i] * to_f(wr[i]);
-          Y[r * O + o] = acc * (S ? S[o] : 1.f) + (bp ? bp[o] : 0.f);
+          Y[r * O + o] = acc + (bp ? bp[o] : 0.f);
         }
       });
 }
@@ -103,16 +85,424 @@ void rows_times_x(const float* X, const T* W, const float* S, const float* bp, f
 torch::Tensor bias_or_empty(const c10::optional<torch::Tensor>& bias, int64_t O) {
   if (!bias.has_value()) return torch::Tensor();
   auto b = bias->to(torch::kFloat32).contiguous();
-  TORCH_CHECK(b.dim() == 1 && b.size(0) == O, "bias must be (O,)");
+  TORCH_CHECK(b.dim() == 1 && b.size(0) == O, "bias must be (O,), got ", b.sizes(), " for ", O, " outputs");
   return b;
 }
+
+// ---------------------------------------------------------------------------------------------------
+// Kernel 4b/4c: decode projections with int8 or 4-bit weights, integer dot products
+// ---------------------------------------------------------------------------------------------------
+//
+// Widening every int8 or 4-bit weight to fp32 for an FMA is compute-bound at a fraction of the memory
+// bandwidth. Instead each activation row is quantized once per call, in blocks of 32 inputs (symmetric int8,
+// one fp32 scale per block: torch reference a2ats.kernels.weights.quantize_activations), and the sums
+// inside a block are exact integer dot products, 64 bytes of weights per instruction (VNNI dpbusd, or
+// maddubs + madd), scaled once per block:
+//
+//   int8: y[o] = wscale[o] * sum_b xscale_b * sum_{i in b} w[o, i] * xq[i]
+//   int4: y[o] = sum_g xscale_g * (scale[o, g] * sum_{i in g} q[o, i] * xq[i] + min[o, g] * sum_{i in g} xq[i])
+//
+// int4 groups are 32 inputs, as the blocks, so the min term needs only the blocks' sums of xq, once per
+// call. The u8 x s8 instructions need one unsigned operand: int4's q (0..15) is; int8 weights are made
+// unsigned by an offset of 128 (VNNI) or take the sign of x (maddubs: see dot_q8).
+
+constexpr int64_t kBlock = 32;   // inputs per activation block, and per int4 weight group
+constexpr int64_t kSuper = 128;  // int4: 4 groups, whose packed nibbles are one 64-byte load
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// The activation rows of one call, quantized once for every output row.
+struct QuantRows {
+  int64_t stride = 0;        // bytes per row of q: I rounded up to kSuper, zero past I
+  int64_t nscale = 0;        // floats per row of scale and bsum: >= stride / 32, a multiple of 16, zero past the blocks
+  std::vector<int8_t> q;     // (M, stride)
+  std::vector<float> scale;  // (M, nscale): per block
+  std::vector<float> bsum;   // (M, nscale), int4 only: scale_b * sum_{i in b} q_i, the min term's factor
+  std::vector<int32_t> corr;  // (M, stride / 4), int8 with VNNI only: -128 * the sum of each 4 bytes of q
+
+  const int8_t* q_row(int64_t r) const { return q.data() + r * stride; }
+  const float* scale_row(int64_t r) const { return scale.data() + r * nscale; }
+  const float* bsum_row(int64_t r) const { return bsum.data() + r * nscale; }
+  const int32_t* corr_row(int64_t r) const { return corr.data() + r * (stride / 4); }
+};
+
+// 32 inputs to int8: q = round(x / s), s = max|x| / 127, rounding half to even; an all-zero block has s = 0
+// and q = 0. A division (not a multiply by 1/s) and torch.round's rounding, so the torch reference gets the
+// same integers. Plain loops the compiler vectorizes for every build.
+inline float quantize32(const float* x, int8_t* q) {
+  // max |x| on the bit patterns: for non-negative floats they order as the values, NaN above inf, so a NaN
+  // in the block makes the scale NaN (and the outputs), as in torch.
+  uint32_t bits_max = 0;
+  for (int i = 0; i < kBlock; ++i) {
+    uint32_t u;
+    std::memcpy(&u, x + i, 4);
+    bits_max = std::max(bits_max, u & 0x7FFFFFFFu);
+  }
+  float amax;
+  std::memcpy(&amax, &bits_max, 4);
+  const float s = amax / 127.f;
+  const float d = s > 0.f ? s : 1.f;
+  for (int i = 0; i < kBlock; ++i) {
+    float v = x[i] / d;
+    v = (v + 0x1.8p23f) - 0x1.8p23f;  // round to nearest even (|v| <= 127, far below 2^22)
+    v = v > 127.f ? 127.f : (v >= -127.f ? v : -127.f);  // no-op for finite x; keeps NaN from the int cast
+    q[i] = static_cast<int8_t>(v);
+  }
+  return s;
+}
+
+// Quantizes the M rows of X (M, I) in blocks of 32, the last one partial. `nibble_order` (int4): each group
+// of 4 blocks is laid out as the packed nibbles are, their 4 first halves (16 inputs each), then their 4
+// second halves, so that one 64-byte load of x lines up with the low nibbles and the next with the high.
+QuantRows quantize_rows(const float* X, int64_t M, int64_t I, bool nibble_order) {
+  QuantRows r;
+  const int64_t nb = (I + kBlock - 1) / kBlock;
+  r.stride = round_up(std::max<int64_t>(I, 1), kSuper);
+  r.nscale = round_up(r.stride / kBlock, 16);
+  r.q.assign(M * r.stride, 0);
+  r.scale.assign(M * r.nscale, 0.f);
+  if (nibble_order) r.bsum.assign(M * r.nscale, 0.f);
+  for (int64_t m = 0; m < M; ++m) {
+    int8_t* row = r.q.data() + m * r.stride;
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* src = X + m * I + b * kBlock;
+      float part[kBlock];
+      const int64_t n = std::min(kBlock, I - b * kBlock);
+      if (n < kBlock) {  // the last, partial block: zeros after it change neither its scale nor its sums
+        std::fill(part, part + kBlock, 0.f);
+        std::copy(src, src + n, part);
+        src = part;
+      }
+      int8_t q[kBlock];
+      const float s = quantize32(src, q);
+      r.scale[m * r.nscale + b] = s;
+      if (!nibble_order) {
+        std::memcpy(row + b * kBlock, q, kBlock);
+        continue;
+      }
+      int8_t* sup = row + (b / 4) * kSuper + (b % 4) * 16;
+      std::memcpy(sup, q, 16);
+      std::memcpy(sup + 64, q + 16, 16);
+      int32_t sum = 0;
+      for (int i = 0; i < kBlock; ++i) sum += q[i];
+      r.bsum[m * r.nscale + b] = s * static_cast<float>(sum);
+    }
+  }
+#if defined(__AVX512VNNI__)
+  if (!nibble_order) {
+    r.corr.assign(M * (r.stride / 4), 0);
+    for (int64_t i = 0; i < M * (r.stride / 4); ++i) {
+      const int8_t* g = r.q.data() + 4 * i;
+      r.corr[i] = -128 * (g[0] + g[1] + g[2] + g[3]);
+    }
+  }
+#endif
+  return r;
+}
+
+// `rows(o, n, o1)`: output rows o .. o + n - 1 (n = 4, else 1) for every activation row. Output rows in blocks
+// of 16 across threads; 4 at a time so that each x vector is loaded once for 4 weight rows.
+template <class Rows>
+void over_row_blocks(int64_t O, Rows rows) {
+  constexpr int64_t kRowsPerItem = 16;  // enough to amortize the split
+  at::parallel_for(0, (O + kRowsPerItem - 1) / kRowsPerItem, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t blk = lo; blk < hi; ++blk) {
+      const int64_t o0 = blk * kRowsPerItem, o1 = std::min(O, o0 + kRowsPerItem);
+      int64_t o = o0;
+      for (; o + 4 <= o1; o += 4) rows(o, 4, o1);
+      for (; o < o1; ++o) rows(o, 1, o1);
+    }
+  });
+}
+
+constexpr int kMaxR = 4;  // activation rows per pass over a block of weight rows
+using Out = float[kMaxR][4];  // [activation row][weight row]
+
+// The dot functions below: K weight rows (w + k * stride) times R activation rows (x's rows r0 .. r0 + R - 1),
+// out[r][k] before the per-row weight scale (int8) and the bias. Each weight vector is loaded (and
+// unpacked) once for the R activation rows, each x vector once for the K weight rows.
+//   int8: out[r][k] = sum_b xs_r[b] * (w_k . xq_r over block b)
+//   int4: out[r][k] = sum_g xs_r[g] * (S_k[g] * (q_k . xq_r over g) + Mn_k[g] * sum xq_r over g); xq in
+//         nibble order, and xs_r[g] * sum xq_r over g from bsum.
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// One 64-byte load of int8 weights covers blocks 2j and 2j + 1: int32 lanes 0-7 hold the first's partial
+// sums, 8-15 the second's. With VNNI, w + 128 is the unsigned operand of dpbusd (w XOR 0x80), and the
+// accumulator starts at -128 * sum x (corr) to cancel the offset exactly; without, the sign of x moves onto
+// w so that both maddubs operands stay within +-127 (no int16 saturation).
+template <int K, int R>
+inline void dot_q8(const QuantRows& x, int64_t r0, const int8_t* w, int64_t stride, int64_t I, Out& out) {
+  __m512 acc[R][K];
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < K; ++k) acc[r][k] = _mm512_setzero_ps();
+  const __m512i pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  auto step = [&](int64_t j, __mmask64 tail, bool full) {
+    __m512i wk[K];
+    for (int k = 0; k < K; ++k) {
+      const int8_t* p = w + k * stride + 64 * j;
+      wk[k] = full ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(tail, p);  // the tail never reads past I
+#if defined(__AVX512VNNI__)
+      wk[k] = _mm512_xor_si512(wk[k], _mm512_set1_epi8(static_cast<char>(0x80)));
+#endif
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512i xv = _mm512_loadu_si512(x.q_row(r0 + r) + 64 * j);
+      const __m512 sv = _mm512_permutexvar_ps(
+          pair, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(x.scale_row(r0 + r) + 2 * j)))));
+#if defined(__AVX512VNNI__)
+      const __m512i c = _mm512_loadu_si512(x.corr_row(r0 + r) + 16 * j);
+      for (int k = 0; k < K; ++k)
+        acc[r][k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(c, wk[k], xv)), sv, acc[r][k]);
+#else
+      const __m512i zero = _mm512_setzero_si512(), ax = _mm512_abs_epi8(xv);
+      const __mmask64 neg = _mm512_movepi8_mask(xv);
+      for (int k = 0; k < K; ++k) {
+        const __m512i sw = _mm512_mask_sub_epi8(wk[k], neg, zero, wk[k]);  // w * sign(x)
+        const __m512i d = _mm512_madd_epi16(_mm512_maddubs_epi16(ax, sw), _mm512_set1_epi16(1));
+        acc[r][k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sv, acc[r][k]);
+      }
+#endif
+    }
+  };
+  const int64_t full = I / 64;
+  for (int64_t j = 0; j < full; ++j) step(j, 0, true);
+  if (I % 64) step(full, (~0ULL) >> (64 - I % 64), false);
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < K; ++k) out[r][k] = _mm512_reduce_add_ps(acc[r][k]);
+}
+
+// Per 32-bit lane: a1 . b1 + a2 . b2 over 4 bytes, a unsigned, b signed (int4: a nibbles <= 15, so maddubs'
+// int16 sums stay below 2^15).
+inline __m512i dot2_u8s8(__m512i a1, __m512i b1, __m512i a2, __m512i b2) {
+#if defined(__AVX512VNNI__)
+  return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), a1, b1), a2, b2);
+#else
+  const __m512i p = _mm512_add_epi16(_mm512_maddubs_epi16(a1, b1), _mm512_maddubs_epi16(a2, b2));
+  return _mm512_madd_epi16(p, _mm512_set1_epi16(1));
+#endif
+}
+
+// One 64-byte load of packed nibbles covers 4 groups: int32 lanes 4c .. 4c + 3 hold group 4t + c's partial sums.
+template <int K, int R>
+inline void dot_q4(const QuantRows& x, int64_t r0, const uint8_t* w, int64_t stride, const float* S,
+                   const float* Mn, int64_t G, Out& out) {
+  __m512 acc[R][K];
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < K; ++k) acc[r][k] = _mm512_setzero_ps();
+  const __m512i nib = _mm512_set1_epi8(0x0F);
+  const __m512i quad = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  auto step = [&](int64_t t, __mmask64 tail_bytes, __mmask8 tail_groups, bool full) {
+    __m512i lo[K], hi[K];
+    __m512 ws[K];
+    for (int k = 0; k < K; ++k) {
+      const uint8_t* p = w + k * stride + 64 * t;
+      const float* sp = S + k * G + 4 * t;
+      const __m512i b = full ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(tail_bytes, p);
+      lo[k] = _mm512_and_si512(b, nib);
+      hi[k] = _mm512_and_si512(_mm512_srli_epi16(b, 4), nib);
+      const __m128 s4 = full ? _mm_loadu_ps(sp) : _mm_maskz_loadu_ps(tail_groups, sp);
+      ws[k] = _mm512_permutexvar_ps(quad, _mm512_castps128_ps512(s4));
+    }
+    for (int r = 0; r < R; ++r) {
+      const int8_t* xa = x.q_row(r0 + r) + kSuper * t;
+      const __m512i xl = _mm512_loadu_si512(xa), xh = _mm512_loadu_si512(xa + 64);
+      const __m512 sx = _mm512_permutexvar_ps(quad, _mm512_castps128_ps512(_mm_loadu_ps(x.scale_row(r0 + r) + 4 * t)));
+      for (int k = 0; k < K; ++k) {
+        const __m512 d = _mm512_cvtepi32_ps(dot2_u8s8(lo[k], xl, hi[k], xh));
+        acc[r][k] = _mm512_fmadd_ps(_mm512_mul_ps(d, sx), ws[k], acc[r][k]);
+      }
+    }
+  };
+  const int64_t full = G / 4;
+  for (int64_t t = 0; t < full; ++t) step(t, 0, 0, true);
+  if (G % 4) step(full, (~0ULL) >> (64 - 16 * (G % 4)), static_cast<__mmask8>((1u << (G % 4)) - 1), false);
+  for (int64_t g = 0; g < G; g += 16) {  // the min term; bsum is zero-padded to whole vectors
+    const __mmask16 m = G - g >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (G - g)) - 1);
+    for (int k = 0; k < K; ++k) {
+      const __m512 mk = _mm512_maskz_loadu_ps(m, Mn + k * G + g);
+      for (int r = 0; r < R; ++r) acc[r][k] = _mm512_fmadd_ps(mk, _mm512_loadu_ps(x.bsum_row(r0 + r) + g), acc[r][k]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < K; ++k) out[r][k] = _mm512_reduce_add_ps(acc[r][k]);
+}
+
+#elif defined(__AVX2__)
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// One 32-byte load is one block; the sign of x moves onto w (_mm256_sign_epi8) so that both maddubs operands
+// stay within +-127. 16 ymm registers: one activation row at a time.
+template <int K>
+inline void dot_q8_row(const int8_t* xq, const float* xs, const int8_t* w, int64_t stride, int64_t I, float* out) {
+  __m256 acc[K];
+  for (int k = 0; k < K; ++k) acc[k] = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1);
+  auto step = [&](int64_t b, const int8_t* const* rows) {
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + kBlock * b));
+    const __m256i ax = _mm256_sign_epi8(xv, xv);
+    const __m256 sv = _mm256_broadcast_ss(xs + b);
+    for (int k = 0; k < K; ++k) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[k]));
+      const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv, xv)), ones);
+      acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sv, acc[k]);
+    }
+  };
+  const int64_t full = I / kBlock;
+  const int8_t* rows[K];
+  for (int64_t b = 0; b < full; ++b) {
+    for (int k = 0; k < K; ++k) rows[k] = w + k * stride + kBlock * b;
+    step(b, rows);
+  }
+  if (I % kBlock) {  // the partial block from zero-padded copies: never read past I
+    alignas(32) int8_t tail[K][kBlock] = {};
+    for (int k = 0; k < K; ++k) {
+      std::memcpy(tail[k], w + k * stride + kBlock * full, I % kBlock);
+      rows[k] = tail[k];
+    }
+    step(full, rows);
+  }
+  for (int k = 0; k < K; ++k) out[k] = hsum(acc[k]);
+}
+
+// One 32-byte load of packed nibbles covers 2 groups (int32 lanes 0-3 and 4-7).
+template <int K>
+inline void dot_q4_row(const int8_t* xa, const float* xs, const float* xm, const uint8_t* w, int64_t stride,
+                       const float* S, const float* Mn, int64_t G, float* out) {
+  __m256 acc[K];
+  for (int k = 0; k < K; ++k) acc[k] = _mm256_setzero_ps();
+  const __m256i nib = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i half[2] = {_mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3)};
+  auto step = [&](int64_t t, const uint8_t* const* rows, const float* const* scales) {
+    const __m256 sx4 = _mm256_castps128_ps256(_mm_loadu_ps(xs + 4 * t));
+    for (int h = 0; h < 2; ++h) {
+      const __m256i xl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa + kSuper * t + 32 * h));
+      const __m256i xh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa + kSuper * t + 64 + 32 * h));
+      const __m256 sx = _mm256_permutevar8x32_ps(sx4, half[h]);
+      for (int k = 0; k < K; ++k) {
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[k] + 32 * h));
+        const __m256i lo = _mm256_and_si256(b, nib), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), nib);
+        const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
+        const __m256 ws = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(scales[k])), half[h]);
+        acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), _mm256_mul_ps(ws, sx), acc[k]);
+      }
+    }
+  };
+  const int64_t full = G / 4;
+  const uint8_t* rows[K];
+  const float* scales[K];
+  for (int64_t t = 0; t < full; ++t) {
+    for (int k = 0; k < K; ++k) {
+      rows[k] = w + k * stride + 64 * t;
+      scales[k] = S + k * G + 4 * t;
+    }
+    step(t, rows, scales);
+  }
+  if (G % 4) {  // the last 1-3 groups from zero-padded copies
+    alignas(32) uint8_t tail[K][64] = {};
+    float tail_s[K][4] = {};
+    for (int k = 0; k < K; ++k) {
+      std::memcpy(tail[k], w + k * stride + 64 * full, 16 * (G % 4));
+      std::memcpy(tail_s[k], S + k * G + 4 * full, sizeof(float) * (G % 4));
+      rows[k] = tail[k];
+      scales[k] = tail_s[k];
+    }
+    step(full, rows, scales);
+  }
+  for (int k = 0; k < K; ++k) {
+    float m = 0.f;
+    for (int64_t g = 0; g < G; ++g) m += Mn[k * G + g] * xm[g];
+    out[k] = hsum(acc[k]) + m;
+  }
+}
+
+#else
+// Portable builds: integer loops the compiler vectorizes.
+template <int K>
+inline void dot_q8_row(const int8_t* xq, const float* xs, const int8_t* w, int64_t stride, int64_t I, float* out) {
+  for (int k = 0; k < K; ++k) {
+    const int8_t* __restrict wr = w + k * stride;
+    float acc = 0.f;
+    for (int64_t b = 0; b * kBlock < I; ++b) {
+      const int64_t n = std::min(kBlock, I - b * kBlock);
+      int32_t s = 0;
+      for (int64_t i = 0; i < n; ++i) s += static_cast<int32_t>(wr[b * kBlock + i]) * xq[b * kBlock + i];
+      acc += xs[b] * static_cast<float>(s);
+    }
+    out[k] = acc;
+  }
+}
+
+template <int K>
+inline void dot_q4_row(const int8_t* xa, const float* xs, const float* xm, const uint8_t* w, int64_t stride,
+                       const float* S, const float* Mn, int64_t G, float* out) {
+  for (int k = 0; k < K; ++k) {
+    float acc = 0.f;
+    for (int64_t g = 0; g < G; ++g) {
+      const uint8_t* __restrict b = w + k * stride + 16 * g;
+      const int8_t* __restrict xl = xa + (g / 4) * kSuper + (g % 4) * 16;
+      const int8_t* __restrict xh = xl + 64;
+      int32_t s = 0;
+      for (int j = 0; j < 16; ++j) s += (b[j] & 0x0F) * xl[j] + (b[j] >> 4) * xh[j];
+      acc += S[k * G + g] * xs[g] * static_cast<float>(s) + Mn[k * G + g] * xm[g];
+    }
+    out[k] = acc;
+  }
+}
+#endif
+
+#if !(defined(__AVX512F__) && defined(__AVX512BW__))
+// Without AVX-512: one activation row at a time (the weight rows stay in L1 for the next).
+template <int K, int R>
+inline void dot_q8(const QuantRows& x, int64_t r0, const int8_t* w, int64_t stride, int64_t I, Out& out) {
+  for (int r = 0; r < R; ++r) dot_q8_row<K>(x.q_row(r0 + r), x.scale_row(r0 + r), w, stride, I, out[r]);
+}
+
+template <int K, int R>
+inline void dot_q4(const QuantRows& x, int64_t r0, const uint8_t* w, int64_t stride, const float* S,
+                   const float* Mn, int64_t G, Out& out) {
+  for (int r = 0; r < R; ++r)
+    dot_q4_row<K>(x.q_row(r0 + r), x.scale_row(r0 + r), x.bsum_row(r0 + r), w, stride, S, Mn, G, out[r]);
+}
+#endif
+
+// dot_q8 / dot_q4 for n (4 or 1) weight rows and R (1 .. kMaxR) activation rows, as templates.
+template <int K, class... A>
+void q8_rows(int R, A&&... a) {
+  switch (R) {
+    case 1: return dot_q8<K, 1>(a...);
+    case 2: return dot_q8<K, 2>(a...);
+    case 3: return dot_q8<K, 3>(a...);
+    default: return dot_q8<K, 4>(a...);
+  }
+}
+
+template <int K, class... A>
+void q4_rows(int R, A&&... a) {
+  switch (R) {
+    case 1: return dot_q4<K, 1>(a...);
+    case 2: return dot_q4<K, 2>(a...);
+    case 3: return dot_q4<K, 3>(a...);
+    default: return dot_q4<K, 4>(a...);
+  }
+}
+
+void check_x(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32,
+              "x must be a float32 (M, I) tensor, got ", x.scalar_type(), " ", x.sizes());
+}
+
+}  // namespace
 
 // y (M, O) = x (M, I) @ w (O, I)^T (+ bias): w bf16, x and y float32, fp32 accumulation. A decode
 // step's projections read every weight once for a few rows, so they are bound by memory bandwidth:
 // bf16 weights halve the bytes; widening bf16 to fp32 is a shift, so the math stays fp32 as with
 // fp32 weights rounded to bf16.
 torch::Tensor linear_bf16w(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be float32 (M, I)");
+  check_x(x);
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kBFloat16 && w.is_contiguous() && w.size(1) == x.size(1),
               "w must be a contiguous bfloat16 (O, I) tensor matching x");
   x = x.contiguous();
@@ -120,44 +510,14 @@ torch::Tensor linear_bf16w(torch::Tensor x, torch::Tensor w, c10::optional<torch
   auto bias_f = bias_or_empty(bias, O);
   const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   auto y = torch::empty({M, O}, x.options());
-  const float* X = x.data_ptr<float>();
-  const c10::BFloat16* W = w.data_ptr<c10::BFloat16>();
-  float* Y = y.data_ptr<float>();
-  rows_times_x(X, W, nullptr, bp, Y, M, I, O);
+  bf16_rows_times_x(x.data_ptr<float>(), w.data_ptr<c10::BFloat16>(), bp, y.data_ptr<float>(), M, I, O);
   return y;
 }
 
-// Kernel 4b/4c: decode projections with int8 or 4-bit weights, fp32 math
-//
-// int8: w (O, I) int8 with one fp32 scale per output row: y[o] = scale[o] * sum_i x[i] * w[o, i].
-// int4: groups of 32 inputs per output row, w = q * scale + min with q in 0..15, packed two to a byte:
-// byte j of a group holds element j (low nibble) and element j + 16 (high nibble), so both halves
-// multiply contiguous x. sum_i x*w over a group = scale * sum x*q + min * sum x, the last term from
-// per-group sums of x computed once per call.
-
-constexpr int64_t kGroup4 = 32;
-
-#if defined(__AVX512F__)
-// The same for 4-bit groups (see dot4): `out[k]` = sum over groups of scale * (x . q), the min term added by the caller.
-inline void dot4_int4(const float* x, const uint8_t* w, int64_t stride, const float* scale, int64_t G, float* out) {
-  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-  const __m512i nib = _mm512_set1_epi32(0x0F);
-  for (int64_t g = 0; g < G; ++g) {
-    const __m512 xl = _mm512_loadu_ps(x + g * kGroup4), xh = _mm512_loadu_ps(x + g * kGroup4 + 16);
-    for (int k = 0; k < 4; ++k) {
-      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k * stride + g * 16)));
-      __m512 t = _mm512_mul_ps(xl, _mm512_cvtepi32_ps(_mm512_and_si512(b, nib)));
-      t = _mm512_fmadd_ps(xh, _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), t);
-      acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(scale[k * G + g]), t, acc[k]);
-    }
-  }
-  for (int k = 0; k < 4; ++k) out[k] = _mm512_reduce_add_ps(acc[k]);
-}
-#endif
-
-
+// y (M, O) = quantized x (M, I) @ w (O, I)^T * scale (+ bias): w int8 with a scale per output row, x
+// quantized in blocks of 32 (see above).
 torch::Tensor linear_int8w(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be float32 (M, I)");
+  check_x(x);
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kInt8 && w.is_contiguous() && w.size(1) == x.size(1),
               "w must be a contiguous int8 (O, I) tensor matching x");
   const int64_t M = x.size(0), I = x.size(1), O = w.size(0);
@@ -167,20 +527,36 @@ torch::Tensor linear_int8w(torch::Tensor x, torch::Tensor w, torch::Tensor scale
   auto bias_f = bias_or_empty(bias, O);
   const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   auto y = torch::empty({M, O}, x.options());
-  const float* X = x.data_ptr<float>();
+  const QuantRows xq = quantize_rows(x.data_ptr<float>(), M, I, false);
   const int8_t* W = w.data_ptr<int8_t>();
   const float* S = scale.data_ptr<float>();
   float* Y = y.data_ptr<float>();
-  rows_times_x(X, W, S, bp, Y, M, I, O);
+  over_row_blocks(O, [&](int64_t o, int n, int64_t o1) {
+    if (o + 2 * n <= o1) prefetch_row(W + (o + n) * I, n * I);
+    for (int64_t r = 0; r < M; r += kMaxR) {  // the weight rows stay in L1 for the next activation rows
+      const int R = static_cast<int>(std::min<int64_t>(kMaxR, M - r));
+      Out d;
+      if (n == 4)
+        q8_rows<4>(R, xq, r, W + o * I, I, I, d);
+      else
+        q8_rows<1>(R, xq, r, W + o * I, I, I, d);
+      for (int i = 0; i < R; ++i)
+        for (int k = 0; k < n; ++k) Y[(r + i) * O + o + k] = d[i][k] * S[o + k] + (bp ? bp[o + k] : 0.f);
+    }
+  });
   return y;
 }
 
+// y (M, O) = quantized x (M, I) @ w^T (+ bias) for 4-bit w: groups of 32 inputs per output row, w = q * scale +
+// min with q in 0..15 packed two to a byte (byte j of a group: element j in the low nibble, element j + 16 in
+// the high one), x quantized in blocks of 32 (see above).
 torch::Tensor linear_int4w(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor mins,
                            c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be float32 (M, I)");
+  check_x(x);
   const int64_t M = x.size(0), I = x.size(1);
-  TORCH_CHECK(I % kGroup4 == 0, "int4 weights need an input size divisible by 32, got ", I);
-  const int64_t G = I / kGroup4;
+  TORCH_CHECK(I % kBlock == 0, "int4 weights need an input size divisible by 32, got ", I,
+              ": pack this weight as int8 or bf16");
+  const int64_t G = I / kBlock;
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kUInt8 && w.is_contiguous() && w.size(1) * 2 == I,
               "w must be a contiguous uint8 (O, I/2) tensor of packed nibbles matching x");
   const int64_t O = w.size(0);
@@ -190,66 +566,55 @@ torch::Tensor linear_int4w(torch::Tensor x, torch::Tensor w, torch::Tensor scale
   x = x.contiguous();
   auto bias_f = bias_or_empty(bias, O);
   const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
-  const float* X = x.data_ptr<float>();
-  std::vector<float> xsum(M * G);  // sum of x over each group, for the min term
-  for (int64_t r = 0; r < M; ++r)
-    for (int64_t g = 0; g < G; ++g) {
-      float s = 0.f;
-      for (int64_t j = 0; j < kGroup4; ++j) s += X[r * I + g * kGroup4 + j];
-      xsum[r * G + g] = s;
-    }
   auto y = torch::empty({M, O}, x.options());
+  const QuantRows xq = quantize_rows(x.data_ptr<float>(), M, I, true);
   const uint8_t* W = w.data_ptr<uint8_t>();
   const float* S = scale.data_ptr<float>();
   const float* Mn = mins.data_ptr<float>();
   float* Y = y.data_ptr<float>();
   const int64_t row_bytes = I / 2;
-  over_output_rows(
-      O,
-      [&](int64_t o, int64_t o1) {
-#if defined(__AVX512F__)
-        if (o + 8 <= o1) prefetch_row(W + (o + 4) * row_bytes, 4 * row_bytes);
-        for (int64_t r = 0; r < M; ++r) {
-          float d[4];
-          dot4_int4(X + r * I, W + o * row_bytes, row_bytes, S + o * G, G, d);
-          for (int k = 0; k < 4; ++k) {
-            float min_term = 0.f;
-            for (int64_t g = 0; g < G; ++g) min_term += Mn[(o + k) * G + g] * xsum[r * G + g];
-            Y[r * O + o + k] = d[k] + min_term + (bp ? bp[o + k] : 0.f);
-          }
-        }
-#endif
-      },
-      [&](int64_t o, int64_t o1) {
-        const uint8_t* __restrict wr = W + o * row_bytes;
-        if (o + 2 < o1) prefetch_row(W + (o + 2) * row_bytes, row_bytes);
-        const float* so = S + o * G;
-        const float* mo = Mn + o * G;
-        for (int64_t r = 0; r < M; ++r) {
-          const float* __restrict xr = X + r * I;
-          float lanes[16] = {0.f};  // per-lane sums across groups: one horizontal sum per row, not per group
-          float min_term = 0.f;
-          for (int64_t g = 0; g < G; ++g) {
-            const uint8_t* __restrict b = wr + g * 16;
-            const float* __restrict xg = xr + g * kGroup4;
-            const float sg = so[g];
-#pragma omp simd
-            for (int j = 0; j < 16; ++j) {
-              const float lo_q = static_cast<float>(b[j] & 0x0F), hi_q = static_cast<float>(b[j] >> 4);
-              lanes[j] += sg * (xg[j] * lo_q + xg[j + 16] * hi_q);
-            }
-            min_term += mo[g] * xsum[r * G + g];
-          }
-          float acc = 0.f;
-          for (int j = 0; j < 16; ++j) acc += lanes[j];
-          Y[r * O + o] = acc + min_term + (bp ? bp[o] : 0.f);
-        }
-      });
+  over_row_blocks(O, [&](int64_t o, int n, int64_t o1) {
+    if (o + 2 * n <= o1) {
+      prefetch_row(W + (o + n) * row_bytes, n * row_bytes);
+      prefetch_row(S + (o + n) * G, n * G);
+      prefetch_row(Mn + (o + n) * G, n * G);
+    }
+    for (int64_t r = 0; r < M; r += kMaxR) {
+      const int R = static_cast<int>(std::min<int64_t>(kMaxR, M - r));
+      Out d;
+      if (n == 4)
+        q4_rows<4>(R, xq, r, W + o * row_bytes, row_bytes, S + o * G, Mn + o * G, G, d);
+      else
+        q4_rows<1>(R, xq, r, W + o * row_bytes, row_bytes, S + o * G, Mn + o * G, G, d);
+      for (int i = 0; i < R; ++i)
+        for (int k = 0; k < n; ++k) Y[(r + i) * O + o + k] = d[i][k] + (bp ? bp[o + k] : 0.f);
+    }
+  });
   return y;
+}
+
+// Activations as the int8 and int4 kernels quantize them: (q int8 (M, I), scale float32 (M, ceil(I / 32))), for
+// tests against the torch reference.
+std::vector<torch::Tensor> quantize_activations(torch::Tensor x) {
+  check_x(x);
+  x = x.contiguous();
+  const int64_t M = x.size(0), I = x.size(1), nb = (I + kBlock - 1) / kBlock;
+  const QuantRows xq = quantize_rows(x.data_ptr<float>(), M, I, false);
+  auto q = torch::empty({M, I}, x.options().dtype(torch::kInt8));
+  auto s = torch::empty({M, nb}, x.options());
+  for (int64_t r = 0; r < M; ++r) {
+    std::memcpy(q.data_ptr<int8_t>() + r * I, xq.q.data() + r * xq.stride, I);
+    std::memcpy(s.data_ptr<float>() + r * nb, xq.scale.data() + r * xq.nscale, sizeof(float) * nb);
+  }
+  return {q, s};
 }
 
 void register_linear(pybind11::module_& m) {
   m.def("linear_bf16w", &linear_bf16w, "x @ w.T (+ bias) with bf16 weights, fp32 math");
-  m.def("linear_int8w", &linear_int8w, "x @ w.T (+ bias) with int8 weights and a scale per output row, fp32 math");
-  m.def("linear_int4w", &linear_int4w, "x @ w.T (+ bias) with 4-bit weights in groups of 32 (scale, min), fp32 math");
+  m.def("linear_int8w", &linear_int8w,
+        "x @ w.T (+ bias) with int8 weights (a scale per output row), x quantized in blocks of 32: integer dot products");
+  m.def("linear_int4w", &linear_int4w,
+        "x @ w.T (+ bias) with 4-bit weights in groups of 32 (scale, min), x quantized in blocks of 32: integer dot products");
+  m.def("quantize_activations", &quantize_activations,
+        "x (M, I) float32 -> (int8 (M, I), float32 scales (M, ceil(I / 32))): the int kernels' activation blocks");
 }

@@ -2,6 +2,13 @@
 
 #include "cpu_common.h"
 
+#include <array>
+#include <memory>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 using a2ats::prefetch_row;
 using a2ats::to_f;
 
@@ -137,219 +144,609 @@ torch::Tensor score(torch::Tensor lut, torch::Tensor codes, c10::optional<torch:
 
 namespace {
 
-// Radix selection over table entries weighted by how many candidates carry them: `keys` (entry keys)
-// share the bits above `shift` (given in `prefix`); returns the key of the `need`-th largest candidate,
-// and `need` ends as how many candidates with exactly that key make the top.
-inline uint32_t refine_weighted(std::vector<uint32_t>& keys, std::vector<uint32_t>& w, uint32_t prefix, int shift,
-                                int64_t& need) {
+// ---------------------------------------------------------------------------------------------------
+// Weighted radix select over table entries
+// ---------------------------------------------------------------------------------------------------
+
+constexpr int64_t kSmall = 64;  // keys left at which a sort finishes the select (a radix pass costs its bins)
+
+// The key of the `need`-th largest of u keys weighted by w; `need` ends as how many with exactly that key
+// make the top.
+inline uint32_t top_of_few(const uint32_t* keys, const uint32_t* w, int64_t u, int64_t& need) {
+  std::pair<uint32_t, uint32_t> kw[kSmall];
+  for (int64_t i = 0; i < u; ++i) kw[i] = {keys[i], w[i]};
+  std::sort(kw, kw + u, [](const auto& a, const auto& b) { return a.first > b.first; });
+  int64_t above = 0;
+  for (int64_t i = 0; i < u;) {
+    const uint32_t key = kw[i].first;
+    int64_t same = 0;
+    for (; i < u && kw[i].first == key; ++i) same += kw[i].second;
+    if (above + same >= need) {
+      need -= above;
+      return key;
+    }
+    above += same;
+  }
+  return kw[u - 1].first;  // unreachable while need <= the total weight
+}
+
+// Radix selection over table entries weighted by how many candidates carry them: the u `keys` (entry keys,
+// reordered and overwritten) share the bits above `shift` (given in `prefix`); returns the key of the
+// `need`-th largest candidate, and `need` ends as how many candidates with exactly that key make the top.
+inline uint32_t refine_weighted(uint32_t* keys, uint32_t* w, int64_t u, uint32_t prefix, int shift, int64_t& need) {
   uint32_t hist[2048];
   while (shift > 0) {
+    if (u <= kSmall) return top_of_few(keys, w, u, need);
     const int bits = std::min(shift, 11);
     shift -= bits;
     const uint32_t nb = 1u << bits, mask = nb - 1;
     std::memset(hist, 0, sizeof(uint32_t) * nb);
-    for (size_t i = 0; i < keys.size(); ++i) hist[(keys[i] >> shift) & mask] += w[i];
+    for (int64_t i = 0; i < u; ++i) hist[(keys[i] >> shift) & mask] += w[i];
     const uint32_t bin = top_bucket(hist, nb, need);
     prefix |= bin << shift;
-    size_t o = 0;
-    for (size_t i = 0; i < keys.size(); ++i)
+    int64_t o = 0;
+    for (int64_t i = 0; i < u; ++i)
       if (((keys[i] >> shift) & mask) == bin) {
         keys[o] = keys[i];
         w[o++] = w[i];
       }
-    keys.resize(o);
-    w.resize(o);
+    u = o;
   }
   return prefix;
 }
 
-// Marks, in `mrow`, candidates whose key is above `thr`, then the latest `take` whose key equals it.
-// CONTIG: candidates are the slots cand0 .. cand0 + m - 1 (a row without padding), read straight.
-template <bool CONTIG, bool OFFS>
-void mark_row(uint8_t* __restrict mrow, const float* __restrict lrow, const int16_t* __restrict crow,
-              const int32_t* __restrict orow, const int32_t* __restrict cand, int64_t m, uint32_t thr, int64_t take) {
-  const int64_t c0 = cand[0];
-  auto slot = [&](int64_t i) -> int64_t { return CONTIG ? c0 + i : cand[i]; };
-  auto key = [&](int64_t i) -> uint32_t {
-    const int64_t j = slot(i);
-    return order_key(lrow[static_cast<int32_t>(crow[j]) + (OFFS ? orow[j] : 0)]);
-  };
-  if (CONTIG) {
-    uint8_t* __restrict m0 = mrow + c0;
-#pragma omp simd
-    for (int64_t i = 0; i < m; ++i) m0[i] = key(i) > thr;
-  } else {
-    for (int64_t i = 0; i < m; ++i) mrow[cand[i]] = key(i) > thr;
-  }
-  // Ties at the threshold go to the latest candidates, as the reference's (score, rank) order does:
-  // scan back in blocks, skipping blocks without a tie by a vectorized count.
-  for (int64_t hi = m; take > 0 && hi > 0;) {
-    const int64_t lo = std::max<int64_t>(0, hi - 256);
-    int32_t eq = 0;
-#pragma omp simd reduction(+ : eq)
-    for (int64_t i = lo; i < hi; ++i) eq += key(i) == thr;
-    for (int64_t i = hi - 1; eq > 0 && take > 0 && i >= lo; --i)
-      if (key(i) == thr) {
-        mrow[slot(i)] = 1;
-        --take;
-        --eq;
-      }
-    hi = lo;
-  }
+// ---------------------------------------------------------------------------------------------------
+// The entries in use
+// ---------------------------------------------------------------------------------------------------
+
+constexpr int64_t kBlock = 16;  // codes per block of the listing
+
+// Buffers of the calling thread, kept between calls: allocated afresh, these (up to MiBs at long contexts) were
+// new pages on every call, whose faults cost more than the selection itself.
+struct Scratch {
+  std::vector<int32_t> counts;  // all zero between calls: a call clears what it counted
+  std::vector<int32_t> used;
+  std::vector<uint8_t> bands;
+  std::vector<uint32_t> keys, weights;
+  std::vector<float> tables;
+};
+
+Scratch& scratch() {
+  thread_local Scratch s;
+  return s;
 }
 
-}  // namespace
+template <typename T>
+T* grown(std::vector<T>& v, int64_t size) {
+  if (static_cast<int64_t>(v.size()) < size) v.resize(size);  // new elements are zero
+  return v.data();
+}
 
-// Union-reduction selection (see a2ats.selection.select): returns (idx (B, Hkv, L) int32, ascending
-// in the first count entries, -1 after; count (B, Hkv) int32).
-//
-// The top-K of a query head is found on the lookup table, not on the tokens: a token's score is its
-// table entry's, so counting how many candidates carry each entry (once per KV head, shared by its G
-// query heads) turns the selection into a weighted radix select over T entries; one vectorized pass
-// over the tokens then marks those above the threshold.
-std::vector<torch::Tensor> score_select(torch::Tensor lut, torch::Tensor codes, c10::optional<torch::Tensor> offsets,
-                                        torch::Tensor valid, torch::Tensor k, int64_t sinks, int64_t window) {
-  check_score_inputs(lut, codes, offsets);
-  const int64_t B = lut.size(0), H = lut.size(1), G = lut.size(2), T = lut.size(3), n = codes.size(2);
+// A selection's inputs other than the entry values: each row's candidates and budget, and per (b, KV head)
+// how many candidates carry each table entry and which entries those are. A row's radix select then reads
+// only those entries, never the whole table, which banded WRoPE makes larger than the context (bands x C).
+struct Entries {
+  int64_t B = 0, H = 0, C = 0, bands = 0, T = 0, n = 0, Gr = 0;
+  RowInfo info;
+  std::vector<int64_t> keff;  // k per row, capped at its candidates
+  const int16_t* codes = nullptr;
+  const int32_t* offsets = nullptr;
+  int64_t cs0 = 0, cs1 = 0;
+  int32_t* counts = nullptr;  // (B*H, T): candidates per entry (ranked rows only)
+  int64_t cap = 0;            // room per (b, h) in the arrays below: at least its entries in use, plus a block
+  int32_t* used = nullptr;    // (B*H, cap): per (b, h) its u[bh] entries in use (order: list_entries)
+  uint8_t* band = nullptr;    // (B*H, cap): their bands (entry / C)
+  std::vector<int64_t> u;
+  uint32_t* keys = nullptr;     // (B*H, Gr, cap): each used entry's key in each row, once values are in
+  uint32_t* weights = nullptr;  // (B*H, cap): each used entry's count of candidates
+
+  bool ranked(int64_t b) const { return keff[b] > 0 && keff[b] < info.m[b]; }
+  bool contiguous(int64_t b) const {
+    const int32_t* cand = info.cand.data() + b * n;
+    return cand[info.m[b] - 1] - cand[0] == info.m[b] - 1;
+  }
+  const int16_t* code_row(int64_t bh) const { return codes + (bh / H) * cs0 + (bh % H) * cs1; }
+  const int32_t* offset_row(int64_t b) const { return offsets ? offsets + b * n : nullptr; }
+
+  Entries() = default;
+  Entries(const Entries&) = delete;
+  ~Entries() {  // leaves the scratch counts zero for the next call
+    for (size_t bh = 0; bh < u.size(); ++bh)
+      for (int64_t i = 0; i < u[bh]; ++i) counts[bh * T + used[bh * cap + i]] = 0;
+  }
+};
+
+// Writes to `list` / `bands_of` the entries band * C + code with cnt > 0: codes in blocks of 16 ascending, within
+// a block band by band (returns how many). A code's centroid row is then read from memory once for all its
+// bands (the block's rows stay in L1 while its bands are listed) and rows are visited in address order. Both
+// arrays need kBlock slots of slack (whole blocks are stored, the count advanced by the used ones).
+int64_t list_entries(const int32_t* cnt, int64_t bands, int64_t C, int32_t* list, uint8_t* bands_of) {
+  int64_t u = 0;
+  for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+    const int64_t cn = std::min(kBlock, C - c0);
+    for (int64_t band = 0; band < bands; ++band) {
+      const int32_t* cb = cnt + band * C + c0;
+      const int32_t first = static_cast<int32_t>(band * C + c0);
+#if defined(__AVX512F__)
+      if (cn == kBlock) {
+        const __m512i v = _mm512_loadu_si512(cb);
+        const __mmask16 used = _mm512_test_epi32_mask(v, v);
+        if (!used) continue;
+        const __m512i e = _mm512_add_epi32(_mm512_set1_epi32(first),
+                                           _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
+        _mm512_storeu_si512(list + u, _mm512_maskz_compress_epi32(used, e));  // a register compress, then a store
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(bands_of + u), _mm_set1_epi8(static_cast<char>(band)));
+        u += __builtin_popcount(used);
+        continue;
+      }
+#endif
+      // Branch-free: which entries are used is data, so a branch on each would mispredict.
+      for (int64_t l = 0; l < cn; ++l) {
+        list[u] = first + static_cast<int32_t>(l);
+        bands_of[u] = static_cast<uint8_t>(band);
+        u += cb[l] != 0;
+      }
+    }
+  }
+  return u;
+}
+
+// Counts, per (b, KV head) with a ranked row, the candidates of each entry (code + offset, which must lie in
+// [0, T = bands * C): the reference's gather would fail too), then lists the entries in use (list_entries).
+// Gr: the rows per (b, h) whose keys the entries will hold.
+std::unique_ptr<Entries> count_entries(const torch::Tensor& codes, const c10::optional<torch::Tensor>& offsets,
+                                       torch::Tensor valid, torch::Tensor k, int64_t bands, int64_t C, int64_t Gr,
+                                       int64_t sinks, int64_t window) {
+  TORCH_CHECK(bands >= 1 && bands <= 256 && C >= 1 && bands * C < (int64_t(1) << 31),
+              "1 to 256 bands whose entries fit int32 indices");
+  auto owned = std::make_unique<Entries>();
+  Entries& en = *owned;
+  en.B = codes.size(0);
+  en.H = codes.size(1);
+  en.n = codes.size(2);
+  en.C = C;
+  en.bands = bands;
+  en.T = bands * C;
+  en.Gr = Gr;
+  const int64_t B = en.B, H = en.H, n = en.n, T = en.T;
   TORCH_CHECK(valid.dim() == 2 && valid.scalar_type() == torch::kBool && valid.size(0) == B && valid.size(1) == n,
               "valid must be a bool (B, n) tensor");
   TORCH_CHECK(k.dim() == 1 && k.size(0) == B && k.scalar_type() == torch::kInt64, "k must be int64 (B,)");
   valid = valid.contiguous();
   k = k.contiguous();
   const int64_t* kp = k.data_ptr<int64_t>();
-  const RowInfo info = row_info(valid, sinks, window);
-  std::vector<int64_t> keff(B);
-  int64_t L = 0;
+  en.info = row_info(valid, sinks, window);
+  en.keff.resize(B);
+  int64_t mmax = 0;
   for (int64_t b = 0; b < B; ++b) {
-    keff[b] = std::max<int64_t>(0, std::min<int64_t>(kp[b], info.m[b]));
-    L = std::max(L, info.n_always[b] + std::min(G * keff[b], info.m[b]));
+    en.keff[b] = std::max<int64_t>(0, std::min<int64_t>(kp[b], en.info.m[b]));
+    mmax = std::max(mmax, en.info.m[b]);
   }
-  const float* Lp = lut.data_ptr<float>();
-  const int16_t* C = codes.data_ptr<int16_t>();
-  const int32_t* O = offsets.has_value() ? offsets->data_ptr<int32_t>() : nullptr;
-  const int64_t cs0 = codes.stride(0), cs1 = codes.stride(1);
-  auto ranked = [&](int64_t b) { return keff[b] > 0 && keff[b] < info.m[b]; };
-  auto contiguous = [&](int64_t b) {
-    const int32_t* cand = info.cand.data() + b * n;
-    return cand[info.m[b] - 1] - cand[0] == info.m[b] - 1;
-  };
-
-  // Candidates per table entry, per (b, KV head), and the list of entries that carry any (in order of first
-  // use): a row's radix select then reads only those, never the whole table, which banded WRoPE makes
-  // larger than the context (bands x 4096 entries). An entry outside the table is an error.
-  auto counts = torch::zeros({B * H, T}, torch::kInt32);
-  int32_t* CNT = counts.data_ptr<int32_t>();
+  en.codes = codes.data_ptr<int16_t>();
+  en.offsets = offsets.has_value() ? offsets->data_ptr<int32_t>() : nullptr;
+  en.cs0 = codes.stride(0);
+  en.cs1 = codes.stride(1);
+  en.cap = std::min(mmax, T) + kBlock;
+  Scratch& s = scratch();
+  en.counts = grown(s.counts, B * H * T);
+  en.used = grown(s.used, B * H * en.cap);
+  en.band = grown(s.bands, B * H * en.cap);
+  en.keys = grown(s.keys, B * H * Gr * en.cap);
+  en.weights = grown(s.weights, B * H * en.cap);
+  en.u.assign(B * H, 0);
   std::vector<uint8_t> bad(B * H, 0);
-  std::vector<std::vector<int32_t>> used(B * H);
   at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t bh = lo; bh < hi; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
-      if (!ranked(b)) continue;
-      const int16_t* crow = C + b * cs0 + h * cs1;
-      const int32_t* orow = O ? O + b * n : nullptr;
-      const int32_t* cand = info.cand.data() + b * n;
-      int32_t* cnt = CNT + bh * T;
-      std::vector<int32_t>& list = used[bh];
-      list.reserve(std::min<int64_t>(info.m[b], T));
+      const int64_t b = bh / H;
+      if (!en.ranked(b)) continue;
+      const int16_t* crow = en.code_row(bh);
+      const int32_t* orow = en.offset_row(b);
+      const int32_t* cand = en.info.cand.data() + b * n;
+      int32_t* cnt = en.counts + bh * T;
+      const int64_t m = en.info.m[b], c0 = cand[0];
       uint32_t out = 0;
-      for (int64_t i = 0; i < info.m[b]; ++i) {
-        const int64_t j = cand[i];
-        const int64_t e = static_cast<int64_t>(crow[j]) + (orow ? orow[j] : 0);
-        if (e < 0 || e >= T) {
-          out = 1;
-          continue;
-        }
-        if (cnt[e]++ == 0) list.push_back(static_cast<int32_t>(e));
-      }
+      // An entry outside the table is counted at 0 (so listed, and cleared after) and reported below.
+      auto add = [&](int64_t j) {
+        const uint32_t e = static_cast<uint32_t>(static_cast<int32_t>(crow[j]) + (orow ? orow[j] : 0));
+        const uint32_t o = e >= static_cast<uint64_t>(T);
+        out |= o;
+        ++cnt[o ? 0 : e];
+      };
+      if (en.contiguous(b))
+        for (int64_t j = c0; j < c0 + m; ++j) add(j);
+      else
+        for (int64_t i = 0; i < m; ++i) add(cand[i]);
       bad[bh] = out != 0;
+      en.u[bh] = list_entries(cnt, bands, C, en.used + bh * en.cap, en.band + bh * en.cap);
     }
   });
   for (int64_t bh = 0; bh < B * H; ++bh)
     TORCH_CHECK(!bad[bh], "code + offset outside the lookup table of ", T, " entries");
+  return owned;
+}
 
-  // One byte mask per query head row: rows run in parallel without sharing writes; the union over
-  // the group is taken afterwards per KV head.
-  auto chosen = torch::empty({B * H * G, n}, torch::kUInt8);
-  uint8_t* M = chosen.data_ptr<uint8_t>();
-  at::parallel_for(0, B * H * G, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<uint32_t> ek, ew;
-    for (int64_t r = lo; r < hi; ++r) {
-      const int64_t b = r / (H * G), h = (r / G) % H;
-      uint8_t* mrow = M + r * n;
-      std::memset(mrow, 0, n);
-      const int64_t m = info.m[b], kk = keff[b];
-      if (kk == 0) continue;
-      const int32_t* cand = info.cand.data() + b * n;
-      if (kk == m) {  // every candidate fits: no ranking needed
-        for (int64_t i = 0; i < m; ++i) mrow[cand[i]] = 1;
-        continue;
-      }
-      const float* lrow = Lp + r * T;
-      const int32_t* cnt = CNT + (b * H + h) * T;
-      const std::vector<int32_t>& list = used[b * H + h];
-      const int64_t u = static_cast<int64_t>(list.size());
-      ek.resize(u);
-      ew.resize(u);
-      uint32_t kmin = 0xFFFFFFFFu, kmax = 0;
-      for (int64_t i = 0; i < u; ++i) {
-        const int32_t e = list[i];
-        const uint32_t key = order_key(lrow[e]);
-        ek[i] = key;
-        ew[i] = static_cast<uint32_t>(cnt[e]);
-        kmin = std::min(kmin, key);
-        kmax = std::max(kmax, key);
-      }
-      int64_t take_equal = kk;
-      uint32_t thr = kmin;  // every key equal: the threshold is that key, ties decide
-      if (kmin != kmax) {
-        const int common = __builtin_clz(kmin ^ kmax);  // leading bits shared by every entry key
-        const uint32_t fixed = common ? (kmin >> (32 - common)) << (32 - common) : 0u;
-        thr = refine_weighted(ek, ew, fixed, 32 - common, take_equal);
-      }
-      const int16_t* crow = C + b * cs0 + h * cs1;
-      const int32_t* orow = O ? O + b * n : nullptr;
-      if (contiguous(b)) {
-        if (orow) mark_row<true, true>(mrow, lrow, crow, orow, cand, m, thr, take_equal);
-        else mark_row<true, false>(mrow, lrow, crow, orow, cand, m, thr, take_equal);
-      } else {
-        if (orow) mark_row<false, true>(mrow, lrow, crow, orow, cand, m, thr, take_equal);
-        else mark_row<false, false>(mrow, lrow, crow, orow, cand, m, thr, take_equal);
+// ---------------------------------------------------------------------------------------------------
+// Selection from the entries' values
+// ---------------------------------------------------------------------------------------------------
+
+// Marks, in `mrow`, the candidates (i < m: slot cand[i], or cand[0] + i when CONTIG, a row without padding)
+// whose key is above `thr`, and lists in `eq` (ascending, returned count) those whose key equals it.
+template <bool CONTIG, bool OFFS>
+int64_t mark_row(uint8_t* __restrict mrow, const float* __restrict lrow, const int16_t* __restrict crow,
+                 const int32_t* __restrict orow, const int32_t* __restrict cand, int64_t m, uint32_t thr,
+                 int32_t* __restrict eq) {
+  const int64_t c0 = cand[0];
+  int64_t i = 0, ne = 0;
+#if defined(__AVX512F__)
+  if (CONTIG) {  // 16 candidates at a time: a gather of their entries' values, keys compared in registers
+    const __m512i t = _mm512_set1_epi32(static_cast<int32_t>(thr)), top = _mm512_set1_epi32(INT32_MIN);
+    const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    for (; i < m; i += 16) {
+      const __mmask16 in = m - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (m - i)) - 1);
+      __m512i e = _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(in, crow + c0 + i));
+      if (OFFS) e = _mm512_add_epi32(e, _mm512_maskz_loadu_epi32(in, orow + c0 + i));
+      const __m512i bits = _mm512_castps_si512(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), in, e, lrow, 4));
+      const __m512i key = _mm512_xor_si512(bits, _mm512_or_si512(_mm512_srai_epi32(bits, 31), top));  // order_key
+      const __mmask16 gt = _mm512_mask_cmpgt_epu32_mask(in, key, t), same = _mm512_mask_cmpeq_epi32_mask(in, key, t);
+      _mm_mask_storeu_epi8(mrow + c0 + i, in, _mm_maskz_mov_epi8(gt, _mm_set1_epi8(1)));
+      if (same) {
+        _mm512_storeu_si512(eq + ne, _mm512_maskz_compress_epi32(same, _mm512_add_epi32(iota, _mm512_set1_epi32(i))));
+        ne += __builtin_popcount(same);
       }
     }
-  });
+    return ne;
+  }
+#endif
+  for (; i < m; ++i) {
+    const int64_t j = CONTIG ? c0 + i : cand[i];
+    const uint32_t key = order_key(lrow[static_cast<int32_t>(crow[j]) + (OFFS ? orow[j] : 0)]);
+    mrow[j] = key > thr;
+    eq[ne] = static_cast<int32_t>(i);
+    ne += key == thr;
+  }
+  return ne;
+}
 
+// The slots j < n with keep[j] != 0, ascending, into out (room for `cap`, at least their count); returns how many.
+inline int64_t compact(const uint8_t* __restrict keep, int64_t n, int32_t* __restrict out, int64_t cap) {
+  int64_t c = 0, j = 0;
+#if defined(__AVX512F__)
+  const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  for (; j + 16 <= n; j += 16) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(keep + j));
+    const __mmask16 k = _mm_test_epi8_mask(v, v);
+    const int pc = __builtin_popcount(k);
+    // a register compress and a store of its first pc lanes (a compress straight to memory is slow on some CPUs)
+    _mm512_mask_storeu_epi32(out + c, static_cast<__mmask16>((1u << pc) - 1),
+                             _mm512_maskz_compress_epi32(k, _mm512_add_epi32(iota, _mm512_set1_epi32(j))));
+    c += pc;
+  }
+#endif
+  // Branch-free: kept slots are scattered, so a branch on each would mispredict. Every slot is written at the
+  // current count and kept by advancing it; out[count] may be left holding an unkept one (the caller resets it).
+  for (; j < n; ++j) {
+    if (c < cap) out[c] = static_cast<int32_t>(j);
+    c += keep[j] != 0;
+  }
+  return c;
+}
+
+// Union-reduction selection over the en.Gr rows per (b, KV head) whose entry values are `tables`
+// (B*H*Gr, T) and keys en.keys (only the entries in use are read): (idx (B, Hkv, L) int32, ascending in the
+// first count entries, -1 after; count (B, Hkv) int32).
+//
+// A token's score is its entry's, so the top-K of a row is a weighted radix select over the entries in use
+// (weights: how many candidates carry each); one vectorized pass over the tokens then marks those above the
+// threshold and lists those equal to it, of which the latest make up the rest of the K, as the reference's
+// (score, rank) order has it.
+std::vector<torch::Tensor> select_rows(const Entries& en, const float* tables) {
+  const int64_t B = en.B, H = en.H, T = en.T, n = en.n, Gr = en.Gr;
+  const RowInfo& info = en.info;
+  int64_t L = 0;
+  for (int64_t b = 0; b < B; ++b) L = std::max(L, info.n_always[b] + std::min(Gr * en.keff[b], info.m[b]));
   auto idx = torch::full({B, H, L}, -1, torch::kInt32);
   auto count = torch::zeros({B, H}, torch::kInt32);
   int32_t* I = idx.data_ptr<int32_t>();
   int32_t* N = count.data_ptr<int32_t>();
   at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<uint8_t> any(n);
+    std::vector<uint32_t> w(en.cap);
+    std::vector<uint8_t> any(n), mrow(n);
+    std::vector<int32_t> eq(n + 16);
     for (int64_t bh = lo; bh < hi; ++bh) {
-      const int64_t b = bh / H;
+      const int64_t b = bh / H, m = info.m[b], kk = en.keff[b];
+      const int32_t* cand = info.cand.data() + b * n;
       std::memcpy(any.data(), info.always.data() + b * n, n);
-      for (int64_t g = 0; g < G; ++g) {
-        const uint8_t* mrow = M + (bh * G + g) * n;
-        uint8_t* a = any.data();
+      if (kk == m) {  // every candidate fits: no ranking needed
+        for (int64_t i = 0; i < m; ++i) any[cand[i]] = 1;
+      } else if (kk > 0) {
+        const int64_t u = en.u[bh];
+        const int16_t* crow = en.code_row(bh);
+        const int32_t* orow = en.offset_row(b);
+        const bool contig = en.contiguous(b);
+        for (int64_t g = 0; g < Gr; ++g) {
+          const float* lrow = tables + (bh * Gr + g) * T;
+          uint32_t* ek = en.keys + (bh * Gr + g) * en.cap;  // consumed by the select: one row, one select
+          uint32_t kmin = 0xFFFFFFFFu, kmax = 0;
+          for (int64_t i = 0; i < u; ++i) {
+            kmin = std::min(kmin, ek[i]);
+            kmax = std::max(kmax, ek[i]);
+          }
+          int64_t take = kk;
+          uint32_t thr = kmin;  // every key equal: the threshold is that key, ties decide
+          if (kmin != kmax) {
+            const int common = __builtin_clz(kmin ^ kmax);  // leading bits shared by every entry key
+            const uint32_t fixed = common ? (kmin >> (32 - common)) << (32 - common) : 0u;
+            std::memcpy(w.data(), en.weights + bh * en.cap, u * sizeof(uint32_t));
+            thr = refine_weighted(ek, w.data(), u, fixed, 32 - common, take);
+          }
+          uint8_t* mr = Gr == 1 ? any.data() : mrow.data();  // one row: marked straight into the union
+          if (Gr > 1) std::memset(mr, 0, n);
+          int64_t ne;
+          if (contig) ne = orow ? mark_row<true, true>(mr, lrow, crow, orow, cand, m, thr, eq.data())
+                                : mark_row<true, false>(mr, lrow, crow, orow, cand, m, thr, eq.data());
+          else ne = orow ? mark_row<false, true>(mr, lrow, crow, orow, cand, m, thr, eq.data())
+                         : mark_row<false, false>(mr, lrow, crow, orow, cand, m, thr, eq.data());
+          for (int64_t i = ne - take; i < ne; ++i) mr[contig ? cand[0] + eq[i] : cand[eq[i]]] = 1;  // the latest ties
+          if (Gr > 1) {
+            uint8_t* __restrict a = any.data();
 #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) a[j] |= mrow[j];
+            for (int64_t j = 0; j < n; ++j) a[j] |= mr[j];
+          }
+        }
       }
-      int32_t* out = I + bh * L;
-      int64_t c = 0;
-      // Branch-free compaction: kept slots are scattered, so a branch on each would mispredict. Every
-      // slot is written at the current count and kept by advancing it; only out[count] can be left
-      // holding an unkept slot, so it is reset to -1 after.
-      const uint8_t* __restrict keep = any.data();
-      for (int64_t j = 0; j < n; ++j) {
-        if (c < L) out[c] = static_cast<int32_t>(j);
-        c += keep[j];
-      }
-      if (c < L) out[c] = -1;
+      const int64_t c = compact(any.data(), n, I + bh * L, L);
       N[bh] = static_cast<int32_t>(c);
+      if (c < L) I[bh * L + c] = -1;
     }
   });
   return {idx, count};
 }
 
+// Keys and weights of the entries in use from full tables (B*H*Gr, T).
+void keys_from_tables(const Entries& en, const float* tables) {
+  at::parallel_for(0, en.B * en.H, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t bh = lo; bh < hi; ++bh) {
+      const int32_t* list = en.used + bh * en.cap;
+      const int32_t* cnt = en.counts + bh * en.T;
+      for (int64_t i = 0; i < en.u[bh]; ++i) en.weights[bh * en.cap + i] = static_cast<uint32_t>(cnt[list[i]]);
+      for (int64_t g = 0; g < en.Gr; ++g) {
+        const float* lrow = tables + (bh * en.Gr + g) * en.T;
+        uint32_t* ek = en.keys + (bh * en.Gr + g) * en.cap;
+        for (int64_t i = 0; i < en.u[bh]; ++i) ek[i] = order_key(lrow[list[i]]);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// Union-reduction selection from lookup tables (see a2ats.selection.select): lut (B, Hkv, G, T), a row per
+// query head (G = 1: one table per KV head, the "max" reduction already taken); returns (idx, count) as
+// select_rows does.
+std::vector<torch::Tensor> score_select(torch::Tensor lut, torch::Tensor codes, c10::optional<torch::Tensor> offsets,
+                                        torch::Tensor valid, torch::Tensor k, int64_t sinks, int64_t window) {
+  check_score_inputs(lut, codes, offsets);
+  const auto en = count_entries(codes, offsets, valid, k, 1, lut.size(3), lut.size(2), sinks, window);
+  keys_from_tables(*en, lut.data_ptr<float>());
+  return select_rows(*en, lut.data_ptr<float>());
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Kernel 1b: score + select straight from the centroids
+// ---------------------------------------------------------------------------------------------------
+
+namespace {
+
+constexpr int64_t kEntriesPerItem = 256;  // entries per work item: splits a KV head's entries across threads
+constexpr int64_t kEntryAhead = 16;       // entries of software prefetch distance (their rows are scattered)
+constexpr int64_t kBatch = 16;            // entries whose sums are reduced together
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {  // bf16 is the top half of an fp32: a widening shift
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+// Lane j: the sum of the lanes of v[j]. A transposing tree (each level adds pairs of half-width parts) costs
+// 3 instructions per sum where reducing each vector alone costs 9.
+inline __m512 sum16(const __m512* v) {
+  __m512 t[8], u[4];
+  for (int p = 0; p < 8; ++p)  // blocks: v[2p] folded to 256 bits, then v[2p+1]
+    t[p] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], 0xEE));
+  for (int p = 0; p < 4; ++p)  // 128-bit block k: v[4p + k] folded to 4 lanes
+    u[p] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * p], t[2 * p + 1], 0x88),
+                         _mm512_shuffle_f32x4(t[2 * p], t[2 * p + 1], 0xDD));
+  const __m512 w0 = _mm512_add_ps(_mm512_unpacklo_ps(u[0], u[1]), _mm512_unpackhi_ps(u[0], u[1]));
+  const __m512 w1 = _mm512_add_ps(_mm512_unpacklo_ps(u[2], u[3]), _mm512_unpackhi_ps(u[2], u[3]));
+  const __m512 z = _mm512_add_ps(_mm512_shuffle_ps(w0, w1, 0x44), _mm512_shuffle_ps(w0, w1, 0xEE));
+  // lane 4k + p of z holds the sum of v[k + 4p]
+  return _mm512_permutexvar_ps(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0), z);
+}
+
+// out[i * G + g] = q_{g, band[i]} · rows[i] for n <= 16 entries (query head g's row of band b at
+// q + (g * bands + b) * d): each centroid row is loaded once for the G query rows, each product's 16-lane
+// partial sums are reduced 16 at a time (sum16).
+template <int64_t D, typename CT>
+inline void batch_dots(const float* __restrict q, int64_t bands, int64_t G, const CT* const* rows,
+                       const uint8_t* band, int64_t n, int64_t dd, float* __restrict out) {
+  const int64_t d = D ? D : dd;
+  __m512 acc[kBatch];
+  int64_t t = 0, o = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const CT* c = rows[i];
+    const float* qi = q + band[i] * d;
+    if (D == 64) {
+      const __m512 c0 = load16(c), c1 = load16(c + 16), c2 = load16(c + 32), c3 = load16(c + 48);
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qg = qi + g * bands * d;
+        acc[t++] = _mm512_add_ps(_mm512_fmadd_ps(_mm512_loadu_ps(qg + 16), c1, _mm512_mul_ps(_mm512_loadu_ps(qg), c0)),
+                                 _mm512_fmadd_ps(_mm512_loadu_ps(qg + 48), c3, _mm512_mul_ps(_mm512_loadu_ps(qg + 32), c2)));
+        if (t == kBatch) {
+          _mm512_storeu_ps(out + o, sum16(acc));
+          o += kBatch;
+          t = 0;
+        }
+      }
+    } else {
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qg = qi + g * bands * d;
+        __m512 a = _mm512_setzero_ps();
+        for (int64_t k = 0; k < d; k += 16) {
+          const __mmask16 m = d - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (d - k)) - 1);
+          a = _mm512_fmadd_ps(load16(qg + k, m), load16(c + k, m), a);
+        }
+        acc[t++] = a;
+        if (t == kBatch) {
+          _mm512_storeu_ps(out + o, sum16(acc));
+          o += kBatch;
+          t = 0;
+        }
+      }
+    }
+  }
+  if (t > 0) {
+    for (int64_t l = t; l < kBatch; ++l) acc[l] = _mm512_setzero_ps();
+    _mm512_mask_storeu_ps(out + o, static_cast<__mmask16>((1u << t) - 1), sum16(acc));
+  }
+}
+#else
+// The same sums, portably: 16 interleaved partial sums (vertical vector work on any ISA), then a fixed tree.
+template <int64_t D, typename CT>
+inline void batch_dots(const float* __restrict q, int64_t bands, int64_t G, const CT* const* rows,
+                       const uint8_t* band, int64_t n, int64_t dd, float* __restrict out) {
+  const int64_t d = D ? D : dd;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t g = 0; g < G; ++g) {
+      const float* __restrict qg = q + (g * bands + band[i]) * d;
+      const CT* __restrict c = rows[i];
+      float acc[16] = {};
+      int64_t k = 0;
+      for (; k + 16 <= d; k += 16)
+#pragma omp simd
+        for (int64_t l = 0; l < 16; ++l) acc[l] += qg[k + l] * to_f(c[k + l]);
+      for (int64_t l = 0; k + l < d; ++l) acc[l] += qg[k + l] * to_f(c[k + l]);
+      for (int64_t w = 8; w > 0; w /= 2)
+        for (int64_t l = 0; l < w; ++l) acc[l] += acc[l + w];
+      out[i * G + g] = acc[0];
+    }
+}
+#endif
+
+// Fills, for every entry in use, its value in `tables` (B*H*Gr, T) and its keys and weight in `en`:
+// q̃_{g,band} · centroid[code] per query head row, or their max over the group (Gr = 1). Entries are computed
+// once each, straight from the centroid rows, so a band with few tokens costs what its tokens use, not C dot
+// products per head.
+template <int64_t D, typename CT>
+void fill_entries(const Entries& en, const float* Q, int64_t R, int64_t G, const CT* cent, int64_t d, float* tables) {
+  const int64_t H = en.H, T = en.T, C = en.C, bands = en.bands, Gr = en.Gr;
+  std::vector<std::array<int64_t, 3>> items;  // (bh, first, end) of a run of used[bh]
+  for (int64_t bh = 0; bh < en.B * H; ++bh)
+    for (int64_t s = 0; s < en.u[bh]; s += kEntriesPerItem) items.push_back({bh, s, std::min(en.u[bh], s + kEntriesPerItem)});
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> dots(kBatch * G);
+    const CT* rows[kBatch];
+    for (int64_t it = lo; it < hi; ++it) {
+      const int64_t bh = items[it][0], first = items[it][1], end = items[it][2];
+      const float* qb = Q + bh * R * d;
+      const CT* ch = cent + (bh % H) * C * d;
+      const int32_t* list = en.used + bh * en.cap;
+      const uint8_t* band = en.band + bh * en.cap;
+      const int32_t* cnt = en.counts + bh * T;
+      auto row = [&](int64_t i) { return ch + (list[i] - band[i] * C) * d; };
+      for (int64_t s = first; s < end; s += kBatch) {
+        const int64_t nb = std::min(kBatch, end - s);
+        for (int64_t i = s; i < s + nb; ++i) {
+          rows[i - s] = row(i);
+          if (i + kEntryAhead < en.u[bh]) prefetch_row(row(i + kEntryAhead), d);
+        }
+        batch_dots<D>(qb, bands, G, rows, band + s, nb, d, dots.data());
+        for (int64_t i = 0; i < nb; ++i) {
+          const int64_t p = s + i, e = list[p];
+          const float* v = dots.data() + i * G;
+          en.weights[bh * en.cap + p] = static_cast<uint32_t>(cnt[e]);
+          if (Gr == 1) {
+            float m = v[0];
+            for (int64_t g = 1; g < G; ++g) m = std::max(m, v[g]);
+            tables[bh * T + e] = m;
+            en.keys[bh * en.cap + p] = order_key(m);
+          } else {
+            for (int64_t g = 0; g < G; ++g) {
+              tables[(bh * G + g) * T + e] = v[g];
+              en.keys[(bh * G + g) * en.cap + p] = order_key(v[g]);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// The selection of score_select on the tables q · centroids^T (or their group max), without building them:
+// q (B, Hkv, G*bands, d) float32, row g*bands + band the query head g's query for band `band`;
+// centroids (Hkv, C, d) float32 or bfloat16, row-major; token j's entry is codes + offsets (band*C + code).
+// Only the entries that candidates carry are computed, each as plain row dot products (another summation
+// order than lookup_tables': values equal within fp32 rounding, so selections equal but for near-ties).
+std::vector<torch::Tensor> score_select_direct(torch::Tensor q, torch::Tensor centroids, int64_t bands, bool group_max,
+                                               torch::Tensor codes, c10::optional<torch::Tensor> offsets,
+                                               torch::Tensor valid, torch::Tensor k, int64_t sinks, int64_t window) {
+  TORCH_CHECK(q.dim() == 4 && q.scalar_type() == torch::kFloat32, "q must be float32 (B, Hkv, G*bands, d)");
+  TORCH_CHECK(centroids.dim() == 3 && centroids.is_contiguous() &&
+                  (centroids.scalar_type() == torch::kFloat32 || centroids.scalar_type() == torch::kBFloat16),
+              "centroids must be a contiguous float32 or bfloat16 (Hkv, C, d) tensor");
+  TORCH_CHECK(q.size(1) == centroids.size(0) && q.size(3) == centroids.size(2), "q and centroids disagree on Hkv or d");
+  TORCH_CHECK(bands >= 1 && q.size(2) % bands == 0 && q.size(2) >= bands, "q's rows must be G*bands");
+  TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == torch::kInt16 && codes.stride(2) == 1 &&
+                  codes.size(0) == q.size(0) && codes.size(1) == q.size(1),
+              "codes must be int16 (B, Hkv, n) with unit stride along tokens, matching q");
+  if (offsets.has_value()) {
+    const auto& o = *offsets;
+    TORCH_CHECK(o.dim() == 2 && o.scalar_type() == torch::kInt32 && o.is_contiguous() && o.size(0) == codes.size(0) &&
+                    o.size(1) == codes.size(2),
+                "offsets must be a contiguous int32 (B, n) tensor");
+  }
+  q = q.contiguous();
+  const int64_t C = centroids.size(1), d = centroids.size(2);
+  const int64_t B = q.size(0), H = q.size(1), R = q.size(2), G = R / bands, Gr = group_max ? 1 : G;
+  const auto en = count_entries(codes, offsets, valid, k, bands, C, Gr, sinks, window);
+  float* TB = grown(scratch().tables, B * H * Gr * en->T);  // only the entries in use are written and read
+  const float* Q = q.data_ptr<float>();
+  if (centroids.scalar_type() == torch::kFloat32) {
+    const float* cp = centroids.data_ptr<float>();
+    if (d == 64) fill_entries<64>(*en, Q, R, G, cp, d, TB);
+    else fill_entries<0>(*en, Q, R, G, cp, d, TB);
+  } else {
+    const c10::BFloat16* cp = centroids.data_ptr<c10::BFloat16>();
+    if (d == 64) fill_entries<64>(*en, Q, R, G, cp, d, TB);
+    else fill_entries<0>(*en, Q, R, G, cp, d, TB);
+  }
+  return select_rows(*en, TB);
+}
+
+
+// A copy of `src` (contiguous) in memory aligned to 2 MiB and advised as huge pages where the OS has them
+// (Linux's transparent huge pages): score_select_direct reads centroid rows scattered over MiBs per head, and
+// with 4 KiB pages nearly every row was a TLB miss, a page walk that costs more than the row's read (a
+// virtual machine's walks cost twice).
+torch::Tensor huge_page_copy(torch::Tensor src) {
+  src = src.contiguous();
+  constexpr size_t kHuge = size_t(2) << 20;
+  const size_t bytes = src.nbytes(), size = std::max<size_t>(1, (bytes + kHuge - 1) / kHuge) * kHuge;
+  void* p = std::aligned_alloc(kHuge, size);
+  TORCH_CHECK(p != nullptr, "out of memory for ", size, " bytes");
+#if defined(__linux__)
+  madvise(p, size, MADV_HUGEPAGE);  // a hint: where huge pages are off it changes nothing
+#endif
+  std::memcpy(p, src.data_ptr(), bytes);
+  return torch::from_blob(p, src.sizes(), [](void* q) { std::free(q); }, src.options());
+}
 
 // ---------------------------------------------------------------------------------------------------
 // Kernel 5: lookup tables (query · centroid for every centroid)
@@ -422,6 +819,11 @@ torch::Tensor lookup_tables(torch::Tensor q, torch::Tensor tiles, int64_t C, int
 void register_selection(pybind11::module_& m) {
   m.def("score", &score, "LUT scores (B, Hkv*G, n)");
   m.def("score_select", &score_select, "LUT scoring + union top-K selection -> (idx, count)");
+  m.def("score_select_direct", &score_select_direct,
+        "score_select's selection with only the entries in use computed from the centroids -> (idx, count)",
+        py::arg("q"), py::arg("centroids"), py::arg("bands"), py::arg("group_max"), py::arg("codes"), py::arg("offsets"),
+        py::arg("valid"), py::arg("k"), py::arg("sinks"), py::arg("window"));
+  m.def("huge_page_copy", &huge_page_copy, "a copy in memory advised as huge pages (fewer TLB misses for scattered reads)");
   m.def("tile_centroids", &tile_centroids, "centroids (H, C, d) -> tiles (H, ceil(C/16), d, 16)");
   m.def("lookup_tables", &lookup_tables, "q . centroids^T from tiles -> (B, H, R, C), or its max over groups",
         py::arg("q"), py::arg("tiles"), py::arg("C"), py::arg("groups") = 1);

@@ -19,7 +19,7 @@ from a2ats.kernels.reference import (
 from a2ats.kernels.triton_score import triton_available, triton_score_select
 
 __all__ = ["dequantize_rows", "encode_nearest", "kmeans_pp_picks", "linear_bf16w", "lookup_tables", "quantize_rows", "tile_centroids", "score",
-           "score_select", "sparse_attention"]
+           "score_select", "score_select_direct", "sparse_attention"]
 
 
 def _check_score_inputs(lut, codes, offsets):
@@ -95,6 +95,50 @@ def score_select(
     lut, codes, offsets = _score_args(lut, codes, offsets)
     idx, count = ext.score_select(lut, codes, offsets, valid, k.to(torch.long).contiguous(), int(sinks), int(window))
     return idx, count
+
+
+def score_select_direct(
+    q: torch.Tensor,
+    centroids: torch.Tensor,
+    bands: int,
+    group_max: bool,
+    codes: torch.Tensor,
+    offsets: torch.Tensor | None,
+    valid: torch.Tensor,
+    k: torch.Tensor | int,
+    sinks: int,
+    window: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`score_select` on the lookup tables of q (B, Hkv, G·bands, d) float32 and centroids (Hkv, C, d) float32
+    or bfloat16, ``group_max``: on their max over each GQA group (the "max" reduction), without building the tables.
+
+    Row g·bands + i of q is query head g's query for band i, whose table entries are i·C + code (offsets (B, n)
+    int32: each token's band·C, or None with one band); k (B,) int64. On CPU tensors the kernel computes, per
+    (row, KV head), only the entries that candidate tokens carry, as plain dot products: the same selection as
+    the tables give but where fp32 rounding of a score in another summation order decides a near-tie at the
+    threshold. Elsewhere the tables are built (:func:`lookup_tables`) and :func:`score_select` selects.
+    """
+    if q.dim() != 4 or centroids.dim() != 3 or q.shape[1] != centroids.shape[0] or q.shape[3] != centroids.shape[2]:
+        raise ValueError(f"q must be (B, Hkv, G*bands, d) and centroids (Hkv, C, d) with the same Hkv and d; got "
+                         f"{tuple(q.shape)}, {tuple(centroids.shape)}")
+    if bands < 1 or q.shape[2] % bands:
+        raise ValueError(f"q's rows ({q.shape[2]}) must be G x bands ({bands})")
+    if not isinstance(k, torch.Tensor):
+        k = torch.full((codes.shape[0],), int(k), dtype=torch.long, device=valid.device)
+    ext = cpu_backend() if _on_cpu(q, centroids, codes, offsets, valid, k) else None
+    if ext is None:
+        G = q.shape[2] // bands
+        lut = lookup_tables(q, centroids, groups=G if group_max else 1)
+        B, H = lut.shape[:2]
+        return score_select(lut.reshape(B, H, 1 if group_max else G, -1), codes, offsets, valid, k, sinks, window)
+    if centroids.dtype not in (torch.float32, torch.bfloat16) or not centroids.is_contiguous():
+        centroids = centroids.float().contiguous()
+    if codes.dtype != torch.int16 or codes.stride(-1) != 1:
+        codes = codes.to(torch.int16).contiguous()
+    if offsets is not None and (offsets.dtype != torch.int32 or not offsets.is_contiguous()):
+        offsets = offsets.to(torch.int32).contiguous()
+    return ext.score_select_direct(q.float(), centroids, int(bands), bool(group_max), codes, offsets, valid,
+                                   k.to(torch.long), int(sinks), int(window))
 
 
 def sparse_attention(

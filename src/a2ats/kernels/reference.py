@@ -60,6 +60,27 @@ def reference_score_select(
     return mask_to_indices(chosen | always.unsqueeze(1))
 
 
+def reference_score_select_direct(
+    q: torch.Tensor,
+    centroids: torch.Tensor,
+    bands: int,
+    group_max: bool,
+    codes: torch.Tensor,
+    offsets: torch.Tensor | None,
+    valid: torch.Tensor,
+    k: torch.Tensor,
+    sinks: int,
+    window: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`reference_score_select` on the lookup tables q (B, H, G·bands, d) · centroids (H, C, d): row g·bands + i
+    of q fills entries i·C .. (i+1)·C - 1 of query head g's table; ``group_max``: one table per KV head, their max."""
+    B, H, R, _ = q.shape
+    lut = reference_lookup_tables(q, centroids).view(B, H, R // bands, bands * centroids.shape[1])
+    if group_max:
+        lut = lut.amax(2, keepdim=True)
+    return reference_score_select(lut, codes, offsets, valid, k, sinks, window)
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 rows and float32 scales, ``x ≈ q * scale[..., None]``: symmetric, one scale per row (token and head)."""
     scale = x.float().abs().amax(-1).clamp_min(1e-30) / 127.0

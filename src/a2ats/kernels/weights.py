@@ -1,15 +1,20 @@
 """Compact projection weights for decode steps: bf16, int8 (a scale per output row) and 4-bit (groups of 32).
 
 A decode step multiplies a few rows by every weight of the model, so it is bound by reading the weights:
-fewer bytes per weight, a faster step. ``pack`` stores a weight in a format; :func:`unpack` is the
-reference that defines it (the fp32 weight the kernels multiply by); :func:`linear` runs the C++
-kernel on CPU tensors and the reference elsewhere. The math stays fp32 in every format: only the
-weights are rounded.
+fewer bytes per weight, a faster step. ``pack`` stores a weight in a format; :func:`unpack` is the fp32
+weight it stands for; :func:`reference` defines what a format computes, and :func:`linear` runs the C++
+kernel on CPU tensors and the reference elsewhere.
 
-- ``bf16``: the weight rounded to bfloat16 (lossless for checkpoints stored in bf16). 16 bits.
+- ``bf16``: the weight rounded to bfloat16 (lossless for checkpoints stored in bf16). 16 bits. fp32 math.
 - ``int8``: symmetric, one fp32 scale per output row, ``w = q * scale``, q in -127..127. 8 bits.
 - ``int4``: asymmetric in groups of 32 inputs, ``w = q * scale + min``, q in 0..15, one fp32 scale and min
   per group. 6 bits per weight with its scale and min.
+
+int8 and int4 multiply their weights by the activations quantized in blocks of 32 inputs
+(:func:`quantize_activations`: symmetric int8, one fp32 scale per block, as llama.cpp's Q8_0): the sums
+inside a block are then exact integer dot products, 64 weights per instruction, so the kernels run at the
+speed of reading the weights (widening each weight to fp32 for an FMA is compute-bound at a fraction of
+it). The cost in quality is measured by ``a2ats bench weights``.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from a2ats.kernels.cpu import cpu_backend
 FORMATS = ("bf16", "int8", "int4")
 BITS = {"fp32": 32.0, "bf16": 16.0, "int8": 8.0, "int4": 4.0 + 64 / 32}  # int4: + fp32 scale and min per 32
 GROUP = 32  # inputs per int4 group
+ACT_BLOCK = 32  # inputs per activation block (int8 and int4): one int4 group each
 
 
 @dataclass(frozen=True)
@@ -73,7 +79,7 @@ def pack(w: torch.Tensor, fmt: str) -> PackedWeight:
 
 
 def unpack(p: PackedWeight) -> torch.Tensor:
-    """The fp32 (O, I) weight that ``p`` stands for: the reference for the kernels."""
+    """The fp32 (O, I) weight that ``p`` stands for."""
     if p.fmt == "bf16":
         return p.data.float()
     if p.fmt == "int8":
@@ -84,15 +90,49 @@ def unpack(p: PackedWeight) -> torch.Tensor:
     return (q * p.scale[..., None] + p.mins[..., None]).reshape(O, half * 2)
 
 
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` (..., I) in blocks of 32 inputs along the last dim (the last block may be partial): int8 ``q``
+    (..., I) and float32 ``scale`` (..., ceil(I / 32)) with ``scale = max|x| / 127`` per block and ``q =
+    round(x / scale)`` (half to even; an all-zero block has scale 0 and q 0). The int8 and int4 formats multiply
+    the weights by ``q * scale``."""
+    x = x.float()
+    I = x.shape[-1]
+    blocks = -(-I // ACT_BLOCK)
+    padded = torch.nn.functional.pad(x, (0, blocks * ACT_BLOCK - I)).unflatten(-1, (blocks, ACT_BLOCK))
+    scale = padded.abs().amax(-1) / 127
+    divisor = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(padded / divisor[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q.flatten(-2)[..., :I], scale
+
+
+def dequantize_activations(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The float32 values ``q * scale`` that :func:`quantize_activations`'s output stands for."""
+    return q.float() * scale.repeat_interleave(ACT_BLOCK, -1)[..., : q.shape[-1]]
+
+
+def activations(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """``x`` (float32) as format ``fmt`` multiplies it: itself for bf16, its blocks quantized for int8 and int4."""
+    if fmt not in FORMATS:
+        raise ValueError(f"weight format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    x = x.float()
+    return x if fmt == "bf16" else dequantize_activations(*quantize_activations(x))
+
+
+def reference(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """What :func:`linear` computes, in torch: ``activations(x, p.fmt) @ unpack(p).T + bias``, fp32."""
+    return torch.nn.functional.linear(activations(x, p.fmt), unpack(p), None if bias is None else bias.float())
+
+
 def linear(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ unpack(p).T + bias`` for float32 x (..., I), fp32 math."""
+    """``x @ unpack(p).T + bias`` for float32 x (..., I), x quantized in blocks of 32 for int8 and int4
+    (:func:`reference`); the C++ kernel on CPU tensors, the reference elsewhere."""
     O, I = p.shape
     if x.dtype != torch.float32 or x.shape[-1] != I:
         raise ValueError(f"x must be float32 (..., {I}); got {x.dtype} {tuple(x.shape)}")
     on_cpu = x.device.type == "cpu" and p.data.device.type == "cpu"
     ext = cpu_backend() if on_cpu else None
     if ext is None:
-        return torch.nn.functional.linear(x, unpack(p), None if bias is None else bias.float())
+        return reference(x, p, bias)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, I)
     if p.fmt == "bf16":

@@ -14,8 +14,9 @@ from a2ats.core.codebook import Codebooks
 from a2ats.core.config import A2ATSConfig
 from a2ats.core.distributed import kv_heads_held
 from a2ats.core.rope import WRoPE, find_rotary_embedding
-from a2ats.core.selection import DecodeStep, reduce_tables, table_scores
+from a2ats.core.selection import DecodeStep, table_scores
 from a2ats.kernels import lookup_tables, tile_centroids
+from a2ats.kernels.ops import score_select_direct
 from a2ats.methods.base import Method
 
 
@@ -60,26 +61,30 @@ class A2ATSMethod(Method):
         band = self.wrope.band_of(_relative_distance(valid), nb)
         return nb, (band * self.codebooks.settings.n_centroids).to(torch.int32)
 
-    def lut(self, layer: int, q_pre: torch.Tensor, query: torch.Tensor, bands: int, kv_heads: slice,
-            group_max: bool = False) -> torch.Tensor:
-        """Lookup tables (B, Hkv, G, bands·C) fp32, a row per query head: q̃ · centroids for each band's q̃.
-        ``group_max``: their max over each GQA group, (B, Hkv, 1, bands·C), taken inside the kernel."""
+    def queries(self, layer: int, q_pre: torch.Tensor, query: torch.Tensor, bands: int,
+                kv_heads: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q (B, Hkv, G·bands, d) fp32, centroids (Hkv, C, d)): row g·bands + i of q is query head g's query for
+        band i (q̃ = WRoPE's rotation of q_pre; the post-RoPE query itself for post-RoPE codebooks), whose dot
+        product with centroid c is the score of the tokens of band i that carry code c."""
         B, Hq, d = q_pre.shape
-        centroids = self.codebooks.tensors_for(layer, kv_heads, q_pre.device)[0]  # (Hkv, C, d)
-        Hkv, C = centroids.shape[0], centroids.shape[1]
-        G = Hq // Hkv
+        centroids = self.codebooks.tensors_for(layer, kv_heads, q_pre.device)[0]
+        Hkv = centroids.shape[0]
         if self.post_rope:
-            q = query.float().reshape(B, Hkv, G, d)
+            q = query.float()
         elif self.wrope.banded:
-            q = self.wrope.queries(q_pre, bands).reshape(B, Hkv, G * bands, d)
+            q = self.wrope.queries(q_pre, bands)
         else:
-            q = self.wrope.query(q_pre).reshape(B, Hkv, G, d)
+            q = self.wrope.query(q_pre)
+        return q.reshape(B, Hkv, (Hq // Hkv) * bands, d), centroids
+
+    def lut(self, layer: int, q_pre: torch.Tensor, query: torch.Tensor, bands: int, kv_heads: slice) -> torch.Tensor:
+        """Lookup tables (B, Hkv, G, bands·C) fp32, a row per query head: q̃ · centroids for each band's q̃."""
+        q, centroids = self.queries(layer, q_pre, query, bands, kv_heads)
+        B, Hkv, R, _ = q.shape
         key = (layer, kv_heads.start, kv_heads.stop, str(q.device))
         if key not in self._tiles:
             self._tiles[key] = tile_centroids(centroids)  # None off the CPU kernel: plain matmul there
-        if group_max:
-            return lookup_tables(q, centroids, self._tiles[key], groups=G).reshape(B, Hkv, 1, bands * C)
-        return lookup_tables(q, centroids, self._tiles[key]).reshape(B, Hkv, G, bands * C)
+        return lookup_tables(q, centroids, self._tiles[key]).reshape(B, Hkv, R // bands, bands * centroids.shape[1])
 
     def score_tokens(self, layer: int, q_pre: torch.Tensor, query: torch.Tensor, codes: torch.Tensor, bands: int,
                      offsets: torch.Tensor | None, kv_heads: slice) -> torch.Tensor:
@@ -90,15 +95,25 @@ class A2ATSMethod(Method):
     def select_rows(self, layer: int, q_pre: torch.Tensor, query: torch.Tensor, codes: torch.Tensor,
                     valid: torch.Tensor, budget: torch.Tensor, config: A2ATSConfig, kv_heads: slice, bands: int,
                     offsets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The decode step's selection as row indices (idx (B, Hkv, m) int32, count (B, Hkv)): lookup tables,
-        the GQA reduction, then fused scoring and top-K (:func:`a2ats.kernels.score_select`). Every fast path
-        (transformers' fast path, the runtime, the offload system) selects through here; it selects the
-        same set as :meth:`score_tokens` + :func:`a2ats.core.selection.select`."""
-        if config.reduction == "max":  # reduce_tables' max, taken in the lookup kernel
-            lut = self.lut(layer, q_pre, query, bands, kv_heads, group_max=True)
-        else:
-            lut = reduce_tables(self.lut(layer, q_pre, query, bands, kv_heads), config.reduction)
-        return kernels.score_select(lut, codes, offsets, valid, budget, config.sinks, config.window)
+        """The decode step's selection as row indices (idx (B, Hkv, m) int32, count (B, Hkv)): fused scoring and
+        top-K (:func:`a2ats.kernels.ops.score_select_direct`, the GQA reduction included), which computes only the
+        table entries that cached tokens carry. Every fast path (transformers' fast path, the runtime, the offload
+        system) selects through here; it selects the set of :meth:`score_tokens` + :func:`a2ats.core.selection.select`
+        but where a score's fp32 rounding in another summation order decides a near-tie at the threshold."""
+        q, centroids = self.queries(layer, q_pre, query, bands, kv_heads)
+        import os  # TEMPORARY A/B HOOK
+        mode = os.environ.get("A2ATS_TMP_MODE", "bf16thp")
+        if mode != "fp32":
+            key = (mode, kv_heads.start, kv_heads.stop, str(q.device))
+            if key not in self._tiles:
+                allc = torch.stack([self.codebooks.tensors_for(i, kv_heads, q.device)[0] for i in range(self.codebooks.num_layers)])
+                allc = allc.bfloat16() if "bf16" in mode else allc
+                if "thp" in mode:
+                    allc = kernels.cpu_backend().huge_page_copy(allc)
+                self._tiles[key] = allc
+            centroids = self._tiles[key][layer]
+        return score_select_direct(q, centroids, bands, config.reduction == "max", codes, offsets, valid, budget,
+                                   config.sinks, config.window)
 
     def scores(self, step: DecodeStep) -> torch.Tensor:
         bands, offsets = self.band_offsets(step.valid)

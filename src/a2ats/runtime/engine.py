@@ -28,6 +28,8 @@ from a2ats.core.config import A2ATSConfig
 from a2ats.core.stats import SelectionStats, SelectionTrace
 from a2ats.core.support import check_context
 from a2ats.methods.a2ats import A2ATSMethod
+from a2ats.runtime import crossover
+from a2ats.runtime.crossover import Costs, DenseRule
 from a2ats.runtime.model import POST_ROPE_REFUSAL, LeanModel
 from a2ats.runtime.preflight import MemoryPlan, plan
 from a2ats.runtime.requests import (
@@ -57,8 +59,17 @@ class Engine:
     (naming the largest batch that fits) rather than failing mid-run; left out, the cache is sized to each
     run (:meth:`serve`, :meth:`generate`, or the requests waiting when the engine is idle), through the same
     preflight. ``overlap``: micro-batches per decode step, so the host attends one while the accelerator
-    selects the next. ``kv_dtype``: how K/V are stored (default: the model's dtype); bf16 under an fp32 model
-    halves the bytes held and read per selected row, int8 (a float32 scale per row) quarters them.
+    selects the next. ``kv_dtype``: how K/V are stored; bf16 under an fp32 model halves the bytes held and read per
+    row, int8 (a float32 scale per row) quarters them. Default: bf16 for a float32 model loaded from a 16-bit
+    checkpoint (its weights are bf16 or fp16 values) with K/V in CPU memory, whose kernels read bf16 rows natively;
+    the model's dtype otherwise (:func:`default_kv_dtype`). ``dense_below``: which decode steps of an A²ATS engine
+    attend to every token instead of selecting, where selection cannot pay (:mod:`.crossover`): ``"auto"`` (the
+    default) measures, once per process for this model's shapes and K/V dtype, what a layer's dense attention
+    and its selection cost at two contexts, and goes dense wherever selecting would cost more (short contexts, a
+    budget near the whole cache); a context in tokens fixes it (0: always select); measured
+    :class:`~.crossover.Costs` are used as given. The reference path selects at every step under ``"auto"`` (it
+    exists to check the selection). Dense steps keep encoding keys, so selection starts where the context grows
+    past the crossover, and each step's tokens are those of the dense or the selecting engine on the same cache.
     ``decode_weights``: what decode steps of a float32 model read for the projections: ``"auto"`` (int8
     copies), ``"int8"``, ``"int4"``, ``"bf16"`` or ``"model"`` (its own fp32 weights), always with fp32 math
     (:class:`~a2ats.runtime.model.LeanModel`; the formats' perplexity: ``a2ats bench weights``). ``prefill_dtype``: ``"bf16"`` runs a float32
@@ -80,8 +91,10 @@ class Engine:
                  method: A2ATSMethod | None = None, path: str = "auto", placement: str = "local",
                  slots: int | None = None, max_context: int | None = None, prefill_chunk: int = 4096,
                  decode_weights: str = "auto", prefill_dtype: str = "auto", overlap: int = 1, kv_dtype: torch.dtype | None = None,
-                 host_free: int | None = None, accelerator_free: int | None = None, beyond_model_context: bool = False):
+                 dense_below: int | str | Costs = crossover.AUTO, host_free: int | None = None,
+                 accelerator_free: int | None = None, beyond_model_context: bool = False):
         kernels.resolve_path(path, "cpu")  # a bad name is refused before any work
+        dense_below = crossover.check_setting(dense_below)
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
         if slots is not None and slots < 1:
@@ -103,13 +116,18 @@ class Engine:
         if method is not None and method.post_rope:
             raise ValueError(POST_ROPE_REFUSAL)
         self.method = method
-        self.kv_dtype = kv_dtype or lean.dtype
-        if self.kv_dtype not in KV_DTYPES:
-            raise ValueError(f"kv_dtype must be float32, bfloat16, float16 or int8, got {kv_dtype}")
         self.placement, self.prefill_chunk, self.overlap = placement, prefill_chunk, overlap
         self.beyond_model_context = beyond_model_context
         self.host = torch.device("cpu") if placement == "offload" else lean.device
+        self.kv_dtype = kv_dtype or default_kv_dtype(lean, self.host)
+        if self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be float32, bfloat16, float16 or int8, got {kv_dtype}")
         self.path = kernels.resolve_path(path, self.host)  # where attention reads K/V decides
+        self.dense_rule: DenseRule | None = None  # None: every decode step selects (or, without a method, none)
+        if method is not None and not (dense_below == crossover.AUTO and self.path == "reference"):
+            kv, host, config = self.kv_dtype, self.host, self.config
+            self.dense_rule = DenseRule(dense_below, config, lean.heads // lean.kv_heads,
+                                        lambda: crossover.measured(lean, method, config, kv, host))
         self._fixed_slots = slots
         self._fixed_context = max_context or ((limit or 4096) if slots is not None else None)
         self._host_free, self._accelerator_free = host_free, accelerator_free
@@ -121,6 +139,7 @@ class Engine:
         self.keep_logits = False
         self.profile = False
         self.trace: SelectionTrace | None = None  # every decode step's selection, rows = request indices
+        self.dense_step: str | None = None  # why the last decode step attended to every token (None: it selected)
         self._requests: dict[int, Request] = {}
         self._waiting: deque[int] = deque()
         self._next = 0
@@ -167,6 +186,7 @@ class Engine:
         self.cache = SlotCache(lean.num_layers, slots, lean.kv_heads, lean.head_dim, capacity, self.kv_dtype,
                                lean.device, self.host, codes=method is not None)
         self.runner = Runner(lean, method, self.config, self.cache, self.overlap, fast=self.path == "fast")
+        self.runner.rule = self.dense_rule
         self._owner = [None] * slots
         self._produced = [[] for _ in range(slots)]
         self._kept = [[] for _ in range(slots)]
@@ -299,6 +319,7 @@ class Engine:
         res = StepResult(False, {}, [], seconds, dict(timer.totals) if timer is not None else {},
                          int(runner.attended) if counted else 0, runner.heads, int(runner.context) if counted else 0,
                          runner.crossed)
+        self.dense_step = ctx.dense
         for slot, on in enumerate(busy):
             if on:
                 try:
@@ -394,7 +415,7 @@ class Engine:
               on_step: Callable[[StepResult], None] | None = None) -> ServeResult:
         """Serve ``requests`` in order of arrival; ``on_finish(index, completion)`` as each one ends, ``on_step``
         after every step. ``trace``: record every decode step's selection (:class:`~a2ats.core.stats.SelectionTrace`;
-        its rows are the requests' indices). A failure mid-run raises :class:`ServeError` holding every
+        its rows are the requests' indices; a step that attended densely selected nothing and is not recorded). A failure mid-run raises :class:`ServeError` holding every
         completion finished before it."""
         if self.has_work:
             raise RuntimeError("serve() needs an idle engine; this one has requests added through add(): step them first")
@@ -416,6 +437,7 @@ class Engine:
         prefill_s = decode_s = 0.0
         steps = decode_tokens = attended = heads = context = crossed = 0
         breakdown: dict[str, float] = defaultdict(float)
+        dense: dict[str, int] = defaultdict(int)  # decode steps that attended to every token, by why
         step_seconds: list[float] = []
         try:
             while self.has_work:
@@ -429,6 +451,8 @@ class Engine:
                     decode_tokens += len(res.tokens)
                     attended, heads, context = attended + res.attended, heads + res.heads, context + res.context
                     crossed += res.crossed
+                    if self.dense_step:
+                        dense[self.dense_step] += 1
                     for k, v in res.breakdown.items():
                         breakdown[k] += v
                 for i, c in res.finished:
@@ -444,7 +468,8 @@ class Engine:
         stats = None
         if self.method is not None and heads:
             stats = SelectionStats(self.config, steps=steps * self.lean.num_layers, attended=float(attended),
-                                   heads=heads, context=float(context), last_length=max(len(r.prompt) for r in reqs))
+                                   heads=heads, context=float(context), last_length=max(len(r.prompt) for r in reqs),
+                                   decode_steps=steps, dense=dict(dense))
         return ServeResult(done, prefill_s, decode_s, steps, decode_tokens, dict(breakdown), stats,
                            crossed, self.trace, step_seconds)
 
@@ -492,3 +517,16 @@ class Engine:
                       for t in range(width)]
         return EngineOutput(tokens, lengths, n, res.prefill_seconds, res.step_seconds, res.breakdown, res.stats, logits,
                             res.trace)
+
+
+def default_kv_dtype(lean: LeanModel, host: torch.device) -> torch.dtype:
+    """How an engine stores K/V unless told: bfloat16 for a float32 model whose weights are 16-bit values (a bf16 or
+    fp16 checkpoint loaded in float32: its embedding rows round-trip through one of them exactly, which float32
+    training leaves no weight doing) when K/V sit in CPU memory, where the kernels read bf16 rows natively: half the
+    bytes per row, at the precision the model was shipped in. The model's own dtype otherwise."""
+    if lean.dtype != torch.float32 or host.type != "cpu":
+        return lean.dtype
+    sample = lean.embed[:64].detach().cpu()
+    if any(torch.equal(sample, sample.to(low).float()) for low in (torch.bfloat16, torch.float16)):
+        return torch.bfloat16
+    return torch.float32

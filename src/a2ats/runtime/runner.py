@@ -11,6 +11,9 @@ the lookup tables and selects; the *host* holds K and V (:class:`SlotCache`) and
 the selection with the CPU kernel. Per layer and decode step only the query, the new k/v, the
 selected indices and the attention output cross between them, never the retrieved K/V.
 
+A decode step of an A²ATS engine may attend densely instead (:mod:`.crossover`: where selection costs more
+than it saves); it still encodes its keys, so the codes are complete when selection resumes.
+
 Prefill runs one sequence at a time, dense, on the accelerator; each layer's K/V is copied to its
 slot on the host without blocking the next layer (pinned memory, asynchronous copy). Without
 codebooks the same runner attends densely over each slot's cache where it lives: the full-attention
@@ -21,6 +24,7 @@ Placement ``local`` is the same code with ``host`` = the accelerator: on a CPU-o
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +39,9 @@ from a2ats.methods.a2ats import A2ATSMethod
 from a2ats.runtime.model import LeanModel
 from a2ats.runtime.slots import SlotCache, head_rows
 from a2ats.runtime.step import StepContext, Timer
+
+if TYPE_CHECKING:
+    from a2ats.runtime.crossover import DenseRule
 
 
 class Runner:
@@ -54,6 +61,9 @@ class Runner:
             device=cache.accelerator)
         self._pending_rows = head_rows(cache.slots, lean.kv_heads, config.window + 1, cache.accelerator)
         self.budgets: list[Budget | None] = [None] * cache.slots  # a sequence's own budget, else the config's
+        # Which decode steps attend to every token although a method could select (:class:`~.crossover.DenseRule`):
+        # None, every step selects.
+        self.rule: DenseRule | None = None
         self.timer: Timer | None = None
         self.trace: SelectionTrace | None = None  # every decode step's selection per slot, when asked for (tests)
         self.trace_ids: list | None = None  # the trace's row of each slot (the server: its request's index)
@@ -104,11 +114,20 @@ class Runner:
         S, acc, host = cache.slots, cache.accelerator, cache.host
         step = StepContext(decode=True, active=list(host_active), pos=pos, valid=cache.valid(cache.lengths, n),
                            kv_rows=cache.flat_index(pos), parts=_split(S, self.overlap))
-        if self.method is None:
-            # An idle row must see one slot, or softmax over nothing turns it to NaN.
-            step.valid[:, 0] |= ~active
-            step.host_valid = step.valid.to(host)
-        else:
+        if self.method is not None and self.rule is not None:
+            step.dense = self.rule.decide(host_lengths, host_active, self.budgets)
+        if self.method is None or step.dense:
+            # An idle row must see one slot, or softmax over nothing turns it to NaN. (A method's own valid stays
+            # the rows' tokens.)
+            valid = step.valid if self.method is None else step.valid.clone()
+            valid[:, 0] |= ~active
+            step.host_valid = valid.to(host)
+            if self.fast and cache.dtype in (torch.bfloat16, torch.int8) and host.type == "cpu":
+                # SDPA would read a float copy of every row made first; the attention kernel reads them as stored
+                count = torch.tensor([m if a else 1 for m, a in zip(host_lengths, host_active)], dtype=torch.int32)
+                step.all_rows = (torch.arange(n, dtype=torch.int32).expand(S, cache.kv_heads, n).contiguous(),
+                                 count[:, None].expand(S, cache.kv_heads).contiguous())
+        if self.method is not None:
             enc, W = cache.encoded, self.config.window
             waiting = torch.tensor([o - e if a else 0 for o, e, a in zip(old, enc, host_active)], device=acc)
             step.pending = (self._pending_rows + waiting[:, None]).reshape(-1)
@@ -118,17 +137,19 @@ class Runner:
                 step.flush = [(b, enc[b], host_lengths[b] - enc[b]) for b in range(S) if host_active[b]]
                 for b, _, _ in step.flush:
                     enc[b] = host_lengths[b]
-            length = cache.lengths
-            step.budget = self.config.budget.tokens_for(length)
-            if any(b is not None for b in self.budgets):
-                step.budget = step.budget.clone()
-                for b, own in enumerate(self.budgets):
-                    if own is not None:
-                        step.budget[b] = own.tokens_for(length[b : b + 1])[0]
-            lean = self.lean
+            length, lean = cache.lengths, self.lean
             self.context += length.sum() * (lean.kv_heads * lean.num_layers)
             self.heads += int(sum(host_active)) * lean.kv_heads * lean.num_layers
-            step.bands, step.offsets = self.method.band_offsets(step.valid)
+            if step.dense:  # every token attended; no selection to prepare
+                self.attended += length.sum() * (lean.kv_heads * lean.num_layers)
+            else:
+                step.budget = self.config.budget.tokens_for(length)
+                if any(b is not None for b in self.budgets):
+                    step.budget = step.budget.clone()
+                    for b, own in enumerate(self.budgets):
+                        if own is not None:
+                            step.budget[b] = own.tokens_for(length[b : b + 1])[0]
+                step.bands, step.offsets = self.method.band_offsets(step.valid)
         self.step = step
         return step
 
@@ -181,29 +202,30 @@ class Runner:
         self._lap("weights")
         # The new k/v go to the host (they sit in the window: attended this very step).
         cache.put_rows(layer, step.kv_rows, k[:, :, 0], v[:, :, 0])
-        if self.method is None:
+        if self.method is not None:  # a dense step too: the next selecting step needs these keys' codes
+            self._keep_codes(layer, k_pre)
+            self.crossed += (2 * q[:, :, 0].numel() + 2 * k[:, :, 0].numel()) * q.element_size()  # q, new k/v, output
+            self._lap("scoring")
+        if self.method is None or step.dense:
             n = step.valid.shape[1]
             self._lap("transfers")
             qh = q.to(host)
-            mask = step.host_valid[:, None, None, :]
-            keys, values = cache.rows(layer, slice(None), n, qh.dtype, host)
-            out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=mask,
-                                                 scale=self.lean.scaling, enable_gqa=Hq != cache.kv_heads)
+            if step.all_rows is not None:
+                scales = (cache.k_scale[layer], cache.v_scale[layer]) if cache.quantized else (None, None)
+                out = kernels.sparse_attention(qh[:, :, 0], cache.k[layer], cache.v[layer], *step.all_rows,
+                                               self.lean.scaling, *scales)
+            else:
+                mask = step.host_valid[:, None, None, :]
+                keys, values = cache.rows(layer, slice(None), n, qh.dtype, host)
+                out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=mask,
+                                                     scale=self.lean.scaling, enable_gqa=Hq != cache.kv_heads)
             self._lap("host attention")
             out = out.to(q.device)
             self._lap("transfers")
             return out.reshape(S, 1, Hq * d)
-        pending = self.pending[layer]
-        pending.view(-1, d).index_copy_(0, step.pending, k_pre[:, :, 0].reshape(-1, d))
-        if step.flush:
-            keys = max(m for _, _, m in step.flush)
-            codes = self.method.encode(layer, pending[:, :, :keys], None, self.kv_heads)  # (S, Hkv, keys)
-            for b, first, m in step.flush:
-                cache.codes[layer][b, :, first : first + m] = codes[b, :, :m]
         q1, q1_pre = q[:, :, 0], q_pre[:, :, 0].float()
         n = step.valid.shape[1]
         c, m = self.config, self.method
-        self.crossed += (2 * q1.numel() + 2 * k[:, :, 0].numel()) * q.element_size()  # q, new k/v, output
         if not self.fast:
             return self._decode_reference(layer, q, q1_pre, q1, n).reshape(S, 1, Hq * d)
         qh = q1.to(host)
@@ -243,6 +265,17 @@ class Runner:
         out = (outs[0] if len(outs) == 1 else torch.cat(outs)).to(q.device)
         self._lap("transfers")
         return out.reshape(S, 1, Hq * d)
+
+    def _keep_codes(self, layer: int, k_pre) -> None:
+        """This step's pre-RoPE keys into the pending buffer, and the codes of those due (selecting or not)."""
+        step, cache, d = self.step, self.cache, self.lean.head_dim
+        pending = self.pending[layer]
+        pending.view(-1, d).index_copy_(0, step.pending, k_pre[:, :, 0].reshape(-1, d))
+        if step.flush:
+            keys = max(m for _, _, m in step.flush)
+            codes = self.method.encode(layer, pending[:, :, :keys], None, self.kv_heads)  # (S, Hkv, keys)
+            for b, first, m in step.flush:
+                cache.codes[layer][b, :, first : first + m] = codes[b, :, :m]
 
     def _decode_reference(self, layer: int, q, q1_pre, q1, n: int) -> torch.Tensor:
         """Every token scored, the selection applied as a mask over the slot's whole cache (on the host)."""

@@ -24,10 +24,16 @@ class StepContext:
     parts: list[slice] | None = None  # decode: the micro-batches' slot ranges
     valid: torch.Tensor | None = None  # decode: (S, n) bool on the accelerator
     host_valid: torch.Tensor | None = None  # decode without a method: the same on the host
+    # dense decode over a bf16 or int8 cache (fast path): every row's positions (S, Hkv, n) int32 and counts (S, Hkv)
+    # int32 on the host, for the attention kernel, which reads such rows as stored
+    all_rows: tuple[torch.Tensor, torch.Tensor] | None = None
     budget: torch.Tensor | None = None  # decode: (S,) tokens per query head beyond sinks and window
     bands: int = 1  # banded WRoPE: tables in use
     offsets: torch.Tensor | None = None  # (S, n) int32: each token's offset into its band's table
     active: list[bool] | None = None  # decode: which slots hold a sequence (host)
+    # decode with a method: why this step attends to every token instead of selecting (None: it selects).
+    # Keys are still encoded, so the next selecting step finds every code it needs.
+    dense: str | None = None
 
 
 @dataclass

@@ -18,7 +18,7 @@ from a2ats.hf.generate import encode_prompt
 from a2ats.runtime import Request
 from a2ats.server.config import API_KEY_ENV, ServerConfig
 
-KV_DTYPES = {"model": None, "bfloat16": torch.bfloat16, "int8": torch.int8}
+KV_DTYPES = {"model": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
 HTTP_CONTEXT = 8192  # --http: tokens per slot at most, unless --max-context says
 
 
@@ -57,8 +57,9 @@ def add_arguments(p) -> None:
     p.add_argument("--placement", choices=["offload", "local"], default="offload",
                    help="offload: K/V in host memory, selection beside the model (the paper's system); local: K/V beside the model")
     p.add_argument("--kv-dtype", choices=list(KV_DTYPES), default="model",
-                   help="how K/V are stored: the model's dtype, bf16 (half the host bytes of an fp32 model), or int8 "
-                        "with a scale per row (a quarter)")
+                   help="how K/V are stored: model (the default): the checkpoint's 16-bit precision, bf16, for a float32 "
+                        "model loaded from a bf16 or fp16 checkpoint with K/V in host memory, else the model's dtype; "
+                        "float32; bfloat16 (half the host bytes of float32); or int8 with a scale per row (a quarter)")
     p.add_argument("--dense", action="store_true", help="full attention instead of A²ATS (the baseline)")
     p.add_argument("--no-chat-template", action="store_true", help="feed prompts as they are, without the chat template")
     p.add_argument("--out", help="append completions to this file (default: stdout), one JSON line each, as they finish")
