@@ -254,3 +254,11 @@ def tile_centroids(centroids: torch.Tensor) -> torch.Tensor | None:
     if ext is None:
         return None
     return ext.tile_centroids(centroids.float())
+
+
+def huge_page_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` on 2 MiB pages where the CPU kernel can make one (Linux's transparent huge pages), else ``t``:
+    direct scoring reads centroid rows scattered over MiBs per head, and with 4 KiB pages most of those reads
+    missed the TLB."""
+    ext = cpu_backend() if _on_cpu(t) else None
+    return t if ext is None else ext.huge_page_copy(t)

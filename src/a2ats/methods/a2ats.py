@@ -16,7 +16,7 @@ from a2ats.core.distributed import kv_heads_held
 from a2ats.core.rope import WRoPE, find_rotary_embedding
 from a2ats.core.selection import DecodeStep, table_scores
 from a2ats.kernels import lookup_tables, tile_centroids
-from a2ats.kernels.ops import score_select_direct
+from a2ats.kernels.ops import huge_page_copy, score_select_direct
 from a2ats.methods.base import Method
 
 
@@ -24,7 +24,7 @@ class A2ATSMethod(Method):
     def __init__(self, codebooks: Codebooks, wrope: WRoPE):
         self.codebooks = codebooks
         self.wrope = wrope
-        self._tiles: dict = {}  # (layer, heads, device) -> the LUT kernel's centroid layout
+        self._tiles: dict = {}  # (layer or "rows", heads, device) -> the kernels' centroid layouts
         s = codebooks.settings
         self.post_rope = s.post_rope
         self.name = "a2ats-postrope" if s.post_rope else ("a2ats" if s.query_aware else "a2ats-euclid")
@@ -100,18 +100,13 @@ class A2ATSMethod(Method):
         table entries that cached tokens carry. Every fast path (transformers' fast path, the runtime, the offload
         system) selects through here; it selects the set of :meth:`score_tokens` + :func:`a2ats.core.selection.select`
         but where a score's fp32 rounding in another summation order decides a near-tie at the threshold."""
-        q, centroids = self.queries(layer, q_pre, query, bands, kv_heads)
-        import os  # TEMPORARY A/B HOOK
-        mode = os.environ.get("A2ATS_TMP_MODE", "bf16thp")
-        if mode != "fp32":
-            key = (mode, kv_heads.start, kv_heads.stop, str(q.device))
-            if key not in self._tiles:
-                allc = torch.stack([self.codebooks.tensors_for(i, kv_heads, q.device)[0] for i in range(self.codebooks.num_layers)])
-                allc = allc.bfloat16() if "bf16" in mode else allc
-                if "thp" in mode:
-                    allc = kernels.cpu_backend().huge_page_copy(allc)
-                self._tiles[key] = allc
-            centroids = self._tiles[key][layer]
+        q, _ = self.queries(layer, q_pre, query, bands, kv_heads)
+        key = ("rows", kv_heads.start, kv_heads.stop, str(q.device))
+        if key not in self._tiles:  # every layer's centroids in one copy, on huge pages where the kernel makes one
+            layers = range(self.codebooks.num_layers)
+            self._tiles[key] = huge_page_copy(torch.stack([self.codebooks.tensors_for(i, kv_heads, q.device)[0]
+                                                           for i in layers]))
+        centroids = self._tiles[key][layer]
         return score_select_direct(q, centroids, bands, config.reduction == "max", codes, offsets, valid, budget,
                                    config.sinks, config.window)
 
