@@ -16,7 +16,7 @@ def test_decode_bench_runs_every_variant(tmp_path):
     ids = torch.randint(3, 97, (1, 150), generator=torch.Generator().manual_seed(0))
     rows, prefill = bench_decode(model, None, random_codebooks(model), A2ATSConfig(budget=0.1, sinks=2, window=8),
                                  lengths=(200, 333), variants=VARIANTS, steps=2, warmup=1, text_ids=ids,
-                                 log=lambda *_: None)
+                                 log=lambda *_: None, dense_below=0)  # selection timed at every length
     assert {(r.variant, r.context) for r in rows} == {(v, n) for v in VARIANTS for n in (200, 333)}
     assert all(r.ms_per_token > 0 and r.steps == 2 for r in rows)
     fast = [r for r in rows if r.variant.startswith("a2ats-fast")]
@@ -27,7 +27,8 @@ def test_decode_bench_runs_every_variant(tmp_path):
     # every lean-engine row accounts for its bytes against the bandwidth measured in the run; the others cannot
     accounted = {r.variant for r in rows if r.accounting}
     assert accounted == {v for v in VARIANTS if v.startswith(("a2ats-fast", "dense-lean"))}
-    assert all(r.accounting["share_of_floor"] > 0 and r.accounting["bytes"]["weights"] > 0 for r in rows if r.accounting)
+    # a tiny model's floor is microseconds: its share of a loaded machine's step may round to 0 at three decimals
+    assert all(r.accounting["share_of_floor"] >= 0 and r.accounting["bytes"]["weights"] > 0 for r in rows if r.accounting)
     assert all(r.accounting["bytes"]["scoring"] == 0 for r in rows if r.variant.startswith("dense-lean"))
     table = decode_table(rows_to_json(rows))
     assert "speedup of a2ats-fast over dense-hf" in table and "a2ats-fast-bf16w per step" in table

@@ -241,3 +241,17 @@ def test_method_select_rows_selects_what_score_tokens_and_select_do(reduction, b
 
         assert_same_up_to_near_ties(got, mask_to_indices(want), q, cent, bands, reduction == "max", codes, offsets,
                                     valid, k, cfg.sinks, cfg.window, rounding_tol(q, cent))
+
+
+def test_huge_page_copy_holds_the_same_values(isa_ext, monkeypatch):
+    from a2ats.kernels.ops import huge_page_copy
+
+    g = torch.Generator().manual_seed(6)
+    for t in (torch.randn(3, 2, 100, 16, generator=g), torch.randn(5, 7, generator=g).bfloat16(), torch.zeros(0)):
+        c = isa_ext.huge_page_copy(t)
+        assert c.dtype == t.dtype and c.shape == t.shape and c.is_contiguous() and torch.equal(c, t)
+        assert c.data_ptr() % (2 << 20) == 0 or t.numel() == 0  # aligned to a huge page
+    t = torch.randn(4, 8, generator=g)[:, ::2]  # not contiguous: copied as its values
+    assert torch.equal(isa_ext.huge_page_copy(t), t)
+    monkeypatch.setenv("A2ATS_KERNELS", "0")
+    assert huge_page_copy(t) is t  # without the kernels: the tensor itself

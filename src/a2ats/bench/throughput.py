@@ -79,9 +79,11 @@ def engine_for(model, codebooks: Codebooks | None, config: A2ATSConfig, system: 
     base, overlap, kv = parsed
     cb = codebooks if base.startswith("a2ats") else None
     placement = "offload" if base.endswith("offload") else "local"
+    # A²ATS systems select at every step (no dense fallback): the table compares the two ways of attending
+    select = {"dense_below": 0} if cb is not None else {}
     return factory.decoder(model, cb, config, runtime="engine", slots=slots, max_context=capacity, placement=placement,
                            prefill_chunk=4096, decode_weights=decode_weights, overlap=overlap, kv_dtype=kv,
-                           beyond_model_context=True)
+                           beyond_model_context=True, **select)
 
 
 def bench_throughput(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=LENGTHS,

@@ -744,7 +744,7 @@ torch::Tensor huge_page_copy(torch::Tensor src) {
 #if defined(__linux__)
   madvise(p, size, MADV_HUGEPAGE);  // a hint: where huge pages are off it changes nothing
 #endif
-  std::memcpy(p, src.data_ptr(), bytes);
+  if (bytes) std::memcpy(p, src.data_ptr(), bytes);
   return torch::from_blob(p, src.sizes(), [](void* q) { std::free(q); }, src.options());
 }
 
