@@ -108,8 +108,9 @@ def test_fast_path_equals_reference_path(default_model, codebooks, long_text_ids
                   pad_token_id=tok.pad_token_id, eos_token_id=None)
         with torch.inference_mode(), A2ATS(model, codebooks[selection], cfg, path="reference", trace=True) as a2:
             ref = model.generate(input_ids=ids, attention_mask=mask.long(), **kw)
+        # the selection path at every step, K/V at the reference's precision: what is compared is the path
         eng = Engine(model, codebooks[selection], cfg, path="fast", decode_weights="bf16" if bf16_weights else "model",
-                     prefill_dtype="model")
+                     prefill_dtype="model", dense_below=0, kv_dtype=torch.float32)
         out = eng.generate(ids, mask, max_new_tokens=12, pad_token_id=tok.pad_token_id, keep_logits=True, trace=True)
     finally:
         if bf16_weights:

@@ -17,6 +17,9 @@ pytestmark = pytest.mark.eval_model
 # small for CI: 256 centroids from ~5K tokens (the paper's 4096 from ~80K are for the evaluation)
 SMALL = CodebookSettings(n_centroids=256, text_tokens=4096, uuid_tokens=1024, seq_len=1024, sink_prefix=True, max_iter=4)
 
+# the selection path at every step, K/V at the model's precision: what the tests compare is the path
+SELECT = dict(dense_below=0, kv_dtype=torch.float32)
+
 
 @pytest.fixture(scope="module")
 def qwen():
@@ -70,10 +73,10 @@ def test_fast_path_selects_exactly_what_the_reference_path_selects(qwen, codeboo
     # each runtime against its own reference path (same prefill, same keys): the engine's fused projections
     # round differently from transformers' separate ones, so codes near a tie may differ between runtimes
     if runtime == "engine":
-        ref = Engine(model, codebooks, cfg, path="reference", decode_weights="model", prefill_dtype="model").generate(
+        ref = Engine(model, codebooks, cfg, path="reference", decode_weights="model", prefill_dtype="model", **SELECT).generate(
             ids, mask, max_new_tokens=steps, pad_token_id=tok.pad_token_id, keep_logits=True, trace=True)
         ref_tokens, ref_logits, ref_trace = ref.tokens, ref.logits, ref.trace
-        out = Engine(model, codebooks, cfg, path="fast", decode_weights="model", prefill_dtype="model").generate(
+        out = Engine(model, codebooks, cfg, path="fast", decode_weights="model", prefill_dtype="model", **SELECT).generate(
             ids, mask, max_new_tokens=steps, pad_token_id=tok.pad_token_id, keep_logits=True, trace=True)
         tokens, logits, trace = out.tokens, out.logits, out.trace
     else:
