@@ -42,9 +42,11 @@ def tiny_llama(vocab: int, seed: int = 0):
 def engine(slots: int = 4, max_context: int = 512, dense: bool = False) -> Engine:
     model = tiny_llama(len(tokenizer()))
     cb = None if dense else random_codebooks(model)
-    # the model's own fp32 arithmetic: a sequence's tokens do not depend on what it is batched with
+    # the model's own fp32 arithmetic and selection at every step: a sequence's tokens do not depend on what it is
+    # batched with (the dense fallback decides per step for the whole batch)
+    select = {} if dense else {"dense_below": 0}
     return Engine(model, cb, A2ATSConfig(budget=0.25, sinks=2, window=8), slots=slots, max_context=max_context,
-                  placement="offload", decode_weights="model", prefill_dtype="model")
+                  placement="offload", decode_weights="model", prefill_dtype="model", **select)
 
 
 def server(slots: int = 4, max_context: int = 512, dense: bool = False, **config) -> HttpServer:
