@@ -21,13 +21,13 @@ def _hf(model, ids, mask, n):
         return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, **GEN)
 
 
-def _assert_logits_close(ours, theirs):
+def _assert_logits_close(ours, theirs, tol: float = 1e-4):
     """Per new token, the rows still running (a row that ended has NaN logits here; transformers goes on
     computing its padding's)."""
     for a, b in zip(ours, theirs, strict=True):
         live = ~a.isnan().any(-1)
         assert live.any()
-        torch.testing.assert_close(a[live], b[live], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a[live], b[live], rtol=tol, atol=tol)
 
 
 def _codebooks(model, bands):
@@ -96,8 +96,9 @@ def test_deferred_key_encoding_matches_per_step_encoding(path, window):
 @pytest.mark.parametrize("fmt", packed_weights.FORMATS)
 def test_compact_decode_weights_equal_the_model_with_those_weights(family, path, fmt):
     """decode_weights=fmt is the model with its projection and LM-head weights replaced by what the format
-    stores (weights.unpack): on a model whose weights already are such values, the engine matches the
-    transformers reference path, token for token."""
+    stores (weights.unpack), computing as the format computes (weights.reference: int8 and int4 quantize a decode
+    step's activations): on a model whose weights already are such values, the engine matches the transformers
+    reference path computing the same way, token for token."""
     model = tiny_model(family)
     with torch.no_grad():
         for m in model.modules():
@@ -106,14 +107,25 @@ def test_compact_decode_weights_equal_the_model_with_those_weights(family, path,
     ids, mask = padded_batch(seed=4, lengths=(150, 99))
     cb = random_codebooks(model)
     cfg = A2ATSConfig(budget=0.1, sinks=2, window=8)
-    with A2ATS(model, cb, cfg):
-        ref = _hf(model, ids, mask, 8)
+
+    def as_the_format(module, args):  # int8/int4 quantize a decode step's activations (one token a row)
+        return (packed_weights.activations(args[0], fmt),) if args[0].shape[-2] == 1 else None
+
+    hooks = [m.register_forward_pre_hook(as_the_format) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        with A2ATS(model, cb, cfg):
+            ref = _hf(model, ids, mask, 8)
+    finally:
+        for h in hooks:
+            h.remove()
     eng = Engine(model, cb, cfg, path=path, dense_below=0, decode_weights=fmt, prefill_dtype="model")
     assert eng.lean.decode_weights == fmt and eng.lean.layers[0].packed["qkv"].fmt == fmt
     out = eng.generate(ids, mask, max_new_tokens=8, eos_token_id=model.generation_config.eos_token_id,
                        pad_token_id=0, keep_logits=True)
     assert torch.equal(out.tokens, ref.sequences[:, ids.shape[1]:])
-    _assert_logits_close(out.logits, ref.scores)
+    # quantized activations: a last-bit difference in a block's input (fused vs separate projections) can move a
+    # value across a rounding step of the int8 grid, so the logits agree to that step, not to fp32 rounding
+    _assert_logits_close(out.logits, ref.scores, 1e-4 if fmt == "bf16" else 2e-2)
 
 
 def test_bf16_prefill_is_the_fp32_prefill_within_bf16_rounding(monkeypatch):
