@@ -29,8 +29,9 @@ lint: setup
 	$(VENV)/bin/ruff check src tests scripts
 	$(VENV)/bin/lint-imports
 
+# unbuffered: a log cut short still shows the last test that ran
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -u -m pytest -q
 
 # rewrite every generated block in README.md and docs/ from the committed result files (--check: what is stale)
 figures: setup

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -203,6 +206,21 @@ def test_portable_build_gives_identical_results(ext):
     z, t = torch.randn(2, 2, 130, 64), torch.randn(2, 500, 64)
     half = 0.5 * (t * t).sum(-1)
     assert torch.equal(default.encode_nearest(z, t, half), ext.encode_nearest(z, t, half))
+
+
+def test_a_lock_left_by_a_killed_build_does_not_block_the_next(ext):
+    # torch's builder leaves a bare `lock` file when a process dies mid-build; the next build must not wait on it
+    cpu_mod.build("default")
+    stale = os.path.join(cpu_mod.build_directory(f"a2ats_cpu_default_{cpu_mod.source_digest()}"), "lock")
+    open(stale, "w").close()
+    try:
+        proc = subprocess.run([sys.executable, "-c", "from a2ats.kernels import cpu; cpu.build('default')"],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert not os.path.exists(stale)
+    finally:
+        if os.path.exists(stale):
+            os.remove(stale)
 
 
 def test_isa_selection(monkeypatch):

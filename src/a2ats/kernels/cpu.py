@@ -13,11 +13,13 @@ Environment:
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import os
 import platform
 import shutil
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -108,13 +110,31 @@ def build(isa: str, verbose: bool = False):
     if shutil.which(cxx) is None:
         raise RuntimeError(f"no C++ compiler {cxx!r} found")
     name = f"a2ats_cpu_{isa}_{source_digest()}"
-    kwargs = {}
+    directory = build_directory(name)
+    # torch's builder guards a build with a bare `lock` file that a process killed mid-build leaves behind,
+    # and every later build of that name waits on it forever. An advisory lock, which the kernel drops when
+    # its holder dies, guards the build instead: whoever holds it is the only builder, so a `lock` file
+    # found then is stale and goes.
+    with open(os.path.join(directory, "a2ats-build.lock"), "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        stale = os.path.join(directory, "lock")
+        if os.path.exists(stale):
+            os.remove(stale)
+        return load(name=name, sources=[str(p) for p in SOURCES], extra_cflags=_FLAGS[isa],
+                    extra_ldflags=["-fopenmp"], build_directory=directory, verbose=verbose)
+
+
+def build_directory(name: str) -> str:
+    """Where the extension ``name`` is built: under ``A2ATS_KERNEL_DIR``, else torch's extensions directory."""
     root = os.environ.get("A2ATS_KERNEL_DIR")
-    if root:
-        kwargs["build_directory"] = os.path.join(root, name)
-        os.makedirs(kwargs["build_directory"], exist_ok=True)
-    return load(name=name, sources=[str(p) for p in SOURCES], extra_cflags=_FLAGS[isa], extra_ldflags=["-fopenmp"],
-                verbose=verbose, **kwargs)
+    if not root:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        tag = f"py{sys.version_info.major}{sys.version_info.minor}_cpu"
+        root = os.path.join(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root(), tag)
+    directory = os.path.join(root, name)
+    os.makedirs(directory, exist_ok=True)
+    return directory
 
 
 def cpu_backend(isa: str | None = None):
