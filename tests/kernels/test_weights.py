@@ -26,9 +26,10 @@ def _exact(x, p, bias):
 
 
 # inputs: below one block (13), ragged blocks (37, 100, 576 + 5), odd 64-byte vectors and int4 groups of 4 (96, 160);
-# outputs: tails of the 4-row blocks and of the 16-row work items; rows: 1, 3, 8 (passes of 4 activation rows)
+# outputs: split across threads in 4 streams with rows left over (101, 1001), fewer than 4 (1, 3); rows: 1, 3, 8
+# (passes of 4 activation rows), 5
 SHAPES = [(1, 576, 960), (3, 96, 101), (8, 64, 1), (1, 1536, 17), (3, 37, 13), (8, 100, 6), (1, 581, 33),
-          (3, 13, 5), (8, 160, 7), (5, 576, 20)]
+          (3, 13, 3), (8, 160, 7), (5, 576, 20), (3, 96, 1001)]
 
 
 @pytest.mark.parametrize("fmt", W.FORMATS)
