@@ -114,7 +114,7 @@ def random_selection(B, H, n, seed, lengths):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("G", [1, 3, 4, 8])
+@pytest.mark.parametrize("G", [1, 3, 4, 7, 8])  # d = 64 takes query heads 4 at a time: 7 = 4 + 3
 @pytest.mark.parametrize("n,d", [(37, 16), (301, 64), (1000, 128), (700, 40)])
 def test_sparse_attention_matches_reference(ext, dtype, G, n, d):
     B, H, cap = 2, 2, n + 50
@@ -166,16 +166,20 @@ def test_sparse_attention_int8_rows_match_the_dequantized_reference(ext, G, n, d
         sparse_attention(q, k_view, v_buf, idx, count, 0.1, None, v_scale)
 
 
-def test_sparse_attention_long_selection_splits_and_merges(ext):
-    # Far more rows than one chunk (256), wide score range: exercises the partial-softmax merge.
+@pytest.mark.parametrize("kt,vt", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                   (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)])
+def test_sparse_attention_long_selection_splits_and_merges(ext, kt, vt):
+    # Far more rows than one chunk (256), wide score range: exercises the partial-softmax merge; K and V of
+    # either width (fp32 or bf16 rows), compared on the same rounded values
     B, H, G, n, d = 1, 1, 3, 3000, 64
     g = torch.Generator().manual_seed(3)
-    k = torch.randn(B, H, n, d, generator=g) * 4
-    v = torch.randn(B, H, n, d, generator=g)
+    k = (torch.randn(B, H, n, d, generator=g) * 4).to(kt)
+    v = torch.randn(B, H, n, d, generator=g).to(vt)
     q = torch.randn(B, H * G, d, generator=g)
     idx, count = mask_to_indices(torch.rand(B, H, n, generator=g) < 0.9)
     torch.testing.assert_close(ext.sparse_attention(q, k, v, idx, count, 0.125),
-                               reference_sparse_attention(q, k, v, idx, count, 0.125), atol=1e-5, rtol=1e-4)
+                               reference_sparse_attention(q, k.float(), v.float(), idx, count, 0.125), atol=1e-5,
+                               rtol=1e-4)
 
 
 def test_selection_feeds_attention_end_to_end(ext):

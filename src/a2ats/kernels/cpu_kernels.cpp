@@ -10,8 +10,14 @@
 
 #include "cpu_common.h"
 
+#include <type_traits>
+
 using a2ats::prefetch_row;
 using a2ats::to_f;
+#if defined(__AVX512F__)
+using a2ats::load16;
+using a2ats::sum16;
+#endif
 
 // ---------------------------------------------------------------------------------------------------
 // Kernel 2: attention over the selection
@@ -74,6 +80,107 @@ struct Scales {
   int64_t vs[3] = {0, 0, 0};
 };
 
+#if defined(__AVX512F__)
+template <typename T>
+constexpr bool kWide = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
+
+// One work item at d = 64, in registers, query heads taken up to 4 at a time (NG): a K row is 4 vectors dotted
+// with each of the NG queries held in registers, the dots' partial sums reduced 16 at a time (sum16); a V row
+// is 4 vectors added into the NG x 4 accumulators held in registers. The generic loop below reduced every dot
+// on its own, widened bf16 rows through memory and kept the accumulators in memory (a store per vector per
+// row): compute-bound at a third of the read bandwidth. Heads past the first 4 re-read the item's rows from
+// the core's own cache.
+template <int NG, typename TK>
+inline void dots64(const float* qg, const TK* kbase, int64_t kstride, const int32_t* rowidx, int64_t rows,
+                   bool prefetch, float scaling, float* s) {
+  __m512 qv[NG][4], part[16];
+  for (int g = 0; g < NG; ++g)
+    for (int i = 0; i < 4; ++i) qv[g][i] = _mm512_loadu_ps(qg + g * 64 + 16 * i);
+  alignas(64) float dots[16];
+  int64_t t = 0, o = 0;  // the dots of (row, head) pairs o .. o + t - 1, in row-major order
+  auto flush = [&](int64_t upto) {
+    for (int l = static_cast<int>(upto); l < 16; ++l) part[l] = _mm512_setzero_ps();
+    _mm512_store_ps(dots, sum16(part));
+    for (int64_t l = 0; l < upto; ++l) s[((o + l) % NG) * kChunk + (o + l) / NG] = dots[l] * scaling;
+    o += upto;
+    t = 0;
+  };
+  for (int64_t r = 0; r < rows; ++r) {
+    if (prefetch && r + kAhead < rows) prefetch_row(kbase + static_cast<int64_t>(rowidx[r + kAhead]) * kstride, 64);
+    const TK* k = kbase + static_cast<int64_t>(rowidx[r]) * kstride;
+    const __m512 k0 = load16(k), k1 = load16(k + 16), k2 = load16(k + 32), k3 = load16(k + 48);
+    for (int g = 0; g < NG; ++g) {
+      part[t++] = _mm512_add_ps(_mm512_fmadd_ps(qv[g][1], k1, _mm512_mul_ps(qv[g][0], k0)),
+                                _mm512_fmadd_ps(qv[g][3], k3, _mm512_mul_ps(qv[g][2], k2)));
+      if (t == 16) flush(16);
+    }
+  }
+  if (t > 0) flush(t);
+}
+
+template <int NG, typename TV>
+inline void weighted_v64(const TV* vbase, int64_t vstride, const int32_t* rowidx, int64_t rows, bool prefetch,
+                         const float* s, float* acc) {
+  __m512 a[NG][4];
+  for (int g = 0; g < NG; ++g)
+    for (int i = 0; i < 4; ++i) a[g][i] = _mm512_setzero_ps();
+  for (int64_t r = 0; r < rows; ++r) {
+    if (prefetch && r + kAhead < rows) prefetch_row(vbase + static_cast<int64_t>(rowidx[r + kAhead]) * vstride, 64);
+    const TV* v = vbase + static_cast<int64_t>(rowidx[r]) * vstride;
+    const __m512 v0 = load16(v), v1 = load16(v + 16), v2 = load16(v + 32), v3 = load16(v + 48);
+    for (int g = 0; g < NG; ++g) {
+      const __m512 w = _mm512_set1_ps(s[g * kChunk + r]);
+      a[g][0] = _mm512_fmadd_ps(w, v0, a[g][0]);
+      a[g][1] = _mm512_fmadd_ps(w, v1, a[g][1]);
+      a[g][2] = _mm512_fmadd_ps(w, v2, a[g][2]);
+      a[g][3] = _mm512_fmadd_ps(w, v3, a[g][3]);
+    }
+  }
+  for (int g = 0; g < NG; ++g)
+    for (int i = 0; i < 4; ++i) _mm512_storeu_ps(acc + g * 64 + 16 * i, a[g][i]);
+}
+
+// The chunk's softmax max and sum per query head (pmax, psum: G each), and its exp-weighted V rows in acc (G, 64),
+// as the generic loop computes them.
+template <typename TK, typename TV>
+void chunk64(const float* qg, int64_t G, const TK* kbase, int64_t kstride, const TV* vbase, int64_t vstride,
+             const int32_t* rowidx, int64_t rows, float scaling, float* s, float* acc, float* pmax, float* psum) {
+  for (int64_t g0 = 0; g0 < G; g0 += 4) {
+    const bool first = g0 == 0;
+    switch (std::min<int64_t>(4, G - g0)) {
+      case 4: dots64<4>(qg + g0 * 64, kbase, kstride, rowidx, rows, first, scaling, s + g0 * kChunk); break;
+      case 3: dots64<3>(qg + g0 * 64, kbase, kstride, rowidx, rows, first, scaling, s + g0 * kChunk); break;
+      case 2: dots64<2>(qg + g0 * 64, kbase, kstride, rowidx, rows, first, scaling, s + g0 * kChunk); break;
+      default: dots64<1>(qg + g0 * 64, kbase, kstride, rowidx, rows, first, scaling, s + g0 * kChunk); break;
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = s + g * kChunk;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t r = 0; r < rows; ++r) mx = std::max(mx, sg[r]);
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t r = 0; r < rows; ++r) {
+      sg[r] = exp_nonpositive(sg[r] - mx);
+      sum += sg[r];
+    }
+    pmax[g] = mx;
+    psum[g] = sum;
+  }
+  for (int64_t g0 = 0; g0 < G; g0 += 4) {
+    const bool first = g0 == 0;
+    float* a = acc + g0 * 64;
+    const float* sg = s + g0 * kChunk;
+    switch (std::min<int64_t>(4, G - g0)) {
+      case 4: weighted_v64<4>(vbase, vstride, rowidx, rows, first, sg, a); break;
+      case 3: weighted_v64<3>(vbase, vstride, rowidx, rows, first, sg, a); break;
+      case 2: weighted_v64<2>(vbase, vstride, rowidx, rows, first, sg, a); break;
+      default: weighted_v64<1>(vbase, vstride, rowidx, rows, first, sg, a); break;
+    }
+  }
+}
+#endif
+
 template <typename TK, typename TV>
 void attend_impl(const float* Q, const TK* K, const TV* V, const int32_t* I, const int32_t* N, int64_t B, int64_t H,
                  int64_t G, int64_t d, int64_t L, int64_t cap, const int64_t* ks, const int64_t* vs, float scaling,
@@ -108,6 +215,15 @@ void attend_impl(const float* Q, const TK* K, const TV* V, const int32_t* I, con
       }
       TORCH_CHECK(rows == 0 || (lo_t >= 0 && hi_t < cap), "selected index ", lo_t < 0 ? lo_t : hi_t,
                   " outside the cache of ", cap, " rows");
+#if defined(__AVX512F__)
+      if constexpr (kWide<TK> && kWide<TV>) {
+        if (d == 64) {
+          chunk64(qg, G, kbase, ks[2], vbase, vs[2], rowidx, rows, scaling, s.data(), pacc.data() + it * G * d,
+                  pmax.data() + it * G, psum.data() + it * G);
+          continue;
+        }
+      }
+#endif
       // Pass 1: each K row is read once and dotted with all G queries.
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t t = rowidx[r];

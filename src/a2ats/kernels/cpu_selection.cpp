@@ -11,6 +11,10 @@
 
 using a2ats::prefetch_row;
 using a2ats::to_f;
+#if defined(__AVX512F__)
+using a2ats::load16;
+using a2ats::sum16;
+#endif
 
 namespace {
 
@@ -542,33 +546,6 @@ constexpr int64_t kEntryAhead = 16;       // entries of software prefetch distan
 constexpr int64_t kBatch = 16;            // entries whose sums are reduced together
 
 #if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {  // bf16 is the top half of an fp32: a widening shift
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
-inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-
-// Lane j: the sum of the lanes of v[j]. A transposing tree (each level adds pairs of half-width parts) costs
-// 3 instructions per sum where reducing each vector alone costs 9.
-inline __m512 sum16(const __m512* v) {
-  __m512 t[8], u[4];
-  for (int p = 0; p < 8; ++p)  // blocks: v[2p] folded to 256 bits, then v[2p+1]
-    t[p] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], 0x44),
-                         _mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], 0xEE));
-  for (int p = 0; p < 4; ++p)  // 128-bit block k: v[4p + k] folded to 4 lanes
-    u[p] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * p], t[2 * p + 1], 0x88),
-                         _mm512_shuffle_f32x4(t[2 * p], t[2 * p + 1], 0xDD));
-  const __m512 w0 = _mm512_add_ps(_mm512_unpacklo_ps(u[0], u[1]), _mm512_unpackhi_ps(u[0], u[1]));
-  const __m512 w1 = _mm512_add_ps(_mm512_unpacklo_ps(u[2], u[3]), _mm512_unpackhi_ps(u[2], u[3]));
-  const __m512 z = _mm512_add_ps(_mm512_shuffle_ps(w0, w1, 0x44), _mm512_shuffle_ps(w0, w1, 0xEE));
-  // lane 4k + p of z holds the sum of v[k + 4p]
-  return _mm512_permutexvar_ps(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0), z);
-}
-
 // out[i * G + g] = q_{g, band[i]} · rows[i] for n <= 16 entries (query head g's row of band b at
 // q + (g * bands + b) * d): each centroid row is loaded once for the G query rows, each product's 16-lane
 // partial sums are reduced 16 at a time (sum16).
