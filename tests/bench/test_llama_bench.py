@@ -72,3 +72,22 @@ def test_the_converter_is_found_in_the_binarys_source_tree(tmp_path):
     assert converter_for(tree / "build" / "bin" / "llama-bench") == tree / "convert_hf_to_gguf.py"
     with pytest.raises(ValueError, match="convert_hf_to_gguf.py"):
         converter_for(tmp_path / "elsewhere" / "llama-bench")
+
+
+def test_decode_bench_runs_llama_bench_right_after_ours_at_the_lengths_asked(tmp_path):
+    import torch
+
+    from a2ats.bench.decode import bench_decode
+    from a2ats.core.config import A2ATSConfig
+    from conftest import random_codebooks, tiny_model
+
+    (tmp_path / "a.gguf").write_bytes(b"")
+    a = str(tmp_path / "a.gguf")
+    binary = _fake_llama_bench(tmp_path, [_result(a, "Q8_0", False, 50.0), _result(a, "Q8_0", True, 40.0)])
+    model = tiny_model("llama")
+    ids = torch.randint(3, 97, (1, 150), generator=torch.Generator().manual_seed(0))
+    rows, _ = bench_decode(model, None, random_codebooks(model), A2ATSConfig(budget=0.1, sinks=2, window=8),
+                           lengths=(200, 333), variants=("dense-lean",), steps=1, warmup=1, text_ids=ids,
+                           log=lambda *_: None, llama_bench=str(binary), llama_ggufs=[a], llama_lengths=[333])
+    assert [(r.variant, r.context) for r in rows] == [("dense-lean", 200), ("dense-lean", 333),
+                                                      ("llama.cpp-q8_0", 333)]

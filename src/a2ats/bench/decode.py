@@ -115,14 +115,14 @@ def bench_decode(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=
                  variants=DEFAULT_VARIANTS, steps: int = 8, warmup: int = 2, base: int = 4096, text_ids=None,
                  gguf: str | None = None, read_gbps: float | None = None, log=print, kv_dtype: torch.dtype | None = None,
                  dense_below: int | str = "auto", llama_bench: str | None = None,
-                 llama_ggufs: list[str] | None = None) -> tuple[list, dict]:
+                 llama_ggufs: list[str] | None = None, llama_lengths: list[int] | None = None) -> tuple[list, dict]:
     """One row per (variant, length), and run facts: the prefill (the cost of encoding keys at prefill), the
     host's read bandwidth, measured here unless ``read_gbps`` is given, that each lean-engine row's bytes are
     held against (:mod:`.accounting`), and where the A²ATS engines start selecting (``crossover``). ``text_ids``:
     the real prompt to prefill (default: a State of the Union speech); ``gguf``: the file llama.cpp runs (default:
     the default model's). ``kv_dtype`` and ``dense_below``: the lean engines' (default: theirs). ``llama_bench``: a
-    natively built llama-bench, run on ``llama_ggufs`` at each length right after our variants (same run, same
-    depth), one row per GGUF at its better flash-attention setting."""
+    natively built llama-bench, run on ``llama_ggufs`` at each length (of ``llama_lengths``, default all) right
+    after our variants (same run, same depth), one row per GGUF at its better flash-attention setting."""
     if text_ids is None:
         from a2ats.assets.corpus import speeches
 
@@ -202,7 +202,7 @@ def bench_decode(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=
             log(f"{variant:16s} {length:6d} tokens: {row.ms_per_token:7.1f} ms/token "
                 f"({row.tokens_per_s:5.1f} tokens/s) {row.breakdown_ms or ''}  [{time.perf_counter() - t:.0f} s]"
                 + (f"  {row.note}" if row.note else ""))
-        if llama_bench:
+        if llama_bench and (llama_lengths is None or length in llama_lengths):
             from a2ats.bench.llamacpp import llama_bench as run_llama_bench
 
             rows += run_llama_bench(llama_bench, llama_ggufs or [], length, log=log)
@@ -235,6 +235,9 @@ def add_arguments(p) -> None:
     p.add_argument("--llama-gguf", type=options.csv(str), metavar="FILES",
                    help="GGUFs for --llama-bench (default: a Q8_0 converted once from the model's bf16 copy by the "
                         "converter in llama-bench's source tree, our int8's bits; and the model's shipped 4-bit GGUF)")
+    p.add_argument("--llama-lengths", type=options.csv(int), metavar="LENGTHS",
+                   help="the lengths --llama-bench runs at (default: every --lengths; llama-bench prefills each depth "
+                        "itself, twice: a 32K depth takes ~30 min on 2 cores for SmolLM2)")
     p.add_argument("--out", help="folder for decode.json, decode.md and decode.png")
     p.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
 
@@ -262,7 +265,7 @@ def main(a) -> int:
     rows, prefill = bench_decode(model, tok, options.codebooks(a, model, tok), cfg, lengths=a.lengths or LENGTHS,
                                  variants=a.variants, steps=a.steps, gguf=gguf, log=options.log,
                                  kv_dtype=KV_DTYPES[a.kv_dtype], dense_below=a.dense_below,
-                                 llama_bench=a.llama_bench, llama_ggufs=ggufs)
+                                 llama_bench=a.llama_bench, llama_ggufs=ggufs, llama_lengths=a.llama_lengths)
     rows = rows_to_json(rows)
     res = {"machine": machine(), "model": options.model_label(a), "dtype": a.dtype, "budget": cfg.budget_label,
            "wrope_bands": cfg.wrope_band_ratio, "command": "a2ats " + " ".join(sys.argv[1:]),
