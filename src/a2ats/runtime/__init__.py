@@ -9,6 +9,8 @@ Hugging Face model's own weights.
 - :mod:`.runner`: per-layer attention: dense prefill; decode = A²ATS selection + exact attention over it
   (kernels, or the torch reference), across the two placements, optionally in overlapping micro-batches.
 - :mod:`.requests`: requests, completions, a step's and a run's results.
+- :mod:`.crossover`: where selection pays: a start-up measurement of dense vs selecting attention on the
+  engine's own shapes, and the rule that sends shorter contexts down the dense path.
 - :mod:`.engine`: :class:`Engine`: ``add``/``step`` (continuous batching), ``serve`` a queue, ``generate`` a batch.
 
 transformers' ``generate`` stays available through :class:`a2ats.hf.A2ATS`; this engine exists because
