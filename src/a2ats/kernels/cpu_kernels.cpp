@@ -72,6 +72,24 @@ inline float exp_nonpositive(float x) {
   return x < -87.f ? 0.f : p * scale;
 }
 
+// A chunk's softmax partials per query head g (scores at s + g * kChunk, rows of them): the max, the scores
+// replaced by exp(score - max), and their sum.
+inline void chunk_softmax(float* s, int64_t G, int64_t rows, float* pmax, float* psum) {
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = s + g * kChunk;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t r = 0; r < rows; ++r) mx = std::max(mx, sg[r]);
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t r = 0; r < rows; ++r) {
+      sg[r] = exp_nonpositive(sg[r] - mx);
+      sum += sg[r];
+    }
+    pmax[g] = mx;
+    psum[g] = sum;
+  }
+}
+
 // Row scales of int8 caches (nullptr for float caches): row t of (b, h) holds scale[b*s[0] + h*s[1] + t*s[2]].
 struct Scales {
   const float* k = nullptr;
@@ -154,19 +172,7 @@ void chunk64(const float* qg, int64_t G, const TK* kbase, int64_t kstride, const
       default: dots64<1>(qg + g0 * 64, kbase, kstride, rowidx, rows, first, scaling, s + g0 * kChunk); break;
     }
   }
-  for (int64_t g = 0; g < G; ++g) {
-    float* sg = s + g * kChunk;
-    float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t r = 0; r < rows; ++r) mx = std::max(mx, sg[r]);
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t r = 0; r < rows; ++r) {
-      sg[r] = exp_nonpositive(sg[r] - mx);
-      sum += sg[r];
-    }
-    pmax[g] = mx;
-    psum[g] = sum;
-  }
+  chunk_softmax(s, G, rows, pmax, psum);
   for (int64_t g0 = 0; g0 < G; g0 += 4) {
     const bool first = g0 == 0;
     float* a = acc + g0 * 64;
@@ -242,19 +248,7 @@ void attend_impl(const float* Q, const TK* K, const TV* V, const int32_t* I, con
       // Softmax partials of this chunk: (max, sum of exp, exp-weighted V).
       float* acc = pacc.data() + it * G * d;
       std::fill(acc, acc + G * d, 0.f);
-      for (int64_t g = 0; g < G; ++g) {
-        float* sg = s.data() + g * kChunk;
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t r = 0; r < rows; ++r) mx = std::max(mx, sg[r]);
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t r = 0; r < rows; ++r) {
-          sg[r] = exp_nonpositive(sg[r] - mx);
-          sum += sg[r];
-        }
-        pmax[it * G + g] = mx;
-        psum[it * G + g] = sum;
-      }
+      chunk_softmax(s.data(), G, rows, pmax.data() + it * G, psum.data() + it * G);
       // Pass 2: each V row is read once and added to all G accumulators.
       for (int64_t r = 0; r < rows; ++r) {
         if (r + kAhead < rows) prefetch_row(vbase + static_cast<int64_t>(rowidx[r + kAhead]) * vs[2], d);
