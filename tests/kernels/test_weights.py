@@ -9,12 +9,12 @@ import torch
 from a2ats.kernels import weights as W
 
 
-def _kernel(ext, x, p, bias):
+def _kernel(ext, x, p, bias, **glue):
     if p.fmt == "bf16":
-        return ext.linear_bf16w(x, p.data, bias)
+        return ext.linear_bf16w(x, p.data, bias, **glue)
     if p.fmt == "int8":
-        return ext.linear_int8w(x, p.data, p.scale, bias)
-    return ext.linear_int4w(x, p.data, p.scale, p.mins, bias)
+        return ext.linear_int8w(x, p.data, p.scale, bias, **glue)
+    return ext.linear_int4w(x, p.data, p.scale, p.mins, bias, **glue)
 
 
 def _exact(x, p, bias):
@@ -83,6 +83,71 @@ def test_kernels_refuse_mismatched_inputs(isa_ext):
         isa_ext.linear_int4w(torch.randn(2, 40), p4.data[:, :20].contiguous(), p4.scale, p4.mins, None)
     with pytest.raises(RuntimeError, match="bias must be"):
         isa_ext.linear_int4w(torch.randn(2, 64), p4.data, p4.scale, p4.mins, torch.randn(5))
+
+
+@pytest.mark.parametrize("I", [1, 37, 64, 581])
+def test_kernels_prepare_rows_as_torch_does(isa_ext, I):
+    """The fused glue's first half: RMSNorm (transformers' formula) and the SiLU gate, as torch computes them."""
+    g = torch.Generator().manual_seed(I)
+    x, norm = torch.randn(3, I, generator=g) * torch.logspace(-3, 3, 3)[:, None], torch.randn(I, generator=g)
+    torch.testing.assert_close(isa_ext.prepare_activations(x, norm, 1e-5), W.prepare(x, norm, 1e-5), rtol=2e-6, atol=0)
+    gate_up = torch.randn(3, 2 * I, generator=g) * 4
+    torch.testing.assert_close(isa_ext.prepare_activations(gate_up, None, 1e-6, True), W.prepare(gate_up, gated=True),
+                               rtol=2e-6, atol=1e-30)
+    assert torch.equal(isa_ext.prepare_activations(x), x)
+
+
+@pytest.mark.parametrize("fmt", W.FORMATS)
+@pytest.mark.parametrize("M,I,O", [(1, 576, 960), (3, 37, 13), (5, 96, 101)])
+def test_kernels_fuse_norm_gate_and_residual(isa_ext, fmt, M, I, O):
+    """A fused call is the plain kernel on the prepared rows, plus the residual: the same floats."""
+    if fmt == "int4" and I % W.GROUP:
+        pytest.skip("int4 needs inputs in groups of 32")
+    g = torch.Generator().manual_seed(M + I + O)
+    p, b = W.pack(torch.randn(O, I, generator=g), fmt), torch.randn(O, generator=g)
+    x, norm, res = torch.randn(M, I, generator=g), torch.randn(I, generator=g), torch.randn(M, O, generator=g)
+    gate_up = torch.randn(M, 2 * I, generator=g)
+    normed = _kernel(isa_ext, isa_ext.prepare_activations(x, norm, 1e-5), p, b)
+    assert torch.equal(_kernel(isa_ext, x, p, b, norm=norm, eps=1e-5), normed)
+    assert torch.equal(_kernel(isa_ext, x, p, b, norm=norm, eps=1e-5, residual=res), normed + res)
+    gated = _kernel(isa_ext, isa_ext.prepare_activations(gate_up, None, 1e-6, True), p, None)
+    assert torch.equal(_kernel(isa_ext, gate_up, p, None, gated=True, residual=res), gated + res)
+
+
+def test_kernels_refuse_mismatched_glue(isa_ext):
+    p = W.pack(torch.randn(4, 64), "int8")
+    x = torch.randn(2, 64)
+    with pytest.raises(RuntimeError, match="a norm or a gate"):
+        _kernel(isa_ext, x, p, None, norm=torch.ones(64), gated=True)
+    with pytest.raises(RuntimeError, match="norm must be"):
+        _kernel(isa_ext, x, p, None, norm=torch.ones(63))
+    with pytest.raises(RuntimeError, match=r"gate, up\] \(M, 2I\)"):
+        _kernel(isa_ext, torch.randn(2, 129), p, None, gated=True)
+    with pytest.raises(RuntimeError, match="residual must be"):
+        _kernel(isa_ext, x, p, None, residual=torch.randn(2, 5))
+    with pytest.raises(ValueError, match="a norm or a gate"):
+        W.prepare(x, torch.ones(64), gated=True)
+
+
+@pytest.mark.parametrize("fmt", W.FORMATS)
+def test_linear_fuses_the_glue_as_the_reference_does(fmt, monkeypatch):
+    g = torch.Generator().manual_seed(9)
+    p, b = W.pack(torch.randn(33, 96, generator=g), fmt), torch.randn(33, generator=g)
+    x, norm, res = torch.randn(2, 1, 96, generator=g), torch.rand(96, generator=g) + 0.5, torch.randn(2, 1, 33, generator=g)
+    gate_up = torch.randn(2, 1, 192, generator=g)
+    for kw in ({"norm": norm, "eps": 1e-5}, {"gated": True}):
+        xin = gate_up if kw.get("gated") else x
+        got, want = W.linear(xin, p, b, residual=res, **kw), W.reference(xin, p, b, residual=res, **kw)
+        assert got.shape == (2, 1, 33)
+        # bf16 multiplies the prepared rows as they are; int8/int4 quantize them, where a last-bit difference in
+        # the prepared row may move one activation by a quantization step
+        tol = 1e-5 if fmt == "bf16" else 0.05
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+        monkeypatch.setenv("A2ATS_KERNELS", "0")
+        assert torch.equal(W.linear(xin, p, b, residual=res, **kw), want)
+        monkeypatch.delenv("A2ATS_KERNELS")
+    with pytest.raises(ValueError, match=r"\(\.\.\., 192\)"):
+        W.linear(x, p, gated=True)
 
 
 @pytest.mark.parametrize("fmt", W.FORMATS)

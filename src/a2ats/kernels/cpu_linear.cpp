@@ -496,35 +496,87 @@ void check_x(const torch::Tensor& x) {
               "x must be a float32 (M, I) tensor, got ", x.scalar_type(), " ", x.sizes());
 }
 
+// The rows a projection multiplies, from x (M, I'): x itself; RMS-normalized, x * w / sqrt(mean(x^2) + eps),
+// with weight `norm` (I',) as transformers' RMSNorm computes it in fp32; or, `gated`, a SiLU-gated MLP's
+// silu(x[:, :I]) * x[:, I:] with I = I' / 2. A decode step's layer is a few such rows: done here, each
+// costs a loop over the row instead of a handful of torch ops, whose dispatch outweighed the arithmetic.
+torch::Tensor prologue(torch::Tensor x, const c10::optional<torch::Tensor>& norm, double eps, bool gated) {
+  check_x(x);
+  if (!norm.has_value() && !gated) return x.contiguous();
+  TORCH_CHECK(!(norm.has_value() && gated), "a projection takes a norm or a gate, not both");
+  x = x.contiguous();
+  const int64_t M = x.size(0), In = x.size(1);
+  const float* X = x.data_ptr<float>();
+  if (gated) {
+    TORCH_CHECK(In % 2 == 0, "a gated projection takes x = [gate, up] (M, 2I), got ", x.sizes());
+    const int64_t I = In / 2;
+    auto out = torch::empty({M, I}, x.options());
+    float* Y = out.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t i = 0; i < I; ++i) {
+        const float g = X[m * In + i];
+        Y[m * I + i] = g / (1.f + std::exp(-g)) * X[m * In + I + i];
+      }
+    return out;
+  }
+  auto w = norm->to(torch::kFloat32).contiguous();
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == In, "norm must be (I,) = (", In, ",), got ", w.sizes());
+  const float* Wn = w.data_ptr<float>();
+  auto out = torch::empty({M, In}, x.options());
+  float* Y = out.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    double ss = 0.0;
+    for (int64_t i = 0; i < In; ++i) ss += static_cast<double>(X[m * In + i]) * X[m * In + i];
+    const float r = 1.f / std::sqrt(static_cast<float>(ss / static_cast<double>(In)) + static_cast<float>(eps));
+    for (int64_t i = 0; i < In; ++i) Y[m * In + i] = X[m * In + i] * r * Wn[i];
+  }
+  return out;
+}
+
+// y += residual (M, O): the residual stream's add, in the same call as the projection.
+torch::Tensor epilogue(torch::Tensor y, const c10::optional<torch::Tensor>& residual) {
+  if (!residual.has_value()) return y;
+  TORCH_CHECK(residual->scalar_type() == torch::kFloat32 && residual->dim() == 2 &&
+                  residual->size(0) == y.size(0) && residual->size(1) == y.size(1),
+              "residual must be float32 ", y.sizes(), ", got ", residual->scalar_type(), " ", residual->sizes());
+  const auto r = residual->contiguous();
+  const float* R = r.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  for (int64_t i = 0; i < y.numel(); ++i) Y[i] += R[i];
+  return y;
+}
+
 }  // namespace
 
 // y (M, O) = x (M, I) @ w (O, I)^T (+ bias): w bf16, x and y float32, fp32 accumulation. A decode
 // step's projections read every weight once for a few rows, so they are bound by memory bandwidth:
 // bf16 weights halve the bytes; widening bf16 to fp32 is a shift, so the math stays fp32 as with
 // fp32 weights rounded to bf16.
-torch::Tensor linear_bf16w(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
-  check_x(x);
+torch::Tensor linear_bf16w(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias,
+                           c10::optional<torch::Tensor> norm, double eps, bool gated,
+                           c10::optional<torch::Tensor> residual) {
+  x = prologue(x, norm, eps, gated);
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kBFloat16 && w.is_contiguous() && w.size(1) == x.size(1),
               "w must be a contiguous bfloat16 (O, I) tensor matching x");
-  x = x.contiguous();
   const int64_t M = x.size(0), I = x.size(1), O = w.size(0);
   auto bias_f = bias_or_empty(bias, O);
   const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   auto y = torch::empty({M, O}, x.options());
   bf16_rows_times_x(x.data_ptr<float>(), w.data_ptr<c10::BFloat16>(), bp, y.data_ptr<float>(), M, I, O);
-  return y;
+  return epilogue(y, residual);
 }
 
 // y (M, O) = quantized x (M, I) @ w (O, I)^T * scale (+ bias): w int8 with a scale per output row, x
 // quantized in blocks of 32 (see above).
-torch::Tensor linear_int8w(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
-  check_x(x);
+torch::Tensor linear_int8w(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias,
+                           c10::optional<torch::Tensor> norm, double eps, bool gated,
+                           c10::optional<torch::Tensor> residual) {
+  x = prologue(x, norm, eps, gated);
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kInt8 && w.is_contiguous() && w.size(1) == x.size(1),
               "w must be a contiguous int8 (O, I) tensor matching x");
   const int64_t M = x.size(0), I = x.size(1), O = w.size(0);
   TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == O,
               "scale must be float32 (O,)");
-  x = x.contiguous();
   auto bias_f = bias_or_empty(bias, O);
   const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   auto y = torch::empty({M, O}, x.options());
@@ -547,15 +599,16 @@ torch::Tensor linear_int8w(torch::Tensor x, torch::Tensor w, torch::Tensor scale
         }
     }
   });
-  return y;
+  return epilogue(y, residual);
 }
 
 // y (M, O) = quantized x (M, I) @ w^T (+ bias) for 4-bit w: groups of 32 inputs per output row, w = q * scale +
 // min with q in 0..15 packed two to a byte (byte j of a group: element j in the low nibble, element j + 16 in
 // the high one), x quantized in blocks of 32 (see above).
 torch::Tensor linear_int4w(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor mins,
-                           c10::optional<torch::Tensor> bias) {
-  check_x(x);
+                           c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> norm, double eps, bool gated,
+                           c10::optional<torch::Tensor> residual) {
+  x = prologue(x, norm, eps, gated);
   const int64_t M = x.size(0), I = x.size(1);
   TORCH_CHECK(I % kBlock == 0, "int4 weights need an input size divisible by 32, got ", I,
               ": pack this weight as int8 or bf16");
@@ -566,7 +619,6 @@ torch::Tensor linear_int4w(torch::Tensor x, torch::Tensor w, torch::Tensor scale
   for (const auto* t : {&scale, &mins})
     TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous() && t->numel() == O * G,
                 "scale and mins must be float32 (O, I/32)");
-  x = x.contiguous();
   auto bias_f = bias_or_empty(bias, O);
   const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   auto y = torch::empty({M, O}, x.options());
@@ -591,7 +643,7 @@ torch::Tensor linear_int4w(torch::Tensor x, torch::Tensor w, torch::Tensor scale
         }
     }
   });
-  return y;
+  return epilogue(y, residual);
 }
 
 // Activations as the int8 and int4 kernels quantize them: (q int8 (M, I), scale float32 (M, ceil(I / 32))), for
@@ -611,11 +663,21 @@ std::vector<torch::Tensor> quantize_activations(torch::Tensor x) {
 }
 
 void register_linear(pybind11::module_& m) {
-  m.def("linear_bf16w", &linear_bf16w, "x @ w.T (+ bias) with bf16 weights, fp32 math");
+  namespace py = pybind11;
+  // after the weights: a decode layer's glue, fused (see prologue and epilogue)
+  const auto bias = py::arg("bias") = py::none(), norm = py::arg("norm") = py::none(), eps = py::arg("eps") = 1e-6,
+             gated = py::arg("gated") = false, residual = py::arg("residual") = py::none();
+  m.def("linear_bf16w", &linear_bf16w, "x @ w.T (+ bias) with bf16 weights, fp32 math", py::arg("x"), py::arg("w"),
+        bias, norm, eps, gated, residual);
   m.def("linear_int8w", &linear_int8w,
-        "x @ w.T (+ bias) with int8 weights (a scale per output row), x quantized in blocks of 32: integer dots");
+        "x @ w.T (+ bias) with int8 weights (a scale per output row), x quantized in blocks of 32: integer dots",
+        py::arg("x"), py::arg("w"), py::arg("scale"), bias, norm, eps, gated, residual);
   m.def("linear_int4w", &linear_int4w,
-        "x @ w.T (+ bias) with 4-bit weights in groups of 32 (scale, min), x quantized in blocks of 32: integer dots");
+        "x @ w.T (+ bias) with 4-bit weights in groups of 32 (scale, min), x quantized in blocks of 32: integer dots",
+        py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("mins"), bias, norm, eps, gated, residual);
+  m.def("prepare_activations", &prologue,
+        "the rows the linear kernels multiply: x, x RMS-normalized by `norm`, or silu(gate) * up (`gated`)",
+        py::arg("x"), norm, eps, gated);
   m.def("quantize_activations", &quantize_activations,
         "x (M, I) float32 -> (int8 (M, I), float32 scales (M, ceil(I / 32))): the int kernels' activation blocks");
 }

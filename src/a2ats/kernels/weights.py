@@ -118,27 +118,47 @@ def activations(x: torch.Tensor, fmt: str) -> torch.Tensor:
     return x if fmt == "bf16" else dequantize_activations(*quantize_activations(x))
 
 
-def reference(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """What :func:`linear` computes, in torch: ``activations(x, p.fmt) @ unpack(p).T + bias``, fp32."""
-    return torch.nn.functional.linear(activations(x, p.fmt), unpack(p), None if bias is None else bias.float())
+def prepare(x: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 1e-6, gated: bool = False) -> torch.Tensor:
+    """The rows a projection multiplies, in x's dtype: ``x``; with ``norm``, x RMS-normalized with that weight (RMSNorm
+    as transformers computes it); with ``gated``, a SiLU-gated MLP's ``silu(gate) * up`` for ``x = [gate, up]``."""
+    if norm is not None and gated:
+        raise ValueError("a projection takes a norm or a gate, not both")
+    if norm is not None:
+        return torch.nn.functional.rms_norm(x, (x.shape[-1],), norm, eps)
+    if gated:
+        gate, up = x.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+    return x
 
 
-def linear(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ unpack(p).T + bias`` for float32 x (..., I), x quantized in blocks of 32 for int8 and int4
-    (:func:`reference`); the C++ kernel on CPU tensors, the reference elsewhere."""
+def reference(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None, *, norm: torch.Tensor | None = None,
+              eps: float = 1e-6, gated: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """What :func:`linear` computes, in torch: ``activations(prepare(x), p.fmt) @ unpack(p).T + bias + residual``,
+    fp32."""
+    y = torch.nn.functional.linear(activations(prepare(x.float(), norm, eps, gated), p.fmt), unpack(p),
+                                   None if bias is None else bias.float())
+    return y if residual is None else y + residual
+
+
+def linear(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None, *, norm: torch.Tensor | None = None,
+           eps: float = 1e-6, gated: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``prepare(x, norm, eps, gated) @ unpack(p).T + bias + residual`` for float32 x (..., I) (or (..., 2I) gated),
+    x quantized in blocks of 32 for int8 and int4 (:func:`reference`); the C++ kernel on CPU tensors, the reference
+    elsewhere. A decode layer's norms, gate and residual adds ride along: one call instead of several torch ops."""
     O, I = p.shape
-    if x.dtype != torch.float32 or x.shape[-1] != I:
-        raise ValueError(f"x must be float32 (..., {I}); got {x.dtype} {tuple(x.shape)}")
+    if x.dtype != torch.float32 or x.shape[-1] != (2 * I if gated else I):
+        raise ValueError(f"x must be float32 (..., {2 * I if gated else I}); got {x.dtype} {tuple(x.shape)}")
     on_cpu = x.device.type == "cpu" and p.data.device.type == "cpu"
     ext = cpu_backend() if on_cpu else None
     if ext is None:
-        return reference(x, p, bias)
+        return reference(x, p, bias, norm=norm, eps=eps, gated=gated, residual=residual)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, I)
+    x2 = x.reshape(-1, x.shape[-1])
+    glue = (norm, eps, gated, None if residual is None else residual.reshape(-1, O))
     if p.fmt == "bf16":
-        y = ext.linear_bf16w(x2, p.data, bias)
+        y = ext.linear_bf16w(x2, p.data, bias, *glue)
     elif p.fmt == "int8":
-        y = ext.linear_int8w(x2, p.data, p.scale, bias)
+        y = ext.linear_int8w(x2, p.data, p.scale, bias, *glue)
     else:
-        y = ext.linear_int4w(x2, p.data, p.scale, p.mins, bias)
+        y = ext.linear_int4w(x2, p.data, p.scale, p.mins, bias, *glue)
     return y.reshape(*lead, O)

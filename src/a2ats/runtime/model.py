@@ -195,42 +195,46 @@ class LeanModel:
 
         lowered = self.prefill_dtype == "bf16" and B * t > PACKED_MAX_ROWS
 
-        def linear(x, w: LayerWeights, name: str, bias=None):
+        def linear(x, w: LayerWeights, name: str, bias=None, norm=None, gated=False, residual=None):
+            """``prepare(x) @ weight.T + bias + residual``: a decode step's norm, gate and residual add run inside
+            the packed weights' kernel (one call: the ops' dispatch outweighed their arithmetic)."""
             if small:
-                return packed_weights.linear(x, w.packed[name], bias)
+                return packed_weights.linear(x, w.packed[name], bias, norm=norm, eps=self.eps, gated=gated,
+                                             residual=residual)
+            x = packed_weights.prepare(x, norm, self.eps, gated)
             if lowered:
                 with torch.autocast("cpu", dtype=torch.bfloat16):
-                    return F.linear(x, getattr(w, name), bias).float()
-            return F.linear(x, getattr(w, name), bias)
+                    y = F.linear(x, getattr(w, name), bias).float()
+            else:
+                y = F.linear(x, getattr(w, name), bias)
+            return y if residual is None else residual + y
 
-        def summed(x, w: LayerWeights, name: str, bias):  # o and down: the ranks' partial products added up
+        def summed(x, w: LayerWeights, name: str, bias, residual, gated=False):
+            """o and down, added to the residual stream: the ranks' partial products summed first."""
             if self.group is None:
-                return linear(x, w, name, bias)
-            y = tp.all_reduce(linear(x, w, name), self.group)
-            return y if bias is None else y + bias
+                return linear(x, w, name, bias, gated=gated, residual=residual)
+            y = tp.all_reduce(linear(x, w, name, gated=gated), self.group)
+            return residual + (y if bias is None else y + bias)
 
         x = F.embedding(ids, self.embed)
         cos, sin = self.rope(positions)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        cos, sin = cos.unsqueeze(1), _signed(sin.unsqueeze(1))
         for i, w in enumerate(self.layers):
-            h = F.rms_norm(x, (self.hidden,), w.in_norm, self.eps)
-            qkv = linear(h, w, "qkv", w.qkv_bias)
-            q, k, v = qkv.split((Hq * d, Hkv * d, Hkv * d), dim=-1)
-            q = q.view(B, t, Hq, d)
-            k = k.view(B, t, Hkv, d)
-            if w.q_norm is not None:
-                q = F.rms_norm(q, (d,), w.q_norm, self.eps)
-                k = F.rms_norm(k, (d,), w.k_norm, self.eps)
-            q_pre, k_pre = q.transpose(1, 2), k.transpose(1, 2)
-            v = v.view(B, t, Hkv, d).transpose(1, 2)
-            q_rot, k_rot = _rotate(q_pre, cos, sin), _rotate(k_pre, cos, sin)
+            qkv = linear(x, w, "qkv", w.qkv_bias, norm=w.in_norm)
+            if w.q_norm is None:  # q and k rotate as one tensor: half the ops
+                qk = qkv[..., : (Hq + Hkv) * d].view(B, t, Hq + Hkv, d)
+            else:
+                q, k = qkv[..., : Hq * d].view(B, t, Hq, d), qkv[..., Hq * d : (Hq + Hkv) * d].view(B, t, Hkv, d)
+                qk = torch.cat([F.rms_norm(q, (d,), w.q_norm, self.eps), F.rms_norm(k, (d,), w.k_norm, self.eps)], 2)
+            qk_pre = qk.transpose(1, 2)
+            qk_rot = _rotate(qk_pre, cos, sin)
+            v = qkv[..., (Hq + Hkv) * d :].view(B, t, Hkv, d).transpose(1, 2)
             if timer is not None:
                 timer.lap("weights")
-            out = attend(i, q_pre, q_rot, k_pre, k_rot, v)
-            x = x + summed(out, w, "o", w.o_bias)
-            h = F.rms_norm(x, (self.hidden,), w.post_norm, self.eps)
-            gate, up = linear(h, w, "gate_up", w.gate_up_bias).chunk(2, dim=-1)
-            x = x + summed(F.silu(gate) * up, w, "down", w.down_bias)
+            out = attend(i, qk_pre[:, :Hq], qk_rot[:, :Hq], qk_pre[:, Hq:], qk_rot[:, Hq:], v)
+            x = summed(out, w, "o", w.o_bias, x)
+            gate_up = linear(x, w, "gate_up", w.gate_up_bias, norm=w.post_norm)
+            x = summed(gate_up, w, "down", w.down_bias, x, gated=True)
         if last_only:
             x = x[:, -1:]
         x = F.rms_norm(x, (self.hidden,), self.norm, self.norm_eps)
@@ -242,10 +246,18 @@ class LeanModel:
         return logits
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE as transformers' Llama applies it (in the model's dtype), on the first ``rot`` dims."""
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as transformers' Llama applies it (in the model's dtype), on the first ``rot`` dims:
+    ``x * cos + cat(-x2, x1) * sin``, written ``x * cos + roll(x) * signed_sin`` with ``signed_sin`` =
+    cat(-sin1, sin2) (:func:`_signed`, once per forward): the same products, fewer ops per layer."""
     rot = cos.shape[-1]
-    xr = x[..., :rot]
-    x1, x2 = xr.chunk(2, dim=-1)
-    out = xr * cos + torch.cat((-x2, x1), dim=-1) * sin
-    return out if rot == x.shape[-1] else torch.cat((out, x[..., rot:]), dim=-1)
+    whole = rot == x.shape[-1]
+    xr = x if whole else x[..., :rot]
+    out = xr * cos + xr.roll(rot // 2, -1) * signed_sin
+    return out if whole else torch.cat((out, x[..., rot:]), dim=-1)
+
+
+def _signed(sin: torch.Tensor) -> torch.Tensor:
+    """``sin`` with its first half negated: rotate_half's sign, applied once per forward."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
