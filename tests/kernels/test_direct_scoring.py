@@ -54,6 +54,11 @@ def make_case(B, H, G, bands, n, C, d, *, lengths, seed, integer=False, cap_extr
     return q, cent, codes, offsets, valid
 
 
+def bf16_bound(q, cent):
+    """How far rounding the centroids to bf16 moves a score q · c: each component by at most 2^-8 of itself."""
+    return 2.0**-8 * float(reference_lookup_tables(q.abs(), cent.float().abs()).max())
+
+
 def rounding_tol(q, cent):
     """A bound on the difference two fp32 summation orders of a score q · c make: d eps sum |q_i c_i|, doubled."""
     return 2 * q.shape[-1] * EPS * float(reference_lookup_tables(q.abs(), cent.float().abs()).max())
@@ -183,6 +188,26 @@ def test_bf16_centroids_score_as_their_fp32_values(isa_ext):
         assert_same_up_to_near_ties(got, want, q, c16.float(), bands, group_max, codes, offsets, valid, k, 4, 16, tol)
 
 
+def test_bf16_rounded_centroids_select_as_fp32_up_to_their_rounding(isa_ext):
+    """The fast paths' default (A2ATSConfig.score_precision="bf16"): scoring from the centroids rounded to bf16
+    selects what the fp32 centroids select, but for tokens within the rounding's bound of the threshold: each
+    centroid component moves by at most 2^-8 of itself, so a score by at most 2^-8 sum |q_i c_i|."""
+    B, H, G, bands, n, C, d = 2, 3, 3, 5, 1000, 97, 64
+    q, cent, codes, offsets, valid = make_case(B, H, G, bands, n, C, d, lengths=[n, 701], seed=23)
+    tol = bf16_bound(q, cent) + rounding_tol(q, cent)
+    for group_max in (True, False):
+        k = torch.tensor([100, 37])
+        want = reference_score_select_direct(q, cent, bands, group_max, codes, offsets, valid, k, 4, 64)
+        got = isa_ext.score_select_direct(q, cent.bfloat16(), bands, group_max, codes, offsets, valid, k, 4, 64)
+        assert_same_up_to_near_ties(got, want, q, cent, bands, group_max, codes, offsets, valid, k, 4, 64, tol)
+        # the bound is tight enough to mean something: most of the selection lies outside it
+        _, cand, _ = always_kept(valid, 4, 64)
+        lut = reference_lookup_tables(q, cent).view(B, H, -1, bands * C)
+        scores = table_scores(lut.amax(2, keepdim=True), codes, offsets)  # (B, H, n)
+        thr = torch.where(cand[:, None], scores, -float("inf")).topk(int(k.min()), -1).values[..., -1:]
+        assert float(((scores - thr).abs() <= tol).float().mean()) < 0.05
+
+
 def test_out_of_table_codes_raise_and_leave_the_next_call_right(isa_ext):
     B, H, G, bands, n, C, d = 1, 2, 2, 2, 300, 40, 16
     q, cent, codes, offsets, valid = make_case(B, H, G, bands, n, C, d, lengths=[n], seed=5, integer=True)
@@ -207,11 +232,13 @@ def test_fallback_without_kernels_is_the_reference(monkeypatch):
         score_select_direct(q, cent, 4, True, codes, offsets, valid, k, 2, 8)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
 @pytest.mark.parametrize("reduction", ["max", "union"])
 @pytest.mark.parametrize("banded", [True, False])
-def test_method_select_rows_selects_what_score_tokens_and_select_do(reduction, banded):
+def test_method_select_rows_selects_what_score_tokens_and_select_do(reduction, banded, precision):
     """The decode step's selection (select_rows: queries and centroids, the kernel) against the reference path's
-    (score_tokens: full tables and scores, then core.selection.select) on a tiny model's rotation."""
+    (score_tokens: full tables and scores, then core.selection.select) on a tiny model's rotation; bf16 scoring
+    up to its rounding's bound (A2ATSConfig.score_precision)."""
     from a2ats.core.config import A2ATSConfig
     from a2ats.core.rope import WRoPE, find_rotary_embedding
     from a2ats.methods import A2ATSMethod
@@ -220,7 +247,8 @@ def test_method_select_rows_selects_what_score_tokens_and_select_do(reduction, b
     model = tiny_model("llama")
     method = A2ATSMethod(random_codebooks(model), WRoPE(find_rotary_embedding(model), 2048, 2.0 if banded else None,
                                                         first_edge=8))
-    cfg = A2ATSConfig(budget=0.2, sinks=2, window=4, reduction=reduction, wrope_band_ratio=2.0 if banded else None)
+    cfg = A2ATSConfig(budget=0.2, sinks=2, window=4, reduction=reduction, wrope_band_ratio=2.0 if banded else None,
+                      score_precision=precision)
     Hq, Hkv = model.config.num_attention_heads, model.config.num_key_value_heads
     d = model.config.hidden_size // Hq
     C = method.codebooks.settings.n_centroids
@@ -239,8 +267,9 @@ def test_method_select_rows_selects_what_score_tokens_and_select_do(reduction, b
         q, cent = method.queries(layer, q_pre, q_pre, bands, heads)
         from a2ats.kernels.reference import mask_to_indices
 
+        tol = rounding_tol(q, cent) + (bf16_bound(q, cent) if precision == "bf16" else 0.0)
         assert_same_up_to_near_ties(got, mask_to_indices(want), q, cent, bands, reduction == "max", codes, offsets,
-                                    valid, k, cfg.sinks, cfg.window, rounding_tol(q, cent))
+                                    valid, k, cfg.sinks, cfg.window, tol)
 
 
 def test_huge_page_copy_holds_the_same_values(isa_ext, monkeypatch):

@@ -84,6 +84,7 @@ Reduction = Literal["union", "max"]
 # of 7 query heads (Qwen2.5-Coder-0.5B) it reads about a tenth of each KV head's rows, so 0.10 per KV head with the
 # max reduction reads nearly the same bytes there (somewhat more on the task prompts: docs/eval/qwen).
 DEFAULT_BUDGETS = {"union": 0.03, "max": 0.10}
+SCORE_PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}  # the dtype of the centroid rows scored from
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,11 @@ class A2ATSConfig:
     - ``wrope_distance``: b, the fixed distance every token outside the window is scored at.
     - ``wrope_band_ratio``: banded WRoPE (not in the paper): each geometric band of distances
       (ratio r, from 64 tokens) is scored at its own distance (the default, r = 2); None: the paper's single b.
+    - ``score_precision``: the centroid rows the fast paths score from, ``"bf16"`` (the default: half the bytes a
+      selecting step reads for scoring, which decide where selection pays) or ``"fp32"`` (as calibrated). bf16
+      rounding moves a token's estimated score by at most 2^-8 of the sum of |q_i c_i|, a small fraction of the
+      estimate's own error; tokens within that of the top-K threshold may swap (near-ties). The reference path
+      scores from the fp32 centroids.
     """
 
     budget: Budget | float | int | str | None = None  # a Budget once constructed
@@ -109,10 +115,13 @@ class A2ATSConfig:
     wrope_distance: int = 2048
     wrope_band_ratio: float | None = DEFAULT_BAND_RATIO
     reduction: Reduction = "max"
+    score_precision: str = "bf16"
 
     def __post_init__(self) -> None:
         if self.reduction not in ("union", "max"):
             raise ValueError(f"reduction must be 'union' or 'max', got {self.reduction!r}")
+        if self.score_precision not in SCORE_PRECISIONS:
+            raise ValueError(f"score_precision must be one of {', '.join(SCORE_PRECISIONS)}, got {self.score_precision!r}")
         budget = DEFAULT_BUDGETS[self.reduction] if self.budget is None else self.budget
         object.__setattr__(self, "budget", Budget.parse(budget))
         if self.sinks < 0 or self.window < 1:

@@ -545,6 +545,58 @@ constexpr int64_t kEntriesPerItem = 256;  // entries per work item: splits a KV 
 constexpr int64_t kEntryAhead = 16;       // entries of software prefetch distance (their rows are scattered)
 constexpr int64_t kBatch = 16;            // entries whose sums are reduced together
 
+#if defined(__AVX512BF16__)
+// A query row (64 floats) as bf16 dot-product operands: q = hi + lo, each two vectors of 32 bf16 (dims 0-31,
+// 32-63). hi + lo holds q to 16 bits, far below the bf16 centroids' own rounding, so a score from them is the
+// fp32 dot product with the bf16 centroid up to fp32-sized rounding; a dot costs 4 bf16 dot-product
+// instructions on the stored rows instead of widening each row and 4 fp32 multiply-adds per query.
+struct SplitQ {
+  __m512bh hi[2], lo[2];
+};
+
+inline SplitQ split_q64(const float* q) {
+  SplitQ r;
+  for (int h = 0; h < 2; ++h) {
+    const __m512 a = _mm512_loadu_ps(q + 32 * h), b = _mm512_loadu_ps(q + 32 * h + 16);
+    r.hi[h] = _mm512_cvtne2ps_pbh(b, a);  // lanes 0-15 from a (dims 32h..), 16-31 from b
+    const __m512i wide = (__m512i)r.hi[h];
+    // widen the 32 bf16 back to fp32 (a 16-bit shift) and round what is left
+    const __m512 ha = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(wide)), 16));
+    const __m512 hb = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(wide, 1)), 16));
+    r.lo[h] = _mm512_cvtne2ps_pbh(_mm512_sub_ps(b, hb), _mm512_sub_ps(a, ha));
+  }
+  return r;
+}
+
+// batch_dots (below) for bf16 centroid rows at d = 64, from split query rows qs[g * bands + band].
+inline void batch_dots_bf16(const SplitQ* qs, int64_t bands, int64_t G, const c10::BFloat16* const* rows,
+                            const uint8_t* band, int64_t n, float* __restrict out) {
+  __m512 acc[kBatch];
+  int64_t t = 0, o = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const __m512bh c0 = (__m512bh)_mm512_loadu_si512(rows[i]);
+    const __m512bh c1 = (__m512bh)_mm512_loadu_si512(rows[i] + 32);
+    const SplitQ* qi = qs + band[i];
+    for (int64_t g = 0; g < G; ++g) {
+      const SplitQ& qg = qi[g * bands];
+      __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), qg.lo[0], c0);
+      a = _mm512_dpbf16_ps(a, qg.lo[1], c1);
+      a = _mm512_dpbf16_ps(a, qg.hi[0], c0);
+      acc[t++] = _mm512_dpbf16_ps(a, qg.hi[1], c1);
+      if (t == kBatch) {
+        _mm512_storeu_ps(out + o, sum16(acc));
+        o += kBatch;
+        t = 0;
+      }
+    }
+  }
+  if (t > 0) {
+    for (int64_t l = t; l < kBatch; ++l) acc[l] = _mm512_setzero_ps();
+    _mm512_mask_storeu_ps(out + o, static_cast<__mmask16>((1u << t) - 1), sum16(acc));
+  }
+}
+#endif
+
 #if defined(__AVX512F__)
 // out[i * G + g] = q_{g, band[i]} · rows[i] for n <= 16 entries (query head g's row of band b at
 // q + (g * bands + b) * d): each centroid row is loaded once for the G query rows, each product's 16-lane
@@ -628,9 +680,20 @@ void fill_entries(const Entries& en, const float* Q, int64_t R, int64_t G, const
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> dots(kBatch * G);
     const CT* rows[kBatch];
+#if defined(__AVX512BF16__)
+    constexpr bool kSplit = D == 64 && std::is_same_v<CT, c10::BFloat16>;
+    std::vector<SplitQ> qs(kSplit ? R : 0);
+    int64_t split_for = -1;  // the KV head whose queries qs holds
+#endif
     for (int64_t it = lo; it < hi; ++it) {
       const int64_t bh = items[it][0], first = items[it][1], end = items[it][2];
       const float* qb = Q + bh * R * d;
+#if defined(__AVX512BF16__)
+      if (kSplit && split_for != bh) {
+        for (int64_t r = 0; r < R; ++r) qs[r] = split_q64(qb + r * 64);
+        split_for = bh;
+      }
+#endif
       const CT* ch = cent + (bh % H) * C * d;
       const int32_t* list = en.used + bh * en.cap;
       const uint8_t* band = en.band + bh * en.cap;
@@ -642,7 +705,11 @@ void fill_entries(const Entries& en, const float* Q, int64_t R, int64_t G, const
           rows[i - s] = row(i);
           if (i + kEntryAhead < en.u[bh]) prefetch_row(row(i + kEntryAhead), d);
         }
-        batch_dots<D>(qb, bands, G, rows, band + s, nb, d, dots.data());
+#if defined(__AVX512BF16__)
+        if constexpr (kSplit) batch_dots_bf16(qs.data(), bands, G, rows, band + s, nb, dots.data());
+        else
+#endif
+          batch_dots<D>(qb, bands, G, rows, band + s, nb, d, dots.data());
         for (int64_t i = 0; i < nb; ++i) {
           const int64_t p = s + i, e = list[p];
           const float* v = dots.data() + i * G;

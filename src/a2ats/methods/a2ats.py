@@ -11,7 +11,7 @@ import torch
 
 from a2ats import kernels
 from a2ats.core.codebook import Codebooks
-from a2ats.core.config import A2ATSConfig
+from a2ats.core.config import SCORE_PRECISIONS, A2ATSConfig
 from a2ats.core.distributed import kv_heads_held
 from a2ats.core.rope import WRoPE, find_rotary_embedding
 from a2ats.core.selection import DecodeStep, table_scores
@@ -99,13 +99,15 @@ class A2ATSMethod(Method):
         top-K (:func:`a2ats.kernels.ops.score_select_direct`, the GQA reduction included), which computes only the
         table entries that cached tokens carry. Every fast path (transformers' fast path, the runtime, the offload
         system) selects through here; it selects the set of :meth:`score_tokens` + :func:`a2ats.core.selection.select`
-        but where a score's fp32 rounding in another summation order decides a near-tie at the threshold."""
+        but where a score's fp32 rounding in another summation order decides a near-tie at the threshold, and
+        scoring from centroid rows in ``config.score_precision`` (bf16 by default: the rounding bounded in
+        :class:`~a2ats.core.config.A2ATSConfig`)."""
         q, _ = self.queries(layer, q_pre, query, bands, kv_heads)
-        key = ("rows", kv_heads.start, kv_heads.stop, str(q.device))
+        key = ("rows", kv_heads.start, kv_heads.stop, str(q.device), config.score_precision)
         if key not in self._tiles:  # every layer's centroids in one copy, on huge pages where the kernel makes one
             layers = range(self.codebooks.num_layers)
-            self._tiles[key] = huge_page_copy(torch.stack([self.codebooks.tensors_for(i, kv_heads, q.device)[0]
-                                                           for i in layers]))
+            rows = torch.stack([self.codebooks.tensors_for(i, kv_heads, q.device)[0] for i in layers])
+            self._tiles[key] = huge_page_copy(rows.to(SCORE_PRECISIONS[config.score_precision]))
         centroids = self._tiles[key][layer]
         return score_select_direct(q, centroids, bands, config.reduction == "max", codes, offsets, valid, budget,
                                    config.sinks, config.window)
