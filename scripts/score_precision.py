@@ -1,6 +1,6 @@
 """What scoring from bf16-rounded centroids (A2ATSConfig.score_precision, the fast paths' default) costs in
-quality: the share of the true attention mass A²ATS selection keeps, with the codebooks' centroids as calibrated
-(fp32) and rounded to bf16, everything else equal (codes from the fp32 codebooks, the same prefill and decode).
+quality: the share of the true attention mass A²ATS selection keeps when it scores from the codebooks' centroids as
+calibrated (fp32) and rounded to bf16, everything else equal (the same codes, prefill and decode).
 
     .venv/bin/python scripts/score_precision.py --model qwen2.5-coder-0.5b --length 8192 --out docs/bench/quality
 
@@ -10,7 +10,6 @@ the cache (calibrated on first use).
 """
 
 import argparse
-import copy
 import json
 import time
 from pathlib import Path
@@ -36,18 +35,16 @@ a = p.parse_args()
 
 model, tok = load_model(a.model)
 codebooks = load_or_calibrate(model, tok, None, CodebookSettings())
-rounded = copy.copy(codebooks)  # the same codes and transforms: only the rows scored from change
-rounded.centroids = codebooks.centroids.bfloat16().float()
 text = "\n\n".join(speeches()[-40:])
 ids = torch.tensor([tok.encode(text, add_special_tokens=False)[: a.length]])
 if ids.shape[1] < a.length:
     raise SystemExit(f"the held-out text has {ids.shape[1]} tokens, fewer than --length {a.length}")
-config = A2ATSConfig()
 t = time.perf_counter()
 pre = prefill(model, ids[0, : -a.decode_last])
 rows = {}
-for label, cb in (("fp32", codebooks), ("bf16", rounded)):
-    probe = attention_mass(model, A2ATSMethod.for_model(model, cb, config), config, ids, a.decode_last, pre=pre)
+for label in ("fp32", "bf16"):
+    config = A2ATSConfig(score_precision=label)
+    probe = attention_mass(model, A2ATSMethod.for_model(model, codebooks, config), config, ids, a.decode_last, pre=pre)
     flat = {k: torch.tensor([x for v in getattr(probe, k).values() for x in v]) for k in ("mass", "recall", "oracle_mass")}
     rows[label] = {k: round(float(v.mean()), 5) for k, v in flat.items()} | {"samples": int(flat["mass"].numel())}
     print(f"{label}: {rows[label]}", flush=True)

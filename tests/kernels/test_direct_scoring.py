@@ -237,8 +237,8 @@ def test_fallback_without_kernels_is_the_reference(monkeypatch):
 @pytest.mark.parametrize("banded", [True, False])
 def test_method_select_rows_selects_what_score_tokens_and_select_do(reduction, banded, precision):
     """The decode step's selection (select_rows: queries and centroids, the kernel) against the reference path's
-    (score_tokens: full tables and scores, then core.selection.select) on a tiny model's rotation; bf16 scoring
-    up to its rounding's bound (A2ATSConfig.score_precision)."""
+    (score_tokens: full tables and scores, then core.selection.select) on a tiny model's rotation, both scoring
+    from the method's rows (bf16-rounded or fp32 centroids, A2ATSConfig.score_precision)."""
     from a2ats.core.config import A2ATSConfig
     from a2ats.core.rope import WRoPE, find_rotary_embedding
     from a2ats.methods import A2ATSMethod
@@ -246,9 +246,8 @@ def test_method_select_rows_selects_what_score_tokens_and_select_do(reduction, b
 
     model = tiny_model("llama")
     method = A2ATSMethod(random_codebooks(model), WRoPE(find_rotary_embedding(model), 2048, 2.0 if banded else None,
-                                                        first_edge=8))
-    cfg = A2ATSConfig(budget=0.2, sinks=2, window=4, reduction=reduction, wrope_band_ratio=2.0 if banded else None,
-                      score_precision=precision)
+                                                        first_edge=8), precision)
+    cfg = A2ATSConfig(budget=0.2, sinks=2, window=4, reduction=reduction, wrope_band_ratio=2.0 if banded else None)
     Hq, Hkv = model.config.num_attention_heads, model.config.num_key_value_heads
     d = model.config.hidden_size // Hq
     C = method.codebooks.settings.n_centroids
@@ -267,9 +266,9 @@ def test_method_select_rows_selects_what_score_tokens_and_select_do(reduction, b
         q, cent = method.queries(layer, q_pre, q_pre, bands, heads)
         from a2ats.kernels.reference import mask_to_indices
 
-        tol = rounding_tol(q, cent) + (bf16_bound(q, cent) if precision == "bf16" else 0.0)
+        assert cent.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
         assert_same_up_to_near_ties(got, mask_to_indices(want), q, cent, bands, reduction == "max", codes, offsets,
-                                    valid, k, cfg.sinks, cfg.window, tol)
+                                    valid, k, cfg.sinks, cfg.window, rounding_tol(q, cent))
 
 
 def test_huge_page_copy_holds_the_same_values(isa_ext, monkeypatch):

@@ -87,6 +87,13 @@ DEFAULT_BUDGETS = {"union": 0.03, "max": 0.10}
 SCORE_PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}  # the dtype of the centroid rows scored from
 
 
+def score_dtype(precision: str) -> torch.dtype:
+    """The dtype of the centroid rows scored from at ``precision`` (``A2ATSConfig.score_precision``)."""
+    if precision not in SCORE_PRECISIONS:
+        raise ValueError(f"score_precision must be one of {', '.join(SCORE_PRECISIONS)}, got {precision!r}")
+    return SCORE_PRECISIONS[precision]
+
+
 @dataclass(frozen=True)
 class A2ATSConfig:
     """Decode-time settings. Defaults are the paper's (docs/design.md §1.3) but two, both chosen on a model that
@@ -105,8 +112,9 @@ class A2ATSConfig:
     - ``score_precision``: the centroid rows the fast paths score from, ``"bf16"`` (the default: half the bytes a
       selecting step reads for scoring, which decide where selection pays) or ``"fp32"`` (as calibrated). bf16
       rounding moves a token's estimated score by at most 2^-8 of the sum of |q_i c_i|, a small fraction of the
-      estimate's own error; tokens within that of the top-K threshold may swap (near-ties). The reference path
-      scores from the fp32 centroids.
+      estimate's own error; tokens within that of the top-K threshold may swap against fp32 rows. Every path
+      (reference and fast) scores from the same rows, set when the method is made
+      (:meth:`~a2ats.methods.A2ATSMethod.for_model`).
     """
 
     budget: Budget | float | int | str | None = None  # a Budget once constructed
@@ -120,8 +128,7 @@ class A2ATSConfig:
     def __post_init__(self) -> None:
         if self.reduction not in ("union", "max"):
             raise ValueError(f"reduction must be 'union' or 'max', got {self.reduction!r}")
-        if self.score_precision not in SCORE_PRECISIONS:
-            raise ValueError(f"score_precision must be one of {', '.join(SCORE_PRECISIONS)}, got {self.score_precision!r}")
+        score_dtype(self.score_precision)
         budget = DEFAULT_BUDGETS[self.reduction] if self.budget is None else self.budget
         object.__setattr__(self, "budget", Budget.parse(budget))
         if self.sinks < 0 or self.window < 1:

@@ -11,7 +11,7 @@ import torch
 
 from a2ats import kernels
 from a2ats.core.codebook import Codebooks
-from a2ats.core.config import SCORE_PRECISIONS, A2ATSConfig
+from a2ats.core.config import A2ATSConfig, score_dtype
 from a2ats.core.distributed import kv_heads_held
 from a2ats.core.rope import WRoPE, find_rotary_embedding
 from a2ats.core.selection import DecodeStep, table_scores
@@ -21,7 +21,10 @@ from a2ats.methods.base import Method
 
 
 class A2ATSMethod(Method):
-    def __init__(self, codebooks: Codebooks, wrope: WRoPE):
+    def __init__(self, codebooks: Codebooks, wrope: WRoPE, score_precision: str = A2ATSConfig.score_precision):
+        """``score_precision``: the centroid rows every path scores from (:class:`~a2ats.core.config.A2ATSConfig`),
+        the same on the reference and the fast paths, so the two select alike."""
+        self.score_dtype = score_dtype(score_precision)
         self.codebooks = codebooks
         self.wrope = wrope
         self._tiles: dict = {}  # (layer or "rows", heads, device) -> the kernels' centroid layouts
@@ -38,7 +41,7 @@ class A2ATSMethod(Method):
         Under tensor parallelism the method keeps only the codebooks of the KV heads this rank computes."""
         codebooks.check_compatible(model, config.wrope_distance, band_ratio=config.wrope_band_ratio)
         wrope = WRoPE(find_rotary_embedding(model), config.wrope_distance, config.wrope_band_ratio)
-        return cls(codebooks.for_heads(kv_heads_held(model)), wrope)
+        return cls(codebooks.for_heads(kv_heads_held(model)), wrope, config.score_precision)
 
     def encode(self, layer: int, k_pre: torch.Tensor, k_post: torch.Tensor | None, kv_heads: slice) -> torch.Tensor:
         """int16 codes (B, Hkv, t) of new keys: their nearest centroids, in the kernel (post-RoPE codebooks
@@ -63,11 +66,11 @@ class A2ATSMethod(Method):
 
     def queries(self, layer: int, q_pre: torch.Tensor, query: torch.Tensor, bands: int,
                 kv_heads: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """(q (B, Hkv, G·bands, d) fp32, centroids (Hkv, C, d)): row g·bands + i of q is query head g's query for
+        """(q (B, Hkv, G·bands, d) fp32, centroids (Hkv, C, d) as scored, :meth:`rows`): row g·bands + i of q is query head g's query for
         band i (q̃ = WRoPE's rotation of q_pre; the post-RoPE query itself for post-RoPE codebooks), whose dot
         product with centroid c is the score of the tokens of band i that carry code c."""
         B, Hq, d = q_pre.shape
-        centroids = self.codebooks.tensors_for(layer, kv_heads, q_pre.device)[0]
+        centroids = self.rows(layer, kv_heads, q_pre.device)
         Hkv = centroids.shape[0]
         if self.post_rope:
             q = query.float()
@@ -77,13 +80,24 @@ class A2ATSMethod(Method):
             q = self.wrope.query(q_pre)
         return q.reshape(B, Hkv, (Hq // Hkv) * bands, d), centroids
 
+    def rows(self, layer: int, kv_heads: slice, device) -> torch.Tensor:
+        """The centroids (Hkv, C, d) every path scores from, in the method's score precision: a view of one copy of
+        every layer's, made once (on huge pages where the kernel makes one: the direct kernel reads rows scattered
+        over MiBs)."""
+        key = ("rows", kv_heads.start, kv_heads.stop, str(device))
+        if key not in self._tiles:
+            rows = torch.stack([self.codebooks.tensors_for(i, kv_heads, device)[0]
+                                for i in range(self.codebooks.num_layers)])
+            self._tiles[key] = huge_page_copy(rows.to(self.score_dtype))
+        return self._tiles[key][layer]
+
     def lut(self, layer: int, q_pre: torch.Tensor, query: torch.Tensor, bands: int, kv_heads: slice) -> torch.Tensor:
         """Lookup tables (B, Hkv, G, bands·C) fp32, a row per query head: q̃ · centroids for each band's q̃."""
         q, centroids = self.queries(layer, q_pre, query, bands, kv_heads)
         B, Hkv, R, _ = q.shape
         key = (layer, kv_heads.start, kv_heads.stop, str(q.device))
         if key not in self._tiles:
-            self._tiles[key] = tile_centroids(centroids)  # None off the CPU kernel: plain matmul there
+            self._tiles[key] = tile_centroids(centroids.float())  # None off the CPU kernel: plain matmul there
         return lookup_tables(q, centroids, self._tiles[key]).reshape(B, Hkv, R // bands, bands * centroids.shape[1])
 
     def score_tokens(self, layer: int, q_pre: torch.Tensor, query: torch.Tensor, codes: torch.Tensor, bands: int,
@@ -99,16 +113,8 @@ class A2ATSMethod(Method):
         top-K (:func:`a2ats.kernels.ops.score_select_direct`, the GQA reduction included), which computes only the
         table entries that cached tokens carry. Every fast path (transformers' fast path, the runtime, the offload
         system) selects through here; it selects the set of :meth:`score_tokens` + :func:`a2ats.core.selection.select`
-        but where a score's fp32 rounding in another summation order decides a near-tie at the threshold, and
-        scoring from centroid rows in ``config.score_precision`` (bf16 by default: the rounding bounded in
-        :class:`~a2ats.core.config.A2ATSConfig`)."""
-        q, _ = self.queries(layer, q_pre, query, bands, kv_heads)
-        key = ("rows", kv_heads.start, kv_heads.stop, str(q.device), config.score_precision)
-        if key not in self._tiles:  # every layer's centroids in one copy, on huge pages where the kernel makes one
-            layers = range(self.codebooks.num_layers)
-            rows = torch.stack([self.codebooks.tensors_for(i, kv_heads, q.device)[0] for i in layers])
-            self._tiles[key] = huge_page_copy(rows.to(SCORE_PRECISIONS[config.score_precision]))
-        centroids = self._tiles[key][layer]
+        but where a score's fp32 rounding in another summation order decides a near-tie at the threshold."""
+        q, centroids = self.queries(layer, q_pre, query, bands, kv_heads)
         return score_select_direct(q, centroids, bands, config.reduction == "max", codes, offsets, valid, budget,
                                    config.sinks, config.window)
 
