@@ -166,7 +166,7 @@ class _CheckedBanded(A2ATSMethod):
         est = super().scores(step)
         B, Hq, n = est.shape
         G = step.group
-        centroids = self.codebooks.tensors_for(step.layer, step.kv_heads, "cpu")[0]
+        centroids = self.rows(step.layer, step.kv_heads, "cpu").float()  # the rows it scores from (score precision)
         codes = step.store.extra("codes").long()
         for b in range(B):
             real = step.valid[b].nonzero().flatten()
