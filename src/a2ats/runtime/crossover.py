@@ -28,8 +28,12 @@ from a2ats.core.config import A2ATSConfig, Budget
 AUTO = "auto"
 # Contexts measured; the lines extrapolate beyond them. The per-token slopes are small differences of larger
 # times, so the contexts lie far apart (on a busy 2-core EPYC, 1K and 4K put the crossover anywhere from 3.6K to
-# past 35K from one measurement to the next; 1K and 8K between 5K and 8K).
-MEASURE_LENGTHS = (1024, 8192)
+# past 35K from one measurement to the next; 1K and 8K between 5K and 8K). They lie where selection can pay:
+# scoring's cost per token falls with the context (banded WRoPE's tables fill: a 32K context carries about 0.4
+# used entries per token, a 2K one about 0.9), so a line through short contexts overstated it at long ones (on
+# SmolLM2 it put the crossover past 1M tokens, yet selecting measured faster than dense at 32K); a line
+# through 4K and 32K errs toward dense below 4K, where selection cannot pay anyway (see docs/design.md).
+MEASURE_LENGTHS = (4096, 32768)
 MEASURE_FRACTIONS = (1 / 16, 1 / 2)  # budgets measured (of the context): selection's cost per attended row
 # Passes over the layers per point, interleaved across the points; each point's cost is its fastest call (other
 # processes only ever slow a call down). Passes stop once every point's two fastest passes agree within
