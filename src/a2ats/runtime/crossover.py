@@ -274,12 +274,19 @@ def measure(lean, method, config: A2ATSConfig, kv_dtype: torch.dtype, host: torc
     # another layer than the call before it, so no call finds its K/V in the cache its predecessor left.
     spread = max(layers // len(points), 1)
 
+    # A real step's layers each read their own codebook, so every call's centroid rows come from memory; the few
+    # layers measured would find theirs in the CPU's caches (on SmolLM2 that understated selection's cost at 32K,
+    # where a real step measured slower selecting than dense): reading this buffer before each call evicts them.
+    evict = torch.ones(MEASURE_FOOTPRINT // 4, device=host) if host.type == "cpu" else None
+
     def one_pass(warm: bool) -> list[float]:
         best = [float("inf")] * len(points)
         for first in range(layers):
             for i, step in enumerate(steps):
                 runner.step = step
                 runner.attended.zero_()
+                if evict is not None:
+                    evict.sum()
                 sync()
                 t = time.perf_counter()
                 runner._decode((first + i * spread) % layers, q_pre, q, k_pre, k, v)
