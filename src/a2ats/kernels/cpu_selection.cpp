@@ -545,6 +545,29 @@ constexpr int64_t kEntriesPerItem = 256;  // entries per work item: splits a KV 
 constexpr int64_t kEntryAhead = 16;       // entries of software prefetch distance (their rows are scattered)
 constexpr int64_t kBatch = 16;            // entries whose sums are reduced together
 
+#if defined(__AVX512F__)
+// Dot products' 16-lane partial sums, reduced 16 at a time (sum16) into consecutive floats of `out`.
+struct Sums16 {
+  __m512 acc[kBatch];
+  int64_t t = 0, o = 0;
+  float* out;
+  explicit Sums16(float* dst) : out(dst) {}
+  void push(__m512 v) {
+    acc[t++] = v;
+    if (t == kBatch) {
+      _mm512_storeu_ps(out + o, sum16(acc));
+      o += kBatch;
+      t = 0;
+    }
+  }
+  void finish() {  // the last, partial batch
+    if (t == 0) return;
+    for (int64_t l = t; l < kBatch; ++l) acc[l] = _mm512_setzero_ps();
+    _mm512_mask_storeu_ps(out + o, static_cast<__mmask16>((1u << t) - 1), sum16(acc));
+  }
+};
+#endif
+
 #if defined(__AVX512BF16__)
 // A query row (64 floats) as bf16 dot-product operands: q = hi + lo, each two vectors of 32 bf16 (dims 0-31,
 // 32-63). hi + lo holds q to 16 bits, far below the bf16 centroids' own rounding, so a score from them is the
@@ -571,8 +594,7 @@ inline SplitQ split_q64(const float* q) {
 // batch_dots (below) for bf16 centroid rows at d = 64, from split query rows qs[g * bands + band].
 inline void batch_dots_bf16(const SplitQ* qs, int64_t bands, int64_t G, const c10::BFloat16* const* rows,
                             const uint8_t* band, int64_t n, float* __restrict out) {
-  __m512 acc[kBatch];
-  int64_t t = 0, o = 0;
+  Sums16 sums(out);
   for (int64_t i = 0; i < n; ++i) {
     const __m512bh c0 = (__m512bh)_mm512_loadu_si512(rows[i]);
     const __m512bh c1 = (__m512bh)_mm512_loadu_si512(rows[i] + 32);
@@ -582,18 +604,10 @@ inline void batch_dots_bf16(const SplitQ* qs, int64_t bands, int64_t G, const c1
       __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), qg.lo[0], c0);
       a = _mm512_dpbf16_ps(a, qg.lo[1], c1);
       a = _mm512_dpbf16_ps(a, qg.hi[0], c0);
-      acc[t++] = _mm512_dpbf16_ps(a, qg.hi[1], c1);
-      if (t == kBatch) {
-        _mm512_storeu_ps(out + o, sum16(acc));
-        o += kBatch;
-        t = 0;
-      }
+      sums.push(_mm512_dpbf16_ps(a, qg.hi[1], c1));
     }
   }
-  if (t > 0) {
-    for (int64_t l = t; l < kBatch; ++l) acc[l] = _mm512_setzero_ps();
-    _mm512_mask_storeu_ps(out + o, static_cast<__mmask16>((1u << t) - 1), sum16(acc));
-  }
+  sums.finish();
 }
 #endif
 
@@ -605,8 +619,7 @@ template <int64_t D, typename CT>
 inline void batch_dots(const float* __restrict q, int64_t bands, int64_t G, const CT* const* rows,
                        const uint8_t* band, int64_t n, int64_t dd, float* __restrict out) {
   const int64_t d = D ? D : dd;
-  __m512 acc[kBatch];
-  int64_t t = 0, o = 0;
+  Sums16 sums(out);
   for (int64_t i = 0; i < n; ++i) {
     const CT* c = rows[i];
     const float* qi = q + band[i] * d;
@@ -614,13 +627,8 @@ inline void batch_dots(const float* __restrict q, int64_t bands, int64_t G, cons
       const __m512 c0 = load16(c), c1 = load16(c + 16), c2 = load16(c + 32), c3 = load16(c + 48);
       for (int64_t g = 0; g < G; ++g) {
         const float* qg = qi + g * bands * d;
-        acc[t++] = _mm512_add_ps(_mm512_fmadd_ps(_mm512_loadu_ps(qg + 16), c1, _mm512_mul_ps(_mm512_loadu_ps(qg), c0)),
-                                 _mm512_fmadd_ps(_mm512_loadu_ps(qg + 48), c3, _mm512_mul_ps(_mm512_loadu_ps(qg + 32), c2)));
-        if (t == kBatch) {
-          _mm512_storeu_ps(out + o, sum16(acc));
-          o += kBatch;
-          t = 0;
-        }
+        sums.push(_mm512_add_ps(_mm512_fmadd_ps(_mm512_loadu_ps(qg + 16), c1, _mm512_mul_ps(_mm512_loadu_ps(qg), c0)),
+                                _mm512_fmadd_ps(_mm512_loadu_ps(qg + 48), c3, _mm512_mul_ps(_mm512_loadu_ps(qg + 32), c2))));
       }
     } else {
       for (int64_t g = 0; g < G; ++g) {
@@ -630,19 +638,11 @@ inline void batch_dots(const float* __restrict q, int64_t bands, int64_t G, cons
           const __mmask16 m = d - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (d - k)) - 1);
           a = _mm512_fmadd_ps(load16(qg + k, m), load16(c + k, m), a);
         }
-        acc[t++] = a;
-        if (t == kBatch) {
-          _mm512_storeu_ps(out + o, sum16(acc));
-          o += kBatch;
-          t = 0;
-        }
+        sums.push(a);
       }
     }
   }
-  if (t > 0) {
-    for (int64_t l = t; l < kBatch; ++l) acc[l] = _mm512_setzero_ps();
-    _mm512_mask_storeu_ps(out + o, static_cast<__mmask16>((1u << t) - 1), sum16(acc));
-  }
+  sums.finish();
 }
 #else
 // The same sums, portably: 16 interleaved partial sums (vertical vector work on any ISA), then a fixed tree.
