@@ -26,7 +26,7 @@ using a2ats::sum16;
 namespace {
 
 constexpr int64_t kChunk = 256;  // selected rows per work item: splits long selections across threads
-constexpr int64_t kAhead = 24;   // rows of software prefetch distance
+constexpr int64_t kAhead = 32;   // rows of software prefetch distance (d = 64 rows: into L2, prefetch_l2)
 
 // A row as floats: float rows are read in place; bf16 and int8 rows are widened into ``buf`` once, in a loop
 // of their own (the compiler vectorizes a plain widening loop; widening inside each of the G dot products
@@ -78,6 +78,7 @@ inline void chunk_softmax(float* s, int64_t G, int64_t rows, float* pmax, float*
   for (int64_t g = 0; g < G; ++g) {
     float* sg = s + g * kChunk;
     float mx = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : mx)
     for (int64_t r = 0; r < rows; ++r) mx = std::max(mx, sg[r]);
     float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
@@ -99,43 +100,103 @@ struct Scales {
 };
 
 #if defined(__AVX512F__)
+// A d = 64 row as 4 fp32 vectors. fp32 rows are read as they are. A bf16 row is two 64-byte loads, each split
+// into its even elements (a shift) and its odd ones (a mask): one instruction per 16 values where widening
+// loads cost two. Its lanes then hold the elements in another order (element(lane) below), so the queries
+// are permuted to match once per work item, and the weighted V rows are permuted back once per work item.
+template <typename T>
+struct Row64;
+template <>
+struct Row64<float> {
+  static constexpr bool kPermuted = false;
+  static inline void load(const float* p, __m512 v[4]) {
+    for (int i = 0; i < 4; ++i) v[i] = _mm512_loadu_ps(p + 16 * i);
+  }
+};
+template <>
+struct Row64<c10::BFloat16> {
+  static constexpr bool kPermuted = true;
+  static inline void load(const c10::BFloat16* p, __m512 v[4]) {
+    const __m512i lo = _mm512_loadu_si512(p), hi = _mm512_loadu_si512(p + 32);
+    const __m512i odd = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+    v[0] = _mm512_castsi512_ps(_mm512_slli_epi32(lo, 16));  // elements 0, 2, ..., 30
+    v[1] = _mm512_castsi512_ps(_mm512_and_si512(lo, odd));  // elements 1, 3, ..., 31
+    v[2] = _mm512_castsi512_ps(_mm512_slli_epi32(hi, 16));  // elements 32, 34, ..., 62
+    v[3] = _mm512_castsi512_ps(_mm512_and_si512(hi, odd));  // elements 33, 35, ..., 63
+  }
+};
+// A d = 64 row into L2 (T1): gathered rows want more misses in flight than L1's fill buffers hold.
+template <typename T>
+inline void prefetch_l2(const T* row) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t off = 0; off < 64 * static_cast<int64_t>(sizeof(T)); off += 64) _mm_prefetch(p + off, _MM_HINT_T1);
+}
 template <typename T>
 constexpr bool kWide = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
 
-// One work item at d = 64, in registers, query heads taken up to 4 at a time (NG): a K row is 4 vectors dotted
-// with each of the NG queries held in registers, the dots' partial sums reduced 16 at a time (sum16); a V row
-// is 4 vectors added into the NG x 4 accumulators held in registers. The generic loop below reduced every dot
-// on its own, widened bf16 rows through memory and kept the accumulators in memory (a store per vector per
-// row): compute-bound at a third of the read bandwidth. Heads past the first 4 re-read the item's rows from
-// the core's own cache.
-template <int NG, typename TK>
-inline void dots64(const float* qg, const TK* kbase, int64_t kstride, const int32_t* rowidx, int64_t rows,
-                   bool prefetch, float scaling, float* s) {
-  __m512 qv[NG][4], part[16];
-  for (int g = 0; g < NG; ++g)
-    for (int i = 0; i < 4; ++i) qv[g][i] = _mm512_loadu_ps(qg + g * 64 + 16 * i);
-  alignas(64) float dots[16];
-  int64_t t = 0, o = 0;  // the dots of (row, head) pairs o .. o + t - 1, in row-major order
-  auto flush = [&](int64_t upto) {
-    for (int l = static_cast<int>(upto); l < 16; ++l) part[l] = _mm512_setzero_ps();
-    _mm512_store_ps(dots, sum16(part));
-    for (int64_t l = 0; l < upto; ++l) s[((o + l) % NG) * kChunk + (o + l) / NG] = dots[l] * scaling;
-    o += upto;
-    t = 0;
-  };
-  for (int64_t r = 0; r < rows; ++r) {
-    if (prefetch && r + kAhead < rows) prefetch_row(kbase + static_cast<int64_t>(rowidx[r + kAhead]) * kstride, 64);
-    const TK* k = kbase + static_cast<int64_t>(rowidx[r]) * kstride;
-    const __m512 k0 = load16(k), k1 = load16(k + 16), k2 = load16(k + 32), k3 = load16(k + 48);
-    for (int g = 0; g < NG; ++g) {
-      part[t++] = _mm512_add_ps(_mm512_fmadd_ps(qv[g][1], k1, _mm512_mul_ps(qv[g][0], k0)),
-                                _mm512_fmadd_ps(qv[g][3], k3, _mm512_mul_ps(qv[g][2], k2)));
-      if (t == 16) flush(16);
-    }
-  }
-  if (t > 0) flush(t);
+// The element of a d = 64 row that lane l (0..63, vector l / 16) of Row64<T>::load holds.
+template <typename T>
+inline int64_t element(int64_t l) {
+  if constexpr (!Row64<T>::kPermuted) return l;
+  const int64_t i = l / 16, j = l % 16;
+  return (i / 2) * 32 + 2 * j + (i % 2);
 }
 
+// Dots of the query heads (NG of them, q: NG x 64 in the rows' lane order) with R = 16 / NG rows: NG * R dots
+// reduced at once by sum16, scaled, and written to s[g * kChunk + r] by one masked store per head. (The
+// earlier loop wrote every dot with a scalar store at a computed offset: more instructions than the dots.)
+template <int NG, typename TK>
+inline void dot_batch(const float* q, const TK* kbase, int64_t kstride, const int32_t* rowidx, int64_t r0, int n,
+                      int64_t rows, bool prefetch, __m512 scale, float* s) {
+  constexpr int R = 16 / NG;
+  // Lane g * R + rr of the result holds the dot of head g with row r0 + rr (sum16 gives it at rr * NG + g).
+  alignas(64) static constexpr int32_t order[16] = {
+#define A2ATS_LANE(l) ((l) < NG * R ? ((l) % R) * NG + (l) / R : (l))
+      A2ATS_LANE(0),  A2ATS_LANE(1),  A2ATS_LANE(2),  A2ATS_LANE(3),  A2ATS_LANE(4),  A2ATS_LANE(5),
+      A2ATS_LANE(6),  A2ATS_LANE(7),  A2ATS_LANE(8),  A2ATS_LANE(9),  A2ATS_LANE(10), A2ATS_LANE(11),
+      A2ATS_LANE(12), A2ATS_LANE(13), A2ATS_LANE(14), A2ATS_LANE(15)};
+#undef A2ATS_LANE
+  __m512 part[16];
+#pragma GCC unroll 16
+  for (int rr = 0; rr < R; ++rr) {
+    if (rr < n) {
+      const int64_t r = r0 + rr;
+      if (prefetch && r + kAhead < rows) prefetch_l2(kbase + static_cast<int64_t>(rowidx[r + kAhead]) * kstride);
+      __m512 k[4];
+      Row64<TK>::load(kbase + static_cast<int64_t>(rowidx[r]) * kstride, k);
+#pragma GCC unroll 8
+      for (int g = 0; g < NG; ++g) {
+        const float* qg = q + g * 64;
+        part[rr * NG + g] = _mm512_add_ps(
+            _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16), k[1], _mm512_mul_ps(_mm512_loadu_ps(qg), k[0])),
+            _mm512_fmadd_ps(_mm512_loadu_ps(qg + 48), k[3], _mm512_mul_ps(_mm512_loadu_ps(qg + 32), k[2])));
+      }
+    } else {
+#pragma GCC unroll 8
+      for (int g = 0; g < NG; ++g) part[rr * NG + g] = _mm512_setzero_ps();
+    }
+  }
+#pragma GCC unroll 16
+  for (int p = NG * R; p < 16; ++p) part[p] = _mm512_setzero_ps();
+  const __m512 sums = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_load_si512(order), sum16(part)), scale);
+  const __mmask16 rowmask = static_cast<__mmask16>((1u << n) - 1);
+#pragma GCC unroll 8
+  for (int g = 0; g < NG; ++g)  // lanes g * R .. g * R + n - 1 land on s[g * kChunk + r0 ..]; the others are masked
+    _mm512_mask_storeu_ps(s + g * kChunk + r0 - g * R, static_cast<__mmask16>(rowmask << (g * R)), sums);
+}
+
+template <int NG, typename TK>
+inline void dots64(const float* q, const TK* kbase, int64_t kstride, const int32_t* rowidx, int64_t rows,
+                   bool prefetch, float scaling, float* s) {
+  constexpr int R = 16 / NG;
+  const __m512 scale = _mm512_set1_ps(scaling);
+  int64_t r0 = 0;
+  for (; r0 + R <= rows; r0 += R) dot_batch<NG>(q, kbase, kstride, rowidx, r0, R, rows, prefetch, scale, s);
+  if (r0 < rows) dot_batch<NG>(q, kbase, kstride, rowidx, r0, static_cast<int>(rows - r0), rows, prefetch, scale, s);
+}
+
+// V rows weighted by the softmax's numerators (s) and summed, NG query heads at a time in NG x 4 accumulators
+// held in registers; acc (NG x 64) is written in the rows' lane order.
 template <int NG, typename TV>
 inline void weighted_v64(const TV* vbase, int64_t vstride, const int32_t* rowidx, int64_t rows, bool prefetch,
                          const float* s, float* acc) {
@@ -143,15 +204,12 @@ inline void weighted_v64(const TV* vbase, int64_t vstride, const int32_t* rowidx
   for (int g = 0; g < NG; ++g)
     for (int i = 0; i < 4; ++i) a[g][i] = _mm512_setzero_ps();
   for (int64_t r = 0; r < rows; ++r) {
-    if (prefetch && r + kAhead < rows) prefetch_row(vbase + static_cast<int64_t>(rowidx[r + kAhead]) * vstride, 64);
-    const TV* v = vbase + static_cast<int64_t>(rowidx[r]) * vstride;
-    const __m512 v0 = load16(v), v1 = load16(v + 16), v2 = load16(v + 32), v3 = load16(v + 48);
+    if (prefetch && r + kAhead < rows) prefetch_l2(vbase + static_cast<int64_t>(rowidx[r + kAhead]) * vstride);
+    __m512 v[4];
+    Row64<TV>::load(vbase + static_cast<int64_t>(rowidx[r]) * vstride, v);
     for (int g = 0; g < NG; ++g) {
       const __m512 w = _mm512_set1_ps(s[g * kChunk + r]);
-      a[g][0] = _mm512_fmadd_ps(w, v0, a[g][0]);
-      a[g][1] = _mm512_fmadd_ps(w, v1, a[g][1]);
-      a[g][2] = _mm512_fmadd_ps(w, v2, a[g][2]);
-      a[g][3] = _mm512_fmadd_ps(w, v3, a[g][3]);
+      for (int i = 0; i < 4; ++i) a[g][i] = _mm512_fmadd_ps(w, v[i], a[g][i]);
     }
   }
   for (int g = 0; g < NG; ++g)
@@ -159,23 +217,38 @@ inline void weighted_v64(const TV* vbase, int64_t vstride, const int32_t* rowidx
 }
 
 // The chunk's softmax max and sum per query head (pmax, psum: G each), and its exp-weighted V rows in acc (G, 64),
-// as the generic loop computes them.
+// as the generic loop computes them. Dots take up to 8 query heads per pass over the K rows, the weighted sum up
+// to 4 (its accumulators stay in registers).
 template <typename TK, typename TV>
 void chunk64(const float* qg, int64_t G, const TK* kbase, int64_t kstride, const TV* vbase, int64_t vstride,
-             const int32_t* rowidx, int64_t rows, float scaling, float* s, float* acc, float* pmax, float* psum) {
-  for (int64_t g0 = 0; g0 < G; g0 += 4) {
+             const int32_t* rowidx, int64_t rows, float scaling, float* s, float* acc, float* pmax, float* psum,
+             float* qperm) {
+  const float* q = qg;
+  if constexpr (Row64<TK>::kPermuted) {
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t l = 0; l < 64; ++l) qperm[g * 64 + l] = qg[g * 64 + element<TK>(l)];
+    q = qperm;
+  }
+  for (int64_t g0 = 0; g0 < G; g0 += 8) {
     const bool first = g0 == 0;
-    switch (std::min<int64_t>(4, G - g0)) {
-      case 4: dots64<4>(qg + g0 * 64, kbase, kstride, rowidx, rows, first, scaling, s + g0 * kChunk); break;
-      case 3: dots64<3>(qg + g0 * 64, kbase, kstride, rowidx, rows, first, scaling, s + g0 * kChunk); break;
-      case 2: dots64<2>(qg + g0 * 64, kbase, kstride, rowidx, rows, first, scaling, s + g0 * kChunk); break;
-      default: dots64<1>(qg + g0 * 64, kbase, kstride, rowidx, rows, first, scaling, s + g0 * kChunk); break;
+    const float* qb = q + g0 * 64;
+    float* sb = s + g0 * kChunk;
+    switch (std::min<int64_t>(8, G - g0)) {
+      case 8: dots64<8>(qb, kbase, kstride, rowidx, rows, first, scaling, sb); break;
+      case 7: dots64<7>(qb, kbase, kstride, rowidx, rows, first, scaling, sb); break;
+      case 6: dots64<6>(qb, kbase, kstride, rowidx, rows, first, scaling, sb); break;
+      case 5: dots64<5>(qb, kbase, kstride, rowidx, rows, first, scaling, sb); break;
+      case 4: dots64<4>(qb, kbase, kstride, rowidx, rows, first, scaling, sb); break;
+      case 3: dots64<3>(qb, kbase, kstride, rowidx, rows, first, scaling, sb); break;
+      case 2: dots64<2>(qb, kbase, kstride, rowidx, rows, first, scaling, sb); break;
+      default: dots64<1>(qb, kbase, kstride, rowidx, rows, first, scaling, sb); break;
     }
   }
   chunk_softmax(s, G, rows, pmax, psum);
+  float* out = Row64<TV>::kPermuted ? qperm : acc;  // the queries are read by now: their buffer is free
   for (int64_t g0 = 0; g0 < G; g0 += 4) {
     const bool first = g0 == 0;
-    float* a = acc + g0 * 64;
+    float* a = out + g0 * 64;
     const float* sg = s + g0 * kChunk;
     switch (std::min<int64_t>(4, G - g0)) {
       case 4: weighted_v64<4>(vbase, vstride, rowidx, rows, first, sg, a); break;
@@ -184,6 +257,9 @@ void chunk64(const float* qg, int64_t G, const TK* kbase, int64_t kstride, const
       default: weighted_v64<1>(vbase, vstride, rowidx, rows, first, sg, a); break;
     }
   }
+  if constexpr (Row64<TV>::kPermuted)
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t l = 0; l < 64; ++l) acc[g * 64 + element<TV>(l)] = out[g * 64 + l];
 }
 #endif
 
@@ -202,7 +278,7 @@ void attend_impl(const float* Q, const TK* K, const TV* V, const int32_t* I, con
     for (int64_t it = first[bh]; it < first[bh + 1]; ++it) owner[it] = bh;
 
   at::parallel_for(0, items, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> s(kChunk * G), widened(d);
+    std::vector<float> s(kChunk * G), widened(d), qperm(G * d);
     for (int64_t it = lo; it < hi; ++it) {
       const int64_t bh = owner[it], b = bh / H, h = bh % H;
       const int64_t start = (it - first[bh]) * kChunk, rows = std::min<int64_t>(kChunk, N[bh] - start);
@@ -225,7 +301,7 @@ void attend_impl(const float* Q, const TK* K, const TV* V, const int32_t* I, con
       if constexpr (kWide<TK> && kWide<TV>) {
         if (d == 64) {
           chunk64(qg, G, kbase, ks[2], vbase, vs[2], rowidx, rows, scaling, s.data(), pacc.data() + it * G * d,
-                  pmax.data() + it * G, psum.data() + it * G);
+                  pmax.data() + it * G, psum.data() + it * G, qperm.data());
           continue;
         }
       }
