@@ -167,9 +167,11 @@ inline void dot_batch(const float* q, const TK* kbase, int64_t kstride, const in
 #pragma GCC unroll 8
       for (int g = 0; g < NG; ++g) {
         const float* qg = q + g * 64;
-        part[rr * NG + g] = _mm512_add_ps(
-            _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16), k[1], _mm512_mul_ps(_mm512_loadu_ps(qg), k[0])),
-            _mm512_fmadd_ps(_mm512_loadu_ps(qg + 48), k[3], _mm512_mul_ps(_mm512_loadu_ps(qg + 32), k[2])));
+        // one chain of 4 (a dot's 16 lanes summed later): the batch's NG * R chains hide the FMA latency
+        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qg), k[0]);
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16), k[1], acc);
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 32), k[2], acc);
+        part[rr * NG + g] = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 48), k[3], acc);
       }
     } else {
 #pragma GCC unroll 8
