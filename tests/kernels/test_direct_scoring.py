@@ -107,6 +107,10 @@ CASES = [  # B, H, G, bands, n, C, d
     (2, 2, 1, 1, 1000, 33, 40),  # unbanded, d not a multiple of 16
     (3, 1, 4, 2, 37, 17, 16),
     (2, 2, 3, 4, 777, 64, 8),
+    # d = 64 takes up to 8 query heads per batch of entries (16 // G entries: 16, 2), more the general loop
+    (2, 1, 1, 2, 500, 300, 64),
+    (1, 2, 8, 2, 333, 200, 64),
+    (1, 1, 9, 2, 250, 150, 64),
 ]
 BUDGETS = [([5, 40, 1000], 4, 16), ([0, 3, 7], 0, 8), ([10**6, 11, 1], 2, 0), ([0, 0, 0], 1, 1)]  # k per row, sinks, window
 

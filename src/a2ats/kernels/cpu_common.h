@@ -48,7 +48,7 @@ inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
 
 // Lane j: the sum of the lanes of v[j]. A transposing tree (each level adds pairs of half-width parts) costs
 // 3 instructions per sum where reducing each vector alone costs 9.
-inline __m512 sum16(const __m512* v) {
+__attribute__((always_inline)) inline __m512 sum16(const __m512* v) {
   __m512 t[8], u[4];
   for (int p = 0; p < 8; ++p)  // blocks: v[2p] folded to 256 bits, then v[2p+1]
     t[p] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], 0x44),
@@ -61,6 +61,21 @@ inline __m512 sum16(const __m512* v) {
   const __m512 z = _mm512_add_ps(_mm512_shuffle_ps(w0, w1, 0x44), _mm512_shuffle_ps(w0, w1, 0xEE));
   // lane 4k + p of z holds the sum of v[k + 4p]
   return _mm512_permutexvar_ps(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0), z);
+}
+
+// sum16 of parts i * NG + g (R = 16 / NG items i of NG dots each; parts from NG * R on are zero) with its lanes
+// reordered head-major: lane g * R + i holds the sum of part i * NG + g, so each head's R sums are contiguous
+// (one masked store per head) and lane i + g * R is a fixed shift away for a max over heads.
+template <int NG>
+inline __m512 sum16_head_major(const __m512* part) {
+  constexpr int R = 16 / NG;
+  alignas(64) static constexpr int32_t order[16] = {
+#define A2ATS_LANE(l) ((l) < NG * R ? ((l) % R) * NG + (l) / R : (l))
+      A2ATS_LANE(0),  A2ATS_LANE(1),  A2ATS_LANE(2),  A2ATS_LANE(3),  A2ATS_LANE(4),  A2ATS_LANE(5),
+      A2ATS_LANE(6),  A2ATS_LANE(7),  A2ATS_LANE(8),  A2ATS_LANE(9),  A2ATS_LANE(10), A2ATS_LANE(11),
+      A2ATS_LANE(12), A2ATS_LANE(13), A2ATS_LANE(14), A2ATS_LANE(15)};
+#undef A2ATS_LANE
+  return _mm512_permutexvar_ps(_mm512_load_si512(order), sum16(part));
 }
 #endif
 

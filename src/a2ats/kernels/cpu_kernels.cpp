@@ -17,6 +17,7 @@ using a2ats::to_f;
 #if defined(__AVX512F__)
 using a2ats::load16;
 using a2ats::sum16;
+using a2ats::sum16_head_major;
 #endif
 
 // ---------------------------------------------------------------------------------------------------
@@ -149,13 +150,6 @@ template <int NG, typename TK>
 inline void dot_batch(const float* q, const TK* kbase, int64_t kstride, const int32_t* rowidx, int64_t r0, int n,
                       int64_t rows, bool prefetch, __m512 scale, float* s) {
   constexpr int R = 16 / NG;
-  // Lane g * R + rr of the result holds the dot of head g with row r0 + rr (sum16 gives it at rr * NG + g).
-  alignas(64) static constexpr int32_t order[16] = {
-#define A2ATS_LANE(l) ((l) < NG * R ? ((l) % R) * NG + (l) / R : (l))
-      A2ATS_LANE(0),  A2ATS_LANE(1),  A2ATS_LANE(2),  A2ATS_LANE(3),  A2ATS_LANE(4),  A2ATS_LANE(5),
-      A2ATS_LANE(6),  A2ATS_LANE(7),  A2ATS_LANE(8),  A2ATS_LANE(9),  A2ATS_LANE(10), A2ATS_LANE(11),
-      A2ATS_LANE(12), A2ATS_LANE(13), A2ATS_LANE(14), A2ATS_LANE(15)};
-#undef A2ATS_LANE
   __m512 part[16];
 #pragma GCC unroll 16
   for (int rr = 0; rr < R; ++rr) {
@@ -180,7 +174,7 @@ inline void dot_batch(const float* q, const TK* kbase, int64_t kstride, const in
   }
 #pragma GCC unroll 16
   for (int p = NG * R; p < 16; ++p) part[p] = _mm512_setzero_ps();
-  const __m512 sums = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_load_si512(order), sum16(part)), scale);
+  const __m512 sums = _mm512_mul_ps(sum16_head_major<NG>(part), scale);  // lane g * R + rr: head g, row r0 + rr
   const __mmask16 rowmask = static_cast<__mmask16>((1u << n) - 1);
 #pragma GCC unroll 8
   for (int g = 0; g < NG; ++g)  // lanes g * R .. g * R + n - 1 land on s[g * kChunk + r0 ..]; the others are masked

@@ -14,6 +14,7 @@ using a2ats::to_f;
 #if defined(__AVX512F__)
 using a2ats::load16;
 using a2ats::sum16;
+using a2ats::sum16_head_major;
 #endif
 
 namespace {
@@ -667,6 +668,133 @@ inline void batch_dots(const float* __restrict q, int64_t bands, int64_t G, cons
 }
 #endif
 
+#if defined(__AVX512F__)
+// A centroid row at d = 64 loaded once for its entry's G dots. fp32 rows (and bf16 rows without bf16 dot
+// products, widened) dot fp32 query rows in 4 multiply-adds; bf16 rows dot split queries (SplitQ) in 4 bf16
+// dot-product instructions.
+struct WideRows {
+  const float* q;  // (G * bands, 64): query head g's row for band b at (g * bands + b) * 64
+  int64_t bands;
+  struct Row {
+    __m512 c[4];
+  };
+  template <typename CT>
+  Row load(const CT* p) const {
+    return {{load16(p), load16(p + 16), load16(p + 32), load16(p + 48)}};
+  }
+  __m512 dot(const Row& r, int64_t g, int64_t band) const {
+    const float* qg = q + (g * bands + band) * 64;
+    __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qg), r.c[0]);
+    a = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16), r.c[1], a);
+    a = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 32), r.c[2], a);
+    return _mm512_fmadd_ps(_mm512_loadu_ps(qg + 48), r.c[3], a);
+  }
+};
+#if defined(__AVX512BF16__)
+struct SplitRows {
+  const SplitQ* qs;  // query head g's split row for band b at g * bands + b
+  int64_t bands;
+  struct Row {
+    __m512bh c0, c1;
+  };
+  Row load(const c10::BFloat16* p) const {
+    return {(__m512bh)_mm512_loadu_si512(p), (__m512bh)_mm512_loadu_si512(p + 32)};
+  }
+  __m512 dot(const Row& r, int64_t g, int64_t band) const {
+    const SplitQ& qg = qs[g * bands + band];
+    __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), qg.lo[0], r.c0);
+    a = _mm512_dpbf16_ps(a, qg.lo[1], r.c1);
+    a = _mm512_dpbf16_ps(a, qg.hi[0], r.c0);
+    return _mm512_dpbf16_ps(a, qg.hi[1], r.c1);
+  }
+};
+#endif
+
+// The values, keys and weights of used entries s .. s + n - 1 of (b, h) `bh` (n <= R = 16 / NG, NG = G query
+// heads): one sum16 for their NG * R dots, head-major lanes, then vector work for all of them at once: the max
+// over the group (a shift of R lanes per head), the order keys, the weights gathered from the counts and the
+// values scattered into the table. (One entry at a time, the scalar stores and the loop around them cost as
+// much as the dots.)
+template <int NG, typename Rows, typename CT>
+inline void fill_batch(const Entries& en, const Rows& rows, const CT* ch, int64_t bh, int64_t s, int n,
+                       float* tables) {
+  constexpr int R = 16 / NG;
+  const int64_t C = en.C, cap = en.cap, T = en.T;
+  const int32_t* list = en.used + bh * cap + s;
+  const uint8_t* band = en.band + bh * cap + s;
+  __m512 part[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i) {
+    if (i < n) {
+      const int64_t p = s + i;
+      if (p + kEntryAhead < en.u[bh]) {
+        const int64_t ahead = en.used[bh * cap + p + kEntryAhead] - en.band[bh * cap + p + kEntryAhead] * C;
+        prefetch_row(ch + ahead * 64, 64);
+      }
+      const auto row = rows.load(ch + (list[i] - band[i] * C) * 64);
+#pragma GCC unroll 8
+      for (int g = 0; g < NG; ++g) part[i * NG + g] = rows.dot(row, g, band[i]);
+    } else {
+#pragma GCC unroll 8
+      for (int g = 0; g < NG; ++g) part[i * NG + g] = _mm512_setzero_ps();
+    }
+  }
+#pragma GCC unroll 16
+  for (int p = NG * R; p < 16; ++p) part[p] = _mm512_setzero_ps();
+  const __m512 v = sum16_head_major<NG>(part);  // lane g * R + i: head g, entry s + i
+  const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __mmask16 mk = static_cast<__mmask16>((1u << n) - 1);
+  const __m512i e = _mm512_maskz_loadu_epi32(mk, list);
+  auto keys = [](__m512 x) {  // order_key, 16 at a time
+    const __m512i bits = _mm512_castps_si512(x);
+    return _mm512_xor_si512(bits, _mm512_or_si512(_mm512_srai_epi32(bits, 31), _mm512_set1_epi32(INT32_MIN)));
+  };
+  _mm512_mask_storeu_epi32(en.weights + bh * cap + s, mk,
+                           _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mk, e, en.counts + bh * T, 4));
+  if (en.Gr == 1) {
+    __m512 m = v;
+#pragma GCC unroll 8
+    for (int g = 1; g < NG; ++g)
+      m = _mm512_max_ps(m, _mm512_permutexvar_ps(_mm512_add_epi32(lanes, _mm512_set1_epi32(g * R)), v));
+    _mm512_mask_storeu_epi32(en.keys + bh * cap + s, mk, keys(m));
+    _mm512_mask_i32scatter_ps(tables + bh * T, mk, e, m, 4);
+  } else {
+#pragma GCC unroll 8
+    for (int g = 0; g < NG; ++g) {
+      const __m512 vg = g == 0 ? v : _mm512_permutexvar_ps(_mm512_add_epi32(lanes, _mm512_set1_epi32(g * R)), v);
+      _mm512_mask_storeu_epi32(en.keys + (bh * NG + g) * cap + s, mk, keys(vg));
+      _mm512_mask_i32scatter_ps(tables + (bh * NG + g) * T, mk, e, vg, 4);
+    }
+  }
+}
+
+template <int NG, typename Rows, typename CT>
+inline void fill_run(const Entries& en, const Rows& rows, const CT* ch, int64_t bh, int64_t first, int64_t end,
+                     float* tables) {
+  constexpr int R = 16 / NG;
+  int64_t s = first;
+  for (; s + R <= end; s += R) fill_batch<NG>(en, rows, ch, bh, s, R, tables);
+  if (s < end) fill_batch<NG>(en, rows, ch, bh, s, static_cast<int>(end - s), tables);
+}
+
+// fill_run for G = 1 .. 8 query heads per KV head (returns false for more: the caller's general loop takes them).
+template <typename Rows, typename CT>
+inline bool fill_run_g(int64_t G, const Entries& en, const Rows& rows, const CT* ch, int64_t bh, int64_t first,
+                       int64_t end, float* tables) {
+  switch (G) {
+    case 1: fill_run<1>(en, rows, ch, bh, first, end, tables); return true;
+    case 2: fill_run<2>(en, rows, ch, bh, first, end, tables); return true;
+    case 3: fill_run<3>(en, rows, ch, bh, first, end, tables); return true;
+    case 4: fill_run<4>(en, rows, ch, bh, first, end, tables); return true;
+    case 5: fill_run<5>(en, rows, ch, bh, first, end, tables); return true;
+    case 6: fill_run<6>(en, rows, ch, bh, first, end, tables); return true;
+    case 7: fill_run<7>(en, rows, ch, bh, first, end, tables); return true;
+    case 8: fill_run<8>(en, rows, ch, bh, first, end, tables); return true;
+    default: return false;
+  }
+}
+#endif
+
 // Fills, for every entry in use, its value in `tables` (B*H*Gr, T) and its keys and weight in `en`:
 // q̃_{g,band} · centroid[code] per query head row, or their max over the group (Gr = 1). Entries are computed
 // once each, straight from the centroid rows, so a band with few tokens costs what its tokens use, not C dot
@@ -695,6 +823,16 @@ void fill_entries(const Entries& en, const float* Q, int64_t R, int64_t G, const
       }
 #endif
       const CT* ch = cent + (bh % H) * C * d;
+#if defined(__AVX512F__)
+      if constexpr (D == 64) {
+#if defined(__AVX512BF16__)
+        if constexpr (kSplit) {
+          if (fill_run_g(G, en, SplitRows{qs.data(), bands}, ch, bh, first, end, tables)) continue;
+        } else
+#endif
+        if (fill_run_g(G, en, WideRows{qb, bands}, ch, bh, first, end, tables)) continue;
+      }
+#endif
       const int32_t* list = en.used + bh * en.cap;
       const uint8_t* band = en.band + bh * en.cap;
       const int32_t* cnt = en.counts + bh * T;
