@@ -151,32 +151,44 @@ def sparse_attention(
     scales ``k_scale``/``v_scale`` (B, Hkv, cap) from :func:`quantize_rows` (views welcome: strides are
     honoured, rows must be contiguous). fp32 accumulation; the result has q's dtype.
     """
-    if q.dim() != 3 or k_buf.dim() != 4 or v_buf.dim() != 4:
-        raise ValueError(f"q must be (B, Hq, d) and k/v (B, Hkv, cap, d); got {tuple(q.shape)}, {tuple(k_buf.shape)}, {tuple(v_buf.shape)}")
-    B, Hq, d = q.shape
-    Hkv = k_buf.shape[1]
-    if k_buf.shape[:2] != v_buf.shape[:2] or k_buf.shape[0] != B or k_buf.shape[3] != d or v_buf.shape[3] != d:
-        raise ValueError(f"k/v (B, Hkv, cap, d) disagree with q (B={B}, d={d}): {tuple(k_buf.shape)}, {tuple(v_buf.shape)}")
+    # A decode step calls this once per layer: the checks read each shape once (they cost more than the kernel's
+    # call at short contexts when written as repeated attribute reads).
+    qs, ks, vs, ishape, cshape = q.shape, k_buf.shape, v_buf.shape, idx.shape, count.shape
+    if len(qs) != 3 or len(ks) != 4 or len(vs) != 4:
+        raise ValueError(f"q must be (B, Hq, d) and k/v (B, Hkv, cap, d); got {tuple(qs)}, {tuple(ks)}, {tuple(vs)}")
+    B, Hq, d = qs
+    Hkv = ks[1]
+    if ks[:2] != vs[:2] or ks[0] != B or ks[3] != d or vs[3] != d:
+        raise ValueError(f"k/v (B, Hkv, cap, d) disagree with q (B={B}, d={d}): {tuple(ks)}, {tuple(vs)}")
     if Hkv == 0 or Hq % Hkv:
         raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
-    if idx.dim() != 3 or tuple(idx.shape[:2]) != (B, Hkv) or tuple(count.shape) != (B, Hkv):
+    if len(ishape) != 3 or ishape[:2] != ks[:2] or cshape != ks[:2]:
         raise ValueError(f"idx must be (B, Hkv, L) and count (B, Hkv) with (B, Hkv) = {(B, Hkv)}")
-    for name, buf, sc in (("k", k_buf, k_scale), ("v", v_buf, v_scale)):
-        if (buf.dtype == torch.int8) != (sc is not None):
-            raise ValueError(f"{name}_scale goes with an int8 {name} cache (and only then); got {buf.dtype} and "
-                             f"{'a' if sc is not None else 'no'} scale")
-        if sc is not None and (sc.dtype != torch.float32 or tuple(sc.shape) != tuple(buf.shape[:3])):
-            raise ValueError(f"{name}_scale must be float32 {tuple(buf.shape[:3])}, got {sc.dtype} {tuple(sc.shape)}")
-    ext = cpu_backend() if _on_cpu(q, k_buf, v_buf, idx, count, k_scale, v_scale) else None
-    kernel_dtypes = (torch.float32, torch.bfloat16, torch.int8)
-    if ext is None or k_buf.dtype not in kernel_dtypes or v_buf.dtype not in kernel_dtypes:
+    quantized = k_scale is not None or v_scale is not None or k_buf.dtype == torch.int8 or v_buf.dtype == torch.int8
+    if quantized:
+        for name, buf, sc in (("k", k_buf, k_scale), ("v", v_buf, v_scale)):
+            if (buf.dtype == torch.int8) != (sc is not None):
+                raise ValueError(f"{name}_scale goes with an int8 {name} cache (and only then); got {buf.dtype} and "
+                                 f"{'a' if sc is not None else 'no'} scale")
+            if sc is not None and (sc.dtype != torch.float32 or tuple(sc.shape) != tuple(buf.shape[:3])):
+                raise ValueError(f"{name}_scale must be float32 {tuple(buf.shape[:3])}, got {sc.dtype} {tuple(sc.shape)}")
+    on_cpu = q.is_cpu and k_buf.is_cpu and v_buf.is_cpu and idx.is_cpu and count.is_cpu and (
+        not quantized or _on_cpu(k_scale, v_scale))
+    ext = cpu_backend() if on_cpu else None
+    if ext is None or k_buf.dtype not in _KERNEL_DTYPES or v_buf.dtype not in _KERNEL_DTYPES:
         return reference_sparse_attention(q, k_buf, v_buf, idx, count, scaling, k_scale, v_scale)
     if k_buf.stride(-1) != 1:
         k_buf = k_buf.contiguous()
     if v_buf.stride(-1) != 1:
         v_buf = v_buf.contiguous()
-    return ext.sparse_attention(q, k_buf, v_buf, idx.to(torch.int32), count.to(torch.int32), float(scaling),
-                                k_scale, v_scale)
+    if idx.dtype != torch.int32:
+        idx = idx.to(torch.int32)
+    if count.dtype != torch.int32:
+        count = count.to(torch.int32)
+    return ext.sparse_attention(q, k_buf, v_buf, idx, count, float(scaling), k_scale, v_scale)
+
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.int8)  # the rows sparse_attention's kernel reads
 
 
 def encode_nearest(z: torch.Tensor, t: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
