@@ -14,9 +14,11 @@ from a2ats.kernels.ops import (
     linear_bf16w,
     lookup_tables,
     quantize_rows,
+    rope,
     score,
     score_select,
     sparse_attention,
+    store_rows,
     tile_centroids,
 )
 from a2ats.kernels.paths import PATHS, resolve_path
@@ -24,8 +26,10 @@ from a2ats.kernels.reference import (
     reference_encode_nearest,
     reference_lookup_tables,
     reference_score_select,
+    reference_rope,
     reference_scores,
     reference_sparse_attention,
+    reference_store_rows,
 )
 from a2ats.kernels.triton_score import triton_available, triton_score_select
 
@@ -42,11 +46,15 @@ __all__ = [
     "reference_encode_nearest",
     "reference_lookup_tables",
     "reference_score_select",
+    "reference_rope",
     "reference_scores",
     "reference_sparse_attention",
+    "reference_store_rows",
+    "rope",
     "score",
     "score_select",
     "sparse_attention",
+    "store_rows",
     "tile_centroids",
     "triton_available",
     "triton_score_select",

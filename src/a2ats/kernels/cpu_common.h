@@ -84,3 +84,4 @@ inline __m512 sum16_head_major(const __m512* part) {
 // Each source file adds its functions to the module (cpu_kernels.cpp defines the module itself).
 void register_selection(pybind11::module_& m);
 void register_linear(pybind11::module_& m);
+void register_decode(pybind11::module_& m);

@@ -549,4 +549,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kmeans_pp_picks", &kmeans_pp_picks, "k-means++ seeding: the sample index of each of k picks per point set");
   register_selection(m);
   register_linear(m);
+  register_decode(m);
 }

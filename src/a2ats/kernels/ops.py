@@ -14,12 +14,14 @@ from a2ats.kernels.reference import (
     reference_lookup_tables,
     reference_score_select,
     reference_scores,
+    reference_rope,
     reference_sparse_attention,
+    reference_store_rows,
 )
 from a2ats.kernels.triton_score import triton_available, triton_score_select
 
 __all__ = ["dequantize_rows", "encode_nearest", "kmeans_pp_picks", "linear_bf16w", "lookup_tables", "quantize_rows", "tile_centroids", "score",
-           "score_select", "score_select_direct", "sparse_attention"]
+           "rope", "score_select", "score_select_direct", "sparse_attention", "store_rows"]
 
 
 def _check_score_inputs(lut, codes, offsets):
@@ -274,3 +276,27 @@ def huge_page_copy(t: torch.Tensor) -> torch.Tensor:
     missed the TLB."""
     ext = cpu_backend() if _on_cpu(t) else None
     return t if ext is None else ext.huge_page_copy(t)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on the first ``rot`` dims of x (B, H, t, d) with cos and ``signed_sin`` (B, 1, t, rot)
+    (:func:`~a2ats.kernels.reference.reference_rope`: the same values, bit for bit); the kernel for float32 CPU
+    tensors, one call where torch takes four ops."""
+    ext = cpu_backend() if x.is_cpu and cos.is_cpu and signed_sin.is_cpu else None
+    if (ext is None or x.dim() != 4 or cos.dim() != 4 or signed_sin.dim() != 4
+            or not x.dtype == cos.dtype == signed_sin.dtype == torch.float32):
+        return reference_rope(x, cos, signed_sin)
+    return ext.rope(x, cos, signed_sin)
+
+
+def store_rows(k_dst: torch.Tensor, v_dst: torch.Tensor, flat: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """A decode step's new rows: row s·H + h of k (S, H, d) into row ``flat[s·H + h]`` of ``k_dst`` (N, d), and v into
+    ``v_dst``, in the destination's dtype (:func:`~a2ats.kernels.reference.reference_store_rows`); the kernel for
+    float32 rows into float32 or bf16 CPU rows, one call where torch takes eight ops."""
+    ext = cpu_backend() if k_dst.is_cpu and k.is_cpu and v.is_cpu and flat.is_cpu else None
+    if (ext is None or k_dst.dtype not in (torch.float32, torch.bfloat16) or k.dtype != torch.float32
+            or v.dtype != torch.float32 or k.dim() != 3 or k.stride(-1) != 1 or v.stride(-1) != 1
+            or flat.dtype != torch.int64):
+        reference_store_rows(k_dst, v_dst, flat, k, v)
+        return
+    ext.store_rows(k_dst, v_dst, flat, k, v)

@@ -116,3 +116,22 @@ def reference_sparse_attention(
     value = dequantize_rows(v_buf[:, :, :top], v_scale, q.dtype)
     out = attend_selected(q.unsqueeze(2), key, value, keep, scaling)
     return out.squeeze(1)
+
+
+def reference_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as transformers' Llama applies it, on the first ``rot`` dims (the rest unchanged):
+    ``x * cos + cat(-x2, x1) * sin``, written ``x * cos + roll(x) * signed_sin`` with ``signed_sin`` = cat(-sin1, sin2)
+    (made once per forward): the same products, fewer ops."""
+    rot = cos.shape[-1]
+    whole = rot == x.shape[-1]
+    xr = x if whole else x[..., :rot]
+    out = xr * cos + xr.roll(rot // 2, -1) * signed_sin
+    return out if whole else torch.cat((out, x[..., rot:]), dim=-1)
+
+
+def reference_store_rows(k_dst: torch.Tensor, v_dst: torch.Tensor, flat: torch.Tensor, k: torch.Tensor,
+                         v: torch.Tensor) -> None:
+    """Rows (S, H, d) of ``k``/``v`` into rows ``flat`` (S·H,) of ``k_dst``/``v_dst`` (N, d), in their dtype."""
+    d = k_dst.shape[-1]
+    k_dst.index_copy_(0, flat, k.reshape(-1, d).to(k_dst.device, k_dst.dtype))
+    v_dst.index_copy_(0, flat, v.reshape(-1, d).to(v_dst.device, v_dst.dtype))

@@ -17,6 +17,7 @@ from torch import nn
 
 from a2ats.core.distributed import full, kv_heads_held, local
 from a2ats.core.support import check_supported
+from a2ats.kernels import rope
 from a2ats.kernels import weights as packed_weights
 from a2ats.kernels.cpu import native_bf16
 from a2ats.runtime import tp
@@ -227,7 +228,7 @@ class LeanModel:
                 q, k = qkv[..., : Hq * d].view(B, t, Hq, d), qkv[..., Hq * d : (Hq + Hkv) * d].view(B, t, Hkv, d)
                 qk = torch.cat([F.rms_norm(q, (d,), w.q_norm, self.eps), F.rms_norm(k, (d,), w.k_norm, self.eps)], 2)
             qk_pre = qk.transpose(1, 2)
-            qk_rot = _rotate(qk_pre, cos, sin)
+            qk_rot = rope(qk_pre, cos, sin)
             v = qkv[..., (Hq + Hkv) * d :].view(B, t, Hkv, d).transpose(1, 2)
             if timer is not None:
                 timer.lap("weights")
@@ -244,17 +245,6 @@ class LeanModel:
         if timer is not None:
             timer.lap("weights")
         return logits
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """RoPE as transformers' Llama applies it (in the model's dtype), on the first ``rot`` dims:
-    ``x * cos + cat(-x2, x1) * sin``, written ``x * cos + roll(x) * signed_sin`` with ``signed_sin`` =
-    cat(-sin1, sin2) (:func:`_signed`, once per forward): the same products, fewer ops per layer."""
-    rot = cos.shape[-1]
-    whole = rot == x.shape[-1]
-    xr = x if whole else x[..., :rot]
-    out = xr * cos + xr.roll(rot // 2, -1) * signed_sin
-    return out if whole else torch.cat((out, x[..., rot:]), dim=-1)
 
 
 def _signed(sin: torch.Tensor) -> torch.Tensor:

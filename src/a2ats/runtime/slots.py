@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from a2ats.kernels import dequantize_rows, quantize_rows
+from a2ats.kernels import dequantize_rows, quantize_rows, store_rows
 
 
 @dataclass
@@ -125,8 +125,7 @@ class SlotCache:
                 dst[layer].view(-1, d).index_copy_(0, flat, q.reshape(-1, d).to(self.host))
                 scale[layer].view(-1).index_copy_(0, flat, sc.reshape(-1).to(self.host))
             return
-        self.k[layer].view(-1, d).index_copy_(0, flat, k.reshape(-1, d).to(self.host, self.dtype))
-        self.v[layer].view(-1, d).index_copy_(0, flat, v.reshape(-1, d).to(self.host, self.dtype))
+        store_rows(self.k[layer].view(-1, d), self.v[layer].view(-1, d), flat, k.to(self.host), v.to(self.host))
 
     def rows(self, layer: int, slots: slice, end: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of ``slots`` up to position ``end`` as float ``dtype`` tensors on ``device``."""
