@@ -25,8 +25,8 @@ from a2ats.kernels.paths import PATHS, resolve_path
 from a2ats.kernels.reference import (
     reference_encode_nearest,
     reference_lookup_tables,
-    reference_score_select,
     reference_rope,
+    reference_score_select,
     reference_scores,
     reference_sparse_attention,
     reference_store_rows,

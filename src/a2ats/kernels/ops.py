@@ -12,9 +12,9 @@ from a2ats.kernels.reference import (
     quantize_rows,
     reference_encode_nearest,
     reference_lookup_tables,
+    reference_rope,
     reference_score_select,
     reference_scores,
-    reference_rope,
     reference_sparse_attention,
     reference_store_rows,
 )
