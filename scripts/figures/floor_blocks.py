@@ -11,10 +11,10 @@ from blocks import block, expect
 from formatting import k, ms, paragraphs, ratio, table
 from sources import load_json, same_machine, source_line
 
-RUNS = [f"docs/bench/speed/amd-smollm2/run{i}/decode.json" for i in (3, 4)]
-BEFORE = [f"docs/bench/speed/amd-smollm2/run{i}/decode.json" for i in (1, 2)]
-QWEN_RUNS = ["docs/bench/speed/amd-qwen/run2/decode.json"]
-QWEN_BEFORE = ["docs/bench/speed/amd-qwen/run1/decode.json"]
+RUNS = [f"docs/bench/speed/amd-smollm2/run{i}/decode.json" for i in (5, 6)]
+BEFORE = [f"docs/bench/speed/amd-smollm2/run{i}/decode.json" for i in (3, 4)]
+QWEN_RUNS = [f"docs/bench/speed/amd-qwen/run{i}/decode.json" for i in (3, 4)]
+QWEN_BEFORE = ["docs/bench/speed/amd-qwen/run2/decode.json"]
 WANT = ("a2ats-fast", "a2ats-fast-paper", "dense-lean")
 LLAMA = ("llama.cpp-q8_0", "llama.cpp-q4_1", "llama.cpp-q4_k_m")
 SPREAD = 1.15  # one run has no spread of its own: the ±15% these machines showed between runs of one command
