@@ -11,7 +11,7 @@ from blocks import block, expect
 from formatting import k, ms, paragraphs, ratio, table
 from sources import load_json, same_machine, source_line
 
-RUNS = [f"docs/bench/speed/amd-smollm2/run{i}/decode.json" for i in (5, 6)]
+RUNS = [f"docs/bench/speed/amd-smollm2/run{i}/decode.json" for i in (7, 8)]
 BEFORE = [f"docs/bench/speed/amd-smollm2/run{i}/decode.json" for i in (3, 4)]
 QWEN_RUNS = [f"docs/bench/speed/amd-qwen/run{i}/decode.json" for i in (3, 4)]
 QWEN_BEFORE = ["docs/bench/speed/amd-qwen/run2/decode.json"]
