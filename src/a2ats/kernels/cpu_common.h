@@ -17,10 +17,11 @@
 
 namespace a2ats {
 
-template <typename T>
+// Locality 3: into L1 (T0); 2: into L2 (T1), which holds more misses in flight for scattered rows.
+template <int Locality = 3, typename T>
 inline void prefetch_row(const T* row, int64_t d) {
   const char* p = reinterpret_cast<const char*>(row);
-  for (int64_t off = 0; off < d * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(p + off, 0, 3);
+  for (int64_t off = 0; off < d * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(p + off, 0, Locality);
 }
 
 inline float to_f(float x) { return x; }

@@ -27,7 +27,7 @@ using a2ats::sum16_head_major;
 namespace {
 
 constexpr int64_t kChunk = 256;  // selected rows per work item: splits long selections across threads
-constexpr int64_t kAhead = 32;   // rows of software prefetch distance (d = 64 rows: into L2, prefetch_l2)
+constexpr int64_t kAhead = 32;   // rows of software prefetch distance (d = 64 rows: into L2, prefetch_row<2>)
 
 // A row as floats: float rows are read in place; bf16 and int8 rows are widened into ``buf`` once, in a loop
 // of their own (the compiler vectorizes a plain widening loop; widening inside each of the G dot products
@@ -126,12 +126,6 @@ struct Row64<c10::BFloat16> {
     v[3] = _mm512_castsi512_ps(_mm512_and_si512(hi, odd));  // elements 33, 35, ..., 63
   }
 };
-// A d = 64 row into L2 (T1): gathered rows want more misses in flight than L1's fill buffers hold.
-template <typename T>
-inline void prefetch_l2(const T* row) {
-  const char* p = reinterpret_cast<const char*>(row);
-  for (int64_t off = 0; off < 64 * static_cast<int64_t>(sizeof(T)); off += 64) _mm_prefetch(p + off, _MM_HINT_T1);
-}
 template <typename T>
 constexpr bool kWide = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
 
@@ -155,7 +149,7 @@ inline void dot_batch(const float* q, const TK* kbase, int64_t kstride, const in
   for (int rr = 0; rr < R; ++rr) {
     if (rr < n) {
       const int64_t r = r0 + rr;
-      if (prefetch && r + kAhead < rows) prefetch_l2(kbase + static_cast<int64_t>(rowidx[r + kAhead]) * kstride);
+      if (prefetch && r + kAhead < rows) prefetch_row<2>(kbase + static_cast<int64_t>(rowidx[r + kAhead]) * kstride, 64);
       __m512 k[4];
       Row64<TK>::load(kbase + static_cast<int64_t>(rowidx[r]) * kstride, k);
 #pragma GCC unroll 8
@@ -200,7 +194,7 @@ inline void weighted_v64(const TV* vbase, int64_t vstride, const int32_t* rowidx
   for (int g = 0; g < NG; ++g)
     for (int i = 0; i < 4; ++i) a[g][i] = _mm512_setzero_ps();
   for (int64_t r = 0; r < rows; ++r) {
-    if (prefetch && r + kAhead < rows) prefetch_l2(vbase + static_cast<int64_t>(rowidx[r + kAhead]) * vstride);
+    if (prefetch && r + kAhead < rows) prefetch_row<2>(vbase + static_cast<int64_t>(rowidx[r + kAhead]) * vstride, 64);
     __m512 v[4];
     Row64<TV>::load(vbase + static_cast<int64_t>(rowidx[r]) * vstride, v);
     for (int g = 0; g < NG; ++g) {
