@@ -237,13 +237,13 @@ struct Entries {
   const int16_t* codes = nullptr;
   const int32_t* offsets = nullptr;
   int64_t cs0 = 0, cs1 = 0;
-  int32_t* counts = nullptr;  // (B*H, T): candidates per entry (ranked rows only)
+  int32_t* counts = nullptr;  // (B*H, T): candidates per entry while counting (zero again once listed)
   int64_t cap = 0;            // room per (b, h) in the arrays below: at least its entries in use, plus a block
   int32_t* used = nullptr;    // (B*H, cap): per (b, h) its u[bh] entries in use (order: list_entries)
   uint8_t* band = nullptr;    // (B*H, cap): their bands (entry / C)
   std::vector<int64_t> u;
   uint32_t* keys = nullptr;     // (B*H, Gr, cap): each used entry's key in each row, once values are in
-  uint32_t* weights = nullptr;  // (B*H, cap): each used entry's count of candidates
+  uint32_t* weights = nullptr;  // (B*H, cap): each used entry's count of candidates (listed with it)
 
   bool ranked(int64_t b) const { return keff[b] > 0 && keff[b] < info.m[b]; }
   bool contiguous(int64_t b) const {
@@ -255,22 +255,19 @@ struct Entries {
 
   Entries() = default;
   Entries(const Entries&) = delete;
-  ~Entries() {  // leaves the scratch counts zero for the next call
-    for (size_t bh = 0; bh < u.size(); ++bh)
-      for (int64_t i = 0; i < u[bh]; ++i) counts[bh * T + used[bh * cap + i]] = 0;
-  }
 };
 
-// Writes to `list` / `bands_of` the entries band * C + code with cnt > 0: codes in blocks of 16 ascending, within
-// a block band by band (returns how many). A code's centroid row is then read from memory once for all its
-// bands (the block's rows stay in L1 while its bands are listed) and rows are visited in address order. Both
-// arrays need kBlock slots of slack (whole blocks are stored, the count advanced by the used ones).
-int64_t list_entries(const int32_t* cnt, int64_t bands, int64_t C, int32_t* list, uint8_t* bands_of) {
+// Writes to `list` / `bands_of` / `weights` the entries band * C + code with cnt > 0 and their counts, and
+// zeroes `cnt` for the next call: codes in blocks of 16 ascending, within a block band by band (returns how
+// many). A code's centroid row is then read from memory once for all its bands (the block's rows stay in L1
+// while its bands are listed) and rows are visited in address order. The three arrays need kBlock slots of
+// slack (whole blocks are stored, the count advanced by the used ones).
+int64_t list_entries(int32_t* cnt, int64_t bands, int64_t C, int32_t* list, uint8_t* bands_of, uint32_t* weights) {
   int64_t u = 0;
   for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
     const int64_t cn = std::min(kBlock, C - c0);
     for (int64_t band = 0; band < bands; ++band) {
-      const int32_t* cb = cnt + band * C + c0;
+      int32_t* cb = cnt + band * C + c0;
       const int32_t first = static_cast<int32_t>(band * C + c0);
 #if defined(__AVX512F__)
       if (cn == kBlock) {
@@ -280,7 +277,9 @@ int64_t list_entries(const int32_t* cnt, int64_t bands, int64_t C, int32_t* list
         const __m512i e = _mm512_add_epi32(_mm512_set1_epi32(first),
                                            _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
         _mm512_storeu_si512(list + u, _mm512_maskz_compress_epi32(used, e));  // a register compress, then a store
+        _mm512_storeu_si512(weights + u, _mm512_maskz_compress_epi32(used, v));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(bands_of + u), _mm_set1_epi8(static_cast<char>(band)));
+        _mm512_storeu_si512(cb, _mm512_setzero_si512());
         u += __builtin_popcount(used);
         continue;
       }
@@ -289,7 +288,9 @@ int64_t list_entries(const int32_t* cnt, int64_t bands, int64_t C, int32_t* list
       for (int64_t l = 0; l < cn; ++l) {
         list[u] = first + static_cast<int32_t>(l);
         bands_of[u] = static_cast<uint8_t>(band);
+        weights[u] = static_cast<uint32_t>(cb[l]);
         u += cb[l] != 0;
+        cb[l] = 0;
       }
     }
   }
@@ -362,7 +363,7 @@ std::unique_ptr<Entries> count_entries(const torch::Tensor& codes, const c10::op
       else
         for (int64_t i = 0; i < m; ++i) add(cand[i]);
       bad[bh] = out != 0;
-      en.u[bh] = list_entries(cnt, bands, C, en.used + bh * en.cap, en.band + bh * en.cap);
+      en.u[bh] = list_entries(cnt, bands, C, en.used + bh * en.cap, en.band + bh * en.cap, en.weights + bh * en.cap);
     }
   });
   for (int64_t bh = 0; bh < B * H; ++bh)
@@ -507,13 +508,11 @@ std::vector<torch::Tensor> select_rows(const Entries& en, const float* tables) {
   return {idx, count};
 }
 
-// Keys and weights of the entries in use from full tables (B*H*Gr, T).
+// Keys of the entries in use from full tables (B*H*Gr, T).
 void keys_from_tables(const Entries& en, const float* tables) {
   at::parallel_for(0, en.B * en.H, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t bh = lo; bh < hi; ++bh) {
       const int32_t* list = en.used + bh * en.cap;
-      const int32_t* cnt = en.counts + bh * en.T;
-      for (int64_t i = 0; i < en.u[bh]; ++i) en.weights[bh * en.cap + i] = static_cast<uint32_t>(cnt[list[i]]);
       for (int64_t g = 0; g < en.Gr; ++g) {
         const float* lrow = tables + (bh * en.Gr + g) * en.T;
         uint32_t* ek = en.keys + (bh * en.Gr + g) * en.cap;
@@ -710,11 +709,10 @@ struct SplitRows {
 };
 #endif
 
-// The values, keys and weights of used entries s .. s + n - 1 of (b, h) `bh` (n <= R = 16 / NG, NG = G query
-// heads): one sum16 for their NG * R dots, head-major lanes, then vector work for all of them at once: the max
-// over the group (a shift of R lanes per head), the order keys, the weights gathered from the counts and the
-// values scattered into the table. (One entry at a time, the scalar stores and the loop around them cost as
-// much as the dots.)
+// The values and keys of used entries s .. s + n - 1 of (b, h) `bh` (n <= R = 16 / NG, NG = G query heads): one
+// sum16 for their NG * R dots, head-major lanes, then vector work for all of them at once: the max over the
+// group (a shift of R lanes per head), the order keys and the values scattered into the table. (One entry at a
+// time, the scalar stores and the loop around them cost as much as the dots.)
 template <int NG, typename Rows, typename CT>
 inline void fill_batch(const Entries& en, const Rows& rows, const CT* ch, int64_t bh, int64_t s, int n,
                        float* tables) {
@@ -749,8 +747,6 @@ inline void fill_batch(const Entries& en, const Rows& rows, const CT* ch, int64_
     const __m512i bits = _mm512_castps_si512(x);
     return _mm512_xor_si512(bits, _mm512_or_si512(_mm512_srai_epi32(bits, 31), _mm512_set1_epi32(INT32_MIN)));
   };
-  _mm512_mask_storeu_epi32(en.weights + bh * cap + s, mk,
-                           _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mk, e, en.counts + bh * T, 4));
   if (en.Gr == 1) {
     __m512 m = v;
 #pragma GCC unroll 8
@@ -795,7 +791,7 @@ inline bool fill_run_g(int64_t G, const Entries& en, const Rows& rows, const CT*
 }
 #endif
 
-// Fills, for every entry in use, its value in `tables` (B*H*Gr, T) and its keys and weight in `en`:
+// Fills, for every entry in use, its value in `tables` (B*H*Gr, T) and its keys in `en`:
 // q̃_{g,band} · centroid[code] per query head row, or their max over the group (Gr = 1). Entries are computed
 // once each, straight from the centroid rows, so a band with few tokens costs what its tokens use, not C dot
 // products per head.
@@ -835,7 +831,6 @@ void fill_entries(const Entries& en, const float* Q, int64_t R, int64_t G, const
 #endif
       const int32_t* list = en.used + bh * en.cap;
       const uint8_t* band = en.band + bh * en.cap;
-      const int32_t* cnt = en.counts + bh * T;
       auto row = [&](int64_t i) { return ch + (list[i] - band[i] * C) * d; };
       for (int64_t s = first; s < end; s += kBatch) {
         const int64_t nb = std::min(kBatch, end - s);
@@ -851,7 +846,6 @@ void fill_entries(const Entries& en, const float* Q, int64_t R, int64_t G, const
         for (int64_t i = 0; i < nb; ++i) {
           const int64_t p = s + i, e = list[p];
           const float* v = dots.data() + i * G;
-          en.weights[bh * en.cap + p] = static_cast<uint32_t>(cnt[e]);
           if (Gr == 1) {
             float m = v[0];
             for (int64_t g = 1; g < G; ++g) m = std::max(m, v[g]);
