@@ -220,6 +220,9 @@ def test_out_of_table_codes_raise_and_leave_the_next_call_right(isa_ext):
     k = torch.tensor([20])
     with pytest.raises(RuntimeError, match="outside the lookup table"):
         isa_ext.score_select_direct(q, cent, bands, True, bad, offsets + C, valid, k, 2, 4)
+    bad[0, 1, 100] = -bands * C - 1  # below the table whatever the band
+    with pytest.raises(RuntimeError, match="outside the lookup table"):
+        isa_ext.score_select_direct(q, cent, bands, True, bad, offsets, valid, k, 2, 4)
     # the counts a failed call made are not carried into the next one
     assert_same_selection(isa_ext.score_select_direct(q, cent, bands, True, codes, offsets, valid, k, 2, 4),
                           reference_score_select_direct(q, cent, bands, True, codes, offsets, valid, k, 2, 4))

@@ -32,11 +32,37 @@ inline uint32_t order_key(float f) {
   return bits ^ (sign | 0x80000000u);
 }
 
+// Buffers of the calling thread, kept between calls: allocated afresh, these (up to MiBs at long contexts) were
+// new pages on every call, whose faults cost more than the selection itself.
+struct Scratch {
+  std::vector<uint8_t> always;  // row_info's
+  std::vector<int32_t> cand;
+  std::vector<int32_t> counts;  // all zero between calls: a call clears what it counted
+  std::vector<int32_t> used;
+  std::vector<uint8_t> bands;
+  std::vector<uint32_t> keys, weights;
+  std::vector<float> tables;
+  std::vector<uint8_t> any, mrow;  // select_rows' (each worker thread its own)
+  std::vector<int32_t> eq;
+  std::vector<uint32_t> w;
+};
+
+Scratch& scratch() {
+  thread_local Scratch s;
+  return s;
+}
+
+template <typename T>
+T* grown(std::vector<T>& v, int64_t size) {
+  if (static_cast<int64_t>(v.size()) < size) v.resize(size);  // new elements are zero
+  return v.data();
+}
+
 // Per row b: which tokens are always kept (first `sinks` / last `window` valid ones) and the list of
 // candidates (valid and not always kept), ascending. Mirrors selection.always_kept.
 struct RowInfo {
-  std::vector<uint8_t> always;   // (B, n)
-  std::vector<int32_t> cand;     // (B, n): first m[b] entries used
+  uint8_t* always = nullptr;     // (B, n), in the calling thread's scratch
+  int32_t* cand = nullptr;       // (B, n): first m[b] entries used
   std::vector<int64_t> m;        // candidates per row
   std::vector<int64_t> n_always; // always-kept per row
 };
@@ -44,15 +70,15 @@ struct RowInfo {
 RowInfo row_info(const torch::Tensor& valid, int64_t sinks, int64_t window) {
   const int64_t B = valid.size(0), n = valid.size(1);
   RowInfo r;
-  r.always.resize(B * n);
-  r.cand.resize(B * n);
+  r.always = grown(scratch().always, B * n);  // every slot a row uses is written below
+  r.cand = grown(scratch().cand, B * n);
   r.m.assign(B, 0);
   r.n_always.assign(B, 0);
   const bool* V = valid.data_ptr<bool>();  // contiguous (the caller makes it so)
   for (int64_t b = 0; b < B; ++b) {
     const bool* vb = V + b * n;
-    uint8_t* al = r.always.data() + b * n;
-    int32_t* cd = r.cand.data() + b * n;
+    uint8_t* al = r.always + b * n;
+    int32_t* cd = r.cand + b * n;
     int64_t length = 0;
 #pragma omp simd reduction(+ : length)
     for (int64_t j = 0; j < n; ++j) length += vb[j];
@@ -190,11 +216,12 @@ inline uint32_t refine_weighted(uint32_t* keys, uint32_t* w, int64_t u, uint32_t
     const uint32_t bin = top_bucket(hist, nb, need);
     prefix |= bin << shift;
     int64_t o = 0;
-    for (int64_t i = 0; i < u; ++i)
-      if (((keys[i] >> shift) & mask) == bin) {
-        keys[o] = keys[i];
-        w[o++] = w[i];
-      }
+    for (int64_t i = 0; i < u; ++i) {  // branch-free: the bin's share of keys is data (up to most of them)
+      const uint32_t key = keys[i], wi = w[i];
+      keys[o] = key;
+      w[o] = wi;
+      o += ((key >> shift) & mask) == bin;
+    }
     u = o;
   }
   return prefix;
@@ -205,27 +232,6 @@ inline uint32_t refine_weighted(uint32_t* keys, uint32_t* w, int64_t u, uint32_t
 // ---------------------------------------------------------------------------------------------------
 
 constexpr int64_t kBlock = 16;  // codes per block of the listing
-
-// Buffers of the calling thread, kept between calls: allocated afresh, these (up to MiBs at long contexts) were
-// new pages on every call, whose faults cost more than the selection itself.
-struct Scratch {
-  std::vector<int32_t> counts;  // all zero between calls: a call clears what it counted
-  std::vector<int32_t> used;
-  std::vector<uint8_t> bands;
-  std::vector<uint32_t> keys, weights;
-  std::vector<float> tables;
-};
-
-Scratch& scratch() {
-  thread_local Scratch s;
-  return s;
-}
-
-template <typename T>
-T* grown(std::vector<T>& v, int64_t size) {
-  if (static_cast<int64_t>(v.size()) < size) v.resize(size);  // new elements are zero
-  return v.data();
-}
 
 // A selection's inputs other than the entry values: each row's candidates and budget, and per (b, KV head)
 // how many candidates carry each table entry and which entries those are. A row's radix select then reads
@@ -247,7 +253,7 @@ struct Entries {
 
   bool ranked(int64_t b) const { return keff[b] > 0 && keff[b] < info.m[b]; }
   bool contiguous(int64_t b) const {
-    const int32_t* cand = info.cand.data() + b * n;
+    const int32_t* cand = info.cand + b * n;
     return cand[info.m[b] - 1] - cand[0] == info.m[b] - 1;
   }
   const int16_t* code_row(int64_t bh) const { return codes + (bh / H) * cs0 + (bh % H) * cs1; }
@@ -347,7 +353,7 @@ std::unique_ptr<Entries> count_entries(const torch::Tensor& codes, const c10::op
       if (!en.ranked(b)) continue;
       const int16_t* crow = en.code_row(bh);
       const int32_t* orow = en.offset_row(b);
-      const int32_t* cand = en.info.cand.data() + b * n;
+      const int32_t* cand = en.info.cand + b * n;
       int32_t* cnt = en.counts + bh * T;
       const int64_t m = en.info.m[b], c0 = cand[0];
       uint32_t out = 0;
@@ -358,10 +364,28 @@ std::unique_ptr<Entries> count_entries(const torch::Tensor& codes, const c10::op
         out |= o;
         ++cnt[o ? 0 : e];
       };
-      if (en.contiguous(b))
-        for (int64_t j = c0; j < c0 + m; ++j) add(j);
-      else
+      if (en.contiguous(b)) {
+        int64_t j = c0;
+#if defined(__AVX512F__)
+        // 16 entries at a time computed and checked as vectors; only the increments are scalar
+        alignas(64) int32_t eb[16];
+        const __m512i tv = _mm512_set1_epi32(static_cast<int32_t>(T));
+        __mmask16 outside = 0;
+        for (; j + 16 <= c0 + m; j += 16) {
+          __m512i e = _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(crow + j)));
+          if (orow) e = _mm512_add_epi32(e, _mm512_loadu_si512(orow + j));
+          const __mmask16 o = _mm512_cmpge_epu32_mask(e, tv);
+          outside |= o;
+          _mm512_store_si512(eb, _mm512_mask_mov_epi32(e, o, _mm512_setzero_si512()));
+#pragma GCC unroll 16
+          for (int l = 0; l < 16; ++l) ++cnt[eb[l]];
+        }
+        out |= outside != 0;
+#endif
+        for (; j < c0 + m; ++j) add(j);
+      } else {
         for (int64_t i = 0; i < m; ++i) add(cand[i]);
+      }
       bad[bh] = out != 0;
       en.u[bh] = list_entries(cnt, bands, C, en.used + bh * en.cap, en.band + bh * en.cap, en.weights + bh * en.cap);
     }
@@ -455,13 +479,15 @@ std::vector<torch::Tensor> select_rows(const Entries& en, const float* tables) {
   int32_t* I = idx.data_ptr<int32_t>();
   int32_t* N = count.data_ptr<int32_t>();
   at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<uint32_t> w(en.cap);
-    std::vector<uint8_t> any(n), mrow(n);
-    std::vector<int32_t> eq(n + 16);
+    Scratch& ts = scratch();  // this worker's buffers: no pages to fault in, nothing to zero
+    uint32_t* w = grown(ts.w, en.cap);
+    uint8_t* any = grown(ts.any, n);
+    uint8_t* mrow = grown(ts.mrow, n);
+    int32_t* eq = grown(ts.eq, n + 16);
     for (int64_t bh = lo; bh < hi; ++bh) {
       const int64_t b = bh / H, m = info.m[b], kk = en.keff[b];
-      const int32_t* cand = info.cand.data() + b * n;
-      std::memcpy(any.data(), info.always.data() + b * n, n);
+      const int32_t* cand = info.cand + b * n;
+      std::memcpy(any, info.always + b * n, n);
       if (kk == m) {  // every candidate fits: no ranking needed
         for (int64_t i = 0; i < m; ++i) any[cand[i]] = 1;
       } else if (kk > 0) {
@@ -482,25 +508,25 @@ std::vector<torch::Tensor> select_rows(const Entries& en, const float* tables) {
           if (kmin != kmax) {
             const int common = __builtin_clz(kmin ^ kmax);  // leading bits shared by every entry key
             const uint32_t fixed = common ? (kmin >> (32 - common)) << (32 - common) : 0u;
-            std::memcpy(w.data(), en.weights + bh * en.cap, u * sizeof(uint32_t));
-            thr = refine_weighted(ek, w.data(), u, fixed, 32 - common, take);
+            std::memcpy(w, en.weights + bh * en.cap, u * sizeof(uint32_t));
+            thr = refine_weighted(ek, w, u, fixed, 32 - common, take);
           }
-          uint8_t* mr = Gr == 1 ? any.data() : mrow.data();  // one row: marked straight into the union
+          uint8_t* mr = Gr == 1 ? any : mrow;  // one row: marked straight into the union
           if (Gr > 1) std::memset(mr, 0, n);
           int64_t ne;
-          if (contig) ne = orow ? mark_row<true, true>(mr, lrow, crow, orow, cand, m, thr, eq.data())
-                                : mark_row<true, false>(mr, lrow, crow, orow, cand, m, thr, eq.data());
-          else ne = orow ? mark_row<false, true>(mr, lrow, crow, orow, cand, m, thr, eq.data())
-                         : mark_row<false, false>(mr, lrow, crow, orow, cand, m, thr, eq.data());
+          if (contig) ne = orow ? mark_row<true, true>(mr, lrow, crow, orow, cand, m, thr, eq)
+                                : mark_row<true, false>(mr, lrow, crow, orow, cand, m, thr, eq);
+          else ne = orow ? mark_row<false, true>(mr, lrow, crow, orow, cand, m, thr, eq)
+                         : mark_row<false, false>(mr, lrow, crow, orow, cand, m, thr, eq);
           for (int64_t i = ne - take; i < ne; ++i) mr[contig ? cand[0] + eq[i] : cand[eq[i]]] = 1;  // the latest ties
           if (Gr > 1) {
-            uint8_t* __restrict a = any.data();
+            uint8_t* __restrict a = any;
 #pragma omp simd
             for (int64_t j = 0; j < n; ++j) a[j] |= mr[j];
           }
         }
       }
-      const int64_t c = compact(any.data(), n, I + bh * L, L);
+      const int64_t c = compact(any, n, I + bh * L, L);
       N[bh] = static_cast<int32_t>(c);
       if (c < L) I[bh * L + c] = -1;
     }
