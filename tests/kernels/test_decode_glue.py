@@ -71,3 +71,30 @@ def test_store_rows_refuses_rows_outside_and_falls_back_for_int8(isa_ext):
     q_dst = torch.zeros(6, 8, dtype=torch.int8)
     store_rows(q_dst, q_dst.clone(), torch.tensor([1, 2]), k, v)  # no kernel for int8 rows: the reference
     assert q_dst[1:3].eq(1).all() and q_dst[0].eq(0).all()
+
+
+@pytest.mark.parametrize("family", ["llama", "yarn", "linear", "qwen3"])
+def test_band_queries_through_the_rope_kernel_are_wrope_queries_bit_for_bit(isa_ext, family):
+    """A decode step rotates each query for every band in one kernel call (the query broadcast over the bands,
+    each band's cos and sin broadcast over the rows): the values of WRoPE.queries, the reference, exactly."""
+    from a2ats.core.config import A2ATSConfig
+    from a2ats.core.rope import WRoPE, find_rotary_embedding
+    from a2ats.methods import A2ATSMethod
+    from conftest import random_codebooks, tiny_model
+
+    model = tiny_model(family)
+    w = WRoPE(find_rotary_embedding(model), band_ratio=2, first_edge=8)
+    Hq = model.config.num_attention_heads
+    d = getattr(model.config, "head_dim", None) or model.config.hidden_size // Hq
+    q = torch.randn(3, Hq, d, generator=torch.Generator().manual_seed(3))
+    for bands in (1, 5):
+        want = w.queries(q, bands)
+        cos, ssin = w.band_rotation(q.device, bands, d)
+        got = isa_ext.rope(q.unsqueeze(2).expand(3, Hq, bands, d), cos.expand(3, 1, bands, -1),
+                           ssin.expand(3, 1, bands, -1))
+        assert torch.equal(got, want)
+    # the method's decode queries (default build): the same rows, laid out per KV head
+    method = A2ATSMethod(random_codebooks(model), w, A2ATSConfig().score_precision)
+    Hkv = model.config.num_key_value_heads
+    got, _ = method.queries(0, q, q, 5, slice(0, Hkv))
+    assert torch.equal(got, w.queries(q, 5).reshape(3, Hkv, -1, d))

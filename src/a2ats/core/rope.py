@@ -170,6 +170,17 @@ class WRoPE:
         x = q_pre.to(torch.float32).unsqueeze(-2)  # (..., 1, d), broadcast over the bands
         return (x * cos).add_(x.index_select(-1, swap) * sin)
 
+    def band_rotation(self, device: torch.device, bands: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, signed_sin), each (bands, rot), the rotation :meth:`queries` applies to the first ``rot`` dims
+        for each band, in the layout of :func:`a2ats.kernels.ops.rope` (``signed_sin``: the sign of
+        ``rotate_half`` folded in); the dims past a partial rotary pass through."""
+        key = (device, bands, d, "rotation")
+        if key not in self._cache:
+            cos, sin, _ = self._stacked(device, bands, d)
+            rot = self._scaled(device, 0)[0].shape[-1]
+            self._cache[key] = (cos[:, :rot].contiguous(), sin[:, :rot].contiguous())
+        return self._cache[key]
+
     def _stacked(self, device: torch.device, bands: int, d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(cos, sin, swap) with ``x * cos + x[..., swap] * sin`` = :func:`apply_rotation` of x (..., d) by each
         band's rotation, (bands, d): ``swap`` exchanges the two halves of the rotated dims, the sign of

@@ -74,8 +74,10 @@ class A2ATSMethod(Method):
         Hkv = centroids.shape[0]
         if self.post_rope:
             q = query.float()
-        elif self.wrope.banded:
-            q = self.wrope.queries(q_pre, bands)
+        elif self.wrope.banded:  # WRoPE.queries' values, bit for bit, in one kernel call instead of five ops
+            cos, sin = self.wrope.band_rotation(q_pre.device, bands, d)
+            x = q_pre.float().unsqueeze(2).expand(B, Hq, bands, d)
+            q = kernels.rope(x, cos.expand(B, 1, bands, -1), sin.expand(B, 1, bands, -1))
         else:
             q = self.wrope.query(q_pre)
         return q.reshape(B, Hkv, (Hq // Hkv) * bands, d), centroids
