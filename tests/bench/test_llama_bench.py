@@ -42,6 +42,20 @@ def test_rows_keep_each_gguf_at_its_best_flash_setting(tmp_path):
     assert args[args.index("-p") + 1] == "0" and args[args.index("-o") + 1] == "json"
 
 
+def test_one_flash_setting_and_the_repetitions_reach_llama_bench(tmp_path):
+    (tmp_path / "a.gguf").write_bytes(b"")
+    a = str(tmp_path / "a.gguf")
+    binary = _fake_llama_bench(tmp_path, [_result(a, "Q8_0", False, 50.0)])
+    (row,) = llama_bench(binary, [a], 16384, repeats=1, flash="off", log=lambda *_: None)
+    assert row.flash_attn == "off" and row.ms_by_flash == {"off": 20.0}
+    args = (tmp_path / "args").read_text().split()
+    assert args[args.index("-fa") + 1] == "off" and args[args.index("-r") + 1] == "1"
+    with pytest.raises(ValueError, match="choose one of off,on, off, on"):
+        llama_bench(binary, [a], 2048, flash="maybe")
+    with pytest.raises(ValueError, match="integer >= 1"):
+        llama_bench(binary, [a], 2048, repeats=0)
+
+
 def test_weight_type_is_spelled_as_gguf_file_names_spell_it():
     assert weight_type("qwen2 0.5B Q4_K - Medium") == "q4_k_m"
     assert weight_type("llama 135M Q8_0") == "q8_0"

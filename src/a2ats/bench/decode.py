@@ -23,6 +23,7 @@ from transformers import DynamicCache
 from a2ats import factory
 from a2ats.bench import DEFAULT_VARIANTS, VARIANTS, engine_variant
 from a2ats.bench.accounting import account, host_read_gbps, step_bytes
+from a2ats.bench.llamacpp import FLASH_SETTINGS
 from a2ats.bench.output import emit, machine
 from a2ats.bench.synthetic import decode_steps, real_prefill, tile
 from a2ats.core.codebook import Codebooks
@@ -132,14 +133,16 @@ def bench_decode(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=
                  variants=DEFAULT_VARIANTS, steps: int = 8, warmup: int = 2, base: int = 4096, text_ids=None,
                  gguf: str | None = None, read_gbps: float | None = None, log=print, kv_dtype: torch.dtype | None = None,
                  dense_below: int | str = "auto", llama_bench: str | None = None,
-                 llama_ggufs: list[str] | None = None, llama_lengths: list[int] | None = None) -> tuple[list, dict]:
+                 llama_ggufs: list[str] | None = None, llama_lengths: list[int] | None = None,
+                 llama_flash: str = "off,on", llama_repeats: int = 2) -> tuple[list, dict]:
     """One row per (variant, length), and run facts: the prefill (the cost of encoding keys at prefill), the
     host's read bandwidth, measured here unless ``read_gbps`` is given, that each lean-engine row's bytes are
     held against (:mod:`.accounting`), and where the A²ATS engines start selecting (``crossover``). ``text_ids``:
     the real prompt to prefill (default: a State of the Union speech); ``gguf``: the file llama.cpp runs (default:
     the default model's). ``kv_dtype`` and ``dense_below``: the lean engines' (default: theirs). ``llama_bench``: a
     natively built llama-bench, run on ``llama_ggufs`` at each length (of ``llama_lengths``, default all) right
-    after our variants (same run, same depth), one row per GGUF at its better flash-attention setting."""
+    after our variants (same run, same depth), one row per GGUF at its better flash-attention setting (of
+    ``llama_flash``), ``llama_repeats`` repetitions each."""
     if text_ids is None:
         from a2ats.assets.corpus import speeches
 
@@ -222,7 +225,8 @@ def bench_decode(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=
         if llama_bench and (llama_lengths is None or length in llama_lengths):
             from a2ats.bench.llamacpp import llama_bench as run_llama_bench
 
-            rows += run_llama_bench(llama_bench, llama_ggufs or [], length, log=log)
+            rows += run_llama_bench(llama_bench, llama_ggufs or [], length, repeats=llama_repeats, flash=llama_flash,
+                                    log=log)
     return rows, prefill
 
 
@@ -250,13 +254,18 @@ def add_arguments(p) -> None:
                         "in tokens below which steps attend densely (0: select at every length)")
     p.add_argument("--llama-bench", metavar="PATH",
                    help="a natively built llama.cpp llama-bench: run after our variants at each length (flash "
-                        "attention off and on, the better kept) on --llama-gguf")
+                        "attention as --llama-flash, the better kept) on --llama-gguf")
     p.add_argument("--llama-gguf", type=options.csv(str), metavar="FILES",
                    help="GGUFs for --llama-bench (default: a Q8_0 converted once from the model's bf16 copy by the "
                         "converter in llama-bench's source tree, our int8's bits; and the model's shipped 4-bit GGUF)")
     p.add_argument("--llama-lengths", type=options.csv(int), metavar="LENGTHS",
                    help="the lengths --llama-bench runs at (default: every --lengths; llama-bench prefills each depth "
-                        "itself, twice: a 32K depth takes ~30 min on 2 cores for SmolLM2)")
+                        "itself for every setting and repetition: on 2 cores a 16K depth takes ~3 min on SmolLM2)")
+    p.add_argument("--llama-flash", choices=FLASH_SETTINGS, default="off,on",
+                   help="--llama-bench's flash attention: off,on (both, the better kept; default), or one of them where "
+                        "the other is known slower at shorter depths on this machine (each setting prefills the depth)")
+    p.add_argument("--llama-repeats", type=int, default=2, metavar="N",
+                   help="--llama-bench's repetitions per setting (default 2; each prefills the depth again)")
     p.add_argument("--out", help="folder for decode.json, decode.md and decode.png")
     p.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
 
@@ -284,7 +293,8 @@ def main(a) -> int:
     rows, prefill = bench_decode(model, tok, options.codebooks(a, model, tok), cfg, lengths=a.lengths or LENGTHS,
                                  variants=a.variants, steps=a.steps, gguf=gguf, log=options.log,
                                  kv_dtype=KV_DTYPES[a.kv_dtype], dense_below=a.dense_below,
-                                 llama_bench=a.llama_bench, llama_ggufs=ggufs, llama_lengths=a.llama_lengths)
+                                 llama_bench=a.llama_bench, llama_ggufs=ggufs, llama_lengths=a.llama_lengths,
+                                 llama_flash=a.llama_flash, llama_repeats=a.llama_repeats)
     rows = rows_to_json(rows)
     res = {"machine": machine(), "model": options.model_label(a), "dtype": a.dtype, "budget": cfg.budget_label,
            "wrope_bands": cfg.wrope_band_ratio, "command": "a2ats " + " ".join(sys.argv[1:]),

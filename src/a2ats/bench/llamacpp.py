@@ -114,10 +114,18 @@ def weight_type(model_type: str) -> str:
     return (base.strip() + (f"_{size.strip()[0]}" if size.strip() else "")).lower()
 
 
+FLASH_SETTINGS = ("off,on", "off", "on")
+
+
 def llama_bench(binary: str | Path, ggufs: list[str], length: int, threads: int | None = None, gen: int = 16,
-                repeats: int = 2, log=print) -> list[LlamaBenchRow]:
+                repeats: int = 2, flash: str = "off,on", log=print) -> list[LlamaBenchRow]:
     """Decode at depth ``length`` for each GGUF with the natively built ``llama-bench`` at ``binary``: ``gen``
-    tokens per repetition, ``threads`` threads (default: every core), flash attention off and on."""
+    tokens per repetition, ``repeats`` repetitions (each prefills the depth anew), ``threads`` threads (default:
+    every core), flash attention ``flash`` ("off,on": both, the better kept)."""
+    if flash not in FLASH_SETTINGS:
+        raise ValueError(f"flash attention setting {flash!r}: choose one of {', '.join(FLASH_SETTINGS)}")
+    if not (isinstance(repeats, int) and repeats >= 1):
+        raise ValueError(f"llama-bench repetitions must be an integer >= 1, got {repeats!r}")
     binary = Path(binary)
     if not (binary.is_file() and os.access(binary, os.X_OK)):
         raise ValueError(f"--llama-bench: {binary} is not an executable llama-bench; build llama.cpp's tools "
@@ -127,7 +135,7 @@ def llama_bench(binary: str | Path, ggufs: list[str], length: int, threads: int 
             raise ValueError(f"GGUF {g} not found")
     threads = threads or os.cpu_count()
     cmd = [str(binary), "-m", ",".join(ggufs), "-t", str(threads), "-p", "0", "-n", str(gen), "-d", str(length),
-           "-fa", "off,on", "-r", str(repeats), "-o", "json"]
+           "-fa", flash, "-r", str(repeats), "-o", "json"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
