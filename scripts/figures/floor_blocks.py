@@ -11,10 +11,10 @@ from blocks import block, expect
 from formatting import k, ms, paragraphs, ratio, table
 from sources import load_json, same_machine, source_line
 
-RUNS = [f"docs/bench/speed/amd-smollm2/run{i}/decode.json" for i in (7, 8)]
-BEFORE = [f"docs/bench/speed/amd-smollm2/run{i}/decode.json" for i in (3, 4)]
-QWEN_RUNS = [f"docs/bench/speed/amd-qwen/run{i}/decode.json" for i in (3, 4)]
-QWEN_BEFORE = ["docs/bench/speed/amd-qwen/run2/decode.json"]
+RUNS = ["docs/bench/speed/amd-smollm2/run9/decode.json"]
+BEFORE = [f"docs/bench/speed/amd-smollm2/run{i}/decode.json" for i in (7, 8)]
+QWEN_RUNS = ["docs/bench/speed/amd-qwen/run5/decode.json"]
+QWEN_BEFORE = [f"docs/bench/speed/amd-qwen/run{i}/decode.json" for i in (3, 4)]
 WANT = ("a2ats-fast", "a2ats-fast-paper", "dense-lean")
 LLAMA = ("llama.cpp-q8_0", "llama.cpp-q4_1", "llama.cpp-q4_k_m")
 SPREAD = 1.15  # one run has no spread of its own: the ±15% these machines showed between runs of one command
@@ -58,6 +58,13 @@ def _versus_llama(ours: list[float], llama: dict) -> str:
     return f"{ratio(r)} ({verdict})"
 
 
+def _flash(runs: list[dict]) -> str:
+    """The flash-attention settings llama-bench ran in the first run: both (the better kept) or one."""
+    kept = {f for r in runs[0]["rows"] if r["variant"] in LLAMA for f in r.get("ms_by_flash", {})}
+    return "its better of flash attention off and on" if kept >= {"off", "on"} else \
+        f"flash attention {'/'.join(sorted(kept)) or 'as built'} only"
+
+
 def _path(row: dict) -> str:
     """What the default's timed steps did: selected, or attended densely (the measured rule's fallback)."""
     if row.get("dense_steps", 0) >= row["steps"]:
@@ -99,7 +106,7 @@ def _floor(root: Path, run_rels: list[str], before_rels: list[str], model: str, 
                     + [_span(t["a2ats-fast-paper"]), _span(dense), ms(q8["ms_per_token"]) if q8 else "—",
                        ms(q4["ms_per_token"]) if q4 else "—",
                      _versus(fast, dense), _versus_llama(fast, q8) if q8 else "—", mb,
-                     f"{min(share):.2f}–{max(share):.2f}"])
+                     f"{min(share):.2f}" if len(set(share)) == 1 else f"{min(share):.2f}–{max(share):.2f}"])
     gbps = " and ".join(f"{d['host_read_gbps']:.1f}" for d in runs)
     kv = {d.get("kv_dtype", "float32") for d in runs}
     q4_name = "Q4_1" if model == "smollm2-135m" else "Q4_K_M"
@@ -108,14 +115,16 @@ def _floor(root: Path, run_rels: list[str], before_rels: list[str], model: str, 
             + ["paper's selection, ms", "dense, same engine, ms", "llama.cpp Q8_0, ms", f"llama.cpp {q4_name}, ms",
             "default over dense, run by run", "default over llama.cpp Q8_0, same run",
             "default reads: weights / scoring / attention, MB", "default: share of its floor"])
-    rule = "; ".join(f"run {i + 1}: {d['crossover']}" for i, d in enumerate(runs) if d.get("crossover"))
+    rule = "; ".join((f"run {i + 1}: " if len(runs) > 1 else "") + d["crossover"]
+                     for i, d in enumerate(runs) if d.get("crossover"))
     return "\n".join([
         f"{name}, batch 1, int8 decode weights, {'/'.join(sorted(kv))} K/V, "
         + (f"{len(runs)} runs of the same command (ranges are min–max over the runs; a ratio whose ranges overlap is "
            "a tie)" if len(runs) > 1 else "one run (a ratio within ±15%, these machines' run-to-run spread, is a tie)")
-        + ". llama.cpp: llama-bench in the first run, right after ours at each depth, its better of flash attention "
-        "off and on; its ratio is taken in that run and called a tie where it lies within our run-to-run spread. "
-        f"Host read bandwidth measured in each run: {gbps} GB/s. A step's floor is the bytes it must read at that bandwidth; its share of the floor is the floor over "
+        + f". llama.cpp: llama-bench in {'the first run' if len(runs) > 1 else 'the same run'}, right after ours at "
+        f"each depth, {_flash(runs)}; its ratio is taken in that run and called a tie where it lies within our "
+        "run-to-run spread. "
+        f"Host read bandwidth measured in {'each run' if len(runs) > 1 else 'the run'}: {gbps} GB/s. A step's floor is the bytes it must read at that bandwidth; its share of the floor is the floor over "
         "the step's time (1.00: at the machine's limit). \"dense\" in the default's column: its steps attended to "
         "every token, as the start-up measurement decided (selection measured not to pay at that length)."
         + (f" The default's start-up measurement, {rule}." if rule else ""), "",
