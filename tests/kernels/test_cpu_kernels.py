@@ -185,6 +185,28 @@ def test_sparse_attention_long_selection_splits_and_merges(ext, kt, vt, G):
                                rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("G", [3, 7])
+def test_sparse_attention_over_consecutive_rows_matches_reference(ext, dtype, G):
+    """A dense step's selection (every valid row, consecutive) and selections with long consecutive runs: their
+    chunks prefetch ahead past the chunk's end, up to the cache's last row (capacity exactly the rows here), and
+    attend exactly what the reference does; a padded row attends its own consecutive tail."""
+    B, H, n, d = 2, 2, 700, 64
+    g = torch.Generator().manual_seed(11 + G)
+    k = (torch.randn(B, H, n, d, generator=g) * 2).to(dtype)
+    v = torch.randn(B, H, n, d, generator=g).to(dtype)
+    q = torch.randn(B, H * G, d, generator=g)
+    dense = torch.zeros(B, H, n, dtype=torch.bool)
+    dense[0] = True
+    dense[1, :, n - 333 :] = True  # a left-padded row
+    runs = torch.rand(B, H, n, generator=g) < 0.3
+    runs[:, :, 40:400] = True  # a run longer than a chunk, then scattered rows
+    for keep in (dense, runs):
+        idx, count = mask_to_indices(keep)
+        want = reference_sparse_attention(q, k.float(), v.float(), idx, count, 0.125)
+        torch.testing.assert_close(ext.sparse_attention(q, k, v, idx, count, 0.125), want, atol=1e-5, rtol=1e-4)
+
+
 def test_selection_feeds_attention_end_to_end(ext):
     B, H, G, n, d = 2, 2, 4, 777, 32
     lut, codes, offsets, valid = make_case(B, H, G, n, 64, banded=True, lengths=[n, 500], seed=5)

@@ -142,14 +142,14 @@ inline int64_t element(int64_t l) {
 // earlier loop wrote every dot with a scalar store at a computed offset: more instructions than the dots.)
 template <int NG, typename TK>
 inline void dot_batch(const float* q, const TK* kbase, int64_t kstride, const int32_t* rowidx, int64_t r0, int n,
-                      int64_t rows, bool prefetch, __m512 scale, float* s) {
+                      const int32_t* pf, int64_t pf_end, bool prefetch, __m512 scale, float* s) {
   constexpr int R = 16 / NG;
   __m512 part[16];
 #pragma GCC unroll 16
   for (int rr = 0; rr < R; ++rr) {
     if (rr < n) {
       const int64_t r = r0 + rr;
-      if (prefetch && r + kAhead < rows) prefetch_row<2>(kbase + static_cast<int64_t>(rowidx[r + kAhead]) * kstride, 64);
+      if (prefetch && r < pf_end) prefetch_row<2>(kbase + static_cast<int64_t>(pf[r]) * kstride, 64);
       __m512 k[4];
       Row64<TK>::load(kbase + static_cast<int64_t>(rowidx[r]) * kstride, k);
 #pragma GCC unroll 8
@@ -177,24 +177,24 @@ inline void dot_batch(const float* q, const TK* kbase, int64_t kstride, const in
 
 template <int NG, typename TK>
 inline void dots64(const float* q, const TK* kbase, int64_t kstride, const int32_t* rowidx, int64_t rows,
-                   bool prefetch, float scaling, float* s) {
+                   const int32_t* pf, int64_t pf_end, bool prefetch, float scaling, float* s) {
   constexpr int R = 16 / NG;
   const __m512 scale = _mm512_set1_ps(scaling);
   int64_t r0 = 0;
-  for (; r0 + R <= rows; r0 += R) dot_batch<NG>(q, kbase, kstride, rowidx, r0, R, rows, prefetch, scale, s);
-  if (r0 < rows) dot_batch<NG>(q, kbase, kstride, rowidx, r0, static_cast<int>(rows - r0), rows, prefetch, scale, s);
+  for (; r0 + R <= rows; r0 += R) dot_batch<NG>(q, kbase, kstride, rowidx, r0, R, pf, pf_end, prefetch, scale, s);
+  if (r0 < rows) dot_batch<NG>(q, kbase, kstride, rowidx, r0, static_cast<int>(rows - r0), pf, pf_end, prefetch, scale, s);
 }
 
 // V rows weighted by the softmax's numerators (s) and summed, NG query heads at a time in NG x 4 accumulators
 // held in registers; acc (NG x 64) is written in the rows' lane order.
 template <int NG, typename TV>
-inline void weighted_v64(const TV* vbase, int64_t vstride, const int32_t* rowidx, int64_t rows, bool prefetch,
-                         const float* s, float* acc) {
+inline void weighted_v64(const TV* vbase, int64_t vstride, const int32_t* rowidx, int64_t rows, const int32_t* pf,
+                         int64_t pf_end, bool prefetch, const float* s, float* acc) {
   __m512 a[NG][4];
   for (int g = 0; g < NG; ++g)
     for (int i = 0; i < 4; ++i) a[g][i] = _mm512_setzero_ps();
   for (int64_t r = 0; r < rows; ++r) {
-    if (prefetch && r + kAhead < rows) prefetch_row<2>(vbase + static_cast<int64_t>(rowidx[r + kAhead]) * vstride, 64);
+    if (prefetch && r < pf_end) prefetch_row<2>(vbase + static_cast<int64_t>(pf[r]) * vstride, 64);
     __m512 v[4];
     Row64<TV>::load(vbase + static_cast<int64_t>(rowidx[r]) * vstride, v);
     for (int g = 0; g < NG; ++g) {
@@ -211,27 +211,39 @@ inline void weighted_v64(const TV* vbase, int64_t vstride, const int32_t* rowidx
 // to 4 (its accumulators stay in registers).
 template <typename TK, typename TV>
 void chunk64(const float* qg, int64_t G, const TK* kbase, int64_t kstride, const TV* vbase, int64_t vstride,
-             const int32_t* rowidx, int64_t rows, float scaling, float* s, float* acc, float* pmax, float* psum,
-             float* qperm) {
+             const int32_t* rowidx, int64_t rows, int64_t cap, float scaling, float* s, float* acc, float* pmax,
+             float* psum, float* qperm) {
   const float* q = qg;
   if constexpr (Row64<TK>::kPermuted) {
     for (int64_t g = 0; g < G; ++g)
       for (int64_t l = 0; l < 64; ++l) qperm[g * 64 + l] = qg[g * 64 + element<TK>(l)];
     q = qperm;
   }
+  // Rows to prefetch: pf[r] is fetched while row r is read. A selection's scattered rows: kAhead rows ahead within
+  // the chunk. Consecutive rows (a dense step's, or a run of selected ones): further ahead, and past the chunk's
+  // end into the next one's rows, which the hardware prefetcher alone fetches too late at two streams per core.
+  alignas(64) int32_t ahead[kChunk];
+  const int32_t* pf = rowidx + kAhead;
+  int64_t pf_end = rows - kAhead;
+  if (rows > 0 && rowidx[rows - 1] - rowidx[0] == rows - 1) {
+    const int64_t last = cap - 1;
+    for (int64_t i = 0; i < rows; ++i) ahead[i] = static_cast<int32_t>(std::min<int64_t>(rowidx[0] + i + 64, last));
+    pf = ahead;
+    pf_end = rows;
+  }
   for (int64_t g0 = 0; g0 < G; g0 += 8) {
     const bool first = g0 == 0;
     const float* qb = q + g0 * 64;
     float* sb = s + g0 * kChunk;
     switch (std::min<int64_t>(8, G - g0)) {
-      case 8: dots64<8>(qb, kbase, kstride, rowidx, rows, first, scaling, sb); break;
-      case 7: dots64<7>(qb, kbase, kstride, rowidx, rows, first, scaling, sb); break;
-      case 6: dots64<6>(qb, kbase, kstride, rowidx, rows, first, scaling, sb); break;
-      case 5: dots64<5>(qb, kbase, kstride, rowidx, rows, first, scaling, sb); break;
-      case 4: dots64<4>(qb, kbase, kstride, rowidx, rows, first, scaling, sb); break;
-      case 3: dots64<3>(qb, kbase, kstride, rowidx, rows, first, scaling, sb); break;
-      case 2: dots64<2>(qb, kbase, kstride, rowidx, rows, first, scaling, sb); break;
-      default: dots64<1>(qb, kbase, kstride, rowidx, rows, first, scaling, sb); break;
+      case 8: dots64<8>(qb, kbase, kstride, rowidx, rows, pf, pf_end, first, scaling, sb); break;
+      case 7: dots64<7>(qb, kbase, kstride, rowidx, rows, pf, pf_end, first, scaling, sb); break;
+      case 6: dots64<6>(qb, kbase, kstride, rowidx, rows, pf, pf_end, first, scaling, sb); break;
+      case 5: dots64<5>(qb, kbase, kstride, rowidx, rows, pf, pf_end, first, scaling, sb); break;
+      case 4: dots64<4>(qb, kbase, kstride, rowidx, rows, pf, pf_end, first, scaling, sb); break;
+      case 3: dots64<3>(qb, kbase, kstride, rowidx, rows, pf, pf_end, first, scaling, sb); break;
+      case 2: dots64<2>(qb, kbase, kstride, rowidx, rows, pf, pf_end, first, scaling, sb); break;
+      default: dots64<1>(qb, kbase, kstride, rowidx, rows, pf, pf_end, first, scaling, sb); break;
     }
   }
   chunk_softmax(s, G, rows, pmax, psum);
@@ -241,10 +253,10 @@ void chunk64(const float* qg, int64_t G, const TK* kbase, int64_t kstride, const
     float* a = out + g0 * 64;
     const float* sg = s + g0 * kChunk;
     switch (std::min<int64_t>(4, G - g0)) {
-      case 4: weighted_v64<4>(vbase, vstride, rowidx, rows, first, sg, a); break;
-      case 3: weighted_v64<3>(vbase, vstride, rowidx, rows, first, sg, a); break;
-      case 2: weighted_v64<2>(vbase, vstride, rowidx, rows, first, sg, a); break;
-      default: weighted_v64<1>(vbase, vstride, rowidx, rows, first, sg, a); break;
+      case 4: weighted_v64<4>(vbase, vstride, rowidx, rows, pf, pf_end, first, sg, a); break;
+      case 3: weighted_v64<3>(vbase, vstride, rowidx, rows, pf, pf_end, first, sg, a); break;
+      case 2: weighted_v64<2>(vbase, vstride, rowidx, rows, pf, pf_end, first, sg, a); break;
+      default: weighted_v64<1>(vbase, vstride, rowidx, rows, pf, pf_end, first, sg, a); break;
     }
   }
   if constexpr (Row64<TV>::kPermuted)
@@ -290,7 +302,7 @@ void attend_impl(const float* Q, const TK* K, const TV* V, const int32_t* I, con
 #if defined(__AVX512F__)
       if constexpr (kWide<TK> && kWide<TV>) {
         if (d == 64) {
-          chunk64(qg, G, kbase, ks[2], vbase, vs[2], rowidx, rows, scaling, s.data(), pacc.data() + it * G * d,
+          chunk64(qg, G, kbase, ks[2], vbase, vs[2], rowidx, rows, cap, scaling, s.data(), pacc.data() + it * G * d,
                   pmax.data() + it * G, psum.data() + it * G, qperm.data());
           continue;
         }
