@@ -10,6 +10,7 @@ from pathlib import Path
 from blocks import block, expect
 from formatting import k, ms, paragraphs, ratio, table
 from sources import load_json, same_machine, source_line
+from speed_sources import SPREAD as RELATIVE_SPREAD
 
 RUNS = ["docs/bench/speed/amd-smollm2/run9/decode.json"]
 BEFORE = [f"docs/bench/speed/amd-smollm2/run{i}/decode.json" for i in (7, 8)]
@@ -17,7 +18,7 @@ QWEN_RUNS = ["docs/bench/speed/amd-qwen/run5/decode.json"]
 QWEN_BEFORE = [f"docs/bench/speed/amd-qwen/run{i}/decode.json" for i in (3, 4)]
 WANT = ("a2ats-fast", "a2ats-fast-paper", "dense-lean")
 LLAMA = ("llama.cpp-q8_0", "llama.cpp-q4_1", "llama.cpp-q4_k_m")
-SPREAD = 1.15  # one run has no spread of its own: the ±15% these machines showed between runs of one command
+SPREAD = 1 + RELATIVE_SPREAD  # one run has no spread of its own: the one these machines showed between runs
 
 
 def _runs(root: Path, rels: list[str], model: str = "smollm2-135m") -> list[dict]:

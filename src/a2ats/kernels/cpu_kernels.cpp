@@ -28,6 +28,7 @@ namespace {
 
 constexpr int64_t kChunk = 256;  // selected rows per work item: splits long selections across threads
 constexpr int64_t kAhead = 32;   // rows of software prefetch distance (d = 64 rows: into L2, prefetch_row<2>)
+constexpr int64_t kStreamAhead = 64;  // the same for consecutive rows (a dense step's), past the chunk's end
 
 // A row as floats: float rows are read in place; bf16 and int8 rows are widened into ``buf`` once, in a loop
 // of their own (the compiler vectorizes a plain widening loop; widening inside each of the G dot products
@@ -227,7 +228,7 @@ void chunk64(const float* qg, int64_t G, const TK* kbase, int64_t kstride, const
   int64_t pf_end = rows - kAhead;
   if (rows > 0 && rowidx[rows - 1] - rowidx[0] == rows - 1) {
     const int64_t last = cap - 1;
-    for (int64_t i = 0; i < rows; ++i) ahead[i] = static_cast<int32_t>(std::min<int64_t>(rowidx[0] + i + 64, last));
+    for (int64_t i = 0; i < rows; ++i) ahead[i] = static_cast<int32_t>(std::min<int64_t>(rowidx[0] + i + kStreamAhead, last));
     pf = ahead;
     pf_end = rows;
   }
