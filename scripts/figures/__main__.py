@@ -31,6 +31,7 @@ import qwen_blocks  # noqa: F401
 import readme_blocks  # noqa: F401
 import smollm2_blocks  # noqa: F401
 import speed_blocks  # noqa: F401
+import target_blocks  # noqa: F401
 import throughput_blocks  # noqa: F401
 from blocks import process
 from lint import measured_figures
