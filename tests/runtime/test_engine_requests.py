@@ -1,7 +1,10 @@
-"""What a request may ask of the engine beyond greedy tokens: sampling (temperature, top_p, seed), its own
-retrieval budget, cancellation (the slot frees at once), and a failure that ends its sequence alone."""
+"""What a request may ask of the engine beyond greedy tokens: sampling (temperature, top_p, seed, penalties, biases,
+log probabilities), its own retrieval budget, cancellation (the slot frees at once), and a failure that ends its
+sequence alone."""
 
 from __future__ import annotations
+
+from collections import Counter
 
 import pytest
 import torch
@@ -9,7 +12,7 @@ import torch
 from a2ats import A2ATSConfig
 from a2ats.core.config import Budget
 from a2ats.core.stats import SelectionTrace
-from a2ats.runtime import Engine, Request
+from a2ats.runtime import Engine, Request, Sampling, SamplingError
 from conftest import padded_batch, random_codebooks, tiny_model
 
 CFG = A2ATSConfig(budget=0.05, sinks=2, window=8)
@@ -41,18 +44,18 @@ def test_temperature_zero_is_greedy_and_seeds_reproduce_whatever_the_batch():
     model = tiny_model("llama")
     prompts = _prompts()
     greedy = _run(_engine(model), [Request(p, 8) for p in prompts])
-    explicit = _run(_engine(model), [Request(p, 8, temperature=0.0, seed=5) for p in prompts])
+    explicit = _run(_engine(model), [Request(p, 8, sampling=Sampling(temperature=0.0, seed=5)) for p in prompts])
     assert [c.tokens for c in explicit.values()] == [c.tokens for c in greedy.values()]
     # one sampled request, alone and among greedy ones in other slots
-    alone = _run(_engine(model, slots=1), [Request(prompts[0], 12, temperature=1.2, top_p=0.9, seed=11)])[0].tokens
-    mixed = _run(_engine(model, slots=3), [Request(prompts[1], 5), Request(prompts[0], 12, temperature=1.2, top_p=0.9,
-                                                                             seed=11), Request(prompts[2], 9)])
+    alone = _run(_engine(model, slots=1), [Request(prompts[0], 12, sampling=Sampling(temperature=1.2, top_p=0.9, seed=11))])[0].tokens
+    mixed = _run(_engine(model, slots=3), [Request(prompts[1], 5), Request(prompts[0], 12, sampling=Sampling(
+                                                                             temperature=1.2, top_p=0.9, seed=11)), Request(prompts[2], 9)])
     assert mixed[1].tokens == alone
     assert mixed[0].tokens == greedy[1].tokens[:5]
-    other = _run(_engine(model, slots=1), [Request(prompts[0], 12, temperature=1.2, top_p=0.9, seed=12)])[0].tokens
+    other = _run(_engine(model, slots=1), [Request(prompts[0], 12, sampling=Sampling(temperature=1.2, top_p=0.9, seed=12))])[0].tokens
     assert other != alone
     # a nucleus holding one token is the argmax
-    nucleus = _run(_engine(model, slots=1), [Request(prompts[0], 8, temperature=1.0, top_p=1e-9, seed=1)])[0].tokens
+    nucleus = _run(_engine(model, slots=1), [Request(prompts[0], 8, sampling=Sampling(temperature=1.0, top_p=1e-9, seed=1))])[0].tokens
     assert nucleus == greedy[0].tokens
 
 
@@ -65,7 +68,7 @@ def test_sampling_draws_from_the_tempered_distribution():
     p = torch.softmax(logits / 2.0, -1)
     order = p.argsort(descending=True)
     nucleus = set(order[: int((p[order].cumsum(0) < 0.5).sum()) + 1].tolist())
-    firsts = [c.tokens[0] for c in _run(engine, [Request(prompt, 1, temperature=2.0, top_p=0.5, seed=s)
+    firsts = [c.tokens[0] for c in _run(engine, [Request(prompt, 1, sampling=Sampling(temperature=2.0, top_p=0.5, seed=s))
                                                  for s in range(24)]).values()]
     assert set(firsts) <= nucleus and len(set(firsts)) > 1
 
@@ -88,9 +91,8 @@ def test_a_requests_budget_selects_as_an_engine_configured_with_it(path):
 
 
 def test_request_settings_are_checked():
-    for bad, match in [(dict(temperature=-0.1), "temperature"), (dict(temperature=float("nan")), "temperature"),
-                       (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(budget=1.5), "budget fraction"),
-                       (dict(budget="lots"), "not a number")]:
+    for bad, match in [(dict(budget=1.5), "budget fraction"), (dict(budget="lots"), "not a number"),
+                       (dict(sampling={"temperature": 1.0}), "a2ats.runtime.Sampling")]:
         with pytest.raises(ValueError, match=match):
             Request([1, 2, 3], 4, **bad)
     model = tiny_model("llama")
@@ -175,3 +177,42 @@ def test_admit_limit_prefills_one_request_per_step_between_decode_steps():
     while engine.has_work:
         step()
     assert {i: c.tokens for i, c in done.items()} == {i: c.tokens for i, c in base.items()}
+
+
+def test_penalties_biases_and_logprobs_follow_the_reference_step_by_step():
+    """Each token is the argmax of the raw logits adjusted as :mod:`a2ats.runtime.sampling` says (biases added,
+    presence and frequency penalties for the tokens generated so far), its log probabilities those of the adjusted
+    logits; a plain request batched beside it keeps its greedy tokens and reports none."""
+    model = tiny_model("llama")
+    prompts = _prompts()
+    plain = _run(_engine(model, slots=1), [Request(prompts[0], 12)])[0].tokens
+    beside = _run(_engine(model, slots=1), [Request(prompts[1], 10)])[0].tokens
+    bias = ((plain[0], -100.0), (17, 3.0))
+    s = Sampling(presence_penalty=0.7, frequency_penalty=1.3, logit_bias=bias, logprobs=4)
+    engine = _engine(model, slots=2)
+    engine.keep_logits = True
+    got = _run(engine, [Request(prompts[0], 12, sampling=s), Request(prompts[1], 10)])
+    c = got[0]
+    assert len(c.logprobs) == len(c.tokens) == 12
+    counts = Counter()
+    for raw, token, lp in zip(c.logits, c.tokens, c.logprobs):
+        x = raw.clone()
+        for t, b in bias:
+            x[t] += b
+        for t, n in counts.items():
+            x[t] -= 1.3 * n + 0.7
+        assert token == int(x.argmax())
+        ref = torch.log_softmax(x, -1)
+        top = ref.topk(4)
+        assert lp.token == token and lp.logprob == pytest.approx(float(ref[token]), abs=1e-5)
+        assert [a for a, _ in lp.top] == top.indices.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(top.values.tolist(), abs=1e-5)
+        counts[token] += 1
+    assert c.tokens != plain
+    assert got[1].tokens == beside and got[1].logprobs is None
+
+
+def test_logit_bias_past_the_vocabulary_is_refused():
+    model = tiny_model("llama")
+    with pytest.raises(SamplingError, match="past the vocabulary"):
+        _engine(model).add(Request([1, 2, 3], 4, sampling=Sampling(logit_bias=((10**6, 1.0),))))

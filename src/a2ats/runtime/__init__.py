@@ -9,6 +9,7 @@ Hugging Face model's own weights.
 - :mod:`.runner`: per-layer attention: dense prefill; decode = A²ATS selection + exact attention over it
   (kernels, or the torch reference), across the two placements, optionally in overlapping micro-batches.
 - :mod:`.requests`: requests, completions, a step's and a run's results.
+- :mod:`.sampling`: how a sequence picks its tokens (penalties, biases, temperature, top_p, seed, log probabilities).
 - :mod:`.crossover`: where selection pays: a start-up measurement of dense vs selecting attention on the
   engine's own shapes, and the rule that sends shorter contexts down the dense path.
 - :mod:`.engine`: :class:`Engine`: ``add``/``step`` (continuous batching), ``serve`` a queue, ``generate`` a batch.
@@ -27,7 +28,8 @@ from a2ats.runtime.requests import (
            ServeResult,
            StepResult,
 )
+from a2ats.runtime.sampling import Sampling, SamplingError, TokenLogprobs
 from a2ats.runtime.slots import KVState
 
-__all__ = ["Completion", "Engine", "EngineOutput", "KVState", "PreflightError", "Request", "ServeError", "ServeResult",
-           "StepResult"]
+__all__ = ["Completion", "Engine", "EngineOutput", "KVState", "PreflightError", "Request", "Sampling", "SamplingError",
+           "ServeError", "ServeResult", "StepResult", "TokenLogprobs"]

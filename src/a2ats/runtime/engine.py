@@ -4,8 +4,8 @@ Each :meth:`~Engine.step` either admits waiting requests into free slots (a dens
 sequence, which also yields its first token) or runs one decode step of every busy slot (A²ATS selection
 + exact attention over it, or dense attention without codebooks). :meth:`~Engine.serve` steps a queue of
 requests to the end; :meth:`~Engine.generate` serves a padded batch one row per slot. Greedy decoding
-unless a request samples (its own temperature, top_p and seed); every sequence's tokens are its own (slots never
-mix). :meth:`~Engine.cancel` frees a request's slot at once; a failure in one sequence's prefill or token ends
+unless a request's :class:`~.sampling.Sampling` says otherwise (temperature, top_p, seed, penalties, biases, log
+probabilities: :mod:`.sampling`); every sequence's tokens are its own (slots never mix). :meth:`~Engine.cancel` frees a request's slot at once; a failure in one sequence's prefill or token ends
 that sequence alone (``finish_reason="error"``), a failure of a whole decode step drops every sequence.
 
 Placements: ``local`` keeps K/V where the model runs; ``offload`` keeps them in host memory and selects on
@@ -41,6 +41,7 @@ from a2ats.runtime.requests import (
     StepResult,
 )
 from a2ats.runtime.runner import Runner
+from a2ats.runtime.sampling import Sampler, TokenLogprobs
 from a2ats.runtime.slots import SlotCache
 from a2ats.runtime.step import Timer
 
@@ -190,7 +191,8 @@ class Engine:
         self._owner = [None] * slots
         self._produced = [[] for _ in range(slots)]
         self._kept = [[] for _ in range(slots)]
-        self._generators: list[torch.Generator | None] = [None] * slots  # a sampling sequence's own
+        self._samplers: list[Sampler | None] = [None] * slots  # a sequence's own, unless its pick is the argmax
+        self._logprobs: list[list[TokenLogprobs]] = [[] for _ in range(slots)]
         self._last = torch.zeros(slots, dtype=torch.long, device=lean.device)
         self.runner.trace, self.runner.trace_ids = self.trace, self._owner
 
@@ -215,6 +217,7 @@ class Engine:
                              "larger max_context, or shorten the prompt")
         if not self.beyond_model_context:
             check_context(self.model, len(r.prompt), r.max_new_tokens)
+        r.sampling.check_vocab(self.lean.vocab)
         if r.budget is not None and self.method is None:
             raise ValueError(f"request {r.id!r} sets a retrieval budget; this engine attends to every token (no "
                              "A²ATS codebooks): leave the budget out")
@@ -270,9 +273,8 @@ class Engine:
                 self._owner[slot] = i
                 try:
                     logits = self._prefill(slot, self._start(slot, self._requests[i]))
-                    token = int(logits.argmax()) if self._generators[slot] is None else self._sample(slot, logits)
+                    token = self._pick(slot, logits, int(logits.argmax()), res)
                     self._last[slot] = token
-                    res.tokens[i] = token
                     self._take(slot, token, logits, res)
                 except Exception as e:  # this sequence alone: the others' slots are untouched
                     self._fail(slot, e, res)
@@ -323,36 +325,31 @@ class Engine:
         for slot, on in enumerate(busy):
             if on:
                 try:
-                    if self._generators[slot] is not None:
-                        tokens[slot] = self._sample(slot, logits[slot])
-                        self._last[slot] = tokens[slot]
-                    res.tokens[self._owner[slot]] = tokens[slot]
-                    self._take(slot, tokens[slot], logits[slot], res)
+                    token = self._pick(slot, logits[slot], tokens[slot], res)
+                    if token != tokens[slot]:
+                        self._last[slot] = token
+                    self._take(slot, token, logits[slot], res)
                 except Exception as e:  # this sequence alone: the batch's forward is done, the others go on
                     self._fail(slot, e, res)
         return res
 
     def _start(self, slot: int, r: Request) -> Request:
         """A sequence enters ``slot``: its own sampler and budget."""
-        if r.temperature > 0:
-            g = torch.Generator()
-            if r.seed is None:
-                g.seed()  # nondeterministic, as asked
-            else:
-                g.manual_seed(r.seed)
-            self._generators[slot] = g
+        self._samplers[slot] = None if r.sampling.plain else Sampler(r.sampling)
         self.runner.budgets[slot] = r.budget
         return r
 
-    def _sample(self, slot: int, logits: torch.Tensor) -> int:
-        """A token drawn from softmax(logits / temperature), cut to the smallest set whose mass reaches top_p."""
-        r = self._requests[self._owner[slot]]
-        p = torch.softmax(logits.float().cpu() / r.temperature, -1)
-        if r.top_p < 1.0:
-            sorted_p, order = p.sort(descending=True)
-            keep = sorted_p.cumsum(0) - sorted_p < r.top_p  # the mass before each token: the first is always kept
-            p = torch.zeros_like(p).index_put_((order[keep],), sorted_p[keep])
-        return int(torch.multinomial(p, 1, generator=self._generators[slot]))
+    def _pick(self, slot: int, logits: torch.Tensor, argmax: int, res: StepResult) -> int:
+        """The token ``slot`` produces from ``logits`` (its argmax given), recorded in ``res``."""
+        sampler, i = self._samplers[slot], self._owner[slot]
+        token = argmax
+        if sampler is not None:
+            token, logprobs = sampler.pick(logits)
+            if logprobs is not None:
+                res.logprobs[i] = logprobs
+                self._logprobs[slot].append(logprobs)
+        res.tokens[i] = token
+        return token
 
     def _take(self, slot: int, token: int, logits: torch.Tensor, res: StepResult) -> None:
         self._produced[slot].append(token)
@@ -370,7 +367,7 @@ class Engine:
         kv = self.cache.export(slot, self.lean.dtype) if r.keep_kv and reason in ("eos", "length") else None
         del self._requests[i]  # only now: a failed export leaves the request for _fail to answer
         c = Completion(r.id, len(r.prompt), self._produced[slot], reason, self._kept[slot] if self.keep_logits else None, kv,
-                       error)
+                       error, self._logprobs[slot] if r.sampling.logprobs is not None else None)
         self._clear(slot)
         res.finished.append((i, c))
 
@@ -382,8 +379,8 @@ class Engine:
             self._clear(slot)
 
     def _clear(self, slot: int) -> None:
-        self._owner[slot], self._produced[slot], self._kept[slot] = None, [], []
-        self._generators[slot] = self.runner.budgets[slot] = None
+        self._owner[slot], self._produced[slot], self._kept[slot], self._logprobs[slot] = None, [], [], []
+        self._samplers[slot] = self.runner.budgets[slot] = None
         self.cache.free(slot)
 
     def cancel(self, index: int) -> Completion | None:

@@ -9,6 +9,7 @@ import torch
 
 from a2ats.core.config import Budget
 from a2ats.core.stats import SelectionStats, SelectionTrace
+from a2ats.runtime.sampling import Sampling, TokenLogprobs
 from a2ats.runtime.slots import KVState
 
 
@@ -19,11 +20,7 @@ class Request:
     id: Any = None  # echoed in the completion (default: the request's index)
     kv: KVState | None = None  # the cache of the prompt's first kv.length tokens, already computed: not prefilled again
     keep_kv: bool = False  # the completion carries the sequence's cache (Completion.kv)
-    # Sampling: greedy (argmax, as without these) when temperature is 0; else softmax(logits / temperature),
-    # cut to the top_p nucleus, drawn from the request's own generator (``seed``: reproducible whatever it is batched with).
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
+    sampling: Sampling = field(default_factory=Sampling)  # greedy unless set (:mod:`.sampling`)
     budget: Budget | float | int | str | None = None  # this sequence's retrieval budget (a Budget once constructed)
 
     def __post_init__(self) -> None:
@@ -32,10 +29,8 @@ class Request:
             raise ValueError("a request needs a non-empty prompt")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not 0.0 <= self.temperature < float("inf"):  # also refuses NaN
-            raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.sampling, Sampling):
+            raise ValueError(f"sampling must be a2ats.runtime.Sampling, got {type(self.sampling).__name__}")
         if self.budget is not None:
             self.budget = Budget.parse(self.budget)
         if self.kv is not None and self.kv.length >= len(ids):
@@ -53,6 +48,7 @@ class Completion:
     logits: list[torch.Tensor] | None = None  # (vocab,) per token, when asked for (tests)
     kv: KVState | None = None  # the sequence's cache (prompt and all generated tokens but the last), when asked for
     error: str | None = None  # why the sequence failed (finish_reason "error"); the others went on
+    logprobs: list[TokenLogprobs] | None = None  # per token, when the request's sampling asks for them
 
 
 @dataclass
@@ -69,6 +65,7 @@ class StepResult:
     heads: int = 0  # ... over this many (layer, row, KV head) terms
     context: int = 0  # ... whose rows held this many tokens in all
     crossed: int = 0  # bytes between accelerator and host (decode)
+    logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)  # request index -> its token's, when asked for
 
 
 @dataclass

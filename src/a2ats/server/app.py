@@ -32,6 +32,7 @@ from a2ats.server.protocol import (
     chunk_body,
     completion_body,
     error_body,
+    logprobs_body,
     new_id,
     parse,
     usage,
@@ -97,19 +98,32 @@ def create_app(service: Service) -> FastAPI:
             chunks.append(chunk)
         return b"".join(chunks)
 
+    def json_only(request: Request) -> None:
+        # A body of another type is refused before it is read: a web page may post text/plain to a server on
+        # localhost without asking first (no CORS preflight), but not application/json.
+        kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if kind != "application/json":
+            raise ApiError(415, f"the body must be JSON sent with 'Content-Type: application/json', got "
+                           f"{kind or 'no Content-Type'}", code="unsupported_media_type")
+
     async def generate(request: Request, kind: type[CompletionRequest] | type[ChatRequest]) -> Response:
         authorize(request)
+        json_only(request)
         body = parse(kind, await read_body(request))
         if body.model != config.model_name:
             raise ApiError(404, f"the model '{body.model}' does not exist: this server serves '{config.model_name}'",
                            "model", "model_not_found")
         chat = kind is ChatRequest
         id = new_id("chatcmpl" if chat else "cmpl")
-        r = service.request(body, service.prompt_ids(body), id)
+        ids = service.prompt_ids(body)
+        r = service.request(body, ids, id)
+        echo = service.echo(body, ids)
         gen = service.generation(service.submit(r), body.stops)
+        logprobs = body.top is not None
         if body.stream:
             usage_chunk = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(events(request, gen, chat, id, usage_chunk), media_type="text/event-stream",
+            return StreamingResponse(events(request, gen, chat, id, usage_chunk, logprobs, echo),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         gone = asyncio.ensure_future(_gone(request))
         try:
@@ -121,25 +135,38 @@ def create_app(service: Service) -> FastAPI:
         finally:
             gone.cancel()
         metrics.outcome(gen.finish)
-        return JSONResponse(completion_body(chat, id, config.model_name, text, gen.finish,
-                                            usage(gen.prompt_tokens, gen.tokens)))
+        return JSONResponse(completion_body(chat, id, config.model_name, echo + text, gen.finish,
+                                            usage(gen.prompt_tokens, gen.tokens),
+                                            logprobs_body(chat, gen.take_logprobs(), len(echo)) if logprobs else None))
 
-    async def events(request: Request, gen, chat: bool, id: str, usage_chunk: bool):
-        """Server-sent events: a chunk per text delta as it is decoded, the finish reason, ``[DONE]``. A failure
-        after the 200 went out arrives as an event ``{"error": ...}`` (the OpenAI client raises it)."""
+    async def events(request: Request, gen, chat: bool, id: str, usage_chunk: bool, logprobs: bool, echo: str):
+        """Server-sent events: a chunk per text delta as it is decoded (with its tokens' log probabilities when
+        asked for), the finish reason, ``[DONE]``. A failure after the 200 went out arrives as an event
+        ``{"error": ...}`` (the OpenAI client raises it)."""
         gone = asyncio.ensure_future(_gone(request))
         outcome = "cancelled"  # unless it ends otherwise: a connection dropped mid-stream cancels
+        offset = len(echo)  # completions' text_offset: where the next token's text starts
 
         def event(body: dict) -> str:
             return f"data: {json.dumps(body)}\n\n"
 
+        def chunk(text: str, finish: str | None = None) -> str:
+            nonlocal offset
+            lp = None
+            if logprobs:
+                lp = logprobs_body(chat, gen.take_logprobs(), offset)
+                offset += len(text)
+            return event(chunk_body(chat, id, config.model_name, text, finish, logprobs=lp))
+
         try:
             if chat:
                 yield event(chunk_body(chat, id, config.model_name, "", None, role=True))
+            elif echo:
+                yield event(chunk_body(chat, id, config.model_name, echo, None))
             async with aclosing(gen.deltas(gone)) as deltas:
                 async for delta in deltas:
-                    yield event(chunk_body(chat, id, config.model_name, delta, None))
-            yield event(chunk_body(chat, id, config.model_name, "", gen.finish))
+                    yield chunk(delta)
+            yield chunk("", gen.finish)
             if usage_chunk:
                 yield event(chunk_body(chat, id, config.model_name, None, None,
                                        use=usage(gen.prompt_tokens, gen.tokens)))

@@ -3,8 +3,10 @@ response and stream-chunk bodies, and error bodies in OpenAI's shape ``{"error":
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -19,7 +21,8 @@ class StreamOptions(BaseModel):
 
 
 class _Sampling(BaseModel):
-    """What both endpoints take besides the prompt."""
+    """What both endpoints take besides the prompt. Ranges OpenAI documents are checked by the runtime's
+    :class:`~a2ats.runtime.Sampling` (one check, one message)."""
 
     model_config = _STRICT
     model: str
@@ -27,6 +30,9 @@ class _Sampling(BaseModel):
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.0  # the runtime's default: greedy
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None  # token id (a JSON key, so a string) -> bias
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -39,9 +45,41 @@ class _Sampling(BaseModel):
     def stops(self) -> list[str]:
         return [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
+    @property
+    def top(self) -> int | None:
+        """Alternatives to report per token (None: no log probabilities)."""
+        raise NotImplementedError
+
+    def biases(self) -> tuple[tuple[int, float], ...]:
+        out = []
+        for key, bias in (self.logit_bias or {}).items():
+            if not (key.isascii() and key.isdigit()):
+                raise ApiError(400, f"logit_bias keys must be token ids (digits), got {key!r}", "logit_bias")
+            out.append((int(key), bias))
+        return tuple(out)
+
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int]  # text, or token ids
+    # text, or token ids; or a list of one of those (OpenAI's batch form, which clients send for a single prompt)
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: Annotated[int, Field(ge=0)] | None = None  # the pick's and this many alternatives' log probabilities
+    echo: bool = False  # the prompt's text before the completion's
+    best_of: Annotated[int, Field(ge=1, le=1)] = 1  # one candidate, the one returned
+
+    @property
+    def top(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def one_prompt(self) -> str | list[int]:
+        """The prompt: text or token ids, unwrapped from a list of one."""
+        p = self.prompt
+        if isinstance(p, list) and p and not isinstance(p[0], int):
+            if len(p) != 1:
+                raise ApiError(400, f"this server answers one prompt per request, got a list of {len(p)}: send them "
+                               "as separate requests", "prompt")
+            return p[0]
+        return p
 
 
 class TextPart(BaseModel):
@@ -64,6 +102,14 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None  # the newer name of max_tokens
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0)] | None = None  # alternatives per token; needs logprobs: true
+
+    @property
+    def top(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def new_tokens(self) -> int | None:
@@ -74,7 +120,7 @@ class ApiError(Exception):
     """An answer other than 200: status, message, and OpenAI's error type, parameter and code."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-             405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+             405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error",
              500: "server_error", 503: "service_unavailable"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
@@ -133,8 +179,37 @@ def usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def completion_body(chat: bool, id: str, model: str, text: str, finish: str, use: dict[str, int]) -> dict[str, Any]:
-    choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+@dataclass(frozen=True)
+class TokenText:
+    """A generated token's log probability and its alternatives', each token as its text."""
+
+    text: str
+    logprob: float
+    top: tuple[tuple[str, float], ...]
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else -9999.0  # JSON has no -Infinity; OpenAI writes the unlikely as -9999
+
+
+def logprobs_body(chat: bool, tokens: list[TokenText], offset: int = 0) -> dict[str, Any]:
+    """A choice's ``logprobs`` in each endpoint's shape; ``offset``: where the first token's text starts in the
+    completion (completions' ``text_offset``)."""
+    if chat:
+        return {"content": [{"token": t.text, "logprob": _finite(t.logprob), "bytes": list(t.text.encode()),
+                             "top_logprobs": [{"token": a, "logprob": _finite(lp), "bytes": list(a.encode())}
+                                              for a, lp in t.top]} for t in tokens], "refusal": None}
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t.text)
+    return {"tokens": [t.text for t in tokens], "token_logprobs": [_finite(t.logprob) for t in tokens],
+            "top_logprobs": [{a: _finite(lp) for a, lp in t.top} for t in tokens], "text_offset": offsets}
+
+
+def completion_body(chat: bool, id: str, model: str, text: str, finish: str, use: dict[str, int],
+                    logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": logprobs}
     if chat:
         choice["message"] = {"role": "assistant", "content": text}
     else:
@@ -144,11 +219,11 @@ def completion_body(chat: bool, id: str, model: str, text: str, finish: str, use
 
 
 def chunk_body(chat: bool, id: str, model: str, text: str | None, finish: str | None, role: bool = False,
-               use: dict[str, int] | None = None) -> dict[str, Any]:
+               use: dict[str, int] | None = None, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     """One server-sent event's data; ``text`` None: a chunk without a choice (the usage chunk)."""
     choices: list[dict[str, Any]] = []
     if text is not None:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": logprobs}
         if chat:
             choice["delta"] = {"role": "assistant", "content": text} if role else ({"content": text} if text else {})
         else:

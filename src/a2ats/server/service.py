@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from a2ats.runtime import Engine, Request
+from a2ats.runtime import Engine, Request, Sampling, SamplingError, TokenLogprobs
 from a2ats.server.config import ServerConfig
 from a2ats.server.metrics import Metrics
-from a2ats.server.protocol import ApiError, ChatRequest, CompletionRequest
+from a2ats.server.protocol import ApiError, ChatRequest, CompletionRequest, TokenText
 from a2ats.server.text import TextStream
 from a2ats.server.worker import Draining, End, Job, Overloaded, Token, Worker
 
@@ -50,12 +50,13 @@ class Service:
             messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in body.messages]
             enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
             return list(enc["input_ids"])
-        if isinstance(body.prompt, str):
-            if not body.prompt:
+        prompt = body.one_prompt
+        if isinstance(prompt, str):
+            if not prompt:
                 raise ApiError(400, "the prompt is empty", "prompt")
-            ids = list(self.tokenizer(body.prompt)["input_ids"])
+            ids = list(self.tokenizer(prompt)["input_ids"])
         else:
-            ids = body.prompt
+            ids = prompt
             vocab = self.engine.model.config.vocab_size
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
@@ -63,6 +64,13 @@ class Service:
         if not ids:
             raise ApiError(400, "the prompt is empty", "prompt")
         return ids
+
+    def echo(self, body: CompletionRequest | ChatRequest, ids: list[int]) -> str:
+        """The prompt's text when a completion request asks for it back (``echo``), else ''."""
+        if not (isinstance(body, CompletionRequest) and body.echo):
+            return ""
+        prompt = body.one_prompt
+        return prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)
 
     def request(self, body: CompletionRequest | ChatRequest, ids: list[int], id: str) -> Request:
         """The engine request for ``body``, refused (400) when it cannot run in a slot."""
@@ -75,10 +83,21 @@ class Service:
                            "server's --max-context); shorten the prompt or lower max_tokens",
                            "max_tokens" if asked is not None and len(ids) < self.max_context else "prompt",
                            "context_length_exceeded")
+        if isinstance(body, CompletionRequest) and body.echo and body.logprobs is not None:
+            raise ApiError(400, "echo with logprobs would need the prompt's log probabilities, which this server does "
+                           "not compute: leave out echo or logprobs", "echo")
         try:
-            r = Request(ids, new, id=id, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                        budget=body.budget)
+            sampling = Sampling(temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                                presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                                logit_bias=body.biases(), logprobs=body.top)
+        except SamplingError as e:
+            field = "top_logprobs" if isinstance(body, ChatRequest) and e.field == "logprobs" else e.field
+            raise ApiError(400, str(e), field) from None
+        try:
+            r = Request(ids, new, id=id, sampling=sampling, budget=body.budget)
             self.engine.check(r)
+        except SamplingError as e:
+            raise ApiError(400, str(e), e.field) from None
         except ValueError as e:
             raise ApiError(400, str(e), "budget" if body.budget is not None and "budget" in str(e) else None) from None
         return r
@@ -108,6 +127,16 @@ class Generation:
         self.service, self.job, self.text = service, job, text
         self.tokens = 0  # generated, the end-of-sequence token included
         self.finish: str | None = None  # "stop" or "length"
+        self._logprobs: list[TokenLogprobs] = []  # of the tokens pushed since the last take_logprobs()
+
+    def take_logprobs(self) -> list[TokenText]:
+        """The log probabilities of the tokens that arrived since the last call (end-of-sequence tokens, which
+        are never text, left out), their tokens as text."""
+        decode = self.text.tokenizer.decode
+        out = [TokenText(decode([t.token]), t.logprob, tuple((decode([a]), lp) for a, lp in t.top))
+               for t in self._logprobs]
+        self._logprobs = []
+        return out
 
     @property
     def prompt_tokens(self) -> int:
@@ -127,6 +156,8 @@ class Generation:
                 event = await _next(self.job.events, gone)
                 if isinstance(event, Token):
                     self.tokens += 1
+                    if event.logprobs is not None and event.id not in self.text.skip and not self.text.stopped:
+                        self._logprobs.append(event.logprobs)
                     delta = self.text.push(event.id)
                     if delta:
                         yield delta

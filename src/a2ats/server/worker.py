@@ -15,7 +15,7 @@ import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from a2ats.runtime import Engine, Request, StepResult
+from a2ats.runtime import Engine, Request, StepResult, TokenLogprobs
 from a2ats.server.metrics import Metrics
 
 log = logging.getLogger("a2ats.server")
@@ -32,6 +32,7 @@ class Draining(Exception):
 @dataclass(frozen=True)
 class Token:
     id: int
+    logprobs: TokenLogprobs | None = None  # when the request asked for them
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,7 @@ class Worker:
                     with self._cv:
                         self.metrics.queue_depth -= 1
                         self.metrics.busy_slots += 1
-                out.append((job, Token(token)))
+                out.append((job, Token(token, res.logprobs.get(i))))
         for i, c in res.finished:
             job = self._jobs.get(i)
             if job is not None:
