@@ -13,6 +13,7 @@ from a2ats import A2ATSConfig
 from a2ats.core.config import Budget
 from a2ats.core.stats import SelectionTrace
 from a2ats.runtime import Engine, Request, Sampling, SamplingError
+from a2ats.runtime.sequence import Status
 from conftest import padded_batch, random_codebooks, tiny_model
 
 CFG = A2ATSConfig(budget=0.05, sinks=2, window=8)
@@ -114,8 +115,8 @@ def test_cancel_frees_the_slot_at_once_and_leaves_the_others_alone():
     w = engine.cancel(idx[3])  # waiting
     assert w.finish_reason == "cancelled" and w.tokens == []
     assert engine.cancel(idx[0]) is None and engine.cancel(99) is None
-    res = engine.step()  # the freed slot is filled before any decode step
-    assert res.prefill and set(res.tokens) == {idx[2]}
+    res = engine.step()  # the freed slot is filled beside the running sequence's decode
+    assert set(res.tokens) == {idx[1], idx[2]} and res.decode_rows == 1 and res.prefill_tokens == len(prompts[2])
     done = {}
     while engine.has_work:
         done.update(engine.step().finished)
@@ -132,19 +133,19 @@ def test_a_failing_sequence_ends_alone(monkeypatch, where):
     if where == "prefill":
         prefill = engine._prefill
 
-        def faulty(slot, r):
-            if r.prompt == poison:
+        def faulty(chunk, res):
+            if chunk.seq.prompt == poison:
                 raise RuntimeError("bad prefill")
-            return prefill(slot, r)
+            return prefill(chunk, res)
 
         monkeypatch.setattr(engine, "_prefill", faulty)
     else:
         take = engine._take
 
-        def faulty(slot, token, logits, res):
-            if engine._requests[engine._owner[slot]].prompt == poison and len(engine._produced[slot]) == 3:
+        def faulty(seq, token, logits, res):
+            if seq.prompt == poison and len(seq.tokens) == 3:
                 raise RuntimeError("bad token")
-            return take(slot, token, logits, res)
+            return take(seq, token, logits, res)
 
         monkeypatch.setattr(engine, "_take", faulty)
     got = _run(engine, [Request(p, 6) for p in prompts])
@@ -154,29 +155,50 @@ def test_a_failing_sequence_ends_alone(monkeypatch, where):
         assert got[i].tokens == base[i].tokens and got[i].error is None
 
 
-def test_admit_limit_prefills_one_request_per_step_between_decode_steps():
+@pytest.mark.parametrize("chunk,budget", [(4096, None), (4096, 64), (32, 64), (7, 13), (50, 1)])
+def test_prompt_chunks_beside_decode_give_the_same_tokens(chunk, budget):
+    """Whatever the chunk and the budget, each sequence's tokens are those it gets alone; while sequences decode,
+    every step decodes all of them and prefills at most the budget."""
     model = tiny_model("llama")
     prompts = _prompts()
-    base = _run(_engine(model, slots=3), [Request(p, 5) for p in prompts])
-    engine = _engine(model, slots=3)
-    engine.admit_limit = 1
+    alone = [_run(_engine(model, slots=1), [Request(p, 5)])[0].tokens for p in prompts]
+    engine = Engine(model, random_codebooks(model), CFG, slots=3, max_context=320, dense_below=0,
+                    decode_weights="model", prefill_dtype="model", prefill_chunk=chunk, prefill_budget=budget)
     idx = [engine.add(Request(p, 5)) for p in prompts]
-    done = {}
-
-    def step():
-        res = engine.step()
-        done.update(res.finished)
-        return res
-
-    for i in idx[:3]:  # one request per prefill step, its first token out at once; the running ones decode between
-        res = step()
-        assert res.prefill and list(res.tokens) == [i]
-        res = step()
-        assert not res.prefill and i in res.tokens
-    assert not step().prefill  # the fourth waits for a slot
+    done, running = {}, set()
     while engine.has_work:
-        step()
-    assert {i: c.tokens for i, c in done.items()} == {i: c.tokens for i, c in base.items()}
+        res = engine.step()
+        assert res.decode_rows == len(running)
+        if running and budget is not None:
+            assert res.prefill_tokens <= budget
+        running |= set(res.tokens)
+        for i, c in res.finished:
+            done[i] = c
+            running.discard(i)
+    assert [done[i].tokens for i in idx] == alone
+
+
+def test_requests_arriving_mid_run_get_the_tokens_they_get_alone():
+    """Requests added while others decode: each gets the tokens it gets alone; every step decodes every running
+    sequence, and prefills at most the budget beside them."""
+    model = tiny_model("llama")
+    prompts = _prompts()
+    alone = [_run(_engine(model, slots=1), [Request(p, 12)])[0].tokens for p in prompts]
+    engine = Engine(model, random_codebooks(model), CFG, slots=4, max_context=320, dense_below=0,
+                    decode_weights="model", prefill_dtype="model", prefill_budget=40)
+    arrivals = {0: 3, 2: 0, 4: 1, 5: 2}  # step -> prompt
+    idx, done, step = {}, {}, 0
+    while step < 200 and (engine.has_work or len(idx) < len(arrivals)):
+        if step in arrivals:
+            idx[arrivals[step]] = engine.add(Request(prompts[arrivals[step]], 12))
+        running = sum(s is not None and s.status is Status.RUNNING for s in engine.scheduler.slots)
+        res = engine.step()
+        assert res.decode_rows == running
+        if running:
+            assert res.prefill_tokens <= 40
+        done.update(res.finished)
+        step += 1
+    assert {p: done[i].tokens for p, i in idx.items()} == dict(enumerate(alone))
 
 
 def test_penalties_biases_and_logprobs_follow_the_reference_step_by_step():

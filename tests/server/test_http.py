@@ -204,11 +204,10 @@ def test_a_failing_sequence_gets_500_and_the_others_go_on(srv, monkeypatch):
     poison = tokenizer()("poison pill")["input_ids"]
     take = engine._take
 
-    def faulty(slot, token, logits, res):
-        r = engine._requests[engine._owner[slot]]
-        if r.prompt[: len(poison)] == poison and len(engine._produced[slot]) >= 2:
+    def faulty(seq, token, logits, res):
+        if seq.prompt[: len(poison)] == poison and len(seq.tokens) >= 2:
             raise RuntimeError("injected fault in one sequence")
-        return take(slot, token, logits, res)
+        return take(seq, token, logits, res)
 
     alone = [complete(srv, p, max_tokens=10)["choices"][0]["text"] for p in PROMPTS[:4]]
     monkeypatch.setattr(engine, "_take", faulty)

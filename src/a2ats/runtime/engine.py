@@ -1,12 +1,14 @@
 """The one decode runtime: sequences in slots, continuous batching, and a public :meth:`Engine.step`.
 
-Each :meth:`~Engine.step` either admits waiting requests into free slots (a dense, chunked prefill per
-sequence, which also yields its first token) or runs one decode step of every busy slot (A²ATS selection
-+ exact attention over it, or dense attention without codebooks). :meth:`~Engine.serve` steps a queue of
-requests to the end; :meth:`~Engine.generate` serves a padded batch one row per slot. Greedy decoding
-unless a request's :class:`~.sampling.Sampling` says otherwise (temperature, top_p, seed, penalties, biases, log
-probabilities: :mod:`.sampling`); every sequence's tokens are its own (slots never mix). :meth:`~Engine.cancel` frees a request's slot at once; a failure in one sequence's prefill or token ends
-that sequence alone (``finish_reason="error"``), a failure of a whole decode step drops every sequence.
+Each :meth:`~Engine.step` is schedule, run, post-process (:mod:`.scheduler`, one :class:`~.sequence.Sequence` per
+request): one decode token for every running sequence (A²ATS selection + exact attention over it, or dense
+attention without codebooks), and beside it prompt chunks up to a token budget (``prefill_budget``), a dense
+prefill a chunk at a time, so a running sequence never waits behind a whole prompt; a prompt's last chunk yields
+its first token. :meth:`~Engine.serve` steps a queue of requests to the end; :meth:`~Engine.generate` serves a
+padded batch one row per slot. Greedy decoding unless a request's :class:`~.sampling.Sampling` says otherwise
+(temperature, top_p, seed, penalties, biases, log probabilities); every sequence's tokens are its own (slots never
+mix). :meth:`~Engine.cancel` frees a request's slot at once; a failure in one sequence's prefill or token ends that
+sequence alone (``finish_reason="error"``), a failure of a whole decode step drops every sequence.
 
 Placements: ``local`` keeps K/V where the model runs; ``offload`` keeps them in host memory and selects on
 the accelerator (the paper's system, :mod:`.runner`). On a CPU-only machine both are one memory and the
@@ -16,7 +18,7 @@ offload code path still runs.
 from __future__ import annotations
 
 import time
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 
 import torch
@@ -41,11 +43,17 @@ from a2ats.runtime.requests import (
     StepResult,
 )
 from a2ats.runtime.runner import Runner
-from a2ats.runtime.sampling import Sampler, TokenLogprobs
+from a2ats.runtime.scheduler import Chunk, Scheduler
+from a2ats.runtime.sequence import Sequence, Status
 from a2ats.runtime.slots import SlotCache
 from a2ats.runtime.step import Timer
 
 PLACEMENTS = ("local", "offload")
+# Prompt tokens a step prefills beside its decode tokens while sequences decode (None: whole prompts, decode
+# waits). A running sequence's next token waits for at most this much prefill; see docs/design.md for how it
+# was chosen.
+PREFILL_BUDGET = 256
+PREFILL_CHUNK = 4096  # prompt tokens per prefill forward at most (a whole prompt's, with nothing decoding)
 KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
 
 
@@ -56,6 +64,8 @@ class Engine:
     ``path``: ``fast`` selects and attends with the kernels (:mod:`a2ats.kernels`), ``reference`` scores every
     token with torch and applies the selection as a mask; ``auto`` is fast where K/V sit in CPU memory and
     the C++ kernels build (:func:`a2ats.kernels.resolve_path`). Both select the same tokens. ``placement``: ``local`` or ``offload`` (K/V in host memory).
+    ``prefill_chunk``: prompt tokens per prefill forward at most; ``prefill_budget``: prompt tokens a step prefills
+    beside its decode while sequences decode (None: whole prompts first, the running sequences waiting).
     ``slots``/``max_context``: the cache, allocated at construction after a memory preflight that refuses
     (naming the largest batch that fits) rather than failing mid-run; left out, the cache is sized to each
     run (:meth:`serve`, :meth:`generate`, or the requests waiting when the engine is idle), through the same
@@ -81,16 +91,10 @@ class Engine:
     device and dtype.
     """
 
-    # Requests admitted by one prefill step at most (None: every free slot at once, the default). Set, prefill
-    # steps also alternate with decode steps while sequences decode. A server sets 1: each request's first
-    # token goes out when its own prefill ends, and a burst of arrivals stalls the running sequences for one
-    # prefill at a time, not for all of them.
-    admit_limit: int | None = None
-    _admitted_last = False  # the last step was a prefill (with admit_limit: the next one decodes, if any can)
-
     def __init__(self, model: nn.Module, codebooks: Codebooks | None = None, config: A2ATSConfig | None = None, *,
                  method: A2ATSMethod | None = None, path: str = "auto", placement: str = "local",
-                 slots: int | None = None, max_context: int | None = None, prefill_chunk: int = 4096,
+                 slots: int | None = None, max_context: int | None = None, prefill_chunk: int = PREFILL_CHUNK,
+                 prefill_budget: int | None = PREFILL_BUDGET,
                  decode_weights: str = "auto", prefill_dtype: str = "auto", overlap: int = 1, kv_dtype: torch.dtype | None = None,
                  dense_below: int | str | Costs = crossover.AUTO, host_free: int | None = None,
                  accelerator_free: int | None = None, beyond_model_context: bool = False):
@@ -100,8 +104,7 @@ class Engine:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
         if slots is not None and slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
-        if prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.scheduler = Scheduler(prefill_chunk, prefill_budget)  # checks both
         if overlap < 1:
             raise ValueError(f"overlap (micro-batches per decode step) must be >= 1, got {overlap}")
         self.model, self.config = model, config or A2ATSConfig()
@@ -141,12 +144,9 @@ class Engine:
         self.profile = False
         self.trace: SelectionTrace | None = None  # every decode step's selection, rows = request indices
         self.dense_step: str | None = None  # why the last decode step attended to every token (None: it selected)
-        self._requests: dict[int, Request] = {}
-        self._waiting: deque[int] = deque()
+        self._sequences: dict[int, Sequence] = {}  # every request in flight (queued or in a slot), by index
         self._next = 0
         self._owner: list[int | None] = []  # request index in each slot
-        self._produced: list[list[int]] = []
-        self._kept: list[list[torch.Tensor]] = []
         self._last = torch.zeros(0, dtype=torch.long)
         if slots is not None:
             self._allocate(slots, self._fixed_context)
@@ -167,7 +167,7 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return bool(self._waiting) or any(o is not None for o in self._owner)
+        return self.scheduler.has_work
 
     def release(self) -> None:
         """Free the cache (an idle engine sized to its runs allocates again on the next)."""
@@ -175,7 +175,8 @@ class Engine:
             raise RuntimeError("the engine has sequences in flight: finish them (step) before releasing its cache")
         if self._fixed_slots is None:
             self.cache = self.runner = None
-            self._owner, self._produced, self._kept = [], [], []
+            self.scheduler.resize(0)
+            self._owner = []
 
     def _allocate(self, slots: int, capacity: int) -> None:
         self.cache = self.runner = None  # free the old cache before the new one is counted
@@ -188,11 +189,8 @@ class Engine:
                                lean.device, self.host, codes=method is not None)
         self.runner = Runner(lean, method, self.config, self.cache, self.overlap, fast=self.path == "fast")
         self.runner.rule = self.dense_rule
-        self._owner = [None] * slots
-        self._produced = [[] for _ in range(slots)]
-        self._kept = [[] for _ in range(slots)]
-        self._samplers: list[Sampler | None] = [None] * slots  # a sequence's own, unless its pick is the argmax
-        self._logprobs: list[list[TokenLogprobs]] = [[] for _ in range(slots)]
+        self.scheduler.resize(slots)
+        self._owner = [None] * slots  # request index in each slot: the rows of a selection trace
         self._last = torch.zeros(slots, dtype=torch.long, device=lean.device)
         self.runner.trace, self.runner.trace_ids = self.trace, self._owner
 
@@ -200,7 +198,7 @@ class Engine:
         """An idle engine sized to its runs: room for every waiting request at once."""
         if self._fixed_slots is not None:
             return
-        reqs = [self._requests[i] for i in self._waiting]
+        reqs = [s.request for s in self.scheduler.waiting]
         slots = len(reqs)
         capacity = self._fixed_context or max(len(r.prompt) + r.max_new_tokens for r in reqs)
         if self.cache is None or self.cache.slots < slots or self.cache.capacity < capacity:
@@ -232,78 +230,82 @@ class Engine:
             request.id = i
         self.check(request)
         self._next += 1
-        self._requests[i] = request
-        self._waiting.append(i)
+        seq = Sequence(i, request)
+        self._sequences[i] = seq
+        self.scheduler.add(seq)
         return i
 
     @torch.inference_mode()
     def step(self) -> StepResult:
-        """Admit waiting requests into free slots (a prefill step), or else decode one token for every busy slot.
-        A failure in one sequence's prefill or token finishes that sequence with ``finish_reason="error"``; any
-        other failure drops every sequence in flight (the engine stays usable) and is raised."""
+        """One step as the scheduler plans it (:mod:`.scheduler`): one decode token for every running sequence,
+        then prompt chunks (new requests take free slots; a prompt's last chunk yields its first token). A failure
+        in one sequence's prefill or token finishes that sequence with ``finish_reason="error"``; any other
+        failure drops every sequence in flight (the engine stays usable) and is raised."""
         try:
+            res = StepResult({}, [], 0.0)
             if not self.has_work:
-                return StepResult(False, {}, [], 0.0)
-            if not any(o is not None for o in self._owner):
+                return res
+            if not self.scheduler.busy:
                 self._fit_waiting()
-            busy = any(o is not None for o in self._owner)
-            turn = self.admit_limit is None or not (self._admitted_last and busy)
-            if turn and self._waiting and None in self._owner and self._fits(self._waiting[0]):
-                self._admitted_last = True
-                return self._admit()
-            self._admitted_last = False
-            return self._decode()
+            plan = self.scheduler.schedule(self._fits)
+            t = time.perf_counter()
+            if plan.decode:
+                self._decode(plan.decode, res)
+                res.decode_seconds = time.perf_counter() - t
+            for seq in plan.admitted:
+                self._start(seq)
+            for chunk in plan.prefill:
+                seq = chunk.seq
+                if self._sequences.get(seq.index) is not seq:
+                    continue  # it failed at an earlier chunk
+                try:
+                    self._prefill(chunk, res)
+                except Exception as e:  # this sequence alone: the others' slots are untouched
+                    self._fail(seq, e, res)
+            res.seconds = time.perf_counter() - t
+            res.prefill_seconds = res.seconds - res.decode_seconds
+            return res
         except Exception:
             self._abort()
             raise
 
-    def _fits(self, i: int) -> bool:
-        """Whether request ``i`` fits the cache as allocated (an engine sized to its runs grows when idle)."""
-        r = self._requests[i]
-        return len(r.prompt) + r.max_new_tokens <= self.cache.capacity
+    def _fits(self, seq: Sequence) -> bool:
+        """Whether ``seq`` fits the cache as allocated (an engine sized to its runs grows when idle)."""
+        return seq.need <= self.cache.capacity
 
-    def _admit(self) -> StepResult:
-        t = time.perf_counter()
-        res = StepResult(True, {}, [], 0.0)
-        room = float("inf") if self.admit_limit is None else self.admit_limit
-        for slot in range(self.slots):
-            while self._owner[slot] is None and self._waiting and self._fits(self._waiting[0]) and room > 0:
-                room -= 1
-                i = self._waiting.popleft()
-                self._owner[slot] = i
-                try:
-                    logits = self._prefill(slot, self._start(slot, self._requests[i]))
-                    token = self._pick(slot, logits, int(logits.argmax()), res)
-                    self._last[slot] = token
-                    self._take(slot, token, logits, res)
-                except Exception as e:  # this sequence alone: the others' slots are untouched
-                    self._fail(slot, e, res)
-        res.seconds = time.perf_counter() - t
-        return res
+    def _start(self, seq: Sequence) -> None:
+        """``seq`` enters its slot: its given cache, if any, and its budget."""
+        self._owner[seq.slot] = seq.index
+        if seq.request.kv is not None:
+            self.cache.load(seq.slot, seq.request.kv)
+        self.runner.budgets[seq.slot] = seq.request.budget
 
-    def _prefill(self, slot: int, r: Request) -> torch.Tensor:
-        """Dense prefill of one sequence into ``slot`` (from the end of its given cache, if any); the logits of
-        its last token (vocab,)."""
+    def _prefill(self, chunk: Chunk, res: StepResult) -> None:
+        """Dense prefill of prompt positions [start, end) of a sequence into its slot; the prompt's last chunk
+        picks the first token from the last position's logits."""
         lean, runner, cache, device = self.lean, self.runner, self.cache, self.lean.device
-        start = 0
-        if r.kv is not None:
-            cache.load(slot, r.kv)
-            start = r.kv.length
-        ids = torch.tensor([r.prompt], device=device)
-        n = ids.shape[1]
-        for s in range(start, n, self.prefill_chunk):
-            e = min(s + self.prefill_chunk, n)
-            runner.begin_prefill(slot, s, e)
-            logits = lean.forward(ids[:, s:e], torch.arange(s, e, device=device)[None], runner.attend)
-        runner.host_ready()
-        cache.filled(slot, n)
-        return logits[0, -1]
+        seq, slot = chunk.seq, chunk.seq.slot
+        s, e = chunk.start, chunk.end  # at most prefill_chunk tokens: one forward
+        runner.begin_prefill(slot, s, e)
+        logits = lean.forward(torch.tensor([seq.prompt[s:e]], device=device), torch.arange(s, e, device=device)[None],
+                              runner.attend)
+        seq.prefilled = e
+        res.prefill_tokens += e - s
+        if chunk.last:
+            runner.host_ready()
+            cache.filled(slot, len(seq.prompt))
+            seq.status = Status.RUNNING
+            logits = logits[0, -1]
+            token = self._pick(seq, logits, int(logits.argmax()), res)
+            self._last[slot] = token
+            self._take(seq, token, logits, res)
 
-    def _decode(self) -> StepResult:
+    def _decode(self, running: list[Sequence], res: StepResult) -> None:
         runner, device = self.runner, self.lean.device
-        busy = [o is not None for o in self._owner]
+        busy = [False] * self.slots
+        for seq in running:
+            busy[seq.slot] = True
         timer = Timer() if self.profile else None
-        t = time.perf_counter()
         runner.timer = timer
         if timer is not None:
             timer.start()
@@ -312,97 +314,84 @@ class Engine:
             timer.lap("rest")
         logits = self.lean.forward(self._last[:, None], ctx.pos[:, None], runner.attend, timer=timer)[:, -1]
         self._last = logits.argmax(-1)
-        tokens = self._last.tolist()  # the step ends when its tokens are known (a device sync on a GPU)
-        seconds = time.perf_counter() - t
+        tokens = self._last.tolist()  # the step's tokens are known here (a device sync on a GPU)
         if timer is not None:
             timer.lap("rest")
+            res.breakdown = dict(timer.totals)
         runner.timer = None
-        counted = runner.method is not None
-        res = StepResult(False, {}, [], seconds, dict(timer.totals) if timer is not None else {},
-                         int(runner.attended) if counted else 0, runner.heads, int(runner.context) if counted else 0,
-                         runner.crossed)
+        if runner.method is not None:
+            res.attended, res.context = int(runner.attended), int(runner.context)
+        res.heads, res.crossed, res.decode_rows = runner.heads, runner.crossed, len(running)
         self.dense_step = ctx.dense
-        for slot, on in enumerate(busy):
-            if on:
-                try:
-                    token = self._pick(slot, logits[slot], tokens[slot], res)
-                    if token != tokens[slot]:
-                        self._last[slot] = token
-                    self._take(slot, token, logits[slot], res)
-                except Exception as e:  # this sequence alone: the batch's forward is done, the others go on
-                    self._fail(slot, e, res)
-        return res
+        for seq in running:
+            try:
+                token = self._pick(seq, logits[seq.slot], tokens[seq.slot], res)
+                if token != tokens[seq.slot]:
+                    self._last[seq.slot] = token
+                self._take(seq, token, logits[seq.slot], res)
+            except Exception as e:  # this sequence alone: the batch's forward is done, the others go on
+                self._fail(seq, e, res)
 
-    def _start(self, slot: int, r: Request) -> Request:
-        """A sequence enters ``slot``: its own sampler and budget."""
-        self._samplers[slot] = None if r.sampling.plain else Sampler(r.sampling)
-        self.runner.budgets[slot] = r.budget
-        return r
-
-    def _pick(self, slot: int, logits: torch.Tensor, argmax: int, res: StepResult) -> int:
-        """The token ``slot`` produces from ``logits`` (its argmax given), recorded in ``res``."""
-        sampler, i = self._samplers[slot], self._owner[slot]
+    def _pick(self, seq: Sequence, logits: torch.Tensor, argmax: int, res: StepResult) -> int:
+        """The token ``seq`` produces from ``logits`` (its argmax given), recorded in ``res``."""
         token = argmax
-        if sampler is not None:
-            token, logprobs = sampler.pick(logits)
+        if seq.sampler is not None:
+            token, logprobs = seq.sampler.pick(logits)
             if logprobs is not None:
-                res.logprobs[i] = logprobs
-                self._logprobs[slot].append(logprobs)
-        res.tokens[i] = token
+                res.logprobs[seq.index] = logprobs
+                seq.logprobs.append(logprobs)
+        res.tokens[seq.index] = token
         return token
 
-    def _take(self, slot: int, token: int, logits: torch.Tensor, res: StepResult) -> None:
-        self._produced[slot].append(token)
+    def _take(self, seq: Sequence, token: int, logits: torch.Tensor, res: StepResult) -> None:
+        seq.tokens.append(token)
         if self.keep_logits:
-            self._kept[slot].append(logits.float().cpu())
-        r = self._requests[self._owner[slot]]
+            seq.logits.append(logits.float().cpu())
         if token in self.stop_tokens:
-            self._finish(slot, "eos", res)
-        elif len(self._produced[slot]) >= r.max_new_tokens:
-            self._finish(slot, "length", res)
+            self._finish(seq, "eos", res)
+        elif len(seq.tokens) >= seq.request.max_new_tokens:
+            self._finish(seq, "length", res)
 
-    def _finish(self, slot: int, reason: str, res: StepResult, error: str | None = None) -> None:
-        i = self._owner[slot]
-        r = self._requests[i]
-        kv = self.cache.export(slot, self.lean.dtype) if r.keep_kv and reason in ("eos", "length") else None
-        del self._requests[i]  # only now: a failed export leaves the request for _fail to answer
-        c = Completion(r.id, len(r.prompt), self._produced[slot], reason, self._kept[slot] if self.keep_logits else None, kv,
-                       error, self._logprobs[slot] if r.sampling.logprobs is not None else None)
-        self._clear(slot)
-        res.finished.append((i, c))
+    def _finish(self, seq: Sequence, reason: str, res: StepResult, error: str | None = None) -> None:
+        r = seq.request
+        kv = None
+        if r.keep_kv and reason in ("eos", "length"):
+            kv = self.cache.export(seq.slot, self.lean.dtype)
+        res.finished.append((seq.index, seq.completion(reason, error, kv, self.keep_logits)))
+        self._drop(seq)
 
-    def _fail(self, slot: int, e: Exception, res: StepResult) -> None:
-        """End the sequence in ``slot`` with ``finish_reason="error"`` and the error's text."""
-        if self._owner[slot] in self._requests:
-            self._finish(slot, "error", res, f"{type(e).__name__}: {e}")
-        elif self._owner[slot] is not None:  # it failed after its completion was out
-            self._clear(slot)
+    def _fail(self, seq: Sequence, e: Exception, res: StepResult) -> None:
+        """End ``seq`` with ``finish_reason="error"`` and the error's text (or, when its completion is already
+        out, only free what it holds)."""
+        if any(i == seq.index for i, _ in res.finished):
+            self._drop(seq)
+        else:
+            self._finish(seq, "error", res, f"{type(e).__name__}: {e}")
 
-    def _clear(self, slot: int) -> None:
-        self._owner[slot], self._produced[slot], self._kept[slot], self._logprobs[slot] = None, [], [], []
-        self._samplers[slot] = self.runner.budgets[slot] = None
-        self.cache.free(slot)
+    def _drop(self, seq: Sequence) -> None:
+        """``seq`` out of the engine: its queue place or its slot freed."""
+        if self._sequences.pop(seq.index, None) is None:
+            return
+        self.scheduler.remove(seq)
+        if seq.slot is not None:
+            self._owner[seq.slot] = None
+            self.runner.budgets[seq.slot] = None
+            self.cache.free(seq.slot)
 
     def cancel(self, index: int) -> Completion | None:
         """Drop request ``index`` now: out of the queue, or out of its slot (free for the next step to admit
         another). Returns its completion so far (``finish_reason="cancelled"``); None when the engine no
         longer holds it (finished, or never added). Call it between steps, from the thread that steps."""
-        if index in self._waiting:
-            self._waiting.remove(index)
-            r = self._requests.pop(index)
-            return Completion(r.id, len(r.prompt), [], "cancelled")
-        if index in self._owner:
-            res = StepResult(False, {}, [], 0.0)
-            self._finish(self._owner.index(index), "cancelled", res)
-            return res.finished[0][1]
-        return None
+        seq = self._sequences.get(index)
+        if seq is None:
+            return None
+        self._drop(seq)
+        return seq.completion("cancelled", logits=self.keep_logits)
 
     def _abort(self) -> None:
-        for slot, o in enumerate(self._owner):
-            if o is not None:
-                self._clear(slot)
-        self._waiting.clear()
-        self._requests.clear()
+        for seq in list(self._sequences.values()):
+            self._drop(seq)
+        self.scheduler.clear()
 
     # -- runs ---------------------------------------------------------------------------------------------------
 
@@ -439,13 +428,12 @@ class Engine:
         try:
             while self.has_work:
                 res = self.step()
-                if res.prefill:
-                    prefill_s += res.seconds
-                else:
-                    decode_s += res.seconds
-                    step_seconds.append(res.seconds)
+                prefill_s += res.prefill_seconds
+                if res.decoded:
+                    decode_s += res.decode_seconds
+                    step_seconds.append(res.decode_seconds)
                     steps += 1
-                    decode_tokens += len(res.tokens)
+                    decode_tokens += res.decode_rows
                     attended, heads, context = attended + res.attended, heads + res.heads, context + res.context
                     crossed += res.crossed
                     if self.dense_step:

@@ -53,19 +53,31 @@ class Completion:
 
 @dataclass
 class StepResult:
-    """What one :meth:`Engine.step` did: a prefill (admitting waiting requests into free slots) or one decode
-    step of every busy slot."""
+    """What one :meth:`Engine.step` did: a decode token for every running sequence and prompt chunks beside them
+    (a prompt's last chunk yields its sequence's first token)."""
 
-    prefill: bool
-    tokens: dict[int, int]  # request index -> the token it produced
+    tokens: dict[int, int]  # request index -> the token it produced (decoded, or the first after its prompt)
     finished: list[tuple[int, Completion]]  # (request index, completion) of the sequences that ended
     seconds: float
-    breakdown: dict[str, float] = field(default_factory=dict)  # seconds per part, when profiling (decode)
+    breakdown: dict[str, float] = field(default_factory=dict)  # seconds per part of the decode, when profiling
     attended: int = 0  # decode with a method: tokens attended, summed over layers, rows and KV heads
     heads: int = 0  # ... over this many (layer, row, KV head) terms
     context: int = 0  # ... whose rows held this many tokens in all
     crossed: int = 0  # bytes between accelerator and host (decode)
     logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)  # request index -> its token's, when asked for
+    decode_rows: int = 0  # sequences decoded (one forward)
+    prefill_tokens: int = 0  # prompt tokens prefilled
+    decode_seconds: float = 0.0
+    prefill_seconds: float = 0.0
+
+    @property
+    def decoded(self) -> bool:
+        return self.decode_rows > 0
+
+    @property
+    def prefill(self) -> bool:
+        """A step that only prefilled."""
+        return self.prefill_tokens > 0 and not self.decoded
 
 
 @dataclass

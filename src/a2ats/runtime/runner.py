@@ -99,13 +99,16 @@ class Runner:
         return self.step
 
     def begin_decode(self, active: torch.Tensor, host_active: list[bool]) -> StepContext:
-        """One new token for every active slot (active (S,) bool on the accelerator); idle slots compute a
-        throwaway row at position 0 of their (free) slot and attend to nothing."""
+        """One new token for every active slot (active (S,) bool on the accelerator); idle slots (free, or
+        prefilling between steps) compute a throwaway row and attend to nothing."""
         cache = self.cache
         self.attended.zero_()
         self.context.zero_()
         self.heads = self.crossed = 0
         pos = torch.where(active, cache.lengths, 0)
+        # An idle row's throwaway k/v go to its slot's last position, which no prompt reaches (a prompt leaves room
+        # for a new token): a slot whose prompt is still being prefilled keeps its rows.
+        write = torch.where(active, cache.lengths, cache.capacity - 1)
         cache.lengths += active.long()
         old = cache.host_lengths
         host_lengths = [n + a for n, a in zip(old, host_active)]
@@ -113,7 +116,7 @@ class Runner:
         n = max(max(host_lengths), 1)
         S, acc, host = cache.slots, cache.accelerator, cache.host
         step = StepContext(decode=True, active=list(host_active), pos=pos, valid=cache.valid(cache.lengths, n),
-                           kv_rows=cache.flat_index(pos), parts=_split(S, self.overlap))
+                           kv_rows=cache.flat_index(write), parts=_split(S, self.overlap))
         if self.method is not None and self.rule is not None:
             step.dense = self.rule.decide(host_lengths, host_active, self.budgets)
         if self.method is None or step.dense:

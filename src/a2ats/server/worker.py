@@ -62,7 +62,6 @@ class Worker:
             raise ValueError("the server needs an engine with a fixed cache: build it with slots= and max_context=")
         self.engine, self.metrics = engine, metrics
         engine.stop_tokens = set(stop_tokens)
-        engine.admit_limit = 1  # one prefill per step: each first token goes out as soon as its prefill ends
         self.capacity = engine.slots + max_queue  # requests held at once: busy slots + the queue
         self._cv = threading.Condition()
         self._incoming: list[Job] = []
@@ -179,11 +178,10 @@ class Worker:
                 self._end(job, End(c.finish_reason, c.error), out)
 
     def _count(self, res: StepResult) -> None:
-        if res.prefill:
-            tokens = sum(len(self._jobs[i].request.prompt) for i in res.tokens if i in self._jobs)
-            self.metrics.step(True, tokens, res.seconds)
-        else:
-            self.metrics.step(False, len(res.tokens), res.seconds, res.attended, res.context)
+        if res.prefill_tokens:
+            self.metrics.step(True, res.prefill_tokens, res.prefill_seconds)
+        if res.decoded:
+            self.metrics.step(False, res.decode_rows, res.decode_seconds, res.attended, res.context)
 
     def _end(self, job: Job, end: End, out: list) -> None:
         self._jobs.pop(job.index, None)

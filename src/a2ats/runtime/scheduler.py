@@ -1,0 +1,114 @@
+"""What each engine step does: every running sequence decodes one token, and prompt chunks fill the step beside
+them up to a token budget, so a running sequence never waits behind a whole prompt.
+
+First come, first served: sequences part-way through their prompt go first, then waiting requests take free
+slots in order of arrival (the first that does not fit the cache holds the others back: none overtakes it). With
+nothing decoding the budget does not apply: prompts go in whole, in chunks of ``chunk`` tokens.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from a2ats.runtime.sequence import Sequence, Status
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Prompt positions [start, end) of ``seq`` to prefill."""
+
+    seq: Sequence
+    start: int
+    end: int
+
+    @property
+    def last(self) -> bool:
+        """The prompt's last chunk: its logits give the sequence's first token."""
+        return self.end == len(self.seq.prompt)
+
+
+@dataclass
+class Plan:
+    decode: list[Sequence] = field(default_factory=list)  # one token each, in one forward
+    admitted: list[Sequence] = field(default_factory=list)  # took a slot this step (before their chunks)
+    prefill: list[Chunk] = field(default_factory=list)  # in order
+
+    @property
+    def empty(self) -> bool:
+        return not (self.decode or self.prefill)
+
+
+class Scheduler:
+    def __init__(self, chunk: int, budget: int | None):
+        """``chunk``: prompt tokens per prefill forward at most; ``budget``: prompt tokens per step while sequences
+        decode (None: whole prompts, the running sequences wait for them)."""
+        if chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {chunk}")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+            raise ValueError(f"prefill_budget must be a number of tokens >= 1, or None (whole prompts), got {budget!r}")
+        self.chunk, self.budget = chunk, budget
+        self.waiting: deque[Sequence] = deque()
+        self.slots: list[Sequence | None] = []
+
+    def resize(self, slots: int) -> None:
+        if any(s is not None for s in self.slots):
+            raise RuntimeError("the slots hold sequences: resize only an idle scheduler")
+        self.slots = [None] * slots
+
+    @property
+    def busy(self) -> bool:
+        return any(s is not None for s in self.slots)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting) or self.busy
+
+    def find(self, index: int) -> Sequence | None:
+        for s in (*self.slots, *self.waiting):
+            if s is not None and s.index == index:
+                return s
+        return None
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """``seq`` out of the queue or its slot."""
+        if seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+        else:
+            self.slots[seq.slot] = None
+
+    def clear(self) -> None:
+        self.waiting.clear()
+        self.slots = [None] * len(self.slots)
+
+    def schedule(self, fits: Callable[[Sequence], bool]) -> Plan:
+        """This step's work; ``fits(seq)``: whether a waiting sequence fits a slot of the cache as allocated.
+        Admitted sequences leave the queue for their slot here; prefilled counts move as the engine runs the
+        chunks."""
+        plan = Plan(decode=[s for s in self.slots if s is not None and s.status is Status.RUNNING])
+        room = self.budget if plan.decode and self.budget is not None else None
+
+        def take(seq: Sequence) -> None:
+            nonlocal room
+            start, end = seq.prefilled, len(seq.prompt)
+            while start < end and (room is None or room > 0):
+                stop = min(end, start + self.chunk, start + room if room is not None else end)
+                plan.prefill.append(Chunk(seq, start, stop))
+                if room is not None:
+                    room -= stop - start
+                start = stop
+
+        for seq in sorted((s for s in self.slots if s is not None and s.status is Status.PREFILLING),
+                          key=lambda s: s.index):
+            take(seq)
+        while self.waiting and None in self.slots and fits(self.waiting[0]) and (room is None or room > 0):
+            seq = self.waiting.popleft()
+            seq.slot, seq.status = self.slots.index(None), Status.PREFILLING
+            self.slots[seq.slot] = seq
+            plan.admitted.append(seq)
+            take(seq)
+        return plan

@@ -1,0 +1,56 @@
+"""One request on its way through the engine: where it is (waiting, prefilling, running), its slot, how much of
+its prompt the cache holds, and what it has produced."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from a2ats.runtime.requests import Completion, Request
+from a2ats.runtime.sampling import Sampler, TokenLogprobs
+
+
+class Status(Enum):
+    WAITING = "waiting"  # queued, no slot
+    PREFILLING = "prefilling"  # holds a slot; its prompt enters the cache a chunk at a time
+    RUNNING = "running"  # prompt done: one token per decode step
+
+
+@dataclass(eq=False)
+class Sequence:
+    index: int  # the engine's key of this request (StepResult.tokens, completions)
+    request: Request
+    status: Status = Status.WAITING
+    slot: int | None = None
+    prefilled: int = 0  # prompt tokens in the cache (a given cache's count from admission)
+    tokens: list[int] = field(default_factory=list)  # generated
+    logits: list[torch.Tensor] = field(default_factory=list)  # per token, when the engine keeps them
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # per token, when the request asks for them
+    sampler: Sampler | None = None  # None: the pick is the argmax (Sampling.plain)
+
+    def __post_init__(self) -> None:
+        if self.request.kv is not None:  # loaded into the slot at admission: not prefilled again
+            self.prefilled = self.request.kv.length
+        if not self.request.sampling.plain:
+            self.sampler = Sampler(self.request.sampling)
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.request.prompt
+
+    @property
+    def prompt_left(self) -> int:
+        """Prompt tokens not yet in the cache."""
+        return len(self.request.prompt) - self.prefilled
+
+    @property
+    def need(self) -> int:
+        """Positions the sequence fills at most: its prompt and its new tokens."""
+        return len(self.request.prompt) + self.request.max_new_tokens
+
+    def completion(self, reason: str, error: str | None = None, kv=None, logits: bool = False) -> Completion:
+        r = self.request
+        return Completion(r.id, len(r.prompt), self.tokens, reason, self.logits if logits else None, kv, error,
+                          self.logprobs if r.sampling.logprobs is not None else None)
