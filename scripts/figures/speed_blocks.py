@@ -135,3 +135,27 @@ def speed_prefill(root: Path) -> str:
                       "llama.cpp's prefills come from its decode runs, at the lengths those ran; where a length "
                       "appears for one system only, the other was not measured there.", "",
                       table(["model", "tokens", "system", "tokens/s", "seconds"], out), ""] + paragraphs(srcs))
+
+
+CHUNKS = "docs/bench/speed/amd-smollm2/chunks/prefill.json"
+
+
+@block("prefill-chunks")
+def prefill_chunks(root: Path) -> str:
+    """Prefill rate against the prompt tokens per forward: what a step's prefill beside decode costs per token."""
+    from a2ats.runtime.engine import PREFILL_BUDGET
+
+    d = load_json(root, CHUNKS)
+    expect(d.get("model") == "smollm2-135m", f"{CHUNKS}: model {d.get('model')!r}")
+    rows = sorted((r for r in d["rows"] if r["system"] == "a2ats"), key=lambda r: r["chunk"])
+    expect(len({r["tokens"] for r in rows}) == 1 and len(rows) > 2, f"{CHUNKS}: one prompt length, several chunks")
+    expect(any(r["chunk"] == PREFILL_BUDGET for r in rows), f"{CHUNKS}: no row at the default budget {PREFILL_BUDGET}")
+    best = max(r["tokens_per_s"] for r in rows)
+    out = [[str(r["chunk"]) + (" (the default budget)" if r["chunk"] == PREFILL_BUDGET else ""),
+            f"{r['tokens_per_s']:.0f}", f"{r['tokens_per_s'] / best:.2f}", ms(1e3 * r["chunk"] / r["tokens_per_s"])]
+           for r in rows]
+    return "\n".join([f"SmolLM2-135M-Instruct, one {k(rows[0]['tokens'])}-token prompt prefilled in chunks of each size "
+                      "(one run each), A²ATS key encoding included. A running sequence waits, between two of its "
+                      "tokens, for about one chunk of the budget's size:", "",
+                      table(["prompt tokens per forward", "tokens/s", "of the best", "ms per chunk"], out), "",
+                      source_line(CHUNKS, d["provenance"])])

@@ -116,7 +116,8 @@ def test_cancel_frees_the_slot_at_once_and_leaves_the_others_alone():
     assert w.finish_reason == "cancelled" and w.tokens == []
     assert engine.cancel(idx[0]) is None and engine.cancel(99) is None
     res = engine.step()  # the freed slot is filled beside the running sequence's decode
-    assert set(res.tokens) == {idx[1], idx[2]} and res.decode_rows == 1 and res.prefill_tokens == len(prompts[2])
+    assert idx[1] in res.tokens and res.decode_rows == 1
+    assert res.prefill_tokens == min(len(prompts[2]), engine.scheduler.budget)
     done = {}
     while engine.has_work:
         done.update(engine.step().finished)

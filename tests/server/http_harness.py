@@ -39,19 +39,20 @@ def tiny_llama(vocab: int, seed: int = 0):
     return T.LlamaForCausalLM(cfg).eval()
 
 
-def engine(slots: int = 4, max_context: int = 512, dense: bool = False) -> Engine:
+def engine(slots: int = 4, max_context: int = 512, dense: bool = False, prefix_cache: int = 0) -> Engine:
     model = tiny_llama(len(tokenizer()))
     cb = None if dense else random_codebooks(model)
     # the model's own fp32 arithmetic and selection at every step: a sequence's tokens do not depend on what it is
     # batched with (the dense fallback decides per step for the whole batch)
     select = {} if dense else {"dense_below": 0}
     return Engine(model, cb, A2ATSConfig(budget=0.25, sinks=2, window=8), slots=slots, max_context=max_context,
-                  placement="offload", decode_weights="model", prefill_dtype="model", **select)
+                  placement="offload", decode_weights="model", prefill_dtype="model", prefix_cache=prefix_cache, **select)
 
 
-def server(slots: int = 4, max_context: int = 512, dense: bool = False, **config) -> HttpServer:
+def server(slots: int = 4, max_context: int = 512, dense: bool = False, prefix_cache: int = 0,
+           **config) -> HttpServer:
     """A started server; stop it with ``.stop()`` (or use :func:`running`)."""
-    eng = engine(slots, max_context, dense)
+    eng = engine(slots, max_context, dense, prefix_cache)
     eos = {tokenizer().eos_token_id}
     return HttpServer(eng, tokenizer(), ServerConfig(MODEL, port=0, **config), eos).start()
 

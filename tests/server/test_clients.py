@@ -1,6 +1,7 @@
 """The OpenAI surface clients use, through the official openai client and LangChain's OpenAI adapters: log
 probabilities (both endpoints, streamed and not), penalties and logit biases (honoured: the engine's own tokens
-for the same settings), echo, any 64-bit seed, and the frameworks' default requests."""
+for the same settings), echo, any 64-bit seed, the frameworks' default requests, and a chat's later turns served
+from the prefix cache."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import math
 import openai
 import pytest
 import torch
-from http_harness import MODEL, PROMPTS, engine, server, tokenizer
+from http_harness import MODEL, PROMPTS, engine, metrics, running, server, tokenizer
 
 from a2ats.runtime import Request, Sampling
 from a2ats.server.text import TextStream
@@ -125,3 +126,27 @@ def test_langchain_chat_and_completions_at_their_defaults(srv):
     assert meta["finish_reason"] in ("stop", "length") and len(meta["logprobs"]["content"][0]["top_logprobs"]) == 2
     text = lc.OpenAI(**base).invoke(PROMPTS[7])  # its defaults sample (temperature 0.7) and send a list of prompts
     assert isinstance(text, str) and text
+
+
+def test_a_chats_later_turns_hit_the_prefix_cache_and_answer_as_without_it():
+    """A conversation over a document, turn by turn, through the chat template: each turn's answer equals a server
+    without a prefix cache, and from the second turn on the earlier turns' prompt comes from the cache."""
+    doc = " ".join(PROMPTS * 2)
+    questions = ["What is first?", "And then?", "Say it again."]
+
+    def converse(srv) -> list[str]:
+        client, messages, answers = _client(srv), [{"role": "system", "content": doc}], []
+        for q in questions:
+            messages.append({"role": "user", "content": q})
+            a = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+            answers.append(a.choices[0].message.content)
+            messages.append({"role": "assistant", "content": answers[-1]})
+        return answers
+
+    with running(slots=2, max_context=768) as plain:
+        want = converse(plain)
+    with running(slots=2, max_context=768, prefix_cache=1 << 30) as cached:
+        assert converse(cached) == want
+        m = metrics(cached)
+    assert m["a2ats_prefix_cache_lookups_total"] == 3 and m["a2ats_prefix_cache_hits_total"] == 2
+    assert m["a2ats_prefix_cache_tokens_reused_total"] >= 2 * 256 and m["a2ats_prefix_cache_bytes"] > 0

@@ -33,6 +33,7 @@ from a2ats.methods.a2ats import A2ATSMethod
 from a2ats.runtime import crossover
 from a2ats.runtime.crossover import Costs, DenseRule
 from a2ats.runtime.model import POST_ROPE_REFUSAL, LeanModel
+from a2ats.runtime.prefix_cache import PrefixCache
 from a2ats.runtime.preflight import MemoryPlan, plan
 from a2ats.runtime.requests import (
     Completion,
@@ -66,6 +67,8 @@ class Engine:
     the C++ kernels build (:func:`a2ats.kernels.resolve_path`). Both select the same tokens. ``placement``: ``local`` or ``offload`` (K/V in host memory).
     ``prefill_chunk``: prompt tokens per prefill forward at most; ``prefill_budget``: prompt tokens a step prefills
     beside its decode while sequences decode (None: whole prompts first, the running sequences waiting).
+    ``prefix_cache``: bytes of host memory for prompt prefixes already prefilled (:mod:`.prefix_cache`; 0: none,
+    the default): a prompt that begins with one copies its K/V and codes instead of prefilling them.
     ``slots``/``max_context``: the cache, allocated at construction after a memory preflight that refuses
     (naming the largest batch that fits) rather than failing mid-run; left out, the cache is sized to each
     run (:meth:`serve`, :meth:`generate`, or the requests waiting when the engine is idle), through the same
@@ -94,7 +97,7 @@ class Engine:
     def __init__(self, model: nn.Module, codebooks: Codebooks | None = None, config: A2ATSConfig | None = None, *,
                  method: A2ATSMethod | None = None, path: str = "auto", placement: str = "local",
                  slots: int | None = None, max_context: int | None = None, prefill_chunk: int = PREFILL_CHUNK,
-                 prefill_budget: int | None = PREFILL_BUDGET,
+                 prefill_budget: int | None = PREFILL_BUDGET, prefix_cache: int = 0,
                  decode_weights: str = "auto", prefill_dtype: str = "auto", overlap: int = 1, kv_dtype: torch.dtype | None = None,
                  dense_below: int | str | Costs = crossover.AUTO, host_free: int | None = None,
                  accelerator_free: int | None = None, beyond_model_context: bool = False):
@@ -105,6 +108,7 @@ class Engine:
         if slots is not None and slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         self.scheduler = Scheduler(prefill_chunk, prefill_budget)  # checks both
+        self.prefix = PrefixCache(prefix_cache) if prefix_cache else None  # checks the size
         if overlap < 1:
             raise ValueError(f"overlap (micro-batches per decode step) must be >= 1, got {overlap}")
         self.model, self.config = model, config or A2ATSConfig()
@@ -183,7 +187,8 @@ class Engine:
         lean, method = self.lean, self.method
         self.plan = plan(lean.num_layers, slots, lean.kv_heads, lean.heads, lean.head_dim, capacity, self.kv_dtype,
                          lean.device, self.host, self.prefill_chunk, codes=method is not None,
-                         host_free=self._host_free, accelerator_free=self._accelerator_free)
+                         host_free=self._host_free, accelerator_free=self._accelerator_free,
+                         reserved=self.prefix.capacity if self.prefix is not None else 0)
         self.plan.check()
         self.cache = SlotCache(lean.num_layers, slots, lean.kv_heads, lean.head_dim, capacity, self.kv_dtype,
                                lean.device, self.host, codes=method is not None)
@@ -247,13 +252,15 @@ class Engine:
                 return res
             if not self.scheduler.busy:
                 self._fit_waiting()
-            plan = self.scheduler.schedule(self._fits)
             t = time.perf_counter()
+            failed: list[tuple[Sequence, Exception]] = []
+            plan = self.scheduler.schedule(self._fits, lambda seq: self._start(seq, failed))
+            for seq, e in failed:
+                self._fail(seq, e, res)
             if plan.decode:
+                t_decode = time.perf_counter()
                 self._decode(plan.decode, res)
-                res.decode_seconds = time.perf_counter() - t
-            for seq in plan.admitted:
-                self._start(seq)
+                res.decode_seconds = time.perf_counter() - t_decode
             for chunk in plan.prefill:
                 seq = chunk.seq
                 if self._sequences.get(seq.index) is not seq:
@@ -273,12 +280,20 @@ class Engine:
         """Whether ``seq`` fits the cache as allocated (an engine sized to its runs grows when idle)."""
         return seq.need <= self.cache.capacity
 
-    def _start(self, seq: Sequence) -> None:
-        """``seq`` enters its slot: its given cache, if any, and its budget."""
-        self._owner[seq.slot] = seq.index
-        if seq.request.kv is not None:
-            self.cache.load(seq.slot, seq.request.kv)
-        self.runner.budgets[seq.slot] = seq.request.budget
+    def _start(self, seq: Sequence, failed: list) -> bool:
+        """``seq`` takes its slot: its given cache, or the prefix cache's blocks of its prompt, and its budget.
+        False (the error in ``failed``) when that fails: the sequence alone ends."""
+        try:
+            self._owner[seq.slot] = seq.index
+            if seq.request.kv is not None:
+                self.cache.load(seq.slot, seq.request.kv)
+            elif self.prefix is not None:
+                seq.prefilled = self.prefix.load(seq.prompt, self.cache, seq.slot)
+            self.runner.budgets[seq.slot] = seq.request.budget
+            return True
+        except Exception as e:
+            failed.append((seq, e))
+            return False
 
     def _prefill(self, chunk: Chunk, res: StepResult) -> None:
         """Dense prefill of prompt positions [start, end) of a sequence into its slot; the prompt's last chunk
@@ -291,6 +306,8 @@ class Engine:
                               runner.attend)
         seq.prefilled = e
         res.prefill_tokens += e - s
+        if self.prefix is not None and seq.request.kv is None:  # a given cache's rows were not prefilled here
+            self.prefix.store(seq.prompt, cache, slot, e)
         if chunk.last:
             runner.host_ready()
             cache.filled(slot, len(seq.prompt))

@@ -42,6 +42,7 @@ class MemoryPlan:
     workspace: int  # transient bytes of a prefill chunk (attention scores, activations)
     host_free: int
     accelerator_free: int | None  # None: the accelerator is the host (both sides draw on host_free)
+    reserved: int = 0  # host bytes held back from host_free (a prefix cache's cap)
 
     @property
     def host_need(self) -> int:
@@ -72,6 +73,7 @@ class MemoryPlan:
             f"a batch of {self.slots} sequences x {self.capacity} tokens does not fit in {where}: it needs "
             f"{self.host_need / GiB:.2f} GiB on the host ({per / GiB:.3f} GiB per sequence for K, V and codes, "
             f"plus {self.workspace / GiB:.2f} GiB prefill workspace) and {self.host_free / GiB:.2f} GiB is available"
+            + (f" besides the {self.reserved / GiB:.2f} GiB held for the prefix cache" if self.reserved else "")
             + ("" if self.accelerator_free is None else
                f"; the accelerator needs {self.accelerator_need / GiB:.2f} GiB and has {self.accelerator_free / GiB:.2f} GiB free")
             + f". The largest batch that fits is {fits}"
@@ -85,17 +87,19 @@ def _free(device: torch.device) -> int:
 
 def plan(num_layers: int, slots: int, kv_heads: int, heads: int, head_dim: int, capacity: int, dtype: torch.dtype,
          accelerator: torch.device, host: torch.device, prefill_chunk: int, codes: bool = True,
-         host_free: int | None = None, accelerator_free: int | None = None) -> MemoryPlan:
+         host_free: int | None = None, accelerator_free: int | None = None, reserved: int = 0) -> MemoryPlan:
     """The plan for ``slots`` sequences of up to ``capacity`` tokens, K/V on ``host`` (the accelerator
-    itself when the cache is placed there); free bytes are measured unless given."""
+    itself when the cache is placed there); free bytes are measured unless given; ``reserved`` host bytes are
+    spoken for (a prefix cache's cap)."""
     per_slot = SlotBytes.of(num_layers, 1, kv_heads, head_dim, capacity, dtype, codes)
     # A prefill chunk's attention scores (fp32) over the whole context, as SDPA's math path holds them.
     workspace = heads * min(prefill_chunk, capacity) * capacity * 4
     accelerator, host = torch.device(accelerator), torch.device(host)
     if host_free is None:
         host_free = _free(host)
+    host_free -= reserved
     if accelerator == host:
         accelerator_free = None  # one memory holds both sides
     elif accelerator_free is None:
         accelerator_free = _free(accelerator)
-    return MemoryPlan(slots, capacity, per_slot, workspace, host_free, accelerator_free)
+    return MemoryPlan(slots, capacity, per_slot, workspace, host_free, accelerator_free, reserved)

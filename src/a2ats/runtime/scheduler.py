@@ -85,9 +85,10 @@ class Scheduler:
         self.waiting.clear()
         self.slots = [None] * len(self.slots)
 
-    def schedule(self, fits: Callable[[Sequence], bool]) -> Plan:
-        """This step's work; ``fits(seq)``: whether a waiting sequence fits a slot of the cache as allocated.
-        Admitted sequences leave the queue for their slot here; prefilled counts move as the engine runs the
+    def schedule(self, fits: Callable[[Sequence], bool], admit: Callable[[Sequence], bool]) -> Plan:
+        """This step's work; ``fits(seq)``: whether a waiting sequence fits a slot of the cache as allocated;
+        ``admit(seq)``: a sequence takes its slot (the engine fills what it can without prefilling, which moves
+        ``seq.prefilled``; False: it failed and has no chunks). Prefilled counts move as the engine runs the
         chunks."""
         plan = Plan(decode=[s for s in self.slots if s is not None and s.status is Status.RUNNING])
         room = self.budget if plan.decode and self.budget is not None else None
@@ -110,5 +111,6 @@ class Scheduler:
             seq.slot, seq.status = self.slots.index(None), Status.PREFILLING
             self.slots[seq.slot] = seq
             plan.admitted.append(seq)
-            take(seq)
+            if admit(seq):
+                take(seq)
         return plan

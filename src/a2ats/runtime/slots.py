@@ -127,6 +127,20 @@ class SlotCache:
             return
         store_rows(self.k[layer].view(-1, d), self.v[layer].view(-1, d), flat, k.to(self.host), v.to(self.host))
 
+    def _stores(self) -> list[list[torch.Tensor]]:
+        """Every per-position array, per layer: K, V, an int8 cache's scales, the codes ((slots, Hkv, capacity, ...))."""
+        return [x for x in (self.k, self.v, self.k_scale, self.v_scale, self.codes) if x is not None]
+
+    def copy_out(self, slot: int, start: int, end: int) -> list[list[torch.Tensor]]:
+        """Copies of positions [start, end) of ``slot`` as stored (no conversion), for :meth:`copy_in`."""
+        return [[x[slot, :, start:end].clone() for x in store] for store in self._stores()]
+
+    def copy_in(self, slot: int, start: int, rows: list[list[torch.Tensor]]) -> None:
+        """Put :meth:`copy_out`'s rows at positions [start, ...) of ``slot``."""
+        for store, parts in zip(self._stores(), rows, strict=True):
+            for x, part in zip(store, parts, strict=True):
+                x[slot, :, start : start + part.shape[1]] = part
+
     def rows(self, layer: int, slots: slice, end: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of ``slots`` up to position ``end`` as float ``dtype`` tensors on ``device``."""
         k, v = self.k[layer][slots, :, :end], self.v[layer][slots, :, :end]

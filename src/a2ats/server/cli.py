@@ -41,6 +41,16 @@ def add_http_args(p) -> None:
                         f"(default {c.drain_seconds:g})")
 
 
+PREFIX_CACHE_GIB = 2.0
+
+
+def _gib(value: float) -> int:
+    """``--prefix-cache`` in bytes."""
+    if not value >= 0:
+        raise ValueError(f"--prefix-cache takes GiB >= 0 (0: no prefix cache), got {value}")
+    return int(value * (1 << 30))
+
+
 def _budget(text: str) -> int | None:
     """``--prefill-budget``: a token count >= 1, or "whole" (None)."""
     if text == "whole":
@@ -75,6 +85,10 @@ def add_arguments(p) -> None:
                    help=f"prompt tokens a step prefills beside the running sequences' decode (default {PREFILL_BUDGET}): "
                         "a running sequence waits at most this much prefill between two tokens; whole: prompts go "
                         "in whole, the running sequences waiting")
+    p.add_argument("--prefix-cache", type=float, default=PREFIX_CACHE_GIB, metavar="GIB",
+                   help=f"host memory for prompt prefixes already prefilled, in GiB (default {PREFIX_CACHE_GIB:g}; 0: "
+                        "none): a prompt that begins with one (a document asked again, a chat's earlier turns) "
+                        "copies its K/V and codes instead of prefilling them")
     p.add_argument("--dense", action="store_true", help="full attention instead of A²ATS (the baseline)")
     p.add_argument("--no-chat-template", action="store_true", help="feed prompts as they are, without the chat template")
     p.add_argument("--out", help="append completions to this file (default: stdout), one JSON line each, as they finish")
@@ -140,7 +154,8 @@ def _serve_http(a) -> int:
     model, tok = options.load(a)
     limit = getattr(model.config, "max_position_embeddings", None) or HTTP_CONTEXT
     server = http_server(a, model, tok, dense=a.dense, max_context=a.max_context or min(limit, HTTP_CONTEXT),
-                         placement=a.placement, kv_dtype=KV_DTYPES[a.kv_dtype], prefill_budget=a.prefill_budget)
+                         placement=a.placement, kv_dtype=KV_DTYPES[a.kv_dtype], prefill_budget=a.prefill_budget,
+                         prefix_cache=_gib(a.prefix_cache))
     engine, config = server.service.engine, server.config
     log(f"serving {config.model_name} ({engine.method_name}, {engine.slots} slots x {engine.max_context} tokens, "
         f"up to {config.max_queue} waiting) on http://{config.host}:{config.port}/v1; API key "
@@ -162,7 +177,8 @@ def main(a) -> int:
                     it["id"]) for it in items]
     need = max(len(r.prompt) + r.max_new_tokens for r in reqs)
     engine = options.decoder(a, model, tok, slots=a.slots, max_context=a.max_context or need, placement=a.placement,
-                             kv_dtype=KV_DTYPES[a.kv_dtype], prefill_budget=a.prefill_budget)
+                             kv_dtype=KV_DTYPES[a.kv_dtype], prefill_budget=a.prefill_budget,
+                             prefix_cache=_gib(a.prefix_cache))
     out = open(a.out, "a", encoding="utf-8") if a.out else sys.stdout
 
     def write(i, c):  # each completion is written (and flushed) as it finishes: a later failure loses nothing

@@ -28,6 +28,7 @@ class Metrics:
         self._decode: deque[tuple[float, int, float]] = deque()
         self._prefill: deque[tuple[float, int, float]] = deque()
         self._attended: deque[tuple[float, int, int]] = deque()
+        self.prefix = None  # the engine's PrefixCache, when it has one (read as it is: counters of the engine thread)
 
     def outcome(self, name: str) -> None:
         with self._lock:
@@ -70,6 +71,21 @@ class Metrics:
                         self.totals[f"{kind}_tokens"])
                 _metric(lines, f"a2ats_{kind}_seconds_total", "counter", f"Seconds spent in {kind} steps.",
                         self.totals[f"{kind}_seconds"])
+            if self.prefix is not None:
+                p, st = self.prefix, self.prefix.stats
+                _metric(lines, "a2ats_prefix_cache_lookups_total", "counter", "Prompts looked up in the prefix cache.",
+                        st.lookups)
+                _metric(lines, "a2ats_prefix_cache_hits_total", "counter",
+                        "Prompts that began with at least one cached block.", st.hits)
+                _metric(lines, "a2ats_prefix_cache_hit_rate", "gauge", "Hits over lookups since start-up.",
+                        st.hits / st.lookups if st.lookups else 0.0)
+                _metric(lines, "a2ats_prefix_cache_tokens_reused_total", "counter",
+                        "Prompt tokens copied from the prefix cache instead of prefilled.", st.tokens_reused)
+                _metric(lines, "a2ats_prefix_cache_bytes_reused_total", "counter",
+                        "Bytes of K/V and codes copied from the prefix cache.", st.bytes_reused)
+                _metric(lines, "a2ats_prefix_cache_bytes", "gauge", "Bytes the prefix cache holds.", p.bytes)
+                _metric(lines, "a2ats_prefix_cache_capacity_bytes", "gauge", "The prefix cache's cap.", p.capacity)
+                _metric(lines, "a2ats_prefix_cache_evicted_total", "counter", "Blocks evicted for room.", st.evicted)
             lines += ["# HELP a2ats_requests_total Requests answered, by outcome.", "# TYPE a2ats_requests_total counter"]
             lines += [f'a2ats_requests_total{{outcome="{o}"}} {n}' for o, n in sorted(self.outcomes.items())]
         return "\n".join(lines) + "\n"

@@ -34,6 +34,7 @@ class Service:
         self.engine, self.tokenizer, self.config = engine, tokenizer, config
         self.stop_tokens = set(stop_tokens)
         self.metrics = Metrics(engine.slots, engine.method_name)
+        self.metrics.prefix = engine.prefix
         self.worker = Worker(engine, self.stop_tokens, config.max_queue, self.metrics)
         self.draining = False
 

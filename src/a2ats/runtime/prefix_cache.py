@@ -1,0 +1,120 @@
+"""Prompts that share a prefix share its prefill: K/V rows and their codes kept in blocks of ``block`` tokens,
+keyed by a digest of every token up to the block's end, least recently used evicted first under a byte cap.
+
+A block holds exactly what a slot holds for those positions (K and V as stored, an int8 cache's row scales, the
+keys' codes), copied out of the slot once the prefill has written them. A request whose prompt begins with cached
+blocks has them copied into its slot at memory speed and prefills only the rest, its key encoding included.
+Blocks are copied, not shared in place: a slot's rows stay contiguous per head for the attention kernels, and
+nothing a sequence holds can change or free a block, so a finished, failed or cancelled sequence leaves the
+cache as it was.
+
+Only prefilled positions are kept: rows a decode step wrote come from the decode weights (int8 by default), not
+the prefill's, and a later prefill of the same tokens would not reproduce them. At least the prompt's last token
+is always prefilled: its logits give the first new token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from a2ats.runtime.slots import SlotCache
+
+BLOCK = 256  # tokens per block
+
+
+@dataclass(frozen=True)
+class _Block:
+    rows: list[list[torch.Tensor]]  # SlotCache.copy_out of the block's positions
+    nbytes: int
+
+
+@dataclass
+class PrefixStats:
+    lookups: int = 0  # prompts looked up
+    hits: int = 0  # ... that found at least one block
+    tokens_reused: int = 0  # prompt tokens copied from blocks instead of prefilled
+    bytes_reused: int = 0  # ... the bytes copied for them
+    evicted: int = 0  # blocks dropped for room
+
+
+class PrefixCache:
+    def __init__(self, capacity_bytes: int, block: int = BLOCK):
+        if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int) or capacity_bytes < 0:
+            raise ValueError(f"the prefix cache's size must be a number of bytes >= 0, got {capacity_bytes!r}")
+        if block < 1:
+            raise ValueError(f"prefix cache blocks must hold >= 1 token, got {block}")
+        self.capacity, self.block = capacity_bytes, block
+        self._blocks: OrderedDict[bytes, _Block] = OrderedDict()  # least recently used first
+        self.bytes = 0
+        self.stats = PrefixStats()
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def _keys(self, prompt: list[int], end: int) -> list[bytes]:
+        """The keys of the full blocks of ``prompt`` before position ``end``: each digests every token up to the
+        block's end (a block is the same only after the same prefix)."""
+        keys, h = [], b""
+        for start in range(0, end - end % self.block, self.block):
+            tokens = torch.tensor(prompt[start : start + self.block], dtype=torch.int64).numpy().tobytes()
+            h = hashlib.blake2b(h + tokens, digest_size=16).digest()
+            keys.append(h)
+        return keys
+
+    def load(self, prompt: list[int], cache: SlotCache, slot: int) -> int:
+        """Copy the longest run of cached blocks that ``prompt`` begins with into ``slot`` (leaving its last token
+        to prefill); the number of prompt tokens now in the slot."""
+        self.stats.lookups += 1
+        found = []
+        for key in self._keys(prompt, len(prompt) - 1):
+            b = self._blocks.get(key)
+            if b is None:
+                break
+            found.append((key, b))
+        for i, (_, b) in enumerate(found):
+            cache.copy_in(slot, i * self.block, b.rows)
+        self._touch([key for key, _ in found])
+        n = len(found) * self.block
+        if n:
+            self.stats.hits += 1
+            self.stats.tokens_reused += n
+            self.stats.bytes_reused += sum(b.nbytes for _, b in found)
+        return n
+
+    def store(self, prompt: list[int], cache: SlotCache, slot: int, end: int) -> None:
+        """Keep the full blocks of ``prompt`` before position ``end``, which ``slot`` holds as prefilled, as far
+        as they fit with the chain's earlier blocks (other chains' least recently used blocks make room)."""
+        keys = self._keys(prompt, end)
+        self._touch(keys)  # first: room is made from other chains, never from this one's head
+        chain = 0  # bytes of this chain's blocks held
+        for i, key in enumerate(keys):
+            b = self._blocks.get(key)
+            if b is not None:
+                chain += b.nbytes
+                continue
+            rows = cache.copy_out(slot, i * self.block, (i + 1) * self.block)
+            nbytes = sum(x.numel() * x.element_size() for part in rows for x in part)
+            if chain + nbytes > self.capacity:
+                break
+            while self.bytes + nbytes > self.capacity:
+                _, old = self._blocks.popitem(last=False)
+                self.bytes -= old.nbytes
+                self.stats.evicted += 1
+            self._blocks[key] = _Block(rows, nbytes)
+            self.bytes += nbytes
+            chain += nbytes
+        self._touch(keys)
+
+    def _touch(self, keys: list[bytes]) -> None:
+        """Mark a chain used, its first block most recently: eviction takes chains from their ends."""
+        for key in reversed(keys):
+            if key in self._blocks:
+                self._blocks.move_to_end(key)
+
+    def clear(self) -> None:
+        self._blocks.clear()
+        self.bytes = 0

@@ -1,0 +1,116 @@
+"""The prefix cache (:mod:`a2ats.runtime.prefix_cache`): blocks keyed by their whole prefix, copied exactly,
+evicted least recently used from the ends of chains; through the engine, a prompt that begins with cached blocks
+gets the tokens it gets without the cache, prefilling only the rest."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from a2ats import A2ATSConfig
+from a2ats.runtime import Engine, Request
+from a2ats.runtime.prefix_cache import PrefixCache
+from a2ats.runtime.slots import SlotCache
+from conftest import random_codebooks, tiny_model
+
+CFG = A2ATSConfig(budget=0.05, sinks=2, window=8)
+
+
+def _filled(dtype=torch.bfloat16, slots=2, capacity=256, seed=0) -> SlotCache:
+    g = torch.Generator().manual_seed(seed)
+    cache = SlotCache(2, slots, 3, 16, capacity, dtype, "cpu")
+    for layer in range(2):
+        k, v = torch.randn(2, slots, 3, capacity, 16, generator=g)
+        cache.put(layer, (slice(None), slice(None), slice(None)), k, v)
+        cache.codes[layer].copy_(torch.randint(0, 99, cache.codes[layer].shape, generator=g, dtype=torch.int16))
+    return cache
+
+
+def _same(a: SlotCache, sa: int, b: SlotCache, sb: int, end: int) -> bool:
+    return all(torch.equal(x[sa, :, :end], y[sb, :, :end]) for xs, ys in zip(a._stores(), b._stores())
+               for x, y in zip(xs, ys))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_blocks_come_back_exactly_and_only_after_the_same_prefix(dtype):
+    src, dst = _filled(dtype), _filled(dtype, seed=1)
+    store = PrefixCache(1 << 30, block=32)
+    prompt = list(range(100, 200))  # 3 full blocks of 32, and 4 tokens
+    store.store(prompt, src, 1, len(prompt))
+    assert len(store) == 3
+    assert store.load(prompt, dst, 0) == 96 and _same(src, 1, dst, 0, 96)
+    # the last token is always left to prefill: a prompt of exactly 3 blocks reuses 2
+    assert store.load(prompt[:96], dst, 0) == 64
+    # the same second block after another first one is another block
+    other = [7] + prompt[1:]
+    assert store.load(other, dst, 1) == 0
+    assert store.stats.lookups == 3 and store.stats.hits == 2 and store.stats.tokens_reused == 160
+
+
+def test_eviction_takes_chains_from_their_ends_and_respects_the_cap():
+    cache = _filled(torch.float32)
+    store = PrefixCache(1 << 30, block=32)
+    store.store(list(range(96)), cache, 0, 96)
+    per = store.bytes // 3
+    store = PrefixCache(4 * per, block=32)
+    a, b = list(range(96)), list(range(1000, 1096))
+    store.store(a, cache, 0, 96)
+    store.store(b, cache, 1, 96)  # b's last two blocks take the room of a's last two
+    assert store.bytes <= 4 * per and store.stats.evicted == 2
+    assert store.load(a + [0], cache, 1) == 32  # a's head kept: it still serves its first block
+    assert store.load(b + [0], cache, 0) == 96
+    with pytest.raises(ValueError, match="bytes >= 0"):
+        PrefixCache(-1)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.int8])
+def test_engine_with_a_prefix_cache_gives_the_same_tokens_and_prefills_less(kv_dtype):
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(5)
+    shared = torch.randint(3, 97, (300,), generator=g).tolist()
+    prompts = [shared + torch.randint(3, 97, (n,), generator=g).tolist() for n in (9, 40, 1)] + [shared[:200]]
+
+    def engine(prefix_cache: int) -> Engine:
+        return Engine(model, random_codebooks(model), CFG, slots=2, max_context=400, dense_below=0,
+                      decode_weights="model", prefill_dtype="model", kv_dtype=kv_dtype, prefix_cache=prefix_cache)
+
+    plain = engine(0)
+    want = [plain.serve([Request(p, 6)]).completions[0].tokens for p in prompts]
+    cached = engine(1 << 30)
+    prefilled = []
+    for p in prompts:  # one at a time: each finds what the ones before it left
+        seen = []
+        got = cached.serve([Request(p, 6)], on_step=seen.append).completions[0].tokens
+        prefilled.append(sum(r.prefill_tokens for r in seen))
+        assert got == want[len(prefilled) - 1]
+    block = cached.prefix.block
+    assert prefilled[0] == len(prompts[0])
+    assert prefilled[1] == len(prompts[1]) - 300 // block * block
+    assert prefilled[2] == len(prompts[2]) - 300 // block * block
+    assert prefilled[3] == len(prompts[3]) - 199 // block * block
+    # one cancelled part-way through its prompt while another decodes: the others' tokens stay the same
+    eng = Engine(model, random_codebooks(model), CFG, slots=2, max_context=400, dense_below=0, decode_weights="model",
+                 prefill_dtype="model", kv_dtype=kv_dtype, prefix_cache=1 << 30, prefill_budget=50)
+    first = eng.add(Request(prompts[0], 6))
+    eng.step()
+    second = eng.add(Request(prompts[1], 6))
+    res = eng.step()
+    assert res.decode_rows == 1 and res.prefill_tokens == 50
+    assert eng.cancel(second).finish_reason == "cancelled"
+    third = eng.add(Request(prompts[2], 6))
+    done = {}
+    while eng.has_work:
+        done.update(eng.step().finished)
+    assert done[first].tokens == want[0] and done[third].tokens == want[2]
+    assert eng.prefix.stats.hits == 2  # the second and the third found the first's blocks
+
+
+def test_a_given_cache_is_not_kept_as_a_prefix():
+    model = tiny_model("llama")
+    eng = Engine(model, random_codebooks(model), CFG, slots=1, max_context=400, dense_below=0, decode_weights="model",
+                 prefill_dtype="model", prefix_cache=1 << 30)
+    prompt = torch.randint(3, 97, (300,), generator=torch.Generator().manual_seed(2)).tolist()
+    kv = eng.serve([Request(prompt, 1, keep_kv=True)]).completions[0].kv
+    eng.prefix.clear()
+    eng.serve([Request(prompt + [5, 6], 2, kv=kv)])
+    assert len(eng.prefix) == 0
