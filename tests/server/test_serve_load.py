@@ -29,3 +29,36 @@ def test_percentile():
     xs = list(range(1, 101))
     assert load.percentile(xs, 50) == 50 and load.percentile(xs, 99) == 99 and load.percentile(xs, 100) == 100
     assert load.percentile([3.0], 99) == 3.0
+
+
+def test_docqa_and_chat_workloads_through_the_openai_client():
+    """The long-context workloads on a tiny server with a prefix cache: every request answered, the latencies
+    recorded per chunk, and the prefix cache hit by every question after a document's first (one slot: the
+    questions run in order) and by every chat turn after the first."""
+    import asyncio
+
+    from a2ats.bench import workloads as w
+
+    tok = tokenizer()
+    requests = w.docqa_requests(tok, docs=2, doc_tokens=300, questions=2)
+    assert [d for d, _ in requests] == [0, 1, 0, 1]
+    assert requests[0][1][1]["content"].split("\n\nQuestion")[0] == requests[2][1][1]["content"].split("\n\nQuestion")[0]
+    with running(slots=1, max_context=512, prefix_cache=1 << 30) as s:
+        before = load.server_metrics(s.url)
+        exchanges, wall = asyncio.run(w.run_docqa(s.url, MODEL, requests, rate=50.0, max_tokens=6))
+        row = w.summarize("tiny", "docqa", exchanges, wall)
+        row.update(w.prefix_rates(before, load.server_metrics(s.url)))
+    assert row["ok"] == row["requests"] == 4 and row["output_tokens"] == 24
+    assert row["prefix_hit_rate"] == 0.5 and row["prefix_tokens_reused"] == 2 * 256
+    assert 0 < row["ttft_p50_s"] <= row["ttft_p99_s"] and 0 < row["itl_p50_ms"] <= row["itl_p99_ms"]
+    assert all(len(e["gaps"]) == 5 for e in row["exchanges"])
+    conversations = w.chat_turns(tok, conversations=2, turns=3, first_tokens=280)
+    with running(slots=2, max_context=512, prefix_cache=1 << 30) as s:
+        before = load.server_metrics(s.url)
+        exchanges, wall = asyncio.run(w.run_chat(s.url, MODEL, conversations, rate=50.0, max_tokens=5))
+        chat = w.summarize("tiny", "chat", exchanges, wall)
+        chat.update(w.prefix_rates(before, load.server_metrics(s.url)))
+    assert chat["ok"] == chat["requests"] == 6 and chat["prefix_hit_rate"] == 4 / 6
+    assert sorted((e["conversation"], e["turn"]) for e in chat["exchanges"]) == [(c, t) for c in (0, 1) for t in range(3)]
+    table = w.workload_table([row, chat])
+    assert "| tiny | docqa | 4 (4) |" in table and "| 0.50 |" in table

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
 
 from a2ats.bench.output import emit, machine
+from a2ats.bench.workloads import WORKLOADS, percentile
 from a2ats.factory import options
 
 LENGTHS = (1024, 2048, 4096, 8192)
@@ -34,14 +36,6 @@ class Sample:
     tpot: float | None = None  # seconds per output token after the first
     id: str | None = None
     error: str | None = None
-
-
-def percentile(xs: list[float], q: float) -> float | None:
-    """The nearest-rank ``q`` percentile (0-100) of ``xs``; None when empty."""
-    if not xs:
-        return None
-    s = sorted(xs)
-    return s[min(len(s) - 1, max(0, int(-(-q * len(s) // 100)) - 1))]
 
 
 async def _stream(client, url: str, body: dict, headers: dict) -> Sample:
@@ -251,8 +245,60 @@ def add_arguments(p) -> None:
                    help="a2ats (K/V in host memory) and/or dense (full attention, the cache beside the model)")
     p.add_argument("--soak", type=int, default=0, metavar="N",
                    help="then N short requests (half streamed) to the first system, each checked answered exactly once")
+    p.add_argument("--workload", choices=("summaries", *WORKLOADS), default="summaries",
+                   help="summaries (the default): essay windows of --lengths through --clients closed-loop clients; "
+                        "docqa: --documents documents of --doc-tokens tokens, --questions questions each; chat: "
+                        "--conversations conversations of --turns turns growing from --doc-tokens; both streamed "
+                        "through the openai client, arriving as a Poisson process of --rate per second")
+    p.add_argument("--documents", type=int, default=2, help="docqa: documents")
+    p.add_argument("--questions", type=int, default=4, help="docqa: questions per document")
+    p.add_argument("--doc-tokens", type=int, default=16384, help="docqa: tokens per document; chat: its first turn's")
+    p.add_argument("--conversations", type=int, default=2, help="chat: conversations")
+    p.add_argument("--turns", type=int, default=4, help="chat: turns per conversation")
+    p.add_argument("--rate", type=float, default=0.05, help="docqa: requests, chat: conversations, per second")
+    p.add_argument("--prefix-cache", type=float, default=2.0, metavar="GIB",
+                   help="our server's prefix cache in GiB (0: none), as `a2ats serve --prefix-cache`")
+    p.add_argument("--base-url", help="load this OpenAI-compatible server instead of starting ours (e.g. llama.cpp's "
+                                      "llama-server: http://127.0.0.1:8080); docqa and chat only")
+    p.add_argument("--served-model", help="--base-url: the model name it serves (default: the one it lists first)")
     p.add_argument("--out", help="folder for serve.json and serve.md")
     p.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
+
+
+def _workload(a, tok):
+    """The workload's requests and how to run them against a base URL: ``run(base, model, key) -> row``."""
+    from a2ats.bench import workloads as w
+
+    for name in ("documents", "questions", "doc_tokens", "conversations", "turns"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if not a.rate > 0:
+        raise ValueError(f"--rate must be > 0 (arrivals per second), got {a.rate}")
+    if a.workload == "docqa":
+        requests = w.docqa_requests(tok, a.documents, a.doc_tokens, a.questions)
+        need = a.doc_tokens + 128 + a.max_new_tokens
+
+        def go(base, model, key):
+            return w.run_docqa(base, model, requests, a.rate, a.max_new_tokens, key)
+    else:
+        conversations = w.chat_turns(tok, a.conversations, a.turns, a.doc_tokens)
+        need = a.doc_tokens + a.turns * (64 + a.max_new_tokens) + 128
+
+        def go(base, model, key):
+            return w.run_chat(base, model, conversations, a.rate, a.max_new_tokens, key)
+
+    def run(base: str, model: str, key: str | None, system: str) -> dict:
+        before = server_metrics(base, key) if not a.base_url else {}
+        exchanges, wall = asyncio.run(go(base, model, key))
+        row = w.summarize(system, a.workload, exchanges, wall)
+        if not a.base_url:
+            after = server_metrics(base, key)
+            row.update(_engine_rates(before, after))
+            row.update(w.prefix_rates(before, after))
+            row["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)  # the server's process
+        return row
+
+    return run, need
 
 
 def main(a, http_server) -> int:
@@ -264,6 +310,10 @@ def main(a, http_server) -> int:
     unknown = [s for s in a.serve_systems if s not in SYSTEMS]
     if unknown:
         raise ValueError(f"unknown system(s) {unknown}; choose from {', '.join(SYSTEMS)}")
+    if a.workload != "summaries":
+        return _main_workload(a, http_server)
+    if a.base_url:
+        raise ValueError("--base-url loads another server with the docqa or chat workload: add --workload")
     model, tok = options.load(a)
     lengths = a.lengths or LENGTHS
     requests = a.requests or 4 * a.clients
@@ -293,3 +343,44 @@ def main(a, http_server) -> int:
     emit(res, table(rows), "serve", a.out, None, a.json, options.log)
     lost = [r for r in rows if r.get("soak") and not r["exactly_once"]]
     return 1 if lost else 0
+
+
+def _main_workload(a, http_server) -> int:
+    """docqa or chat, against our server (each of --serve-systems) or another one at --base-url."""
+    from a2ats.bench.workloads import workload_table
+
+    unknown = [s for s in a.serve_systems if s not in SYSTEMS]
+    if unknown:
+        raise ValueError(f"unknown system(s) {unknown}; choose from {', '.join(SYSTEMS)}")
+    model, tok = options.load(a)  # its tokenizer measures the documents (and, ours, it is the model served)
+    run, need = _workload(a, tok)
+    rows = []
+    if a.base_url:
+        base = a.base_url.rstrip("/")
+        name = a.served_model or _served_model(base, a)
+        options.log(f"{a.workload} against {base} ({name})")
+        rows.append(run(base, name, getattr(a, "api_key", None), f"external ({name})"))
+    else:
+        for system in a.serve_systems:
+            dense = system == "dense"
+            placement = "local" if dense else "offload"
+            server = http_server(a, model, tok, dense=dense, max_context=need, port=0, log_level="warning",
+                                 placement=placement, prefix_cache=int(a.prefix_cache * (1 << 30))).start()
+            try:
+                options.log(f"{system}: {a.workload}, {a.slots} slots")
+                rows.append(run(server.url, server.config.model_name, server.config.api_key, f"{system} ({placement})"))
+            finally:
+                server.stop()
+    res = {"machine": machine(), "model": options.model_label(a), "dtype": a.dtype,
+           "budget": options.config(a).budget_label, "slots": a.slots, "command": "a2ats " + " ".join(sys.argv[1:]),
+           "workload": a.workload, "rows": rows}
+    emit(res, workload_table(rows), "serve", a.out, None, a.json, options.log)
+    return 1 if any(r["ok"] < r["requests"] for r in rows) else 0
+
+
+def _served_model(base: str, a) -> str:
+    import httpx
+
+    key = getattr(a, "api_key", None)
+    r = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=30)
+    return r.json()["data"][0]["id"]
