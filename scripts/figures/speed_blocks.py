@@ -143,7 +143,7 @@ CHUNKS = "docs/bench/speed/amd-smollm2/chunks/prefill.json"
 @block("prefill-chunks")
 def prefill_chunks(root: Path) -> str:
     """Prefill rate against the prompt tokens per forward: what a step's prefill beside decode costs per token."""
-    from a2ats.runtime.engine import PREFILL_BUDGET
+    from a2ats.runtime.settings import PREFILL_BUDGET
 
     d = load_json(root, CHUNKS)
     expect(d.get("model") == "smollm2-135m", f"{CHUNKS}: model {d.get('model')!r}")

@@ -10,6 +10,7 @@ import torch
 from a2ats import A2ATSConfig
 from a2ats.runtime import Engine, Request
 from a2ats.runtime.prefix_cache import PrefixCache
+from a2ats.runtime.settings import EngineSettings
 from a2ats.runtime.slots import SlotCache
 from conftest import random_codebooks, tiny_model
 
@@ -59,8 +60,8 @@ def test_eviction_takes_chains_from_their_ends_and_respects_the_cap():
     assert store.bytes <= 4 * per and store.stats.evicted == 2
     assert store.load(a + [0], cache, 1) == 32  # a's head kept: it still serves its first block
     assert store.load(b + [0], cache, 0) == 96
-    with pytest.raises(ValueError, match="bytes >= 0"):
-        PrefixCache(-1)
+    with pytest.raises(ValueError, match="prefix_cache must be an integer >= 0"):
+        EngineSettings(prefix_cache=-1)
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.int8])

@@ -19,7 +19,7 @@ from a2ats.core.codebook import Codebooks
 from a2ats.core.config import A2ATSConfig
 from a2ats.factory import options
 from a2ats.runtime import Request
-from a2ats.runtime.engine import PREFILL_CHUNK
+from a2ats.runtime.settings import PREFILL_CHUNK
 
 SYSTEMS = ("a2ats", "a2ats-fp32", "dense", "llama.cpp")  # a2ats: the default prefill dtype; -fp32: the model's own
 DEFAULT_SYSTEMS = ("a2ats", "a2ats-fp32", "dense")

@@ -12,6 +12,9 @@ Hugging Face model's own weights.
 - :mod:`.sampling`: how a sequence picks its tokens (penalties, biases, temperature, top_p, seed, log probabilities).
 - :mod:`.crossover`: where selection pays: a start-up measurement of dense vs selecting attention on the
   engine's own shapes, and the rule that sends shorter contexts down the dense path.
+- :mod:`.settings`: :class:`EngineSettings`, how an engine runs (one frozen set, checked on construction).
+- :mod:`.sequence`, :mod:`.scheduler`, :mod:`.prefix_cache`: a request in flight; each step's decode and prompt
+  chunks; prompt prefixes already prefilled.
 - :mod:`.engine`: :class:`Engine`: ``add``/``step`` (continuous batching), ``serve`` a queue, ``generate`` a batch.
 
 transformers' ``generate`` stays available through :class:`a2ats.hf.A2ATS`; this engine exists because
@@ -29,7 +32,8 @@ from a2ats.runtime.requests import (
            StepResult,
 )
 from a2ats.runtime.sampling import Sampling, SamplingError, TokenLogprobs
+from a2ats.runtime.settings import EngineSettings
 from a2ats.runtime.slots import KVState
 
-__all__ = ["Completion", "Engine", "EngineOutput", "KVState", "PreflightError", "Request", "Sampling", "SamplingError",
+__all__ = ["Completion", "Engine", "EngineOutput", "EngineSettings", "KVState", "PreflightError", "Request", "Sampling", "SamplingError",
            "ServeError", "ServeResult", "StepResult", "TokenLogprobs"]

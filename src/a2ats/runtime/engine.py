@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -31,7 +32,7 @@ from a2ats.core.stats import SelectionStats, SelectionTrace
 from a2ats.core.support import check_context
 from a2ats.methods.a2ats import A2ATSMethod
 from a2ats.runtime import crossover
-from a2ats.runtime.crossover import Costs, DenseRule
+from a2ats.runtime.crossover import DenseRule
 from a2ats.runtime.model import POST_ROPE_REFUSAL, LeanModel
 from a2ats.runtime.prefix_cache import PrefixCache
 from a2ats.runtime.preflight import MemoryPlan, plan
@@ -46,76 +47,30 @@ from a2ats.runtime.requests import (
 from a2ats.runtime.runner import Runner
 from a2ats.runtime.scheduler import Chunk, Scheduler
 from a2ats.runtime.sequence import Sequence, Status
+from a2ats.runtime.settings import EngineSettings
 from a2ats.runtime.slots import SlotCache
 from a2ats.runtime.step import Timer
-
-PLACEMENTS = ("local", "offload")
-# Prompt tokens a step prefills beside its decode tokens while sequences decode (None: whole prompts, decode
-# waits). A running sequence's next token waits for at most this much prefill; see docs/design.md for how it
-# was chosen.
-PREFILL_BUDGET = 256
-PREFILL_CHUNK = 4096  # prompt tokens per prefill forward at most (a whole prompt's, with nothing decoding)
-KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
 
 
 class Engine:
     """Greedy decoding of a Llama-family HF model with A²ATS (``codebooks`` or an A²ATS ``method`` given) or
-    dense attention, over ``slots`` sequences of up to ``max_context`` tokens each.
-
-    ``path``: ``fast`` selects and attends with the kernels (:mod:`a2ats.kernels`), ``reference`` scores every
-    token with torch and applies the selection as a mask; ``auto`` is fast where K/V sit in CPU memory and
-    the C++ kernels build (:func:`a2ats.kernels.resolve_path`). Both select the same tokens. ``placement``: ``local`` or ``offload`` (K/V in host memory).
-    ``prefill_chunk``: prompt tokens per prefill forward at most; ``prefill_budget``: prompt tokens a step prefills
-    beside its decode while sequences decode (None: whole prompts first, the running sequences waiting).
-    ``prefix_cache``: bytes of host memory for prompt prefixes already prefilled (:mod:`.prefix_cache`; 0: none,
-    the default): a prompt that begins with one copies its K/V and codes instead of prefilling them.
-    ``slots``/``max_context``: the cache, allocated at construction after a memory preflight that refuses
-    (naming the largest batch that fits) rather than failing mid-run; left out, the cache is sized to each
-    run (:meth:`serve`, :meth:`generate`, or the requests waiting when the engine is idle), through the same
-    preflight. ``overlap``: micro-batches per decode step, so the host attends one while the accelerator
-    selects the next. ``kv_dtype``: how K/V are stored; bf16 under an fp32 model halves the bytes held and read per
-    row, int8 (a float32 scale per row) quarters them. Default: bf16 for a float32 model loaded from a 16-bit
-    checkpoint (its weights are bf16 or fp16 values) with K/V in CPU memory, whose kernels read bf16 rows natively;
-    the model's dtype otherwise (:func:`default_kv_dtype`). ``dense_below``: which decode steps of an A²ATS engine
-    attend to every token instead of selecting, where selection cannot pay (:mod:`.crossover`): ``"auto"`` (the
-    default) measures, once per process for this model's shapes and K/V dtype, what a layer's dense attention
-    and its selection cost at two contexts, and goes dense wherever selecting would cost more (short contexts, a
-    budget near the whole cache); a context in tokens fixes it (0: always select); measured
-    :class:`~.crossover.Costs` are used as given. The reference path selects at every step under ``"auto"`` (it
-    exists to check the selection). Dense steps keep encoding keys, so selection starts where the context grows
-    past the crossover, and each step's tokens are those of the dense or the selecting engine on the same cache.
-    ``decode_weights``: what decode steps of a float32 model read for the projections: ``"auto"`` (int8
-    copies), ``"int8"``, ``"int4"``, ``"bf16"`` or ``"model"`` (its own fp32 weights), always with fp32 math
-    (:class:`~a2ats.runtime.model.LeanModel`; the formats' perplexity: ``a2ats bench weights``). ``prefill_dtype``: ``"bf16"`` runs a float32
-    model's prefill projections and attention in bf16 (fp32 out), ``"model"`` in its dtype, ``"auto"`` bf16 where
-    the CPU multiplies bf16 natively. ``host_free``/``accelerator_free`` override the measured free
-    memory (tests, planning). ``beyond_model_context``: allow contexts past the model's trained positions
-    (speed benchmarks only: outputs there are not meaningful). Build the engine after moving the model to its
-    device and dtype.
-    """
+    dense attention, over slots of sequences, as :class:`~.settings.EngineSettings` say: ``settings``, or those
+    settings by name (``Engine(model, cb, slots=4, max_context=8192)``), or both (the names override). Build the
+    engine after moving the model to its device and dtype."""
 
     def __init__(self, model: nn.Module, codebooks: Codebooks | None = None, config: A2ATSConfig | None = None, *,
-                 method: A2ATSMethod | None = None, path: str = "auto", placement: str = "local",
-                 slots: int | None = None, max_context: int | None = None, prefill_chunk: int = PREFILL_CHUNK,
-                 prefill_budget: int | None = PREFILL_BUDGET, prefix_cache: int = 0,
-                 decode_weights: str = "auto", prefill_dtype: str = "auto", overlap: int = 1, kv_dtype: torch.dtype | None = None,
-                 dense_below: int | str | Costs = crossover.AUTO, host_free: int | None = None,
-                 accelerator_free: int | None = None, beyond_model_context: bool = False):
-        kernels.resolve_path(path, "cpu")  # a bad name is refused before any work
-        dense_below = crossover.check_setting(dense_below)
-        if placement not in PLACEMENTS:
-            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
-        if slots is not None and slots < 1:
-            raise ValueError(f"slots must be >= 1, got {slots}")
-        self.scheduler = Scheduler(prefill_chunk, prefill_budget)  # checks both
-        self.prefix = PrefixCache(prefix_cache) if prefix_cache else None  # checks the size
-        if overlap < 1:
-            raise ValueError(f"overlap (micro-batches per decode step) must be >= 1, got {overlap}")
+                 method: A2ATSMethod | None = None, settings: EngineSettings | None = None, **overrides):
+        unknown = sorted(set(overrides) - set(EngineSettings.names()))
+        if unknown:
+            raise ValueError(f"unknown engine setting(s) {unknown}; the settings are {', '.join(EngineSettings.names())}")
+        self.settings = s = replace(settings or EngineSettings(), **overrides)  # checked on construction
+        self.scheduler = Scheduler(s.prefill_chunk, s.prefill_budget)
+        self.prefix = PrefixCache(s.prefix_cache) if s.prefix_cache else None
         self.model, self.config = model, config or A2ATSConfig()
-        self.lean = lean = LeanModel(model, decode_weights, prefill_dtype)
+        self.lean = lean = LeanModel(model, s.decode_weights, s.prefill_dtype)
         limit = getattr(model.config, "max_position_embeddings", None)
-        if max_context is not None and limit and max_context > limit and not beyond_model_context:
-            raise ValueError(f"max_context {max_context} exceeds the model's context of {limit} positions")
+        if s.max_context is not None and limit and s.max_context > limit and not s.beyond_model_context:
+            raise ValueError(f"max_context {s.max_context} exceeds the model's context of {limit} positions")
         if method is None and codebooks is not None:
             method = A2ATSMethod.for_model(model, codebooks, self.config)
         if method is not None and not isinstance(method, A2ATSMethod):
@@ -124,21 +79,19 @@ class Engine:
         if method is not None and method.post_rope:
             raise ValueError(POST_ROPE_REFUSAL)
         self.method = method
-        self.placement, self.prefill_chunk, self.overlap = placement, prefill_chunk, overlap
-        self.beyond_model_context = beyond_model_context
-        self.host = torch.device("cpu") if placement == "offload" else lean.device
-        self.kv_dtype = kv_dtype or default_kv_dtype(lean, self.host)
-        if self.kv_dtype not in KV_DTYPES:
-            raise ValueError(f"kv_dtype must be float32, bfloat16, float16 or int8, got {kv_dtype}")
-        self.path = kernels.resolve_path(path, self.host)  # where attention reads K/V decides
+        self.placement, self.prefill_chunk, self.overlap = s.placement, s.prefill_chunk, s.overlap
+        self.beyond_model_context = s.beyond_model_context
+        self.host = torch.device("cpu") if s.placement == "offload" else lean.device
+        self.kv_dtype = s.kv_dtype or default_kv_dtype(lean, self.host)
+        self.path = kernels.resolve_path(s.path, self.host)  # where attention reads K/V decides
         self.dense_rule: DenseRule | None = None  # None: every decode step selects (or, without a method, none)
-        if method is not None and not (dense_below == crossover.AUTO and self.path == "reference"):
+        if method is not None and not (s.dense_below == crossover.AUTO and self.path == "reference"):
             kv, host, config = self.kv_dtype, self.host, self.config
-            self.dense_rule = DenseRule(dense_below, config, lean.heads // lean.kv_heads,
+            self.dense_rule = DenseRule(s.dense_below, config, lean.heads // lean.kv_heads,
                                         lambda: crossover.measured(lean, method, config, kv, host))
-        self._fixed_slots = slots
-        self._fixed_context = max_context or ((limit or 4096) if slots is not None else None)
-        self._host_free, self._accelerator_free = host_free, accelerator_free
+        self._fixed_slots = s.slots
+        self._fixed_context = s.max_context or ((limit or 4096) if s.slots is not None else None)
+        self._host_free, self._accelerator_free = s.host_free, s.accelerator_free
         self.cache: SlotCache | None = None
         self.runner: Runner | None = None
         self.plan: MemoryPlan | None = None
@@ -152,8 +105,8 @@ class Engine:
         self._next = 0
         self._owner: list[int | None] = []  # request index in each slot
         self._last = torch.zeros(0, dtype=torch.long)
-        if slots is not None:
-            self._allocate(slots, self._fixed_context)
+        if s.slots is not None:
+            self._allocate(s.slots, self._fixed_context)
 
     # -- what the engine is ------------------------------------------------------------------------------------
 

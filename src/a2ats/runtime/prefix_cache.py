@@ -43,10 +43,7 @@ class PrefixStats:
 
 class PrefixCache:
     def __init__(self, capacity_bytes: int, block: int = BLOCK):
-        if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int) or capacity_bytes < 0:
-            raise ValueError(f"the prefix cache's size must be a number of bytes >= 0, got {capacity_bytes!r}")
-        if block < 1:
-            raise ValueError(f"prefix cache blocks must hold >= 1 token, got {block}")
+        """``capacity_bytes`` (>= 0, checked by the engine's settings) of blocks of ``block`` tokens."""
         self.capacity, self.block = capacity_bytes, block
         self._blocks: OrderedDict[bytes, _Block] = OrderedDict()  # least recently used first
         self.bytes = 0

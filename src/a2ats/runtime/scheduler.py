@@ -43,11 +43,7 @@ class Plan:
 class Scheduler:
     def __init__(self, chunk: int, budget: int | None):
         """``chunk``: prompt tokens per prefill forward at most; ``budget``: prompt tokens per step while sequences
-        decode (None: whole prompts, the running sequences wait for them)."""
-        if chunk < 1:
-            raise ValueError(f"prefill_chunk must be >= 1, got {chunk}")
-        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
-            raise ValueError(f"prefill_budget must be a number of tokens >= 1, or None (whole prompts), got {budget!r}")
+        decode (None: whole prompts, the running sequences wait for them). Both checked by the engine's settings."""
         self.chunk, self.budget = chunk, budget
         self.waiting: deque[Sequence] = deque()
         self.slots: list[Sequence | None] = []

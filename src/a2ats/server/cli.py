@@ -17,7 +17,7 @@ from a2ats.factory import options
 from a2ats.factory.options import log
 from a2ats.hf.generate import encode_prompt
 from a2ats.runtime import Request
-from a2ats.runtime.engine import PREFILL_BUDGET
+from a2ats.runtime.settings import PREFILL_BUDGET
 from a2ats.server.config import API_KEY_ENV, ServerConfig
 
 KV_DTYPES = {"model": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
