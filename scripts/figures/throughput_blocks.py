@@ -7,7 +7,7 @@ from pathlib import Path
 
 from blocks import block, expect
 from formatting import k, paragraphs, ratio, table
-from sources import load_json, source_line
+from sources import load_json, same_machine, source_line
 
 
 @block("serve")
@@ -49,3 +49,28 @@ def projection(root: Path) -> str:
                       "(`a2ats bench project`); computed, not measured:", "",
                       table(["hardware profile", "host read GB/s (input)", "shape", "context", "projected ratio",
                              "without overlap", "bound by", "command"], out), ""] + paragraphs(srcs))
+
+
+DOCQA = ("docs/bench/serve/docqa-smollm2/serve.json", "docs/bench/serve/docqa-smollm2-llamacpp/serve.json")
+
+
+@block("serve-docqa")
+def serve_docqa(root: Path) -> str:
+    """The docqa workload through the openai client: ours (A²ATS and full attention) and llama.cpp's llama-server."""
+    out, srcs, provs = [], [], []
+    for rel in DOCQA:
+        d = load_json(root, rel)
+        expect(d.get("workload") == "docqa" and d.get("model") == "smollm2-135m", f"{rel}: not SmolLM2's docqa")
+        provs.append(d["provenance"])
+        srcs.append(source_line(rel, d["provenance"]))
+        for r in d["rows"]:
+            hit = r.get("prefix_hit_rate")
+            out.append([r["system"], f"{r['requests']} ({r['ok']})", "–".join(map(str, r["prompt_tokens"])),
+                        f"{r['wall_s']:.0f}", f"{r['requests_per_s']:.3f}", f"{r['output_tokens_per_s']:.2f}",
+                        f"{r['ttft_p50_s']:.1f} / {r['ttft_p99_s']:.1f}", f"{r['itl_p50_ms']:.0f} / {r['itl_p99_ms']:.0f}",
+                        "—" if hit is None else f"{hit:.2f}"])
+    same_machine(*provs)
+    head = ["system", "requests (ok)", "prompt tokens", "wall s", "requests/s", "output tokens/s", "TTFT p50 / p99 s",
+            "inter-token p50 / p99 ms", "prefix hit rate"]
+    return "\n".join(["One run of each system (no repeats: no spread is known); llama-server right after ours, "
+                      "the same documents, questions and arrival times.", "", table(head, out), ""] + paragraphs(srcs))

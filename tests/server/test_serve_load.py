@@ -20,6 +20,11 @@ def test_load_and_soak():
         many = [prompts[i % len(prompts)] for i in range(200)]
         soak = load.soak(s.url, MODEL, many, clients=12, max_tokens=3, system="tiny")
         assert soak["exactly_once"] and soak["ok"] == soak["server_answered"] == soak["unique_ids"] == 200
+        # a third of the streamed ones dropped mid-stream: the rest answered once each, no slot or queue place kept
+        dropped = load.soak(s.url, MODEL, [p * 2 for p in many[:120]], clients=12, max_tokens=30, system="tiny",
+                            disconnect=0.35, seed=1)
+        assert dropped["left"] > 5 and dropped["leaked"] == 0 and dropped["exactly_once"]
+        assert dropped["ok"] == 120 - dropped["left"] and dropped["server_answered"] == 120
     table = load.table([row, soak])
     assert "| tiny | 4 | 8 (8) |" in table and "every request answered exactly once" in table
 

@@ -36,9 +36,11 @@ class Sample:
     tpot: float | None = None  # seconds per output token after the first
     id: str | None = None
     error: str | None = None
+    left: bool = False  # the client dropped the connection after the first text (a soak's disconnects)
 
 
-async def _stream(client, url: str, body: dict, headers: dict) -> Sample:
+async def _stream(client, url: str, body: dict, headers: dict, leave: bool = False) -> Sample:
+    """One streamed request; ``leave``: drop the connection once the first text has arrived."""
     sample = Sample(len(body["prompt"]) if isinstance(body["prompt"], list) else 0)
     t0 = time.perf_counter()
     first = last = None
@@ -64,6 +66,9 @@ async def _stream(client, url: str, body: dict, headers: dict) -> Sample:
                 if obj.get("choices") and obj["choices"][0].get("text"):
                     last = time.perf_counter()
                     first = first or last
+                    if leave:
+                        sample.left = True
+                        break  # leaving the block closes the connection mid-stream
     except Exception as e:  # a dropped connection is a lost request: counted, never hidden
         sample.error = f"{type(e).__name__}: {e}"
     sample.seconds = time.perf_counter() - t0
@@ -92,7 +97,7 @@ async def _plain(client, url: str, body: dict, headers: dict) -> Sample:
 
 
 async def _drive(base: str, model: str, prompts: list, clients: int, max_tokens: int, api_key: str | None,
-                 streamed: list[bool]) -> tuple[list[Sample], float]:
+                 streamed: list[bool], leave: list[bool] | None = None) -> tuple[list[Sample], float]:
     import httpx
 
     queue: asyncio.Queue = asyncio.Queue()
@@ -108,7 +113,7 @@ async def _drive(base: str, model: str, prompts: list, clients: int, max_tokens:
             body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
             if streamed[i]:
                 body.update(stream=True, stream_options={"include_usage": True})
-                samples[i] = await _stream(client, url, body, headers)
+                samples[i] = await _stream(client, url, body, headers, leave=bool(leave and leave[i]))
             else:
                 samples[i] = await _plain(client, url, body, headers)
 
@@ -121,13 +126,13 @@ async def _drive(base: str, model: str, prompts: list, clients: int, max_tokens:
 
 
 def summarize(system: str, samples: list[Sample], wall: float, clients: int, max_tokens: int) -> dict:
-    ok = [s for s in samples if s.status == 200 and s.error is None]
+    ok = [s for s in samples if s.status == 200 and s.error is None and not s.left]
     ttft = [s.ttft for s in ok if s.ttft is not None]
     tpot = [s.tpot for s in ok if s.tpot is not None]
     tokens = sum(s.tokens for s in ok)
     lengths = [s.prompt_tokens for s in samples]
     return {"system": system, "clients": clients, "requests": len(samples), "ok": len(ok),
-            "errors": [s.error or f"HTTP {s.status}" for s in samples if s not in ok][:5],
+            "errors": [s.error or f"HTTP {s.status}" for s in samples if s not in ok and not s.left][:5],
             "prompt_tokens": [min(lengths), max(lengths)], "max_tokens": max_tokens, "wall_s": wall,
             "requests_per_s": len(ok) / wall, "output_tokens": tokens, "output_tokens_per_s": tokens / wall,
             "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
@@ -175,19 +180,33 @@ def load(base: str, model: str, prompts: list[list[int]], clients: int, max_toke
 
 
 def soak(base: str, model: str, prompts: list[list[int]], clients: int, max_tokens: int, system: str,
-         api_key: str | None = None) -> dict:
-    """Every prompt once, half streamed and half not; whether each was answered exactly once (as the client
-    counts: one 200 with its own completion id each; as the server counts: its answers grew by exactly that many)."""
+         api_key: str | None = None, disconnect: float = 0.0, seed: int = 0) -> dict:
+    """Every prompt once, half streamed and half not, a ``disconnect`` share of the streamed ones dropped by the
+    client after their first text; whether each was answered exactly once (as the client counts: one 200 with its
+    own completion id per request it waited for; as the server counts: its answers, cancellations included, grew
+    by exactly the number sent) and whether every slot and queue place came back (the gauges back to 0)."""
+    import random
+
+    if not 0.0 <= disconnect <= 1.0:
+        raise ValueError(f"the share of requests dropped mid-stream must be in [0, 1], got {disconnect}")
     before = server_metrics(base, api_key)
     streamed = [i % 2 == 0 for i in range(len(prompts))]
-    samples, wall = asyncio.run(_drive(base, model, prompts, clients, max_tokens, api_key, streamed))
-    after = server_metrics(base, api_key)
+    rng = random.Random(seed)
+    leave = [on and rng.random() < disconnect for on in streamed]
+    samples, wall = asyncio.run(_drive(base, model, prompts, clients, max_tokens, api_key, streamed, leave))
+    deadline, after = time.monotonic() + 60, server_metrics(base, api_key)
+    while (after["a2ats_busy_slots"] or after["a2ats_queue_depth"]) and time.monotonic() < deadline:
+        time.sleep(0.2)  # a dropped request frees its slot at the engine's next step
+        after = server_metrics(base, api_key)
     answered = _answered(after) - _answered(before)
     res = summarize(system, samples, wall, clients, max_tokens)
     res.update(_engine_rates(before, after))
-    ids = [s.id for s in samples if s.id is not None]
-    res.update(soak=True, server_answered=answered, unique_ids=len(set(ids)),
-               exactly_once=answered == len(prompts) == res["ok"] == len(set(ids)))
+    ids = [s.id for s in samples if s.id is not None and not s.left]
+    left = sum(s.left for s in samples)
+    leaked = int(after["a2ats_busy_slots"] + after["a2ats_queue_depth"])
+    res.update(soak=True, server_answered=answered, unique_ids=len(set(ids)), left=left, leaked=leaked,
+               exactly_once=answered == len(prompts) and res["ok"] == len(prompts) - left == len(set(ids))
+               and leaked == 0)
     return res
 
 
@@ -207,8 +226,10 @@ def table(rows: list[dict]) -> str:
                      f"{f(r['tpot_p50_ms'], '.1f')} / {f(r['tpot_p99_ms'], '.1f')} |")
     soaks = [r for r in rows if r.get("soak")]
     for r in soaks:
-        lines.append(f"\nsoak ({r['system']}): {r['requests']} requests, {r['ok']} answered 200 with "
-                     f"{r['unique_ids']} distinct ids; the server counted {r['server_answered']} answers: "
+        dropped = f", {r['left']} dropped by the client mid-stream" if r.get("left") else ""
+        lines.append(f"\nsoak ({r['system']}): {r['requests']} requests{dropped}, {r['ok']} answered 200 with "
+                     f"{r['unique_ids']} distinct ids; the server counted {r['server_answered']} answers, and "
+                     f"{r.get('leaked', 0)} slots or queue places were still held after: "
                      f"{'every request answered exactly once' if r['exactly_once'] else 'NOT exactly once'}")
     return "\n".join(lines) + "\n"
 
@@ -243,6 +264,8 @@ def add_arguments(p) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per request")
     p.add_argument("--serve-systems", type=options.csv(str), default=SYSTEMS,
                    help="a2ats (K/V in host memory) and/or dense (full attention, the cache beside the model)")
+    p.add_argument("--disconnect", type=float, default=0.0, metavar="P",
+                   help="the soak's share of streamed requests the client drops after their first text (default 0)")
     p.add_argument("--soak", type=int, default=0, metavar="N",
                    help="then N short requests (half streamed) to the first system, each checked answered exactly once")
     p.add_argument("--workload", choices=("summaries", *WORKLOADS), default="summaries",
@@ -334,7 +357,7 @@ def main(a, http_server) -> int:
             if a.soak and n == 0:  # on the first system
                 options.log(f"{system}: soak, {a.soak} short requests through {max(a.clients, 2 * a.slots)} clients")
                 rows.append(soak(server.url, server.config.model_name, short, max(a.clients, 2 * a.slots), 8,
-                                 f"{system} ({placement})", server.config.api_key))
+                                 f"{system} ({placement})", server.config.api_key, disconnect=a.disconnect))
         finally:
             server.stop()
     res = {"machine": machine(), "model": options.model_label(a), "dtype": a.dtype,
