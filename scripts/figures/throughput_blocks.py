@@ -65,7 +65,8 @@ def serve_docqa(root: Path) -> str:
         srcs.append(source_line(rel, d["provenance"]))
         for r in d["rows"]:
             hit = r.get("prefix_hit_rate")
-            out.append([r["system"], f"{r['requests']} ({r['ok']})", "–".join(map(str, r["prompt_tokens"])),
+            name = "llama.cpp llama-server, Q8_0" if r["system"].startswith("external") else r["system"]
+            out.append([name, f"{r['requests']} ({r['ok']})", "–".join(map(str, r["prompt_tokens"])),
                         f"{r['wall_s']:.0f}", f"{r['requests_per_s']:.3f}", f"{r['output_tokens_per_s']:.2f}",
                         f"{r['ttft_p50_s']:.1f} / {r['ttft_p99_s']:.1f}", f"{r['itl_p50_ms']:.0f} / {r['itl_p99_ms']:.0f}",
                         "—" if hit is None else f"{hit:.2f}"])
