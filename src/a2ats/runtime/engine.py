@@ -260,6 +260,7 @@ class Engine:
         seq.prefilled = e
         res.prefill_tokens += e - s
         if self.prefix is not None and seq.request.kv is None:  # a given cache's rows were not prefilled here
+            runner.host_ready()  # the rows it copies have arrived
             self.prefix.store(seq.prompt, cache, slot, e)
         if chunk.last:
             runner.host_ready()
