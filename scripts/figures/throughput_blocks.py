@@ -51,16 +51,27 @@ def projection(root: Path) -> str:
                              "without overlap", "bound by", "command"], out), ""] + paragraphs(srcs))
 
 
-DOCQA = ("docs/bench/serve/docqa-smollm2/serve.json", "docs/bench/serve/docqa-smollm2-llamacpp/serve.json")
+DOCQA = {"smollm2-135m": ("docs/bench/serve/docqa-smollm2/serve.json", "docs/bench/serve/docqa-smollm2-llamacpp/serve.json"),
+         "qwen2.5-coder-0.5b": ("docs/bench/serve/docqa-qwen/serve.json",
+                                "docs/bench/serve/docqa-qwen-llamacpp/serve.json")}
 
 
 @block("serve-docqa")
 def serve_docqa(root: Path) -> str:
+    return _docqa(root, "smollm2-135m")
+
+
+@block("serve-docqa-qwen")
+def serve_docqa_qwen(root: Path) -> str:
+    return _docqa(root, "qwen2.5-coder-0.5b")
+
+
+def _docqa(root: Path, model: str) -> str:
     """The docqa workload through the openai client: ours (A²ATS and full attention) and llama.cpp's llama-server."""
     out, srcs, provs = [], [], []
-    for rel in DOCQA:
+    for rel in DOCQA[model]:
         d = load_json(root, rel)
-        expect(d.get("workload") == "docqa" and d.get("model") == "smollm2-135m", f"{rel}: not SmolLM2's docqa")
+        expect(d.get("workload") == "docqa" and d.get("model") == model, f"{rel}: not {model}'s docqa")
         provs.append(d["provenance"])
         srcs.append(source_line(rel, d["provenance"]))
         for r in d["rows"]:
