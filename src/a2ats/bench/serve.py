@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from a2ats.bench.output import emit, machine
 from a2ats.bench.workloads import WORKLOADS, percentile
 from a2ats.factory import options
+from a2ats.runtime.settings import SERVER_PREFIX_CACHE_GIB
 
 LENGTHS = (1024, 2048, 4096, 8192)
 SYSTEMS = ("a2ats", "dense")  # a2ats: K/V in host memory; dense: full attention, the cache beside the model
@@ -279,8 +280,9 @@ def add_arguments(p) -> None:
     p.add_argument("--conversations", type=int, default=2, help="chat: conversations")
     p.add_argument("--turns", type=int, default=4, help="chat: turns per conversation")
     p.add_argument("--rate", type=float, default=0.05, help="docqa: requests, chat: conversations, per second")
-    p.add_argument("--prefix-cache", type=float, default=2.0, metavar="GIB",
-                   help="our server's prefix cache in GiB (0: none), as `a2ats serve --prefix-cache`")
+    p.add_argument("--prefix-cache", type=float, default=SERVER_PREFIX_CACHE_GIB, metavar="GIB",
+                   help=f"our server's prefix cache in GiB (default {SERVER_PREFIX_CACHE_GIB:g}; 0: none), as "
+                        "`a2ats serve --prefix-cache`")
     p.add_argument("--base-url", help="load this OpenAI-compatible server instead of starting ours (e.g. llama.cpp's "
                                       "llama-server: http://127.0.0.1:8080); docqa and chat only")
     p.add_argument("--served-model", help="--base-url: the model name it serves (default: the one it lists first)")

@@ -32,12 +32,7 @@ class Chunk:
 @dataclass
 class Plan:
     decode: list[Sequence] = field(default_factory=list)  # one token each, in one forward
-    admitted: list[Sequence] = field(default_factory=list)  # took a slot this step (before their chunks)
     prefill: list[Chunk] = field(default_factory=list)  # in order
-
-    @property
-    def empty(self) -> bool:
-        return not (self.decode or self.prefill)
 
 
 class Scheduler:
@@ -60,12 +55,6 @@ class Scheduler:
     @property
     def has_work(self) -> bool:
         return bool(self.waiting) or self.busy
-
-    def find(self, index: int) -> Sequence | None:
-        for s in (*self.slots, *self.waiting):
-            if s is not None and s.index == index:
-                return s
-        return None
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -106,7 +95,6 @@ class Scheduler:
             seq = self.waiting.popleft()
             seq.slot, seq.status = self.slots.index(None), Status.PREFILLING
             self.slots[seq.slot] = seq
-            plan.admitted.append(seq)
             if admit(seq):
                 take(seq)
         return plan

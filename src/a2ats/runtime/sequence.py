@@ -41,11 +41,6 @@ class Sequence:
         return self.request.prompt
 
     @property
-    def prompt_left(self) -> int:
-        """Prompt tokens not yet in the cache."""
-        return len(self.request.prompt) - self.prefilled
-
-    @property
     def need(self) -> int:
         """Positions the sequence fills at most: its prompt and its new tokens."""
         return len(self.request.prompt) + self.request.max_new_tokens

@@ -16,6 +16,7 @@ KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
 # rate is near whole-prompt prefill (docs/bench/speed, "Prefill beside decode").
 PREFILL_BUDGET = 256
 PREFILL_CHUNK = 4096  # prompt tokens per prefill forward at most (a whole prompt's, with nothing decoding)
+SERVER_PREFIX_CACHE_GIB = 2.0  # the HTTP server's prefix cache (a library engine has none unless sized)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from a2ats.factory import options
 from a2ats.factory.options import log
 from a2ats.hf.generate import encode_prompt
 from a2ats.runtime import Request
-from a2ats.runtime.settings import PREFILL_BUDGET
+from a2ats.runtime.settings import PREFILL_BUDGET, SERVER_PREFIX_CACHE_GIB
 from a2ats.server.config import API_KEY_ENV, ServerConfig
 
 KV_DTYPES = {"model": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
@@ -39,9 +39,6 @@ def add_http_args(p) -> None:
     p.add_argument("--drain-seconds", type=float, default=None,
                    help=f"--http: after SIGTERM, how long requests in flight may finish before they are answered 503 "
                         f"(default {c.drain_seconds:g})")
-
-
-PREFIX_CACHE_GIB = 2.0
 
 
 def _gib(value: float) -> int:
@@ -85,8 +82,8 @@ def add_arguments(p) -> None:
                    help=f"prompt tokens a step prefills beside the running sequences' decode (default {PREFILL_BUDGET}): "
                         "a running sequence waits at most this much prefill between two tokens; whole: prompts go "
                         "in whole, the running sequences waiting")
-    p.add_argument("--prefix-cache", type=float, default=PREFIX_CACHE_GIB, metavar="GIB",
-                   help=f"host memory for prompt prefixes already prefilled, in GiB (default {PREFIX_CACHE_GIB:g}; 0: "
+    p.add_argument("--prefix-cache", type=float, default=SERVER_PREFIX_CACHE_GIB, metavar="GIB",
+                   help=f"host memory for prompt prefixes already prefilled, in GiB (default {SERVER_PREFIX_CACHE_GIB:g}; 0: "
                         "none): a prompt that begins with one (a document asked again, a chat's earlier turns) "
                         "copies its K/V and codes instead of prefilling them")
     p.add_argument("--dense", action="store_true", help="full attention instead of A²ATS (the baseline)")
