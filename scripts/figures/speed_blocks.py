@@ -155,7 +155,7 @@ def prefill_chunks(root: Path) -> str:
             f"{r['tokens_per_s']:.0f}", f"{r['tokens_per_s'] / best:.2f}", ms(1e3 * r["chunk"] / r["tokens_per_s"])]
            for r in rows]
     return "\n".join([f"SmolLM2-135M-Instruct, one {k(rows[0]['tokens'])}-token prompt prefilled in chunks of each size "
-                      "(one run each), A²ATS key encoding included. A running sequence waits, between two of its "
-                      "tokens, for about one chunk of the budget's size:", "",
+                      "(one run each), A²ATS key encoding included. While sequences decode, the budget is the size of "
+                      "the chunks a prompt goes in (each over as many steps as the prefill stall allows):", "",
                       table(["prompt tokens per forward", "tokens/s", "of the best", "ms per chunk"], out), "",
                       source_line(CHUNKS, d["provenance"])])

@@ -67,8 +67,22 @@ def test_throughput_bench_runs_both_systems(tmp_path):
     a2 = [r for r in rows if r.system == "a2ats-offload"]
     assert all(10 < r.attended < r.context and r.crossed_kib_per_step > 0 and r.largest_batch >= r.batch for r in a2)
     assert all(r.tokens_per_s > 0 and set(r.breakdown_ms) >= {"scoring", "host attention", "transfers"} for r in rows)
+    # the floor: the weights read once per step whatever the batch; every sequence's K/V (full attention: all of it)
+    at = {(r.system, r.context, r.batch): r.floor for r in rows}
+    d = model.config.hidden_size // model.config.num_attention_heads
+    rows_as = {2 * d * 2, 2 * d * 4}  # a token's K and V as the cache stores them (bf16, or the model's fp32)
+    heads = model.config.num_hidden_layers * model.config.num_key_value_heads
+    for n in (200, 333):
+        full1, full3 = at["full-local", n, 1], at["full-local", n, 3]
+        assert full1["bytes"]["weights"] == full3["bytes"]["weights"] > 0 and full1["bytes"]["scoring"] == 0
+        assert full3["bytes"]["attention"] == 3 * full1["bytes"]["attention"]
+        assert full1["bytes"]["attention"] / (heads * n) in rows_as
+        a1, a3 = at["a2ats-offload", n, 1], at["a2ats-offload", n, 3]
+        assert a3["bytes"]["scoring"] == 3 * a1["bytes"]["scoring"] > 0
+        assert 0 < a1["bytes"]["attention"] < full1["bytes"]["attention"]
+        assert all(0 <= f["share_of_floor"] < 1 and f["host_gbps"] > 0 for f in (full1, full3, a1, a3))  # tiny: ~0
     table = throughput_table(throughput_json(rows))
-    assert "| 333 | 3 |" in table and "a2ats-offload per step" in table
+    assert "| 333 | 3 |" in table and "a2ats-offload per step" in table and " GB/s |" in table
     throughput_plot(throughput_json(rows), tmp_path / "t.png", "t")
     assert (tmp_path / "t.png").stat().st_size > 0
     prompts = [ids[0, : 100 + 7 * i].tolist() for i in range(4)]

@@ -27,6 +27,19 @@ def test_budget_argument():
             p.parse_args(["generate", "--budget", bad])
 
 
+def test_serve_prefill_arguments():
+    p = build_parser()
+    a = p.parse_args(["serve", "--http"])
+    assert (a.prefill_budget, a.prefill_stall) == (256, 2.0)
+    a = p.parse_args(["serve", "--http", "--prefill-budget", "whole", "--prefill-stall", "none"])
+    assert (a.prefill_budget, a.prefill_stall) == (None, None)
+    assert p.parse_args(["serve", "--http", "--prefill-stall", "0"]).prefill_stall == 0.0
+    for flag, bad in (("--prefill-budget", "0"), ("--prefill-budget", "1.5"), ("--prefill-stall", "-1"),
+                      ("--prefill-stall", "inf"), ("--prefill-stall", "nan"), ("--prefill-stall", "x")):
+        with pytest.raises(SystemExit):
+            p.parse_args(["serve", "--http", flag, bad])
+
+
 def test_default_selection_from_the_command_line():
     """No --budget/--reduction: the library's default (max, 10% per KV head); --reduction union alone: the paper's
     3% per query head; `bench project` without them models the paper's design (3%, GQA union)."""

@@ -26,8 +26,9 @@ def _prompts(lengths=LENGTHS, seed=3):
 
 
 def _engine(model, slots=2, cb=True, cfg=CFG, path="auto"):
+    """Chunks run through within their step (no stall): what a step prefills does not depend on timing."""
     return Engine(model, random_codebooks(model) if cb else None, cfg, slots=slots, max_context=320, path=path, dense_below=0,
-                  decode_weights="model", prefill_dtype="model")
+                  decode_weights="model", prefill_dtype="model", prefill_stall=None)
 
 
 def _run(engine, requests) -> dict:
@@ -134,10 +135,10 @@ def test_a_failing_sequence_ends_alone(monkeypatch, where):
     if where == "prefill":
         prefill = engine._prefill
 
-        def faulty(chunk, res):
+        def faulty(chunk, res, deadline=None):
             if chunk.seq.prompt == poison:
                 raise RuntimeError("bad prefill")
-            return prefill(chunk, res)
+            return prefill(chunk, res, deadline)
 
         monkeypatch.setattr(engine, "_prefill", faulty)
     else:
@@ -156,37 +157,46 @@ def test_a_failing_sequence_ends_alone(monkeypatch, where):
         assert got[i].tokens == base[i].tokens and got[i].error is None
 
 
-@pytest.mark.parametrize("chunk,budget", [(4096, None), (4096, 64), (32, 64), (7, 13), (50, 1)])
-def test_prompt_chunks_beside_decode_give_the_same_tokens(chunk, budget):
-    """Whatever the chunk and the budget, each sequence's tokens are those it gets alone; while sequences decode,
-    every step decodes all of them and prefills at most the budget."""
+@pytest.mark.parametrize("chunk,budget,stall", [(4096, None, None), (4096, 64, None), (32, 64, None), (7, 13, None),
+                                                (50, 1, None), (32, 64, 0.0), (7, 13, 0.0), (4096, 64, 0.5)])
+def test_prompt_chunks_beside_decode_give_the_same_tokens(chunk, budget, stall):
+    """Whatever the chunk, the budget and the stall, each sequence's tokens are those it gets alone; while sequences
+    decode, every step decodes all of them and, unsliced, prefills at most the budget. With a stall of 0 a step runs
+    one prompt layer: chunks go through the model over several steps."""
     model = tiny_model("llama")
-    prompts = _prompts()
-    alone = [_run(_engine(model, slots=1), [Request(p, 5)])[0].tokens for p in prompts]
-    engine = Engine(model, random_codebooks(model), CFG, slots=3, max_context=320, dense_below=0,
-                    decode_weights="model", prefill_dtype="model", prefill_chunk=chunk, prefill_budget=budget)
-    idx = [engine.add(Request(p, 5)) for p in prompts]
-    done, running = {}, set()
+    prompts, new = _prompts(), (4, 9, 6, 5)  # sequences end at different steps: later prompts prefill beside decode
+    alone = [_run(_engine(model, slots=1), [Request(p, n)])[0].tokens for p, n in zip(prompts, new)]
+    engine = Engine(model, random_codebooks(model), CFG, slots=2, max_context=320, dense_below=0,
+                    decode_weights="model", prefill_dtype="model", prefill_chunk=chunk, prefill_budget=budget,
+                    prefill_stall=stall)
+    idx = [engine.add(Request(p, n)) for p, n in zip(prompts, new)]
+    done, running, sliced = {}, set(), 0
     while engine.has_work:
         res = engine.step()
         assert res.decode_rows == len(running)
-        if running and budget is not None:
+        if running and budget is not None and stall is None:
             assert res.prefill_tokens <= budget
+        if running and stall == 0.0:
+            assert engine._layers_run <= 1
+        sliced += any(s is not None and s.partial is not None for s in engine.scheduler.slots)
         running |= set(res.tokens)
         for i, c in res.finished:
             done[i] = c
             running.discard(i)
     assert [done[i].tokens for i in idx] == alone
+    if stall == 0.0:
+        assert sliced
 
 
-def test_requests_arriving_mid_run_get_the_tokens_they_get_alone():
+@pytest.mark.parametrize("stall", [None, 0.0])
+def test_requests_arriving_mid_run_get_the_tokens_they_get_alone(stall):
     """Requests added while others decode: each gets the tokens it gets alone; every step decodes every running
-    sequence, and prefills at most the budget beside them."""
+    sequence, and (unsliced) prefills at most the budget beside them."""
     model = tiny_model("llama")
     prompts = _prompts()
     alone = [_run(_engine(model, slots=1), [Request(p, 12)])[0].tokens for p in prompts]
     engine = Engine(model, random_codebooks(model), CFG, slots=4, max_context=320, dense_below=0,
-                    decode_weights="model", prefill_dtype="model", prefill_budget=40)
+                    decode_weights="model", prefill_dtype="model", prefill_budget=40, prefill_stall=stall)
     arrivals = {0: 3, 2: 0, 4: 1, 5: 2}  # step -> prompt
     idx, done, step = {}, {}, 0
     while step < 200 and (engine.has_work or len(idx) < len(arrivals)):
@@ -195,7 +205,7 @@ def test_requests_arriving_mid_run_get_the_tokens_they_get_alone():
         running = sum(s is not None and s.status is Status.RUNNING for s in engine.scheduler.slots)
         res = engine.step()
         assert res.decode_rows == running
-        if running:
+        if running and stall is None:
             assert res.prefill_tokens <= 40
         done.update(res.finished)
         step += 1

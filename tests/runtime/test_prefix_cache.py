@@ -91,7 +91,8 @@ def test_engine_with_a_prefix_cache_gives_the_same_tokens_and_prefills_less(kv_d
     assert prefilled[3] == len(prompts[3]) - 199 // block * block
     # one cancelled part-way through its prompt while another decodes: the others' tokens stay the same
     eng = Engine(model, random_codebooks(model), CFG, slots=2, max_context=400, dense_below=0, decode_weights="model",
-                 prefill_dtype="model", kv_dtype=kv_dtype, prefix_cache=1 << 30, prefill_budget=50)
+                 prefill_dtype="model", kv_dtype=kv_dtype, prefix_cache=1 << 30, prefill_budget=50,
+                 prefill_stall=None)
     first = eng.add(Request(prompts[0], 6))
     eng.step()
     second = eng.add(Request(prompts[1], 6))
@@ -115,3 +116,38 @@ def test_a_given_cache_is_not_kept_as_a_prefix():
     eng.prefix.clear()
     eng.serve([Request(prompt + [5, 6], 2, kv=kv)])
     assert len(eng.prefix) == 0
+
+
+@pytest.mark.parametrize("stall", [None, 0.0])
+def test_a_question_over_a_cached_document_overtakes_a_long_prompt(stall):
+    """A long new prompt and a question over a cached document arrive together while a sequence decodes: the
+    question, with fewer tokens left, is prefilled first and answers first; every sequence gets its tokens alone."""
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(8)
+    doc = torch.randint(3, 97, (300,), generator=g).tolist()
+    first, question = doc + [7, 8, 9], doc + torch.randint(3, 97, (20,), generator=g).tolist()
+    long = torch.randint(3, 97, (330,), generator=g).tolist()
+
+    def engine() -> Engine:
+        return Engine(model, random_codebooks(model), CFG, slots=3, max_context=400, dense_below=0,
+                      decode_weights="model", prefill_dtype="model", prefix_cache=1 << 30, prefill_budget=40,
+                      prefill_stall=stall)
+
+    alone = {name: engine().serve([Request(p, n)]).completions[0].tokens
+             for name, p, n in (("first", first, 30), ("question", question, 4), ("long", long, 4))}
+    eng = engine()
+    ids = {"first": eng.add(Request(first, 30))}
+    got = {"first": list(eng.step().tokens.values())}  # the document alone: prefilled whole, kept in the prefix cache
+    ids["long"], ids["question"] = eng.add(Request(long, 4)), eng.add(Request(question, 4))  # long arrived first
+    first_token, step = {}, 1
+    got.update(long=[], question=[])
+    names = {i: name for name, i in ids.items()}
+    while eng.has_work:
+        res = eng.step()
+        step += 1
+        for i, token in res.tokens.items():
+            first_token.setdefault(names[i], step)
+            got[names[i]].append(token)
+    assert first_token["question"] < first_token["long"]
+    assert got == alone
+    assert eng.prefix.stats.hits == 1  # the question found the document's blocks

@@ -158,7 +158,7 @@ def test_failure_mid_run_keeps_finished_sequences(monkeypatch):
 
     def flaky(ids, *args, **kwargs):
         calls["n"] += 1
-        if ids.shape[1] == 1 and calls["n"] > 6:  # a decode step of the third sequence
+        if calls["n"] > 4:  # a decode step of the third sequence (two for each before it; prefill runs by layers)
             raise RuntimeError("device lost")
         return forward(ids, *args, **kwargs)
 

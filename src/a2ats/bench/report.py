@@ -99,12 +99,16 @@ def throughput_table(rows: list[dict]) -> str:
         if not sub:
             continue
         parts = list(sub[0]["breakdown_ms"])
-        lines += ["", f"{s} per step, ms: " + ", ".join(parts), "",
-                  "| context | batch | " + " | ".join(parts) + " | attended | crossed KiB | fits |",
-                  "|---" * (len(parts) + 5) + "|"]
+        lines += ["", f"{s} per step, ms: " + ", ".join(parts) + "; the bytes a step must read (MB) and the share of "
+                  "the floor (those bytes at the read bandwidth measured in the run, over the step's time)", "",
+                  "| context | batch | " + " | ".join(parts) + " | attended | crossed KiB | fits | MB read | of floor |",
+                  "|---" * (len(parts) + 7) + "|"]
         for r in sub:
+            floor = r.get("floor") or {}
+            mb = f"{sum(floor['bytes'].values()) / 1e6:.0f}" if floor else ""
+            share = f"{floor['share_of_floor']:.2f} of {floor['host_gbps']:g} GB/s" if floor else ""
             lines.append(f"| {_ctx(r['context'])} | {r['batch']} | " + " | ".join(f"{r['breakdown_ms'][p]:.1f}" for p in parts)
-                         + f" | {r['attended']:.0f} | {r['crossed_kib_per_step']:.0f} | {r['largest_batch']} |")
+                         + f" | {r['attended']:.0f} | {r['crossed_kib_per_step']:.0f} | {r['largest_batch']} | {mb} | {share} |")
     return "\n".join(lines) + "\n"
 
 

@@ -280,6 +280,7 @@ def add_arguments(p) -> None:
     p.add_argument("--conversations", type=int, default=2, help="chat: conversations")
     p.add_argument("--turns", type=int, default=4, help="chat: turns per conversation")
     p.add_argument("--rate", type=float, default=0.05, help="docqa: requests, chat: conversations, per second")
+    options.add_prefill_args(p)
     p.add_argument("--prefix-cache", type=float, default=SERVER_PREFIX_CACHE_GIB, metavar="GIB",
                    help=f"our server's prefix cache in GiB (default {SERVER_PREFIX_CACHE_GIB:g}; 0: none), as "
                         "`a2ats serve --prefix-cache`")
@@ -350,7 +351,8 @@ def main(a, http_server) -> int:
         dense = system == "dense"
         placement = "local" if dense else "offload"
         server = http_server(a, model, tok, dense=dense, max_context=max_context, port=0, log_level="warning",
-                             placement=placement).start()
+                             placement=placement, prefill_budget=a.prefill_budget,
+                             prefill_stall=a.prefill_stall).start()
         try:
             options.log(f"{system}: {requests} requests of {min(lengths)}-{max(lengths)} tokens, {a.clients} clients, "
                         f"{a.slots} slots")
@@ -364,7 +366,7 @@ def main(a, http_server) -> int:
             server.stop()
     res = {"machine": machine(), "model": options.model_label(a), "dtype": a.dtype,
            "budget": options.config(a).budget_label, "slots": a.slots, "command": "a2ats " + " ".join(sys.argv[1:]),
-           "rows": rows}
+           "prefill_budget": a.prefill_budget, "prefill_stall": a.prefill_stall, "rows": rows}
     emit(res, table(rows), "serve", a.out, None, a.json, options.log)
     lost = [r for r in rows if r.get("soak") and not r["exactly_once"]]
     return 1 if lost else 0
@@ -390,7 +392,8 @@ def _main_workload(a, http_server) -> int:
             dense = system == "dense"
             placement = "local" if dense else "offload"
             server = http_server(a, model, tok, dense=dense, max_context=need, port=0, log_level="warning",
-                                 placement=placement, prefix_cache=int(a.prefix_cache * (1 << 30))).start()
+                                 placement=placement, prefix_cache=int(a.prefix_cache * (1 << 30)),
+                                 prefill_budget=a.prefill_budget, prefill_stall=a.prefill_stall).start()
             try:
                 options.log(f"{system}: {a.workload}, {a.slots} slots")
                 rows.append(run(server.url, server.config.model_name, server.config.api_key, f"{system} ({placement})"))
@@ -398,7 +401,7 @@ def _main_workload(a, http_server) -> int:
                 server.stop()
     res = {"machine": machine(), "model": options.model_label(a), "dtype": a.dtype,
            "budget": options.config(a).budget_label, "slots": a.slots, "command": "a2ats " + " ".join(sys.argv[1:]),
-           "workload": a.workload, "rows": rows}
+           "workload": a.workload, "prefill_budget": a.prefill_budget, "prefill_stall": a.prefill_stall, "rows": rows}
     emit(res, workload_table(rows), "serve", a.out, None, a.json, options.log)
     return 1 if any(r["ok"] < r["requests"] for r in rows) else 0
 

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from a2ats import factory
+from a2ats.bench.accounting import account, host_read_gbps, step_bytes
 from a2ats.bench.output import emit, machine, served_table
 from a2ats.bench.project.inputs import DEFAULT_SHAPE, SHAPES
 from a2ats.bench.synthetic import decode_steps, real_prefill, tile
@@ -54,6 +55,9 @@ class ThroughputRow:
     attended: float = 0.0  # tokens attended per layer-step, row and KV head (A²ATS)
     largest_batch: int = 0  # preflight: most slots that fit this machine at this context
     crossed_kib_per_step: float = 0.0  # bytes between the sides per decode step (PCIe on a GPU host)
+    # What the step must read (the weights once, each sequence's codes and attended K/V) against the read bandwidth
+    # measured in the same run (:func:`a2ats.bench.accounting.account`)
+    floor: dict = field(default_factory=dict)
 
 
 def parse_system(system: str) -> tuple[str, int, torch.dtype | None] | None:
@@ -103,6 +107,7 @@ def bench_throughput(model, tok, codebooks: Codebooks, config: A2ATSConfig, leng
         ids = torch.tensor([tok.encode(text, add_special_tokens=False)[:base]])
     state, seconds = real_prefill(factory.decoder(model, codebooks, config, runtime="engine"), ids)
     log(f"real prefill of {ids.shape[1]} tokens in {seconds:.1f} s; tiled into every slot")
+    gbps = host_read_gbps() if model.device.type == "cpu" else None  # the floor's bandwidth, measured in this run
     rows: list[ThroughputRow] = []
     for length in lengths:
         for system in systems:
@@ -122,12 +127,26 @@ def bench_throughput(model, tok, codebooks: Codebooks, config: A2ATSConfig, leng
                                      for p in PARTS},
                                     sum(s.attended for s in timed) / max(sum(s.heads for s in timed), 1), fits,
                                     sum(s.crossed for s in timed) / len(timed) / 1024)
+                if gbps is not None:
+                    row.floor = batch_floor(engine, row, gbps)
                 rows.append(row)
                 del engine, tiled  # free this batch's cache before the next is allocated
                 gc.collect()
                 log(f"{system:14s} {length:6d} x {B:2d}: {row.tokens_per_s:7.1f} tokens/s ({row.ms_per_step:.1f} ms/step) "
                     f"{row.breakdown_ms}  fits {fits}  [{time.perf_counter() - t:.0f} s]")
     return rows
+
+
+def batch_floor(engine, row: ThroughputRow, gbps: float) -> dict:
+    """The bytes a step of ``row`` must read, part by part (the weights once for the batch; every sequence's codes
+    and the rows it attends), their GB/s, and the step's time at ``gbps`` as a share of its measured time."""
+    one = step_bytes(engine, row.context, row.attended if engine.method is not None else row.context)
+    B, ms = row.batch, row.breakdown_ms
+    bytes_by_part = {"weights": one["weights"], "scoring": B * one["scoring"], "attention": B * one["attention"]}
+    return {"host_gbps": round(gbps, 1), **account(bytes_by_part, {"weights": ms.get("weights", 0.0),
+                                                                   "scoring": ms.get("scoring", 0.0),
+                                                                   "attention": ms.get("host attention", 0.0)},
+                                                  row.ms_per_step, gbps)}
 
 
 def bench_served(model, tok, codebooks: Codebooks, config: A2ATSConfig, slots: int = 4, requests: int = 8,

@@ -24,6 +24,7 @@ from a2ats.hf.calibrate import check_writable, codebook_file, load_or_calibrate
 from a2ats.hf.precision import parse_dtype
 from a2ats.methods.registry import build_method
 from a2ats.runtime.model import DECODE_WEIGHTS
+from a2ats.runtime.settings import PREFILL_BUDGET, PREFILL_STALL
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RUNTIME_OPTIONS = ("path", "runtime", "decode_weights", "prefill_dtype")
@@ -136,6 +137,41 @@ def add_runtime_args(p: argparse.ArgumentParser, *which: str) -> None:
         p.add_argument("--prefill-dtype", choices=["auto", "model", "bf16"], default="auto",
                        help="engine, float32 models: the prompt's projections and attention in bf16 (fp32 out; auto: where "
                             "the CPU multiplies bf16 natively) or in the model's dtype")
+
+
+def _prefill_budget(text: str) -> int | None:
+    """``--prefill-budget``: a token count >= 1, or "whole" (None)."""
+    if text == "whole":
+        return None
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"--prefill-budget takes a number of tokens >= 1 or 'whole', got {text!r}")
+    return int(text)
+
+
+def _prefill_stall(text: str) -> float | None:
+    """``--prefill-stall``: a finite multiple >= 0, or "none" (None)."""
+    if text == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"--prefill-stall takes a number >= 0 (a multiple of a decode step's time) "
+                                         f"or 'none', got {text!r}")
+    return value
+
+
+def add_prefill_args(p: argparse.ArgumentParser) -> None:
+    """How prompts share the engine's steps with the running sequences (the engine's settings of the same names)."""
+    p.add_argument("--prefill-budget", type=_prefill_budget, default=PREFILL_BUDGET, metavar="N|whole",
+                   help=f"prompt tokens a step takes on beside the running sequences' decode (default {PREFILL_BUDGET}); "
+                        "whole: prompts go in whole, the running sequences waiting")
+    p.add_argument("--prefill-stall", type=_prefill_stall, default=PREFILL_STALL, metavar="X|none",
+                   help=f"while sequences decode, a step's prompt work stops after X times its decode forward "
+                        f"(default {PREFILL_STALL:g}) and a chunk part-way goes on, layer by layer, in the next steps: "
+                        "a running sequence waits about 1 + X decode steps between two tokens at most; none: each "
+                        "step runs its chunks through")
 
 
 def add_hybrid_arg(p: argparse.ArgumentParser) -> None:

@@ -46,7 +46,7 @@ from a2ats.runtime.requests import (
 )
 from a2ats.runtime.runner import Runner
 from a2ats.runtime.scheduler import Chunk, Scheduler
-from a2ats.runtime.sequence import Sequence, Status
+from a2ats.runtime.sequence import Partial, Sequence, Status
 from a2ats.runtime.settings import EngineSettings
 from a2ats.runtime.slots import SlotCache
 from a2ats.runtime.step import Timer
@@ -101,6 +101,7 @@ class Engine:
         self.profile = False
         self.trace: SelectionTrace | None = None  # every decode step's selection, rows = request indices
         self.dense_step: str | None = None  # why the last decode step attended to every token (None: it selected)
+        self._layers_run = 0  # prompt layers this step has run (a step runs one at least)
         self._sequences: dict[int, Sequence] = {}  # every request in flight (queued or in a slot), by index
         self._next = 0
         self._owner: list[int | None] = []  # request index in each slot
@@ -210,16 +211,21 @@ class Engine:
             plan = self.scheduler.schedule(self._fits, lambda seq: self._start(seq, failed))
             for seq, e in failed:
                 self._fail(seq, e, res)
+            deadline = None
             if plan.decode:
                 t_decode = time.perf_counter()
                 self._decode(plan.decode, res)
                 res.decode_seconds = time.perf_counter() - t_decode
+                if self.settings.prefill_stall is not None:
+                    deadline = time.perf_counter() + self.settings.prefill_stall * res.decode_seconds
+            self._layers_run = 0
             for chunk in plan.prefill:
                 seq = chunk.seq
                 if self._sequences.get(seq.index) is not seq:
                     continue  # it failed at an earlier chunk
                 try:
-                    self._prefill(chunk, res)
+                    if not self._prefill(chunk, res, deadline):
+                        break  # the step's time for prompts is spent: the chunk goes on in the next step
                 except Exception as e:  # this sequence alone: the others' slots are untouched
                     self._fail(seq, e, res)
             res.seconds = time.perf_counter() - t
@@ -248,15 +254,30 @@ class Engine:
             failed.append((seq, e))
             return False
 
-    def _prefill(self, chunk: Chunk, res: StepResult) -> None:
-        """Dense prefill of prompt positions [start, end) of a sequence into its slot; the prompt's last chunk
-        picks the first token from the last position's logits."""
+    def _prefill(self, chunk: Chunk, res: StepResult, deadline: float | None = None) -> bool:
+        """Dense prefill of prompt positions [start, end) of a sequence into its slot, layer by layer until
+        ``deadline`` (None: all of them; a step runs one layer at least, so every prompt moves on); the prompt's
+        last chunk picks the first token from the last position's logits. False: the chunk is part-way, kept in
+        ``seq.partial`` for the next step."""
         lean, runner, cache, device = self.lean, self.runner, self.cache, self.lean.device
         seq, slot = chunk.seq, chunk.seq.slot
         s, e = chunk.start, chunk.end  # at most prefill_chunk tokens: one forward
-        runner.begin_prefill(slot, s, e)
-        logits = lean.forward(torch.tensor([seq.prompt[s:e]], device=device), torch.arange(s, e, device=device)[None],
-                              runner.attend)
+        runner.begin_prefill(slot, s, e)  # again on every step: the decode steps between reset the runner
+        if seq.partial is None:
+            seq.partial = Partial(s, e, lean.begin(torch.tensor([seq.prompt[s:e]], device=device),
+                                                  torch.arange(s, e, device=device)[None]))
+        part = seq.partial
+        if deadline is None:
+            lean.run_layers(part.pass_, runner.attend)
+        while not part.pass_.done(lean.num_layers):
+            now = time.perf_counter()
+            if self._layers_run and now + part.layer_seconds > deadline:
+                return False
+            lean.run_layers(part.pass_, runner.attend, 1)
+            part.layer_seconds = time.perf_counter() - now
+            self._layers_run += 1
+        logits = lean.logits(part.pass_)
+        seq.partial = None
         seq.prefilled = e
         res.prefill_tokens += e - s
         if self.prefix is not None and seq.request.kv is None:  # a given cache's rows were not prefilled here
@@ -270,6 +291,7 @@ class Engine:
             token = self._pick(seq, logits, int(logits.argmax()), res)
             self._last[slot] = token
             self._take(seq, token, logits, res)
+        return True
 
     def _decode(self, running: list[Sequence], res: StepResult) -> None:
         runner, device = self.runner, self.lean.device

@@ -190,11 +190,24 @@ class LeanModel:
                 timer=None) -> torch.Tensor:
         """Logits for ``ids`` (B, t) at ``positions`` (B, t); ``attend(layer, q_pre, q, k_pre, k, v)`` gets
         (B, H, t, d) tensors (q/k post-RoPE) and returns the attention output (B, t, H·d)."""
-        B, t = ids.shape
-        Hq, Hkv, d = self.heads, self.kv_heads, self.head_dim
-        small = self.lm_head_packed is not None and B * t <= PACKED_MAX_ROWS
+        p = self.begin(ids, positions)
+        self.run_layers(p, attend, timer=timer)
+        return self.logits(p, last_only, timer)
 
+    def begin(self, ids: torch.Tensor, positions: torch.Tensor) -> Pass:
+        """A forward of ``ids`` at ``positions`` before its first layer: :meth:`run_layers` moves it on, as many
+        layers at a time as the caller likes (a long prompt chunk goes through the model between decode steps),
+        :meth:`logits` ends it. The arithmetic is the same however the layers are split."""
+        cos, sin = self.rope(positions)
+        return Pass(F.embedding(ids, self.embed), cos.unsqueeze(1), _signed(sin.unsqueeze(1)))
+
+    def run_layers(self, p: Pass, attend: Callable, layers: int | None = None, timer=None) -> None:
+        """The next ``layers`` layers of ``p`` (None: all it has left)."""
+        stop = self.num_layers if layers is None else min(self.num_layers, p.layer + layers)
+        B, t, _ = p.x.shape
+        small = self.lm_head_packed is not None and B * t <= PACKED_MAX_ROWS
         lowered = self.prefill_dtype == "bf16" and B * t > PACKED_MAX_ROWS
+        Hq, Hkv, d = self.heads, self.kv_heads, self.head_dim
 
         def linear(x, w: LayerWeights, name: str, bias=None, norm=None, gated=False, residual=None):
             """``prepare(x) @ weight.T + bias + residual``: a decode step's norm, gate and residual add run inside
@@ -217,10 +230,9 @@ class LeanModel:
             y = tp.all_reduce(linear(x, w, name, gated=gated), self.group)
             return residual + (y if bias is None else y + bias)
 
-        x = F.embedding(ids, self.embed)
-        cos, sin = self.rope(positions)
-        cos, sin = cos.unsqueeze(1), _signed(sin.unsqueeze(1))
-        for i, w in enumerate(self.layers):
+        x, cos, sin = p.x, p.cos, p.sin
+        for i in range(p.layer, stop):
+            w = self.layers[i]
             qkv = linear(x, w, "qkv", w.qkv_bias, norm=w.in_norm)
             if w.q_norm is None:  # q and k rotate as one tensor: half the ops
                 qk = qkv[..., : (Hq + Hkv) * d].view(B, t, Hq + Hkv, d)
@@ -236,15 +248,34 @@ class LeanModel:
             x = summed(out, w, "o", w.o_bias, x)
             gate_up = linear(x, w, "gate_up", w.gate_up_bias, norm=w.post_norm)
             x = summed(gate_up, w, "down", w.down_bias, x, gated=True)
-        if last_only:
-            x = x[:, -1:]
+        p.x, p.layer = x, stop
+
+    def logits(self, p: Pass, last_only: bool = True, timer=None) -> torch.Tensor:
+        """The logits of a pass through every layer (the last position's only, ``last_only``)."""
+        if not p.done(self.num_layers):
+            raise RuntimeError(f"the pass is at layer {p.layer} of {self.num_layers}: run its layers first")
+        x = p.x[:, -1:] if last_only else p.x
         x = F.rms_norm(x, (self.hidden,), self.norm, self.norm_eps)
+        small = self.lm_head_packed is not None and p.x.shape[0] * p.x.shape[1] <= PACKED_MAX_ROWS
         logits = packed_weights.linear(x, self.lm_head_packed) if small else F.linear(x, self.lm_head)
         if self.vocab_group is not None:
             logits = tp.gather_last(logits, self.vocab_group, self.vocab)
         if timer is not None:
             timer.lap("weights")
         return logits
+
+
+@dataclass
+class Pass:
+    """A forward part-way through the layers: the hidden states after ``layer`` layers, and the rotary tables."""
+
+    x: torch.Tensor  # (B, t, hidden)
+    cos: torch.Tensor
+    sin: torch.Tensor  # rotate_half's sign applied (_signed)
+    layer: int = 0  # layers done
+
+    def done(self, layers: int) -> bool:
+        return self.layer >= layers
 
 
 def _signed(sin: torch.Tensor) -> torch.Tensor:

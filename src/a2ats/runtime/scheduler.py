@@ -1,9 +1,11 @@
 """What each engine step does: every running sequence decodes one token, and prompt chunks fill the step beside
 them up to a token budget, so a running sequence never waits behind a whole prompt.
 
-First come, first served: sequences part-way through their prompt go first, then waiting requests take free
-slots in order of arrival (the first that does not fit the cache holds the others back: none overtakes it). With
-nothing decoding the budget does not apply: prompts go in whole, in chunks of ``chunk`` tokens.
+Waiting requests take free slots in order of arrival (the first that does not fit the cache holds the others back:
+none overtakes it). Among the prompts in slots, the one with the fewest tokens left goes first: a question over a
+cached document, whose prompt is mostly in the prefix cache, is answered before a long prompt that arrived earlier
+is through (in-flight chunks, begun in an earlier step, are carried on whatever the budget). With nothing decoding
+the budget does not apply: prompts go in whole, in chunks of ``chunk`` tokens.
 """
 
 from __future__ import annotations
@@ -77,24 +79,25 @@ class Scheduler:
         chunks."""
         plan = Plan(decode=[s for s in self.slots if s is not None and s.status is Status.RUNNING])
         room = self.budget if plan.decode and self.budget is not None else None
-
-        def take(seq: Sequence) -> None:
-            nonlocal room
+        failed = []  # admitted and failed at once: the engine ends them (and frees their slots) after this plan
+        while self.waiting and None in self.slots and fits(self.waiting[0]):
+            seq = self.waiting.popleft()
+            seq.slot, seq.status = self.slots.index(None), Status.PREFILLING
+            self.slots[seq.slot] = seq
+            if not admit(seq):
+                failed.append(seq)
+        prefilling = [s for s in self.slots if s is not None and s.status is Status.PREFILLING and s not in failed]
+        for seq in sorted(prefilling, key=lambda s: (s.left, s.index)):
             start, end = seq.prefilled, len(seq.prompt)
+            if seq.partial is not None:  # begun: carried on whole
+                plan.prefill.append(Chunk(seq, seq.partial.start, seq.partial.end))
+                start = seq.partial.end
+                if room is not None:
+                    room -= start - seq.partial.start
             while start < end and (room is None or room > 0):
                 stop = min(end, start + self.chunk, start + room if room is not None else end)
                 plan.prefill.append(Chunk(seq, start, stop))
                 if room is not None:
                     room -= stop - start
                 start = stop
-
-        for seq in sorted((s for s in self.slots if s is not None and s.status is Status.PREFILLING),
-                          key=lambda s: s.index):
-            take(seq)
-        while self.waiting and None in self.slots and fits(self.waiting[0]) and (room is None or room > 0):
-            seq = self.waiting.popleft()
-            seq.slot, seq.status = self.slots.index(None), Status.PREFILLING
-            self.slots[seq.slot] = seq
-            if admit(seq):
-                take(seq)
         return plan

@@ -8,8 +8,19 @@ from enum import Enum
 
 import torch
 
+from a2ats.runtime.model import Pass
 from a2ats.runtime.requests import Completion, Request
 from a2ats.runtime.sampling import Sampler, TokenLogprobs
+
+
+@dataclass
+class Partial:
+    """Prompt positions [start, end) part-way through the model: a chunk whose layers run over several steps."""
+
+    start: int
+    end: int
+    pass_: Pass
+    layer_seconds: float = 0.0  # its last layer's time: whether the next fits what is left of a step
 
 
 class Status(Enum):
@@ -25,6 +36,7 @@ class Sequence:
     status: Status = Status.WAITING
     slot: int | None = None
     prefilled: int = 0  # prompt tokens in the cache (a given cache's count from admission)
+    partial: Partial | None = None  # a chunk begun and not through every layer: positions [prefilled, end)
     tokens: list[int] = field(default_factory=list)  # generated
     logits: list[torch.Tensor] = field(default_factory=list)  # per token, when the engine keeps them
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # per token, when the request asks for them
@@ -39,6 +51,11 @@ class Sequence:
     @property
     def prompt(self) -> list[int]:
         return self.request.prompt
+
+    @property
+    def left(self) -> int:
+        """Prompt tokens not yet in the cache."""
+        return len(self.request.prompt) - self.prefilled
 
     @property
     def need(self) -> int:

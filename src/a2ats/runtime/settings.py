@@ -15,6 +15,10 @@ KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
 # Prompt tokens a step prefills beside its decode tokens while sequences decode: the smallest chunk whose prefill
 # rate is near whole-prompt prefill (docs/bench/speed, "Prefill beside decode").
 PREFILL_BUDGET = 256
+# While sequences decode, a step's prompt work stops once it has taken this multiple of the step's decode forward,
+# and a chunk part-way goes on, layer by layer, in the next steps: a running sequence's time between two tokens
+# stays within (1 + PREFILL_STALL) decode forwards (docs/bench/serve).
+PREFILL_STALL = 2.0
 PREFILL_CHUNK = 4096  # prompt tokens per prefill forward at most (a whole prompt's, with nothing decoding)
 SERVER_PREFIX_CACHE_GIB = 2.0  # the HTTP server's prefix cache (a library engine has none unless sized)
 
@@ -33,7 +37,10 @@ class EngineSettings:
     accelerator selects the next.
 
     ``prefill_chunk``: prompt tokens per prefill forward at most; ``prefill_budget``: prompt tokens a step prefills
-    beside its decode while sequences decode (None: whole prompts first, the running sequences waiting).
+    beside its decode while sequences decode (None: whole prompts first, the running sequences waiting);
+    ``prefill_stall``: while sequences decode, a step's prompt work stops after this multiple of its decode
+    forward's time, and a chunk part-way continues layer by layer in the next steps (None: each step runs its
+    chunks through). Slicing a chunk by layers changes none of its arithmetic.
     ``prefix_cache``: bytes of host memory for prompt prefixes already prefilled (:mod:`.prefix_cache`; 0: none):
     a prompt that begins with one copies its K/V and codes instead of prefilling them.
 
@@ -65,6 +72,7 @@ class EngineSettings:
     overlap: int = 1
     prefill_chunk: int = PREFILL_CHUNK
     prefill_budget: int | None = PREFILL_BUDGET
+    prefill_stall: float | None = PREFILL_STALL
     prefix_cache: int = 0
     kv_dtype: torch.dtype | None = None
     dense_below: int | str | Costs = crossover.AUTO
@@ -89,6 +97,10 @@ class EngineSettings:
                                 ("prefill_chunk", 1, False), ("prefill_budget", 1, True), ("prefix_cache", 0, False),
                                 ("host_free", 0, True), ("accelerator_free", 0, True)):
             count(name, low, none)
+        stall = self.prefill_stall
+        if stall is not None and (isinstance(stall, bool) or not isinstance(stall, (int, float)) or not stall >= 0):
+            raise ValueError(f"prefill_stall must be a number >= 0 (a multiple of a decode forward's time) or None, "
+                             f"got {stall!r}")
         if self.kv_dtype is not None and self.kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be float32, bfloat16, float16 or int8 (or None: the default), got "
                              f"{self.kv_dtype}")

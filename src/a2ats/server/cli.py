@@ -4,7 +4,6 @@ FastAPI and uvicorn are imported only for ``--http``."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -17,7 +16,7 @@ from a2ats.factory import options
 from a2ats.factory.options import log
 from a2ats.hf.generate import encode_prompt
 from a2ats.runtime import Request
-from a2ats.runtime.settings import PREFILL_BUDGET, SERVER_PREFIX_CACHE_GIB
+from a2ats.runtime.settings import SERVER_PREFIX_CACHE_GIB
 from a2ats.server.config import API_KEY_ENV, ServerConfig
 
 KV_DTYPES = {"model": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
@@ -48,15 +47,6 @@ def _gib(value: float) -> int:
     return int(value * (1 << 30))
 
 
-def _budget(text: str) -> int | None:
-    """``--prefill-budget``: a token count >= 1, or "whole" (None)."""
-    if text == "whole":
-        return None
-    if not (text.isascii() and text.isdigit()) or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"--prefill-budget takes a number of tokens >= 1 or 'whole', got {text!r}")
-    return int(text)
-
-
 def add_arguments(p) -> None:
     options.add_model_args(p)
     options.add_selection_args(p)
@@ -78,10 +68,7 @@ def add_arguments(p) -> None:
                    help="how K/V are stored: model (the default): the checkpoint's 16-bit precision, bf16, for a float32 "
                         "model loaded from a bf16 or fp16 checkpoint with K/V in host memory, else the model's dtype; "
                         "float32; bfloat16 (half the host bytes of float32); or int8 with a scale per row (a quarter)")
-    p.add_argument("--prefill-budget", type=_budget, default=PREFILL_BUDGET, metavar="N|whole",
-                   help=f"prompt tokens a step prefills beside the running sequences' decode (default {PREFILL_BUDGET}): "
-                        "a running sequence waits at most this much prefill between two tokens; whole: prompts go "
-                        "in whole, the running sequences waiting")
+    options.add_prefill_args(p)
     p.add_argument("--prefix-cache", type=float, default=SERVER_PREFIX_CACHE_GIB, metavar="GIB",
                    help=f"host memory for prompt prefixes already prefilled, in GiB (default {SERVER_PREFIX_CACHE_GIB:g}; 0: "
                         "none): a prompt that begins with one (a document asked again, a chat's earlier turns) "
@@ -152,7 +139,7 @@ def _serve_http(a) -> int:
     limit = getattr(model.config, "max_position_embeddings", None) or HTTP_CONTEXT
     server = http_server(a, model, tok, dense=a.dense, max_context=a.max_context or min(limit, HTTP_CONTEXT),
                          placement=a.placement, kv_dtype=KV_DTYPES[a.kv_dtype], prefill_budget=a.prefill_budget,
-                         prefix_cache=_gib(a.prefix_cache))
+                         prefill_stall=a.prefill_stall, prefix_cache=_gib(a.prefix_cache))
     engine, config = server.service.engine, server.config
     log(f"serving {config.model_name} ({engine.method_name}, {engine.slots} slots x {engine.max_context} tokens, "
         f"up to {config.max_queue} waiting) on http://{config.host}:{config.port}/v1; API key "
@@ -175,7 +162,7 @@ def main(a) -> int:
     need = max(len(r.prompt) + r.max_new_tokens for r in reqs)
     engine = options.decoder(a, model, tok, slots=a.slots, max_context=a.max_context or need, placement=a.placement,
                              kv_dtype=KV_DTYPES[a.kv_dtype], prefill_budget=a.prefill_budget,
-                             prefix_cache=_gib(a.prefix_cache))
+                             prefill_stall=a.prefill_stall, prefix_cache=_gib(a.prefix_cache))
     out = open(a.out, "a", encoding="utf-8") if a.out else sys.stdout
 
     def write(i, c):  # each completion is written (and flushed) as it finishes: a later failure loses nothing
