@@ -86,3 +86,38 @@ def _docqa(root: Path, model: str) -> str:
             "inter-token p50 / p99 ms", "prefix hit rate"]
     return "\n".join(["One run of each system (no repeats: no spread is known); llama-server right after ours, "
                       "the same documents, questions and arrival times.", "", table(head, out), ""] + paragraphs(srcs))
+
+
+SLICED = ("docs/bench/serve/docqa-smollm2-stall1/serve.json", "docs/bench/serve/docqa-smollm2-stall2/serve.json",
+          "docs/bench/serve/docqa-smollm2-stall-none/serve.json")
+
+
+@block("serve-docqa-sliced")
+def serve_docqa_sliced(root: Path) -> str:
+    """The SmolLM2 docqa run again: prompts sliced by layers between decode steps (the default stall, and 2) and not."""
+    from a2ats.runtime.settings import PREFILL_STALL
+
+    out, srcs, provs = [], [], []
+    for rel in SLICED:
+        d = load_json(root, rel)
+        expect(d.get("workload") == "docqa" and d.get("model") == "smollm2-135m", f"{rel}: not SmolLM2's docqa")
+        expect("prefill_stall" in d and d.get("prefill_budget") == 256, f"{rel}: no prefill settings recorded")
+        cmd = d["provenance"].get("command", "")
+        expect(all(f in cmd for f in ("--documents 2 ", "--doc-tokens 6000 ", "--questions 3 ", "--rate 0.05 ",
+                                      "--slots 4 ")), f"{rel}: not the workload the caption names: {cmd}")
+        provs.append(d["provenance"])
+        srcs.append(source_line(rel, d["provenance"]))
+        stall = "none" if d["prefill_stall"] is None else f"{d['prefill_stall']:g}"
+        if d["prefill_stall"] == PREFILL_STALL:
+            stall += " (the default)"
+        for r in d["rows"]:
+            out.append([r["system"], stall, f"{r['requests']} ({r['ok']})", f"{r['output_tokens_per_s']:.2f}",
+                        f"{r['ttft_p50_s']:.1f} / {r['ttft_p99_s']:.1f}",
+                        f"{r['itl_p50_ms']:.0f} / {r['itl_p99_ms']:.0f}", f"{r['itl_p99_ms'] / r['itl_p50_ms']:.1f}",
+                        f"{r['prefix_hit_rate']:.2f}"])
+    same_machine(*provs)
+    head = ["system", "prefill stall", "requests (ok)", "output tokens/s", "TTFT p50 / p99 s",
+            "inter-token p50 / p99 ms", "p99 / p50", "prefix hit rate"]
+    return "\n".join(["The same docqa workload (two documents of 6,000 tokens, three questions each, `--rate 0.05`, "
+                      "4 slots, prefill budget 256), one run each, one after the other:", "", table(head, out), ""]
+                     + paragraphs(srcs))

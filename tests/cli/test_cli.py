@@ -30,7 +30,7 @@ def test_budget_argument():
 def test_serve_prefill_arguments():
     p = build_parser()
     a = p.parse_args(["serve", "--http"])
-    assert (a.prefill_budget, a.prefill_stall) == (256, 2.0)
+    assert (a.prefill_budget, a.prefill_stall) == (256, 1.0)
     a = p.parse_args(["serve", "--http", "--prefill-budget", "whole", "--prefill-stall", "none"])
     assert (a.prefill_budget, a.prefill_stall) == (None, None)
     assert p.parse_args(["serve", "--http", "--prefill-stall", "0"]).prefill_stall == 0.0

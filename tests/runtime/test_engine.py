@@ -140,11 +140,17 @@ def test_bf16_prefill_is_the_fp32_prefill_within_bf16_rounding(monkeypatch):
         eng = Engine(model, decode_weights="model", prefill_dtype=dtype)
         assert eng.lean.prefill_dtype == dtype
         runs[dtype] = eng.serve([Request(ids[0][mask[0]].tolist(), 1, keep_kv=True)]).completions[0].kv
+    for kv_dtype in (torch.float32, torch.bfloat16):  # chunks after the first read the slot's rows as stored
+        eng = Engine(model, decode_weights="model", prefill_dtype="bf16", prefill_chunk=40, kv_dtype=kv_dtype)
+        runs[kv_dtype] = eng.serve([Request(ids[0][mask[0]].tolist(), 1, keep_kv=True)]).completions[0].kv
     exact, low = runs["model"], runs["bf16"]
     for layer in range(model.config.num_hidden_layers):
         for a, b in ((exact.k[layer], low.k[layer]), (exact.v[layer], low.v[layer])):
             assert not torch.equal(a, b)  # really computed in bf16
             torch.testing.assert_close(b, a, atol=0.05 * float(a.abs().max()), rtol=0.05)
+        for chunked in (runs[torch.float32], runs[torch.bfloat16]):
+            for a, b in ((low.k[layer], chunked.k[layer]), (low.v[layer], chunked.v[layer])):
+                torch.testing.assert_close(b.float(), a.float(), atol=0.02 * float(a.abs().max()), rtol=0.02)
     monkeypatch.setattr(lean_model, "native_bf16", lambda: False)
     assert Engine(model, decode_weights="model").lean.prefill_dtype == "model"
     monkeypatch.setattr(lean_model, "native_bf16", lambda: True)
