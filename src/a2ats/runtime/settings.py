@@ -17,8 +17,8 @@ KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
 PREFILL_BUDGET = 256
 # While sequences decode, a step's prompt work stops once it has taken this multiple of the step's decode forward,
 # and a chunk part-way goes on, layer by layer, in the next steps: a running sequence's time between two tokens
-# stays within about (1 + PREFILL_STALL) decode forwards. 1 kept the docqa workload's inter-token p99 within 3x its
-# p50 where 2 did not (docs/bench/serve, "Prompts sliced by layers").
+# stays within about (1 + PREFILL_STALL) decode forwards. 1 brought the docqa workload's inter-token p99 to about
+# three times its p50, where 2 left it well above (docs/bench/serve, "Prompts sliced by layers").
 PREFILL_STALL = 1.0
 PREFILL_CHUNK = 4096  # prompt tokens per prefill forward at most (a whole prompt's, with nothing decoding)
 SERVER_PREFIX_CACHE_GIB = 2.0  # the HTTP server's prefix cache (a library engine has none unless sized)
