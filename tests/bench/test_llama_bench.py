@@ -1,4 +1,5 @@
-"""`bench decode --llama-bench PATH`: llama-bench's JSON read into rows, the best flash-attention setting kept, and
+"""`bench decode --llama-bench PATH` and `bench throughput --llama-batched-bench PATH`: llama-bench's JSON (and
+llama-batched-bench's JSON lines) read into rows, the best flash-attention setting kept, and
 clear errors for a wrong path or a tree without the converter. A stand-in script plays llama-bench: its output
 format is llama-bench's own (-o json), the figures are made up for the parser."""
 
@@ -7,7 +8,7 @@ import stat
 
 import pytest
 
-from a2ats.bench.llamacpp import converter_for, llama_bench, weight_type
+from a2ats.bench.llamacpp import batched_bench, converter_for, llama_bench, weight_type
 
 
 def _fake_llama_bench(tmp_path, results):
@@ -105,3 +106,27 @@ def test_decode_bench_runs_llama_bench_right_after_ours_at_the_lengths_asked(tmp
                            log=lambda *_: None, llama_bench=str(binary), llama_ggufs=[a], llama_lengths=[333])
     assert [(r.variant, r.context) for r in rows] == [("dense-lean", 200), ("dense-lean", 333),
                                                       ("llama.cpp-q8_0", 333)]
+
+
+def test_batched_bench_reads_its_json_line_and_copies_the_prompt_per_sequence(tmp_path):
+    """llama-batched-bench's -pps: one prompt prefilled, copied into each sequence's own cache; the decode speed is
+    its speed_tg (log lines around the result are skipped)."""
+    (tmp_path / "q.gguf").write_bytes(b"")
+    line = {"n_kv_max": 8 * 32785, "pp": 32768, "tg": 16, "pl": 8, "n_kv": 8 * 32784, "t_pp": 900.0,
+            "speed_pp": 36.4, "t_tg": 4.0, "speed_tg": 32.0, "t": 904.0, "speed": 36.4}
+    script = tmp_path / "llama-batched-bench"
+    script.write_text("#!/bin/sh\necho \"$@\" > \"$(dirname \"$0\")/args\"\necho 'main: loading' >&2\n"
+                      f"echo '{json.dumps(line)}'\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    r = batched_bench(script, str(tmp_path / "q.gguf"), 32768, 8, threads=2, log=lambda *_: None)
+    assert r["tokens_per_s"] == 32.0 and r["ms_per_step"] == pytest.approx(250.0) and r["prefill_s"] == 900.0
+    args = (tmp_path / "args").read_text().split()
+    assert "-pps" in args and args[args.index("-npp") + 1] == "32768" and args[args.index("-npl") + 1] == "8"
+    assert args[args.index("-fa") + 1] == "off" and int(args[args.index("-c") + 1]) >= 8 * (32768 + 16)
+    with pytest.raises(ValueError, match="choose off or on"):
+        batched_bench(script, str(tmp_path / "q.gguf"), 1024, 2, flash="off,on")
+    with pytest.raises(ValueError, match="not an executable llama-batched-bench"):
+        batched_bench(tmp_path / "nope", str(tmp_path / "q.gguf"), 1024, 2)
+    script.write_text("#!/bin/sh\necho 'no result'\n")
+    with pytest.raises(RuntimeError, match="expected one result line, got 0"):
+        batched_bench(script, str(tmp_path / "q.gguf"), 1024, 2)

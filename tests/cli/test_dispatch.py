@@ -148,6 +148,8 @@ def test_bench_decode_prefill_throughput_reach_their_runs(recorded, monkeypatch)
     kw = got.value.kwargs
     assert (kw["decode_weights"], kw["lengths"], kw["batches"], kw["systems"], kw["steps"]) == (
         "int4", (600,), (1, 3), ("full-local",), 2)
+    assert main(["bench", "throughput", "--llama-gguf", "q.gguf"]) == 2  # the file of a tool not given
+    assert main(["bench", "throughput", "--random-weights", "--llama-batched-bench", "/bin/true"]) == 2
 
 
 def test_bench_kernels_weights_serve_reach_their_runs(recorded, monkeypatch):

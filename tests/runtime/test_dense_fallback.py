@@ -201,3 +201,15 @@ def test_dense_attention_over_a_compact_cache_reads_its_rows_as_stored(kv_dtype)
     out = fallback.generate(ids, mask, max_new_tokens=8, keep_logits=True)
     assert torch.equal(out.tokens, runs["fast"].tokens)
     assert all(torch.equal(a, b) for a, b in zip(out.logits, runs["fast"].logits))
+
+
+@needs_kernels
+def test_an_engine_with_its_slots_measures_when_built():
+    """Built with its cache (a server), the engine measures under "auto" at once: no request's first decode step
+    waits for it."""
+    model = tiny_model("qwen3")
+    crossover._measured.clear()
+    eng = Engine(model, random_codebooks(model), CFG, slots=2, max_context=200, **PLAIN)
+    assert eng.dense_rule._costs is not None and len(crossover._measured) == 1
+    fixed = Engine(model, random_codebooks(model), CFG, slots=2, max_context=200, dense_below=0, **PLAIN)
+    assert fixed.dense_rule.costs is None  # a fixed context: nothing to measure

@@ -57,6 +57,16 @@ def test_docqa_and_chat_workloads_through_the_openai_client():
     assert row["prefix_hit_rate"] == 0.5 and row["prefix_tokens_reused"] == 2 * 256
     assert 0 < row["ttft_p50_s"] <= row["ttft_p99_s"] and 0 < row["itl_p50_ms"] <= row["itl_p99_ms"]
     assert all(len(e["gaps"]) == 5 for e in row["exchanges"])
+    # warmed: each document asked once first (not one of its questions), then every question finds it cached
+    warm_requests = w.warm_requests(requests)
+    assert [d for d, _ in warm_requests] == [0, 1] and all("ready" in m[-1]["content"] for _, m in warm_requests)
+    with running(slots=1, max_context=512, prefix_cache=1 << 30) as s:
+        warm = asyncio.run(w.warm_docqa(s.url, MODEL, requests))
+        before = load.server_metrics(s.url)
+        exchanges, wall = asyncio.run(w.run_docqa(s.url, MODEL, requests, rate=50.0, max_tokens=6))
+        warmed = w.prefix_rates(before, load.server_metrics(s.url))
+    assert [e.status for e in warm] == ["ok", "ok"] and all(e.ttft > 0 and e.tokens == 1 for e in warm)
+    assert warmed["prefix_hit_rate"] == 1.0 and all(e.status == "ok" for e in exchanges)
     conversations = w.chat_turns(tok, conversations=2, turns=3, first_tokens=280)
     with running(slots=2, max_context=512, prefix_cache=1 << 30) as s:
         before = load.server_metrics(s.url)

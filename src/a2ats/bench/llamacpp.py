@@ -126,10 +126,7 @@ def llama_bench(binary: str | Path, ggufs: list[str], length: int, threads: int 
         raise ValueError(f"flash attention setting {flash!r}: choose one of {', '.join(FLASH_SETTINGS)}")
     if not (isinstance(repeats, int) and repeats >= 1):
         raise ValueError(f"llama-bench repetitions must be an integer >= 1, got {repeats!r}")
-    binary = Path(binary)
-    if not (binary.is_file() and os.access(binary, os.X_OK)):
-        raise ValueError(f"--llama-bench: {binary} is not an executable llama-bench; build llama.cpp's tools "
-                         "natively (cmake -DGGML_NATIVE=ON, target llama-bench) and give the binary's path")
+    binary = _executable(binary, "llama-bench", "--llama-bench")
     for g in ggufs:
         if not Path(g).is_file():
             raise ValueError(f"GGUF {g} not found")
@@ -159,6 +156,45 @@ def llama_bench(binary: str | Path, ggufs: list[str], length: int, threads: int 
     return out
 
 
+def _executable(binary: str | Path, tool: str, flag: str) -> Path:
+    binary = Path(binary)
+    if not (binary.is_file() and os.access(binary, os.X_OK)):
+        raise ValueError(f"{flag}: {binary} is not an executable {tool}; build llama.cpp's tools natively (cmake "
+                         f"-DGGML_NATIVE=ON, target {tool}) and give the binary's path")
+    return binary
+
+
+def batched_bench(binary: str | Path, gguf: str, length: int, batch: int, gen: int = 16, threads: int | None = None,
+                  flash: str = "off", log=print) -> dict:
+    """Decode throughput of ``batch`` sequences at ``length`` tokens each with the natively built
+    ``llama-batched-bench`` at ``binary`` (the batched decode llama-server runs): one prompt of ``length`` tokens
+    prefilled once and copied into every sequence's own cache (``-pps``; each sequence then reads its own rows, as
+    ``batch`` different prompts would), then ``gen`` tokens for all of them together. Its tokens/s over the
+    ``gen`` steps, and the prompt's prefill seconds."""
+    binary = _executable(binary, "llama-batched-bench", "--llama-batched-bench")
+    if flash not in ("off", "on"):
+        raise ValueError(f"llama-batched-bench flash attention {flash!r}: choose off or on")
+    if not Path(gguf).is_file():
+        raise ValueError(f"GGUF {gguf} not found")
+    threads = threads or os.cpu_count()
+    cmd = [str(binary), "-m", gguf, "-t", str(threads), "-tb", str(threads), "-c", str(batch * (length + gen + 1)),
+           "-b", "2048", "-ub", "512", "-npp", str(length), "-ntg", str(gen), "-npl", str(batch), "-pps",
+           "-fa", flash, "--output-format", "jsonl"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+    found = [json.loads(line) for line in (done.stdout + "\n" + done.stderr).splitlines()
+             if line.startswith("{") and '"speed_tg"' in line]
+    if len(found) != 1:
+        raise RuntimeError(f"{' '.join(cmd)}: expected one result line, got {len(found)}: {done.stdout[-500:]}")
+    r = found[0]
+    out = {"tokens_per_s": r["speed_tg"], "ms_per_step": 1e3 * r["t_tg"] / gen, "prefill_s": r["t_pp"],
+           "flash_attn": flash, "gen": gen, "gguf": gguf, "command": " ".join(cmd)}
+    log(f"llama-batched-bench {length:6d} x {batch:2d}: {out['tokens_per_s']:7.1f} tokens/s ({out['ms_per_step']:.1f} "
+        f"ms/step; prompt prefilled in {r['t_pp']:.0f} s; flash attention {flash})")
+    return out
+
+
 def converter_for(binary: str | Path) -> Path:
     """llama.cpp's ``convert_hf_to_gguf.py`` in the source tree the ``llama-bench`` binary was built in."""
     for folder in Path(binary).resolve().parents:
@@ -171,7 +207,7 @@ def converter_for(binary: str | Path) -> Path:
 
 def q8_0_gguf(binary: str | Path, model_dir: Path, out_dir: Path, log=print) -> str:
     """A Q8_0 GGUF of the bf16 model in ``model_dir`` (converted once into ``out_dir``), made by the converter of
-    the llama.cpp tree ``binary`` was built in: llama.cpp's weights at our int8 weights' bits."""
+    the llama.cpp tree ``binary`` (a tool built there) was built in: llama.cpp's weights at our int8 weights' bits."""
     out = Path(out_dir) / f"{Path(model_dir).name}.q8_0.gguf"
     if out.is_file():
         return str(out)

@@ -85,15 +85,16 @@ def throughput_table(rows: list[dict]) -> str:
     systems = list(dict.fromkeys(r["system"] for r in rows))
     at = {(r["system"], r["context"], r["batch"]): r for r in rows}
     keys = sorted({(r["context"], r["batch"]) for r in rows})
+    first, others = systems[0], systems[1:]
     lines = ["decode tokens/s over all slots (median step; ms per step in brackets)", "",
-             "| context | batch | " + " | ".join(systems) + " | ratio |", "|---" * (len(systems) + 3) + "|"]
+             "| context | batch | " + " | ".join(systems) + "".join(f" | {first} over {o}" for o in others) + " |",
+             "|---" * (2 * len(systems) + 1) + "|"]
     for n, B in keys:
         cells = [f"{at[s, n, B]['tokens_per_s']:.1f} ({at[s, n, B]['ms_per_step']:.0f})" if (s, n, B) in at else ""
                  for s in systems]
-        ratio = ""
-        if len(systems) >= 2 and all((s, n, B) in at for s in systems[:2]):
-            ratio = f"{at[systems[0], n, B]['tokens_per_s'] / at[systems[1], n, B]['tokens_per_s']:.2f}x"
-        lines.append(f"| {_ctx(n)} | {B} | " + " | ".join(cells) + f" | {ratio} |")
+        cells += [f"{at[first, n, B]['tokens_per_s'] / at[o, n, B]['tokens_per_s']:.2f}x"
+                  if (first, n, B) in at and (o, n, B) in at else "" for o in others]
+        lines.append(f"| {_ctx(n)} | {B} | " + " | ".join(cells) + " |")
     for s in systems:
         sub = [at[s, n, B] for n, B in keys if (s, n, B) in at and at[s, n, B].get("breakdown_ms")]
         if not sub:

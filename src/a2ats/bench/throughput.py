@@ -172,6 +172,16 @@ def bench_served(model, tok, codebooks: Codebooks, config: A2ATSConfig, slots: i
     return out
 
 
+def _q8_0(a) -> str:
+    """The model's Q8_0 GGUF, converted once by the converter in the llama-batched-bench's source tree."""
+    from a2ats.assets.models import DEFAULT_MODEL, cache_dir, model_path
+    from a2ats.bench.llamacpp import gguf_for, q8_0_gguf
+
+    gguf_for(a.model, log=options.log)  # refuses a model that is not a named one
+    name = a.model or DEFAULT_MODEL
+    return q8_0_gguf(a.llama_batched_bench, model_path(name, log=options.log), cache_dir() / "gguf", log=options.log)
+
+
 def rows_to_json(rows: list[ThroughputRow]) -> list[dict]:
     return [asdict(r) for r in rows]
 
@@ -229,6 +239,15 @@ def add_arguments(p) -> None:
     p.add_argument("--requests", type=int, default=0, help="also serve this many real prompts through a queue")
     p.add_argument("--prompt-tokens", type=int, default=4096, help="--requests: tokens per prompt (at most)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="--requests: new tokens per prompt")
+    p.add_argument("--llama-batched-bench", metavar="PATH",
+                   help="a natively built llama.cpp llama-batched-bench: after our systems, the same contexts and "
+                        "batches decoded by llama.cpp (its prompt prefilled once and copied into every sequence's own "
+                        "cache), on --llama-gguf")
+    p.add_argument("--llama-gguf", metavar="FILE",
+                   help="the GGUF for --llama-batched-bench (default: a Q8_0 converted once from the model's bf16 copy "
+                        "by the converter in that tool's source tree: our int8 weights' bits)")
+    p.add_argument("--llama-flash", choices=("off", "on"), default="off",
+                   help="--llama-batched-bench's flash attention (default off: its faster decode setting on our CPUs)")
     p.add_argument("--out", help="folder for throughput.json, throughput.md and throughput.png")
     p.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
 
@@ -249,6 +268,13 @@ def main(a) -> int:
             raise ValueError("--requests serves real prompts: it needs the embedded model, not --random-weights")
     elif a.shape is not None:
         raise ValueError("--shape is the shape of --random-weights' model: give --random-weights, or drop --shape")
+    gguf = None
+    if a.llama_batched_bench:
+        if a.random_weights:
+            raise ValueError("--llama-batched-bench runs llama.cpp on the model's weights: drop --random-weights")
+        gguf = a.llama_gguf or _q8_0(a)
+    elif a.llama_gguf:
+        raise ValueError("--llama-gguf is the file --llama-batched-bench runs: give --llama-batched-bench too")
     cfg = options.config(a)
     lengths = a.lengths or LENGTHS
     text_ids = None
@@ -264,6 +290,14 @@ def main(a) -> int:
     rows = rows_to_json(bench_throughput(model, tok, cb, cfg, lengths=lengths, batches=a.batches, systems=a.systems,
                                          steps=a.steps, decode_weights=a.decode_weights, text_ids=text_ids,
                                          log=options.log))
+    if a.llama_batched_bench:
+        from a2ats.bench.llamacpp import batched_bench
+
+        for length in lengths:
+            for B in a.batches:
+                r = batched_bench(a.llama_batched_bench, gguf, length, B, flash=a.llama_flash, log=options.log)
+                rows.append(asdict(ThroughputRow("llama.cpp-q8_0", length, B, r["tokens_per_s"], r["ms_per_step"],
+                                                 r["gen"])) | {"llama": r})
     served = bench_served(model, tok, cb, cfg, slots=max(a.batches), requests=a.requests, prompt_tokens=a.prompt_tokens,
                           new_tokens=a.max_new_tokens, decode_weights=a.decode_weights,
                           log=options.log) if a.requests else []

@@ -117,6 +117,30 @@ def _client(base: str, api_key: str | None, connections: int):
     return openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=api_key or "unused", max_retries=0, http_client=http)
 
 
+def warm_requests(requests: list[tuple[int, list[dict]]]) -> list[tuple[int, list[dict]]]:
+    """One request per document that is none of its questions: its messages up to the document, then an
+    instruction to answer in a word. Sent before the timed run, it leaves each document in the server's prefix
+    cache, so the timed questions measure the cached-document case."""
+    first: dict[int, list[dict]] = {}
+    for doc, messages in requests:
+        first.setdefault(doc, messages)
+    return [(doc, messages[:-1] + [{"role": "user", "content": messages[-1]["content"].rsplit("\n\n", 1)[0]
+                                    + "\n\nReply with one word: ready."}]) for doc, messages in first.items()]
+
+
+async def warm_docqa(base: str, model: str, requests: list[tuple[int, list[dict]]],
+                     api_key: str | None = None) -> list[Exchange]:
+    """:func:`warm_requests`, one after the other; their exchanges (a document's prefill is its TTFT)."""
+    client = _client(base, api_key, 1)
+    out, t0 = [], time.perf_counter()
+    for doc, messages in warm_requests(requests):
+        ex = Exchange(doc, -1)
+        await _ask(client, model, messages, 1, ex, t0)
+        out.append(ex)
+    await client.close()
+    return out
+
+
 async def run_docqa(base: str, model: str, requests: list[tuple[int, list[dict]]], rate: float, max_tokens: int,
                     api_key: str | None = None, seed: int = 0) -> tuple[list[Exchange], float]:
     """Every request, sent at Poisson arrival times of ``rate`` per second (each waits for nothing else)."""

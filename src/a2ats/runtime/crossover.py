@@ -157,6 +157,11 @@ class DenseRule:
             self._costs = self._measure()
         return self._costs
 
+    def prepare(self) -> None:
+        """Measure the costs now under ``"auto"`` (about a second), not when the first decode step needs them."""
+        if self.measured:
+            _ = self.costs
+
     def crossover(self, budget: Budget | None = None) -> int | None:
         """The context below which a lone row at ``budget`` (default: the config's) attends densely; None: always."""
         if isinstance(self.setting, int):

@@ -108,6 +108,8 @@ class Engine:
         self._last = torch.zeros(0, dtype=torch.long)
         if s.slots is not None:
             self._allocate(s.slots, self._fixed_context)
+            if self.dense_rule is not None:  # an engine built to serve: measured now, not in a request's first step
+                self.dense_rule.prepare()
 
     # -- what the engine is ------------------------------------------------------------------------------------
 
