@@ -121,3 +121,79 @@ def serve_docqa_sliced(root: Path) -> str:
     return "\n".join(["The same docqa workload (two documents of 6,000 tokens, three questions each, `--rate 0.05`, "
                       "4 slots, prefill budget 256), one run each, one after the other:", "", table(head, out), ""]
                      + paragraphs(srcs))
+
+
+QWEN_BATCH = "docs/bench/serve/qwen-8x32k/throughput.json"
+
+
+@block("serve-qwen-8x32k")
+def serve_qwen_8x32k(root: Path) -> str:
+    """Steady decode of 8 sequences of 32K tokens on Qwen2.5-Coder-0.5B: ours (A²ATS, full attention) and llama.cpp's
+    batched decode, each step's bytes against the read bandwidth measured in the run."""
+    d = load_json(root, QWEN_BATCH)
+    expect(d.get("model") == "qwen2.5-coder-0.5b", f"{QWEN_BATCH}: model {d.get('model')!r}")
+    rows = d["rows"]
+    llama = [r for r in rows if r["system"].startswith("llama.cpp")]
+    expect(len(llama) == 1 and all(r["context"] == llama[0]["context"] and r["batch"] == llama[0]["batch"]
+                                   for r in rows), f"{QWEN_BATCH}: one context and batch, llama.cpp's among them")
+    base = llama[0]["tokens_per_s"]
+    out = []
+    for r in rows:
+        f = r.get("floor") or {}
+        b = f.get("bytes") or {}
+        name = {"a2ats-offload": "A²ATS (int8 weights, bf16 K/V)", "full-local": "full attention, same engine"}.get(
+            r["system"], "llama.cpp Q8_0, llama-batched-bench (flash attention " + r["llama"]["flash_attn"] + ")")
+        out.append([name, f"{r['tokens_per_s']:.1f}", f"{r['ms_per_step']:.0f}",
+                    f"{sum(b.values()) / 1e6:.0f}" if b else "—",
+                    f"{f['share_of_floor']:.2f}" if f else "—", ratio(r["tokens_per_s"] / base)])
+    gbps = next(r["floor"]["host_gbps"] for r in rows if r.get("floor"))
+    steps = min(r["steps"] for r in rows if not r["system"].startswith("llama.cpp"))
+    return "\n".join([f"{llama[0]['batch']} sequences of {k(llama[0]['context'])} tokens decoding together (ours: the "
+                      f"median of {steps} timed steps; llama.cpp: the mean over its {llama[0]['llama']['gen']}); MB a "
+                      f"step must read (the weights once, every "
+                      f"sequence's codes and the K/V rows it attends) and the share of the floor (those bytes at the "
+                      f"{gbps:g} GB/s read bandwidth measured in the run, over the step's time). One run:", "",
+                      table(["system", "tokens/s", "ms per step", "MB read per step", "of the floor",
+                             "over llama.cpp"], out), "", source_line(QWEN_BATCH, d["provenance"])])
+
+
+SOAK = "docs/bench/serve/soak-1000/serve.json"
+
+
+@block("serve-soak")
+def serve_soak(root: Path) -> str:
+    """A soak run with disconnects on the default model: every request answered or cancelled once, nothing held."""
+    d = load_json(root, SOAK)
+    (r,) = [r for r in d["rows"] if r.get("soak")]
+    expect(r["requests"] >= 1000 and r["left"] > 0, f"{SOAK}: not a soak of 1,000 requests with disconnects")
+    verdict = "every request answered exactly once" if r["exactly_once"] else "NOT every request answered exactly once"
+    return "\n".join([
+        f"{r['requests']:,} requests of {r['prompt_tokens'][0]}–{r['prompt_tokens'][1]} prompt tokens and up to "
+        f"{r['max_tokens']} new ones through {r['clients']} concurrent clients ({d['slots']} slots, {r['system']}); "
+        f"half streamed, of which the client dropped {r['left']} after their first text. {r['ok']} answered 200 with "
+        f"{r['unique_ids']} distinct completion ids; the server counted {r['server_answered']} answers (cancellations "
+        f"included); {r['leaked']} slots or queue places were still held afterwards: {verdict}. Wall time "
+        f"{r['wall_s']:.0f} s, TTFT p50 / p99 {r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f} s.", "",
+        source_line(SOAK, d["provenance"])])
+
+
+CACHED = "docs/bench/serve/docqa-qwen-32k-cached/serve.json"
+
+
+@block("serve-docqa-cached")
+def serve_docqa_cached(root: Path) -> str:
+    """Questions over a document already in the prefix cache (`--warm`): their TTFT, and the document's own."""
+    d = load_json(root, CACHED)
+    expect(d.get("workload") == "docqa" and d.get("model") == "qwen2.5-coder-0.5b", f"{CACHED}: not Qwen's docqa")
+    out = []
+    for r in d["rows"]:
+        expect(bool(r.get("warm")), f"{CACHED}: {r['system']} was not warmed (--warm)")
+        cold = ", ".join(f"{w['ttft_s']:.0f}" for w in r["warm"])
+        out.append([r["system"], "–".join(map(str, r["prompt_tokens"])), cold, f"{r['requests']} ({r['ok']})",
+                    f"{r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f}", f"{r['itl_p50_ms']:.0f} / {r['itl_p99_ms']:.0f}",
+                    f"{r['prefix_hit_rate']:.2f}"])
+    return "\n".join(["Each document asked once first (its prefill alone: the cold TTFT), then the timed questions, "
+                      "each finding its document in the prefix cache. One run:", "",
+                      table(["system", "prompt tokens", "document's cold TTFT s", "questions (ok)",
+                             "question TTFT p50 / p99 s", "inter-token p50 / p99 ms", "prefix hit rate"], out), "",
+                      source_line(CACHED, d["provenance"])])
