@@ -41,6 +41,11 @@ def test_step_bytes_dense_and_a2ats():
     got = step_bytes(sparse, n, attended)
     assert got["scoring"] == LAYERS * KV_HEADS * (2 * n + C * D * 4)  # int16 codes + fp32 centroids
     assert got["attention"] == round(LAYERS * KV_HEADS * attended * row)
+    # a batch reads the weights and the centroids once, each row's codes and K/V rows its own
+    three = step_bytes(sparse, n, attended, batch=3)
+    assert three["weights"] == got["weights"]
+    assert three["scoring"] == LAYERS * KV_HEADS * (3 * 2 * n + C * D * 4)
+    assert three["attention"] == round(3 * LAYERS * KV_HEADS * attended * row)
 
 
 def test_account_against_the_bandwidth():

@@ -78,7 +78,7 @@ def test_throughput_bench_runs_both_systems(tmp_path):
         assert full3["bytes"]["attention"] == 3 * full1["bytes"]["attention"]
         assert full1["bytes"]["attention"] / (heads * n) in rows_as
         a1, a3 = at["a2ats-offload", n, 1], at["a2ats-offload", n, 3]
-        assert a3["bytes"]["scoring"] == 3 * a1["bytes"]["scoring"] > 0
+        assert a1["bytes"]["scoring"] < a3["bytes"]["scoring"] < 3 * a1["bytes"]["scoring"]  # centroids once
         assert 0 < a1["bytes"]["attention"] < full1["bytes"]["attention"]
         assert all(0 <= f["share_of_floor"] < 1 and f["host_gbps"] > 0 for f in (full1, full3, a1, a3))  # tiny: ~0
     table = throughput_table(throughput_json(rows))

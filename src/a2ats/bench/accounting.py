@@ -40,18 +40,19 @@ def weight_bytes(lean) -> int:
     return total + (lean.lm_head_packed.nbytes() if lean.lm_head_packed is not None else _nbytes(lean.lm_head))
 
 
-def step_bytes(engine, context: int, attended: float) -> dict[str, int]:
-    """Bytes a batch-1 decode step of ``engine`` reads at ``context`` tokens, per part. ``attended``: tokens
-    attended per layer and KV head (all ``context`` for full attention). K/V rows are read in the cache's dtype;
-    scoring reads each token's int16 code and each layer's and KV head's centroids once (the lookup tables)."""
+def step_bytes(engine, context: int, attended: float, batch: int = 1) -> dict[str, int]:
+    """Bytes a decode step of ``engine`` reads with ``batch`` rows of ``context`` tokens each, per part. ``attended``:
+    tokens attended per layer, row and KV head (all ``context`` for full attention). The weights and the codebooks'
+    centroids are read once for the whole batch; every row's int16 codes (scoring) and its attended K/V rows, in the
+    cache's dtype, are its own."""
     lean = engine.lean
     heads = lean.num_layers * lean.kv_heads
     row = 2 * lean.head_dim * torch.empty(0, dtype=engine.kv_dtype).element_size()  # one token's K and V
     scoring = 0
     if engine.method is not None:
         centroids = engine.method.codebooks.settings.n_centroids * lean.head_dim * 4
-        scoring = heads * (2 * context + centroids)
-    return {"weights": weight_bytes(lean), "scoring": scoring, "attention": round(heads * attended * row)}
+        scoring = heads * (batch * 2 * context + centroids)
+    return {"weights": weight_bytes(lean), "scoring": scoring, "attention": round(batch * heads * attended * row)}
 
 
 def account(bytes_by_part: dict[str, int], ms_by_part: dict[str, float], ms_per_token: float, gbps: float) -> dict:

@@ -138,11 +138,12 @@ def bench_throughput(model, tok, codebooks: Codebooks, config: A2ATSConfig, leng
 
 
 def batch_floor(engine, row: ThroughputRow, gbps: float) -> dict:
-    """The bytes a step of ``row`` must read, part by part (the weights once for the batch; every sequence's codes
-    and the rows it attends), their GB/s, and the step's time at ``gbps`` as a share of its measured time."""
-    one = step_bytes(engine, row.context, row.attended if engine.method is not None else row.context)
-    B, ms = row.batch, row.breakdown_ms
-    bytes_by_part = {"weights": one["weights"], "scoring": B * one["scoring"], "attention": B * one["attention"]}
+    """The bytes a step of ``row`` must read, part by part (the weights and codebooks once for the batch; every
+    sequence's codes and the rows it attends), their GB/s, and the step's time at ``gbps`` as a share of its
+    measured time."""
+    bytes_by_part = step_bytes(engine, row.context, row.attended if engine.method is not None else row.context,
+                               row.batch)
+    ms = row.breakdown_ms
     return {"host_gbps": round(gbps, 1), **account(bytes_by_part, {"weights": ms.get("weights", 0.0),
                                                                    "scoring": ms.get("scoring", 0.0),
                                                                    "attention": ms.get("host attention", 0.0)},
