@@ -79,4 +79,21 @@ def readme_results(root: Path) -> str:
              "same weights against our int8, in the same run) and over dense attention in the same engine: "
              + "; ".join(sp) + f". Within ±{100 * SPREAD:.0f}% (these machines' run-to-run spread) is a tie. "
              "[`docs/bench/speed`](docs/bench/speed/README.md#the-step-against-what-it-must-read-same-runs-measured-spread)")
-    return "\n".join([acc, ret, speed])
+    return "\n".join([acc, ret, speed, _serving(root)])
+
+
+def _serving(root: Path) -> str:
+    """The serving headline: 8 long sequences decoding together, against llama.cpp's batched decode."""
+    from throughput_blocks import QWEN_BATCH, QWEN_OURS
+
+    first, ours = load_json(root, QWEN_BATCH), load_json(root, QWEN_OURS)
+    (llama,) = [r for r in first["rows"] if r["system"].startswith("llama.cpp")]
+    at = {r["system"]: r for r in ours["rows"]}
+    a2, full = at["a2ats-offload"], at["full-local"]
+    return (f"- **Serving throughput** (Qwen2.5-Coder-0.5B-Instruct, {llama['batch']} sequences of {k(llama['context'])} "
+            f"tokens decoding together, {machine_short(ours['provenance'])}; `{QWEN_OURS}`, `{QWEN_BATCH}`): the "
+            f"default {a2['tokens_per_s']:.1f} tokens/s, {a2['tokens_per_s'] / llama['tokens_per_s']:.2f}x llama.cpp's "
+            f"batched decode (llama-batched-bench built natively, Q8_0 from the same weights: "
+            f"{llama['tokens_per_s']:.1f}) and {a2['tokens_per_s'] / full['tokens_per_s']:.2f}x full attention in the "
+            f"same engine ({full['tokens_per_s']:.1f}); one run each. "
+            "[`docs/bench/serve`](docs/bench/serve/README.md#decode-throughput-with-8-sequences-of-32k-tokens-qwen25-coder-05b)")

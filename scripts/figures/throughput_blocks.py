@@ -150,7 +150,8 @@ def serve_qwen_8x32k(root: Path) -> str:
                     " / ".join(f"{b[p] / 1e6:.0f}" for p in ("weights", "scoring", "attention")) if b else "—",
                     " / ".join(f"{f['gbps'].get(p, 0):.0f}" for p in ("weights", "scoring", "attention")) if b else "—",
                     f"{f['share_of_floor']:.2f}" if f else "—", ratio(r["tokens_per_s"] / base)])
-    earlier = ", ".join(f"{names[r['system']]} {r['tokens_per_s']:.1f}" for r in first["rows"] if r["system"] in names)
+    short = {"a2ats-offload": "A²ATS", "full-local": "full attention"}
+    earlier = " and ".join(f"{r['tokens_per_s']:.1f} ({short[r['system']]})" for r in first["rows"] if r["system"] in names)
     gbps = next(r["floor"]["host_gbps"] for r in ours["rows"] if r.get("floor"))
     steps = min(r["steps"] for r in ours["rows"])
     return "\n".join([f"{llama[0]['batch']} sequences of {k(llama[0]['context'])} tokens decoding together (ours: the "
@@ -160,9 +161,9 @@ def serve_qwen_8x32k(root: Path) -> str:
                       f"{gbps:g} GB/s read bandwidth measured in the run, over the step's time):", "",
                       table(["system", "tokens/s", "ms per step", "MB read: weights / scoring / attention",
                              "GB/s: weights / scoring / attention", "of the floor", "over llama.cpp"], out), "",
-                      f"llama.cpp's row is from the first command, whose own rows for ours were tokens/s {earlier} "
-                      "(its floor counted the codebooks once per sequence; the second command counts them once per "
-                      "step).", "", source_line(QWEN_BATCH, first["provenance"]), "",
+                      f"llama.cpp's row is from the first command, whose own rows for ours were {earlier} tokens/s "
+                      f"against a read bandwidth it measured at {first['rows'][0]['floor']['host_gbps']:g} GB/s (its "
+                      "floor counted the codebooks once per sequence; the second command counts them once per step).", "", source_line(QWEN_BATCH, first["provenance"]), "",
                       source_line(QWEN_OURS, ours["provenance"])])
 
 
