@@ -207,3 +207,29 @@ def serve_docqa_cached(root: Path) -> str:
                       table(["system", "prompt tokens", "document's cold TTFT s", "questions (ok)",
                              "question TTFT p50 / p99 s", "inter-token p50 / p99 ms", "prefix hit rate"], out), "",
                       source_line(CACHED, d["provenance"])])
+
+
+CHAT = ("docs/bench/serve/chat-smollm2/serve.json", "docs/bench/serve/chat-smollm2-llamacpp/serve.json")
+
+
+@block("serve-chat")
+def serve_chat(root: Path) -> str:
+    """The chat workload through the openai client: ours (A²ATS and full attention) and llama.cpp's llama-server."""
+    out, srcs, provs = [], [], []
+    for rel in CHAT:
+        d = load_json(root, rel)
+        expect(d.get("workload") == "chat" and d.get("model") == "smollm2-135m", f"{rel}: not SmolLM2's chat")
+        provs.append(d["provenance"])
+        srcs.append(source_line(rel, d["provenance"]))
+        for r in d["rows"]:
+            hit = r.get("prefix_hit_rate")
+            name = "llama.cpp llama-server, Q8_0" if r["system"].startswith("external") else r["system"]
+            out.append([name, f"{r['requests']} ({r['ok']})", "–".join(map(str, r["prompt_tokens"])),
+                        f"{r['wall_s']:.0f}", f"{r['output_tokens_per_s']:.2f}",
+                        f"{r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f}", f"{r['itl_p50_ms']:.0f} / {r['itl_p99_ms']:.0f}",
+                        "—" if hit is None else f"{hit:.2f}"])
+    same_machine(*provs)
+    head = ["system", "turns (ok)", "prompt tokens", "wall s", "output tokens/s", "TTFT p50 / p99 s",
+            "inter-token p50 / p99 ms", "prefix hit rate"]
+    return "\n".join(["One run of each system (no repeats: no spread is known); llama-server right after ours, the "
+                      "same conversations and start times.", "", table(head, out), ""] + paragraphs(srcs))
