@@ -30,12 +30,14 @@ def test_budget_argument():
 def test_serve_prefill_arguments():
     p = build_parser()
     a = p.parse_args(["serve", "--http"])
-    assert (a.prefill_budget, a.prefill_stall) == (256, 1.0)
-    a = p.parse_args(["serve", "--http", "--prefill-budget", "whole", "--prefill-stall", "none"])
-    assert (a.prefill_budget, a.prefill_stall) == (None, None)
+    assert (a.prefill_budget, a.prefill_stall, a.prefill_step_seconds) == (256, 1.0, 1.0)
+    a = p.parse_args(["serve", "--http", "--prefill-budget", "whole", "--prefill-stall", "none",
+                      "--prefill-step-seconds", "none"])
+    assert (a.prefill_budget, a.prefill_stall, a.prefill_step_seconds) == (None, None, None)
     assert p.parse_args(["serve", "--http", "--prefill-stall", "0"]).prefill_stall == 0.0
     for flag, bad in (("--prefill-budget", "0"), ("--prefill-budget", "1.5"), ("--prefill-stall", "-1"),
-                      ("--prefill-stall", "inf"), ("--prefill-stall", "nan"), ("--prefill-stall", "x")):
+                      ("--prefill-stall", "inf"), ("--prefill-stall", "nan"), ("--prefill-stall", "x"),
+                      ("--prefill-step-seconds", "-0.1"), ("--prefill-step-seconds", "soon")):
         with pytest.raises(SystemExit):
             p.parse_args(["serve", "--http", flag, bad])
 

@@ -249,3 +249,28 @@ def test_logit_bias_past_the_vocabulary_is_refused():
     model = tiny_model("llama")
     with pytest.raises(SamplingError, match="past the vocabulary"):
         _engine(model).add(Request([1, 2, 3], 4, sampling=Sampling(logit_bias=((10**6, 1.0),))))
+
+
+def test_a_request_arriving_during_a_whole_prompt_is_planned_at_the_next_step():
+    """With nothing decoding, a step's prompt work stops after prefill_step_seconds (0: one layer), so a short
+    request added while a long prompt is part-way through the model gets its first token before the long one; each
+    gets the tokens it gets alone."""
+    model = tiny_model("llama")
+    prompts = _prompts()
+    long, short = prompts[0], prompts[3]  # 300 and 45 tokens
+    alone = [_run(_engine(model, slots=1), [Request(p, 4)])[0].tokens for p in (long, short)]
+    engine = Engine(model, random_codebooks(model), CFG, slots=2, max_context=320, dense_below=0,
+                    decode_weights="model", prefill_dtype="model", prefill_step_seconds=0.0)
+    a = engine.add(Request(long, 4))
+    engine.step()  # the long prompt's first layer
+    assert engine.scheduler.slots[0].partial is not None and engine._layers_run == 1
+    b = engine.add(Request(short, 4))
+    first, got, step = {}, {a: [], b: []}, 0
+    while engine.has_work:
+        res = engine.step()
+        step += 1
+        for i, token in res.tokens.items():
+            first.setdefault(i, step)
+            got[i].append(token)
+    assert first[b] < first[a]
+    assert [got[a], got[b]] == alone

@@ -13,6 +13,7 @@ from conftest import tiny_model
 
 BAD = [("slots", 0), ("max_context", -1), ("overlap", 0), ("prefill_chunk", 0), ("prefill_budget", 0),
        ("prefill_budget", 2.5), ("prefill_stall", -1.0), ("prefill_stall", "2"), ("prefill_stall", True),
+       ("prefill_step_seconds", -0.5), ("prefill_step_seconds", float("inf")),
        ("prefix_cache", -1), ("host_free", True), ("placement", "gpu"),
        ("kv_dtype", torch.int16), ("path", "gpu"), ("dense_below", -5)]
 

@@ -361,7 +361,7 @@ def main(a, http_server) -> int:
         placement = "local" if dense else "offload"
         server = http_server(a, model, tok, dense=dense, max_context=max_context, port=0, log_level="warning",
                              placement=placement, prefill_budget=a.prefill_budget,
-                             prefill_stall=a.prefill_stall).start()
+                             prefill_stall=a.prefill_stall, prefill_step_seconds=a.prefill_step_seconds).start()
         try:
             options.log(f"{system}: {requests} requests of {min(lengths)}-{max(lengths)} tokens, {a.clients} clients, "
                         f"{a.slots} slots")
@@ -402,7 +402,8 @@ def _main_workload(a, http_server) -> int:
             placement = "local" if dense else "offload"
             server = http_server(a, model, tok, dense=dense, max_context=need, port=0, log_level="warning",
                                  placement=placement, prefix_cache=int(a.prefix_cache * (1 << 30)),
-                                 prefill_budget=a.prefill_budget, prefill_stall=a.prefill_stall).start()
+                                 prefill_budget=a.prefill_budget, prefill_stall=a.prefill_stall,
+                                 prefill_step_seconds=a.prefill_step_seconds).start()
             try:
                 options.log(f"{system}: {a.workload}, {a.slots} slots")
                 rows.append(run(server.url, server.config.model_name, server.config.api_key, f"{system} ({placement})"))

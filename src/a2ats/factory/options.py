@@ -24,7 +24,7 @@ from a2ats.hf.calibrate import check_writable, codebook_file, load_or_calibrate
 from a2ats.hf.precision import parse_dtype
 from a2ats.methods.registry import build_method
 from a2ats.runtime.model import DECODE_WEIGHTS
-from a2ats.runtime.settings import PREFILL_BUDGET, PREFILL_STALL
+from a2ats.runtime.settings import PREFILL_BUDGET, PREFILL_STALL, PREFILL_STEP_SECONDS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RUNTIME_OPTIONS = ("path", "runtime", "decode_weights", "prefill_dtype")
@@ -148,18 +148,19 @@ def _prefill_budget(text: str) -> int | None:
     return int(text)
 
 
-def _prefill_stall(text: str) -> float | None:
-    """``--prefill-stall``: a finite multiple >= 0, or "none" (None)."""
-    if text == "none":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"--prefill-stall takes a number >= 0 (a multiple of a decode step's time) "
-                                         f"or 'none', got {text!r}")
-    return value
+def _finite_or_none(flag: str, what: str):
+    """A parser of ``flag``: a finite number >= 0, or "none" (None)."""
+    def parse(text: str) -> float | None:
+        if text == "none":
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if not 0 <= value < float("inf"):
+            raise argparse.ArgumentTypeError(f"{flag} takes a number >= 0 ({what}) or 'none', got {text!r}")
+        return value
+    return parse
 
 
 def add_prefill_args(p: argparse.ArgumentParser) -> None:
@@ -167,11 +168,17 @@ def add_prefill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-budget", type=_prefill_budget, default=PREFILL_BUDGET, metavar="N|whole",
                    help=f"prompt tokens a step takes on beside the running sequences' decode (default {PREFILL_BUDGET}); "
                         "whole: prompts go in whole, the running sequences waiting")
-    p.add_argument("--prefill-stall", type=_prefill_stall, default=PREFILL_STALL, metavar="X|none",
+    p.add_argument("--prefill-stall", type=_finite_or_none("--prefill-stall", "a multiple of a decode step's time"),
+                   default=PREFILL_STALL, metavar="X|none",
                    help=f"while sequences decode, a step's prompt work stops after X times its decode forward "
                         f"(default {PREFILL_STALL:g}) and a chunk part-way goes on, layer by layer, in the next steps: "
                         "a running sequence waits about 1 + X decode steps between two tokens at most; none: each "
                         "step runs its chunks through")
+    p.add_argument("--prefill-step-seconds", type=_finite_or_none("--prefill-step-seconds", "seconds"),
+                   default=PREFILL_STEP_SECONDS, metavar="S|none",
+                   help=f"with nothing decoding, a step's prompt work stops after S seconds (default "
+                        f"{PREFILL_STEP_SECONDS:g}), so a request that arrives meanwhile (a question over a cached "
+                        "document) is planned at the next step instead of after the whole prompt; none: whole prompts")
 
 
 def add_hybrid_arg(p: argparse.ArgumentParser) -> None:

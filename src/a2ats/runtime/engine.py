@@ -220,6 +220,8 @@ class Engine:
                 res.decode_seconds = time.perf_counter() - t_decode
                 if self.settings.prefill_stall is not None:
                     deadline = time.perf_counter() + self.settings.prefill_stall * res.decode_seconds
+            elif self.settings.prefill_step_seconds is not None:  # so an arrival is planned soon
+                deadline = time.perf_counter() + self.settings.prefill_step_seconds
             self._layers_run = 0
             for chunk in plan.prefill:
                 seq = chunk.seq

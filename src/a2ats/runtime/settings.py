@@ -20,6 +20,10 @@ PREFILL_BUDGET = 256
 # stays within about (1 + PREFILL_STALL) decode forwards. 1 brought the docqa workload's inter-token p99 to about
 # three times its p50, where 2 left it well above (docs/bench/serve, "Prompts sliced by layers").
 PREFILL_STALL = 1.0
+# With nothing decoding, a step's prompt work stops after this many seconds (a chunk goes on layer by layer in the next
+# steps), so a request that arrives meanwhile is planned at the next step: a question over a cached document does
+# not wait for another document's whole prefill.
+PREFILL_STEP_SECONDS = 1.0
 PREFILL_CHUNK = 4096  # prompt tokens per prefill forward at most (a whole prompt's, with nothing decoding)
 SERVER_PREFIX_CACHE_GIB = 2.0  # the HTTP server's prefix cache (a library engine has none unless sized)
 
@@ -41,7 +45,9 @@ class EngineSettings:
     beside its decode while sequences decode (None: whole prompts first, the running sequences waiting);
     ``prefill_stall``: while sequences decode, a step's prompt work stops after this multiple of its decode
     forward's time, and a chunk part-way continues layer by layer in the next steps (None: each step runs its
-    chunks through). Slicing a chunk by layers changes none of its arithmetic.
+    chunks through); ``prefill_step_seconds``: the same with nothing decoding, a step's prompt work stopping after
+    that many seconds so that a request arriving meanwhile is planned at the next step (None: whole prompts in one
+    step). Slicing a chunk by layers changes none of its arithmetic.
     ``prefix_cache``: bytes of host memory for prompt prefixes already prefilled (:mod:`.prefix_cache`; 0: none):
     a prompt that begins with one copies its K/V and codes instead of prefilling them.
 
@@ -74,6 +80,7 @@ class EngineSettings:
     prefill_chunk: int = PREFILL_CHUNK
     prefill_budget: int | None = PREFILL_BUDGET
     prefill_stall: float | None = PREFILL_STALL
+    prefill_step_seconds: float | None = PREFILL_STEP_SECONDS
     prefix_cache: int = 0
     kv_dtype: torch.dtype | None = None
     dense_below: int | str | Costs = crossover.AUTO
@@ -98,10 +105,10 @@ class EngineSettings:
                                 ("prefill_chunk", 1, False), ("prefill_budget", 1, True), ("prefix_cache", 0, False),
                                 ("host_free", 0, True), ("accelerator_free", 0, True)):
             count(name, low, none)
-        stall = self.prefill_stall
-        if stall is not None and (isinstance(stall, bool) or not isinstance(stall, (int, float)) or not stall >= 0):
-            raise ValueError(f"prefill_stall must be a number >= 0 (a multiple of a decode forward's time) or None, "
-                             f"got {stall!r}")
+        for name, what in (("prefill_stall", "a multiple of a decode forward's time"), ("prefill_step_seconds", "seconds")):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf")):
+                raise ValueError(f"{name} must be a number >= 0 ({what}) or None, got {v!r}")
         if self.kv_dtype is not None and self.kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be float32, bfloat16, float16 or int8 (or None: the default), got "
                              f"{self.kv_dtype}")

@@ -139,7 +139,8 @@ def _serve_http(a) -> int:
     limit = getattr(model.config, "max_position_embeddings", None) or HTTP_CONTEXT
     server = http_server(a, model, tok, dense=a.dense, max_context=a.max_context or min(limit, HTTP_CONTEXT),
                          placement=a.placement, kv_dtype=KV_DTYPES[a.kv_dtype], prefill_budget=a.prefill_budget,
-                         prefill_stall=a.prefill_stall, prefix_cache=_gib(a.prefix_cache))
+                         prefill_stall=a.prefill_stall, prefill_step_seconds=a.prefill_step_seconds,
+                         prefix_cache=_gib(a.prefix_cache))
     engine, config = server.service.engine, server.config
     log(f"serving {config.model_name} ({engine.method_name}, {engine.slots} slots x {engine.max_context} tokens, "
         f"up to {config.max_queue} waiting) on http://{config.host}:{config.port}/v1; API key "
@@ -162,7 +163,8 @@ def main(a) -> int:
     need = max(len(r.prompt) + r.max_new_tokens for r in reqs)
     engine = options.decoder(a, model, tok, slots=a.slots, max_context=a.max_context or need, placement=a.placement,
                              kv_dtype=KV_DTYPES[a.kv_dtype], prefill_budget=a.prefill_budget,
-                             prefill_stall=a.prefill_stall, prefix_cache=_gib(a.prefix_cache))
+                             prefill_stall=a.prefill_stall, prefill_step_seconds=a.prefill_step_seconds,
+                             prefix_cache=_gib(a.prefix_cache))
     out = open(a.out, "a", encoding="utf-8") if a.out else sys.stdout
 
     def write(i, c):  # each completion is written (and flushed) as it finishes: a later failure loses nothing
