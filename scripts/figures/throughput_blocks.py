@@ -68,24 +68,31 @@ def serve_docqa_qwen(root: Path) -> str:
 
 def _docqa(root: Path, model: str) -> str:
     """The docqa workload through the openai client: ours (A²ATS and full attention) and llama.cpp's llama-server."""
-    out, srcs, provs = [], [], []
-    for rel in DOCQA[model]:
+    rows, srcs = _workload_rows(root, DOCQA[model], "docqa", model)
+    out = [[name, f"{r['requests']} ({r['ok']})", "–".join(map(str, r["prompt_tokens"])), f"{r['wall_s']:.0f}",
+            f"{r['requests_per_s']:.3f}", f"{r['output_tokens_per_s']:.2f}",
+            f"{r['ttft_p50_s']:.1f} / {r['ttft_p99_s']:.1f}", f"{r['itl_p50_ms']:.0f} / {r['itl_p99_ms']:.0f}", hit]
+           for name, hit, r in rows]
+    head = ["system", "requests (ok)", "prompt tokens", "wall s", "requests/s", "output tokens/s", "TTFT p50 / p99 s",
+            "inter-token p50 / p99 ms", "prefix hit rate"]
+    return "\n".join(["One run of each system (no repeats: no spread is known); llama-server right after ours, "
+                      "the same documents, questions and arrival times.", "", table(head, out), ""] + paragraphs(srcs))
+
+
+def _workload_rows(root: Path, rels, workload: str, model: str) -> tuple[list, list[str]]:
+    """Every row of ``rels`` (one machine), as (system name, prefix hit rate, row), and their source lines."""
+    rows, srcs, provs = [], [], []
+    for rel in rels:
         d = load_json(root, rel)
-        expect(d.get("workload") == "docqa" and d.get("model") == model, f"{rel}: not {model}'s docqa")
+        expect(d.get("workload") == workload and d.get("model") == model, f"{rel}: not {model}'s {workload}")
         provs.append(d["provenance"])
         srcs.append(source_line(rel, d["provenance"]))
         for r in d["rows"]:
             hit = r.get("prefix_hit_rate")
             name = "llama.cpp llama-server, Q8_0" if r["system"].startswith("external") else r["system"]
-            out.append([name, f"{r['requests']} ({r['ok']})", "–".join(map(str, r["prompt_tokens"])),
-                        f"{r['wall_s']:.0f}", f"{r['requests_per_s']:.3f}", f"{r['output_tokens_per_s']:.2f}",
-                        f"{r['ttft_p50_s']:.1f} / {r['ttft_p99_s']:.1f}", f"{r['itl_p50_ms']:.0f} / {r['itl_p99_ms']:.0f}",
-                        "—" if hit is None else f"{hit:.2f}"])
+            rows.append((name, "—" if hit is None else f"{hit:.2f}", r))
     same_machine(*provs)
-    head = ["system", "requests (ok)", "prompt tokens", "wall s", "requests/s", "output tokens/s", "TTFT p50 / p99 s",
-            "inter-token p50 / p99 ms", "prefix hit rate"]
-    return "\n".join(["One run of each system (no repeats: no spread is known); llama-server right after ours, "
-                      "the same documents, questions and arrival times.", "", table(head, out), ""] + paragraphs(srcs))
+    return rows, srcs
 
 
 SLICED = ("docs/bench/serve/docqa-smollm2-stall1/serve.json", "docs/bench/serve/docqa-smollm2-stall2/serve.json",
@@ -215,20 +222,10 @@ CHAT = ("docs/bench/serve/chat-smollm2/serve.json", "docs/bench/serve/chat-smoll
 @block("serve-chat")
 def serve_chat(root: Path) -> str:
     """The chat workload through the openai client: ours (A²ATS and full attention) and llama.cpp's llama-server."""
-    out, srcs, provs = [], [], []
-    for rel in CHAT:
-        d = load_json(root, rel)
-        expect(d.get("workload") == "chat" and d.get("model") == "smollm2-135m", f"{rel}: not SmolLM2's chat")
-        provs.append(d["provenance"])
-        srcs.append(source_line(rel, d["provenance"]))
-        for r in d["rows"]:
-            hit = r.get("prefix_hit_rate")
-            name = "llama.cpp llama-server, Q8_0" if r["system"].startswith("external") else r["system"]
-            out.append([name, f"{r['requests']} ({r['ok']})", "–".join(map(str, r["prompt_tokens"])),
-                        f"{r['wall_s']:.0f}", f"{r['output_tokens_per_s']:.2f}",
-                        f"{r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f}", f"{r['itl_p50_ms']:.0f} / {r['itl_p99_ms']:.0f}",
-                        "—" if hit is None else f"{hit:.2f}"])
-    same_machine(*provs)
+    rows, srcs = _workload_rows(root, CHAT, "chat", "smollm2-135m")
+    out = [[name, f"{r['requests']} ({r['ok']})", "–".join(map(str, r["prompt_tokens"])), f"{r['wall_s']:.0f}",
+            f"{r['output_tokens_per_s']:.2f}", f"{r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f}",
+            f"{r['itl_p50_ms']:.0f} / {r['itl_p99_ms']:.0f}", hit] for name, hit, r in rows]
     head = ["system", "turns (ok)", "prompt tokens", "wall s", "output tokens/s", "TTFT p50 / p99 s",
             "inter-token p50 / p99 ms", "prefix hit rate"]
     return "\n".join(["One run of each system (no repeats: no spread is known); llama-server right after ours, the "
