@@ -7,7 +7,8 @@ import re
 from pathlib import Path
 
 from blocks import block, expect
-from sources import load_json, machine_short
+from formatting import k, table
+from sources import load_json, machine_short, source_line
 
 
 def duration(seconds: float) -> str:
@@ -58,3 +59,50 @@ def demo_output(root: Path) -> str:
     return (f"`make demo` on {machine_short(p)}, {p['date'][:10]}, commit {(p.get('commit') or 'unknown')[:12]}"
             f"{' (dirty tree)' if p.get('dirty') else ''}{', from an empty cache' if d.get('fresh_cache') else ''} "
             f"(`{rel}`):\n\n```\n" + "\n".join(lines) + "\n```")
+
+
+_PHASES = {"setup_s": "set-up (virtual environment, installs)", "calibration_forward_s": "calibration: forward pass",
+           "calibration_kmeans_s": "calibration: k-means", "rest_s": "the rest (model conversion and load, C++ kernel "
+           "build, the answer)"}
+
+
+@block("first-run")
+def first_run(root: Path) -> str:
+    """A newcomer's first `make demo` (a fresh clone, empty caches) split into its phases."""
+    rel = "docs/bench/commands/demo.json"
+    d = load_json(root, rel)
+    expect(d.get("command") == "make demo" and d.get("returncode") == 0, f"{rel}: not a successful `make demo`")
+    expect(bool(d.get("fresh_clone")), f"{rel}: not a fresh clone (record it with --fresh-clone)")
+    ph = d.get("phases") or {}
+    expect(set(ph) == set(_PHASES), f"{rel}: phases {sorted(ph)}, want {sorted(_PHASES)}")
+    rows = [[name, duration(ph[key])] for key, name in _PHASES.items()] + [["**total**", f"**{duration(d['seconds'])}**"]]
+    return "\n".join([table(["phase", "time"], rows), "", source_line(rel, d["provenance"])])
+
+
+_RECIPE_NAMES = {"oracle": "oracle (exact top-K)", "8k+sink/exact": "8K sequences, Lloyd over all centroids (before)",
+                 "8k+sink": "8K sequences, neighbour passes", "4k+sink": "4K sequences, neighbour passes",
+                 "2k+sink": "2K sequences, neighbour passes"}
+
+
+@block("calibration-recipes-smollm2")
+def calibration_recipes(root: Path) -> str:
+    """Calibration recipes on SmolLM2: each one's forward and k-means seconds beside the attention mass its codebooks
+    keep on held-out prose (scripts/calibration_recipe.py)."""
+    rel = "docs/bench/speed/calibration-smollm2/calibration.json"
+    d = load_json(root, rel)
+    expect(d.get("model") == "smollm2-135m", f"{rel}: model {d.get('model')}")
+    recipes = [r for r in _RECIPE_NAMES if r == "oracle" or r in d["calibration"]]
+    cells = {(r["recipe"], r["length"], r["budget"]): r["mass"] for r in d["rows"]}
+    lengths = sorted({r["length"] for r in d["rows"]})
+    budgets = sorted({r["budget"] for r in d["rows"]})
+    head = ["recipe", "forward", "k-means"] + [f"{k(n)} ρ = {100 * b:g}%" for n in lengths for b in budgets]
+    rows = []
+    for r in recipes:
+        info = d["calibration"].get(r, {})
+        secs = [f"{info['forward_seconds']:.0f} s", f"{info['fit_seconds']:.0f} s"] if info else ["", ""]
+        rows.append([_RECIPE_NAMES[r]] + secs + [f"{cells[(r, n, b)]:.3f}" for n in lengths for b in budgets])
+    band = d.get("band_ratio")
+    how = f"banded WRoPE, ratio {band:g}" if band else "the paper's single WRoPE distance"
+    return "\n".join([f"Attention mass kept on held-out prose ({how}, GQA union) with each recipe's codebooks, and "
+                      "each recipe's calibration seconds (recipes of one corpus share their forward pass):", "",
+                      table(head, rows), "", source_line(rel, d["provenance"])])

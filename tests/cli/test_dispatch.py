@@ -35,6 +35,7 @@ def stop(what):
 SELECTION = ["--budget", "0.2", "--reduction", "union", "--sinks", "3", "--window", "17", "--wrope-distance", "1024",
              "--wrope-bands", "3"]
 CODEBOOK = ["--centroids", "64", "--text-tokens", "1000", "--uuid-tokens", "200", "--max-iter", "4", "--seed", "7",
+            "--kmeans-neighbours", "5",
             "--calib-seq-len", "512", "--no-sink-prefix", "--euclidean"]
 
 
@@ -65,7 +66,7 @@ def check_selection(config: A2ATSConfig):
 def check_codebook(settings: CodebookSettings):
     assert settings == CodebookSettings(n_centroids=64, wrope_distance=1024, wrope_band_ratio=3.0, query_aware=False,
                                         text_tokens=1000, uuid_tokens=200, seq_len=512, sink_prefix=False,
-                                        max_iter=4, seed=7)
+                                        max_iter=4, kmeans_neighbours=5, seed=7)
 
 
 RUNTIME = ["--path", "reference", "--decode-weights", "bf16", "--prefill-dtype", "model"]

@@ -180,3 +180,52 @@ def test_rotated_h_equals_h_of_rotated_queries(family, band_ratio):
     rotated = wrope.queries(q, bands).reshape(-1, d).double()
     torch.testing.assert_close(rec.wrope_h(band_ratio)[0], rotated.T @ rotated, rtol=1e-4, atol=1e-3)  # fp32 rotation of q
     assert bands == (1 if band_ratio is None else 2)
+
+
+def _clustered(seed: int, G: int = 2, clusters: int = 60, per: int = 25, d: int = 12) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(G, clusters, d, generator=g) * 3
+    return (centers.repeat_interleave(per, dim=1) + torch.randn(G, clusters * per, d, generator=g)).contiguous()
+
+
+def test_neighbour_lists_hold_each_centroid_first_then_its_nearest():
+    from a2ats.core.kmeans import neighbour_lists
+
+    g = torch.Generator().manual_seed(0)
+    c = torch.randn(2, 50, 7, generator=g)
+    lists = neighbour_lists(c, 6)
+    assert lists.shape == (2, 50, 6) and lists.dtype == torch.int32
+    for gi in range(2):
+        dist = torch.cdist(c[gi], c[gi])
+        for a in range(50):
+            assert int(lists[gi, a, 0]) == a
+            assert set(lists[gi, a].tolist()) == set(dist[a].topk(6, largest=False).indices.tolist())
+    assert neighbour_lists(c, 80).shape == (2, 50, 50)  # never more candidates than centroids
+
+
+def test_lloyd_with_neighbour_passes_ends_exactly_and_nearly_as_low_as_full_passes():
+    """Neighbour passes search few centroids, the last passes all: the final assignment is each point's nearest
+    centroid, and the inertia is within a few percent of Lloyd over all centroids from the same start; with as
+    many neighbours as centroids it is Lloyd itself."""
+    from a2ats.core.kmeans import kmeans_pp_init, lloyd, sqdist
+
+    x = _clustered(1)
+    init = kmeans_pp_init(x, 64, torch.Generator().manual_seed(0))
+    full = lloyd(x, init, max_iter=12, tol=0)
+    near = lloyd(x, init, max_iter=12, tol=0, neighbours=8)
+    assert near.iterations == 12
+    best, _ = assign(x, near.centroids)
+    torch.testing.assert_close(near.inertia, sqdist(x, near.centroids, best).mean(-1))  # the final pass is exact
+    assert bool((near.inertia <= full.inertia * 1.05).all())
+    same = lloyd(x, init, max_iter=12, tol=0, neighbours=64)
+    torch.testing.assert_close(same.centroids, full.centroids)
+    # converged during a neighbour pass: an exact pass still follows (and, converged too, ends the run)
+    early = lloyd(x, init, max_iter=50, tol=1e3, neighbours=8)
+    assert early.iterations == 2
+    best, _ = assign(x, early.centroids)
+    torch.testing.assert_close(early.inertia, sqdist(x, early.centroids, best).mean(-1))
+
+
+def test_codebook_settings_refuse_negative_neighbours():
+    with pytest.raises(ValueError, match="kmeans_neighbours"):
+        CodebookSettings(kmeans_neighbours=-1)

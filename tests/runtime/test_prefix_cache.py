@@ -1,6 +1,7 @@
 """The prefix cache (:mod:`a2ats.runtime.prefix_cache`): blocks keyed by their whole prefix, copied exactly,
-evicted least recently used from the ends of chains; through the engine, a prompt that begins with cached blocks
-gets the tokens it gets without the cache, prefilling only the rest."""
+evicted least recently used from the ends of chains, and the rows of a partial block reused token by token;
+through the engine, a prompt that begins with cached rows gets the tokens it gets without the cache, prefilling
+only the rest."""
 
 from __future__ import annotations
 
@@ -36,16 +37,39 @@ def _same(a: SlotCache, sa: int, b: SlotCache, sb: int, end: int) -> bool:
 def test_blocks_come_back_exactly_and_only_after_the_same_prefix(dtype):
     src, dst = _filled(dtype), _filled(dtype, seed=1)
     store = PrefixCache(1 << 30, block=32)
-    prompt = list(range(100, 200))  # 3 full blocks of 32, and 4 tokens
+    prompt = list(range(100, 200))  # 3 full blocks of 32, and a tail of 4 tokens
     store.store(prompt, src, 1, len(prompt))
-    assert len(store) == 3
-    assert store.load(prompt, dst, 0) == 96 and _same(src, 1, dst, 0, 96)
-    # the last token is always left to prefill: a prompt of exactly 3 blocks reuses 2
-    assert store.load(prompt[:96], dst, 0) == 64
+    assert len(store) == 4
+    # the last token is always left to prefill: 3 blocks and 3 of the tail's 4 rows
+    assert store.load(prompt, dst, 0) == 99 and _same(src, 1, dst, 0, 99)
+    # a prompt ending inside a block takes that block's rows up to its own last token but one
+    assert store.load(prompt[:90], dst, 0) == 89 and _same(src, 1, dst, 0, 89)
     # the same second block after another first one is another block
     other = [7] + prompt[1:]
     assert store.load(other, dst, 1) == 0
-    assert store.stats.lookups == 3 and store.stats.hits == 2 and store.stats.tokens_reused == 160
+    assert store.stats.lookups == 3 and store.stats.hits == 2 and store.stats.tokens_reused == 99 + 89
+
+
+def test_a_tail_serves_the_tokens_a_prompt_shares_with_it_and_gives_way_to_what_covers_it():
+    src, dst = _filled(torch.float32), _filled(torch.float32, seed=1)
+    store = PrefixCache(1 << 30, block=32)
+    doc = list(range(100, 150))  # a block and a tail of 18
+    store.store(doc + [1, 2, 3], src, 0, 53)
+    assert len(store) == 2
+    # a question over the document: the document's rows, the tail's shared ones included; then its own
+    assert store.load(doc + [9, 9, 9, 9], dst, 1) == 50 and _same(src, 0, dst, 1, 50)
+    # a longer tail after the same block that begins with the held one replaces it
+    store.store(doc + [1, 2, 3, 4, 5], src, 0, 55)
+    assert len(store) == 2 and store.load(doc + [1, 2, 3, 4, 5, 6], dst, 1) == 55
+    # a tail that diverges is kept beside it; the prompt takes the one it shares more with
+    store.store(doc + [8, 8], src, 0, 52)
+    assert len(store) == 3 and store.load(doc + [8, 8, 0], dst, 0) == 52 and _same(src, 0, dst, 0, 52)
+    # the second block, once stored whole, serves every tail it begins with: they go
+    store.store(doc + [1, 2, 3, 4, 5] + list(range(9)), src, 0, 64)
+    assert len(store) == 3  # two blocks, and the [8, 8] tail the new block does not begin with
+    before = store.bytes
+    store.clear()
+    assert len(store) == 0 and store.bytes == 0 < before
 
 
 def test_eviction_takes_chains_from_their_ends_and_respects_the_cap():
@@ -85,19 +109,20 @@ def test_engine_with_a_prefix_cache_gives_the_same_tokens_and_prefills_less(kv_d
         prefilled.append(sum(r.prefill_tokens for r in seen))
         assert got == want[len(prefilled) - 1]
     block = cached.prefix.block
+    assert 300 % block  # the shared part ends inside a block: its rows come from the first prompt's tail
     assert prefilled[0] == len(prompts[0])
-    assert prefilled[1] == len(prompts[1]) - 300 // block * block
-    assert prefilled[2] == len(prompts[2]) - 300 // block * block
-    assert prefilled[3] == len(prompts[3]) - 199 // block * block
+    assert prefilled[1] == len(prompts[1]) - 300
+    assert prefilled[2] == len(prompts[2]) - 300
+    assert prefilled[3] == 1  # a prefix of the first block: all its rows but the last token's
     # one cancelled part-way through its prompt while another decodes: the others' tokens stay the same
     eng = Engine(model, random_codebooks(model), CFG, slots=2, max_context=400, dense_below=0, decode_weights="model",
-                 prefill_dtype="model", kv_dtype=kv_dtype, prefix_cache=1 << 30, prefill_budget=50,
+                 prefill_dtype="model", kv_dtype=kv_dtype, prefix_cache=1 << 30, prefill_budget=16,
                  prefill_stall=None)
     first = eng.add(Request(prompts[0], 6))
     eng.step()
     second = eng.add(Request(prompts[1], 6))
     res = eng.step()
-    assert res.decode_rows == 1 and res.prefill_tokens == 50
+    assert res.decode_rows == 1 and res.prefill_tokens == 16  # 16 of the 40 its cached 300 leave
     assert eng.cancel(second).finish_reason == "cancelled"
     third = eng.add(Request(prompts[2], 6))
     done = {}

@@ -39,7 +39,8 @@ def test_percentile():
 def test_docqa_and_chat_workloads_through_the_openai_client():
     """The long-context workloads on a tiny server with a prefix cache: every request answered, the latencies
     recorded per chunk, and the prefix cache hit by every question after a document's first (one slot: the
-    questions run in order) and by every chat turn after the first."""
+    questions run in order), by the other document's first (their prompts open alike: the chat template) and by
+    every chat turn after a conversation's first."""
     import asyncio
 
     from a2ats.bench import workloads as w
@@ -54,7 +55,7 @@ def test_docqa_and_chat_workloads_through_the_openai_client():
         row = w.summarize("tiny", "docqa", exchanges, wall)
         row.update(w.prefix_rates(before, load.server_metrics(s.url)))
     assert row["ok"] == row["requests"] == 4 and row["output_tokens"] == 24
-    assert row["prefix_hit_rate"] == 0.5 and row["prefix_tokens_reused"] == 2 * 256
+    assert row["prefix_hit_rate"] == 0.75 and row["prefix_tokens_reused"] > 2 * 300  # each document whole, twice
     assert 0 < row["ttft_p50_s"] <= row["ttft_p99_s"] and 0 < row["itl_p50_ms"] <= row["itl_p99_ms"]
     assert all(len(e["gaps"]) == 5 for e in row["exchanges"])
     # warmed: each document asked once first (not one of its questions), then every question finds it cached
@@ -73,7 +74,9 @@ def test_docqa_and_chat_workloads_through_the_openai_client():
         exchanges, wall = asyncio.run(w.run_chat(s.url, MODEL, conversations, rate=50.0, max_tokens=5))
         chat = w.summarize("tiny", "chat", exchanges, wall)
         chat.update(w.prefix_rates(before, load.server_metrics(s.url)))
-    assert chat["ok"] == chat["requests"] == 6 and chat["prefix_hit_rate"] == 4 / 6
+    # every later turn hits; the second conversation's first turn hits too (the template's opening) when it arrives
+    # after the first one's rows are in (the arrivals are random)
+    assert chat["ok"] == chat["requests"] == 6 and chat["prefix_hit_rate"] in (4 / 6, 5 / 6)
     assert sorted((e["conversation"], e["turn"]) for e in chat["exchanges"]) == [(c, t) for c in (0, 1) for t in range(3)]
     table = w.workload_table([row, chat])
-    assert "| tiny | docqa | 4 (4) |" in table and "| 0.50 |" in table
+    assert "| tiny | docqa | 4 (4) |" in table and "| 0.75 |" in table

@@ -3,6 +3,13 @@
 Plain torch beats faiss here (measured on the 2-core machine: 0.2 s vs 0.25 s per Lloyd pass over
 81,920 x 64 -> 4096 centroids) and gives the k-means++ init that faiss lacks. The distance argmin
 is a chunked ``x . c - |c|^2 / 2`` matmul + row max, which is what bounds a pass.
+
+Neighbour passes: after the first pass, a point's nearest centroid is almost always one of the few centroids
+nearest its current one (centroids move little from pass to pass). Lloyd's middle passes may therefore search
+only those ``neighbours`` (N m d work instead of N k d: k = 4096, m = 32 is 128x less), while the first pass
+and the last ``EXACT_LAST`` search every centroid, so the final assignment is exact. A point's own centroid is
+always a candidate, so no pass moves a point away from its best choice among them (the inertia still falls
+every pass).
 """
 
 from __future__ import annotations
@@ -23,6 +30,17 @@ class KMeansResult:
     iterations: int
     inertia: torch.Tensor  # (G,) mean squared distance to the assigned centroid
     reseeded: int  # empty clusters re-seeded over all iterations
+
+
+# The nearest centroid (G, N) int64 of points x (G, N, d) among candidates: x, centroids (G, k, d), their half
+# squared norms (G, k), the candidate lists (G, k, m) int32 of each centroid, the points' current centroids (G, N)
+# int64: :func:`nearest_among` below, or the C++ kernel's (a2ats.kernels.kmeans_nearest_among).
+NearestAmong = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+EXACT_LAST = 3  # passes at the end that search every centroid when neighbour passes are on
+# Neighbour lists (a k x k product and a top-m) are rebuilt every LIST_REFRESH passes: centroids move little
+# between passes, and rebuilding every pass cost ~25% more time for no measurable inertia (SmolLM2 keys).
+LIST_REFRESH = 3
 
 
 # The k-means++ draws (G, k) sample indices of points ``pts`` (G, S, d), given the first pick (G,) and uniform draws
@@ -95,8 +113,48 @@ def assign(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 512,
     return best, sqdist
 
 
-def lloyd(x: torch.Tensor, centroids: torch.Tensor, max_iter: int, tol: float, nearest: Nearest | None = None) -> KMeansResult:
-    """Lloyd iterations until the mean squared centroid shift, relative to the data's variance, is below ``tol``."""
+def neighbour_lists(centroids: torch.Tensor, m: int) -> torch.Tensor:
+    """Each centroid's ``m`` nearest centroids (G, k, m) int32, itself first (its own row is always a candidate)."""
+    G, k, _ = centroids.shape
+    m = min(m, k)
+    half = 0.5 * (centroids * centroids).sum(-1)
+    out = torch.empty(G, k, m, dtype=torch.int32)
+    for g in range(G):
+        near = centroids[g] @ centroids[g].T - half[g]  # argmax over b of c_a.c_b - |c_b|^2/2: the nearest c_b
+        near.diagonal().fill_(float("inf"))
+        out[g] = near.topk(m, dim=-1).indices.to(torch.int32)
+    return out
+
+
+def nearest_among(x: torch.Tensor, centroids: torch.Tensor, half: torch.Tensor, cand: torch.Tensor, cur: torch.Tensor,
+                  chunk: int = 4096) -> torch.Tensor:
+    """The first argmax of ``x . c - half_c`` over the candidates ``cand[g, cur[g, i]]`` of each point's current
+    centroid (the reference of the kernel: see :data:`NearestAmong`)."""
+    G, N, _ = x.shape
+    out = torch.empty(G, N, dtype=torch.long)
+    for g in range(G):
+        for s in range(0, N, chunk):
+            ids = cand[g, cur[g, s : s + chunk]].long()  # (n, m)
+            score = torch.bmm(centroids[g][ids], x[g, s : s + chunk].unsqueeze(-1)).squeeze(-1) - half[g][ids]
+            out[g, s : s + chunk] = ids.gather(1, score.argmax(-1, keepdim=True)).squeeze(1)
+    return out
+
+
+def sqdist(x: torch.Tensor, centroids: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+    """Squared distance (G, N) of each point to its centroid ``best``."""
+    G, N, d = x.shape
+    return ((x - torch.gather(centroids, 1, best.unsqueeze(-1).expand(G, N, d))) ** 2).sum(-1)
+
+
+def lloyd(x: torch.Tensor, centroids: torch.Tensor, max_iter: int, tol: float, nearest: Nearest | None = None,
+          neighbours: int = 0, among: NearestAmong | None = None, exact_last: int = EXACT_LAST,
+          refresh: int = LIST_REFRESH) -> KMeansResult:
+    """Lloyd iterations until the mean squared centroid shift, relative to the data's variance, is below ``tol``.
+
+    ``neighbours`` > 0: the passes between the first and the last ``exact_last`` search each point's
+    current centroid's ``neighbours`` nearest centroids only (``among``: that search, default
+    :func:`nearest_among`; the lists rebuilt every ``refresh`` passes); on convergence during them, an exact
+    pass follows before stopping."""
     x = x.to(torch.float32).contiguous()
     c = centroids.to(torch.float32).clone()
     G, N, d = x.shape
@@ -104,8 +162,11 @@ def lloyd(x: torch.Tensor, centroids: torch.Tensor, max_iter: int, tol: float, n
     scale = x.var(dim=1).sum(-1).clamp_min(1e-12)  # (G,)
     reseeded = 0
     it = 0
-    best, sqd = assign(x, c, nearest=nearest)
-    for it in range(1, max_iter + 1):
+    exact_from = max_iter - exact_last + 1 if 0 < neighbours < k else 1  # first iteration that searches all
+    best = nearest(x, c) if nearest is not None else assign(x, c)[0]
+    lists = None
+    while it < max_iter:
+        it += 1
         new = torch.zeros_like(c)
         counts = torch.zeros(G, k, dtype=torch.float32)
         for g in range(G):
@@ -113,29 +174,40 @@ def lloyd(x: torch.Tensor, centroids: torch.Tensor, max_iter: int, tol: float, n
             counts[g] = torch.bincount(best[g], minlength=k).to(torch.float32)
         nonempty = counts > 0
         new = torch.where(nonempty.unsqueeze(-1), new / counts.clamp_min(1).unsqueeze(-1), c)
-        for g in range(G):
-            empty = (~nonempty[g]).nonzero().squeeze(1)
-            if empty.numel():
-                # Re-seed with the points worst served now: real data, never a zero vector.
-                far = sqd[g].topk(empty.numel()).indices
-                new[g, empty] = x[g, far]
-                sqd[g, far] = 0
-                reseeded += empty.numel()
+        if not bool(nonempty.all()):
+            sqd = sqdist(x, c, best)  # only here: a pass needs no distances, only the nearest centroid
+            for g in range(G):
+                empty = (~nonempty[g]).nonzero().squeeze(1)
+                if empty.numel():
+                    # Re-seed with the points worst served now: real data, never a zero vector.
+                    far = sqd[g].topk(empty.numel()).indices
+                    new[g, empty] = x[g, far]
+                    reseeded += empty.numel()
         shift = ((new - c) ** 2).sum(-1).mean(-1) / scale
         c = new
-        best, sqd = assign(x, c, nearest=nearest)
+        if it >= exact_from:
+            best = nearest(x, c) if nearest is not None else assign(x, c)[0]
+        else:
+            half = 0.5 * (c * c).sum(-1)
+            if lists is None or (it - 1) % refresh == 0:
+                lists = neighbour_lists(c, neighbours)
+            best = (among or nearest_among)(x, c, half, lists, best)
         if bool((shift < tol).all()):
-            break
-    return KMeansResult(centroids=c, iterations=it, inertia=sqd.mean(-1), reseeded=reseeded)
+            if it >= exact_from:
+                break
+            exact_from, max_iter = it + 1, min(max_iter, it + exact_last)  # converged on neighbours: end exactly
+    return KMeansResult(centroids=c, iterations=it, inertia=sqdist(x, c, best).mean(-1), reseeded=reseeded)
 
 
 def kmeans(
     x: torch.Tensor, k: int, *, max_iter: int = 300, tol: float = 1e-4, seed: int = 0, init_sample: int | None = None,
-    nearest: Nearest | None = None, seed_picks: SeedPicks | None = None,
+    nearest: Nearest | None = None, seed_picks: SeedPicks | None = None, neighbours: int = 0,
+    among: NearestAmong | None = None,
 ) -> KMeansResult:
-    """k-means++ then Lloyd, for G point sets at once: ``x`` is (G, N, d). ``nearest`` and ``seed_picks``: faster
-    equivalents of the assignment and of the seeding loop (the kernels')."""
+    """k-means++ then Lloyd, for G point sets at once: ``x`` is (G, N, d). ``nearest``, ``seed_picks`` and
+    ``among``: faster equivalents of the assignment, the seeding loop and the neighbour search (the kernels');
+    ``neighbours``: see :func:`lloyd`."""
     gen = torch.Generator().manual_seed(seed)
     x = x.to(torch.float32).contiguous()
     init = kmeans_pp_init(x, k, gen, sample=init_sample, seed_picks=seed_picks)
-    return lloyd(x, init, max_iter=max_iter, tol=tol, nearest=nearest)
+    return lloyd(x, init, max_iter=max_iter, tol=tol, nearest=nearest, neighbours=neighbours, among=among)

@@ -103,6 +103,9 @@ def add_codebook_args(p: argparse.ArgumentParser, file: bool = True) -> None:
     p.add_argument("--text-tokens", type=int, default=None, help=f"calibration prose tokens (default {s.text_tokens}; paper: ~64K)")
     p.add_argument("--uuid-tokens", type=int, default=None, help=f"calibration UUID-string tokens (default {s.uuid_tokens}; paper: ~16K)")
     p.add_argument("--max-iter", type=int, default=None, help=f"Lloyd iterations at most (default {s.max_iter}; paper: 300; see README)")
+    p.add_argument("--kmeans-neighbours", type=int, default=None, metavar="M",
+                   help=f"Lloyd's middle passes search each key's centroid's M nearest centroids (default "
+                        f"{s.kmeans_neighbours}); 0: every pass searches all")
     p.add_argument("--euclidean", action="store_true", help="plain k-means on pre-RoPE keys (ablation), not query-aware")
     p.add_argument("--calib-seq-len", type=int, default=None,
                    help=f"calibration sequence length in tokens (default {s.seq_len}; capped at the model's context)")
@@ -208,7 +211,7 @@ def config(a) -> A2ATSConfig:
 def settings(a) -> CodebookSettings:
     return CodebookSettings(**_given(a, centroids="n_centroids", wrope_distance="wrope_distance",
                                      text_tokens="text_tokens", uuid_tokens="uuid_tokens", max_iter="max_iter",
-                                     seed="seed", calib_seq_len="seq_len"),
+                                     kmeans_neighbours="kmeans_neighbours", seed="seed", calib_seq_len="seq_len"),
                             **_bands(a), query_aware=not a.euclidean, **({"sink_prefix": False} if a.no_sink_prefix else {}))
 
 

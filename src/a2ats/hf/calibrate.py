@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from a2ats import kernels
 from a2ats.assets.corpus import calibration_sequences, prompt_start
@@ -27,9 +26,11 @@ from a2ats.core.codebook import (
     weights_digest,
 )
 from a2ats.core.distributed import head_counts, kv_heads_held, rank
+from a2ats.core.kmeans import EXACT_LAST, assign
 from a2ats.core.rope import WRoPE, undo_rotation
 from a2ats.hf.patch import ModelPatch, check_rotary_layout, dense
 from a2ats.hf.precision import autocast, full_precision
+from a2ats.hf.progress import CalibrationProgress
 
 
 @dataclass
@@ -104,7 +105,7 @@ def record(
     model,
     sequences: list[torch.Tensor],
     wrope_distance: int = 2048,
-    progress: bool = True,
+    progress: bool | CalibrationProgress = True,
     post_rope: bool = False,
     band_ratio: float | None = None,
     compute_dtype: torch.dtype | None = None,
@@ -113,17 +114,22 @@ def record(
     """Dense forward passes over ``sequences``; returns H and pre-RoPE keys of every layer
     (post-RoPE keys and H of the true queries with ``post_rope``, for that ablation). ``compute_dtype``
     (e.g. bf16) runs the projections under autocast: about twice as fast on CPUs with bf16 instructions.
-    ``more_band_ratios``: H for these WRoPE band ratios too, from the same pass."""
+    ``more_band_ratios``: H for these WRoPE band ratios too, from the same pass. ``progress``: a bar of its own
+    (True), none (False), or a phase of a calibration's bar."""
     check_rotary_layout(model)  # before a forward of ~80K tokens: refuse a model the codebooks would not fit
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     base = getattr(model, model.base_model_prefix, model)  # skip the LM head: logits are not needed
-    total = sum(len(s) for s in sequences)  # progress in tokens: sequences of unequal lengths cost unequal time
-    with _Recorder(model, wrope_distance, post_rope) as rec, autocast(device, compute_dtype), \
-            tqdm(total=total, desc="calibration forward", unit="tok", unit_scale=True, disable=not progress) as bar:
+    bar = progress if isinstance(progress, CalibrationProgress) else CalibrationProgress(disable=not progress)
+    if bar is not progress:
+        bar.plan("forward", "forward", sum(len(s) for s in sequences), "tokens")
+    with _Recorder(model, wrope_distance, post_rope) as rec, autocast(device, compute_dtype):
+        bar.start("forward")
         for seq in sequences:
             base(input_ids=seq.view(1, -1).to(device), use_cache=False)
-            bar.update(len(seq))
+            bar.done("forward", len(seq))  # in tokens: sequences of unequal lengths cost unequal time
+    if bar is not progress:
+        bar.close()
     keys = [torch.cat(k, dim=1) for k in rec.keys]
     h_bands = {} if post_rope else {r: rec.wrope_h(r) for r in dict.fromkeys((band_ratio, *more_band_ratios))}
     return Recording(
@@ -147,8 +153,32 @@ def kernel_nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return kernels.encode_nearest(x.unsqueeze(0), centroids, half).squeeze(0).long()
 
 
-def fit(recording: Recording, settings: CodebookSettings, progress: bool = True) -> Codebooks:
-    """Fit every layer's codebooks (the KV heads of a layer together) from a recording."""
+def kmeans_layer_guess(settings: CodebookSettings, kv_heads: int, head_dim: int, points: int) -> float:
+    """Seconds one layer's k-means is guessed to take before one is measured (for the progress bar): one timed
+    assignment of a small random sample, scaled to the points and to the passes that search every centroid,
+    times what the rest of a layer added on the 2-core machines (seeding, neighbour passes, updates)."""
+    x, c = torch.randn(kv_heads, 2048, head_dim), torch.randn(kv_heads, settings.n_centroids, head_dim)
+    nearest = kernel_nearest if kernels.cpu_backend() is not None else (lambda x, c: assign(x, c)[0])
+    nearest(x, c)  # builds the kernels on a first run: not part of the timing
+    t = time.perf_counter()
+    nearest(x, c)
+    per_pass = (time.perf_counter() - t) * points / 2048
+    neighbours = 0 < settings.kmeans_neighbours < settings.n_centroids
+    return per_pass * ((1 + EXACT_LAST) * 1.8 if neighbours else (settings.max_iter + 1) * 1.1)
+
+
+def plan_calibration(bar: CalibrationProgress, model, tokens: int, settings: list[CodebookSettings]) -> None:
+    """The phases of a calibration on its bar: a forward over ``tokens``, then k-means for each codebook set."""
+    fp = model_fingerprint(model.config)
+    layers, hkv, d = fp["num_hidden_layers"], fp["num_key_value_heads"], fp["head_dim"]
+    bar.plan("forward", "forward", tokens, "tokens")
+    for s in settings:
+        bar.plan("k-means", "k-means", layers, "layers", guess=kmeans_layer_guess(s, hkv, d, tokens))
+
+
+def fit(recording: Recording, settings: CodebookSettings, progress: bool | CalibrationProgress = True) -> Codebooks:
+    """Fit every layer's codebooks (the KV heads of a layer together) from a recording. ``progress``: a bar of its
+    own (True), none (False), or a phase of a calibration's bar."""
     if recording.post_rope != settings.post_rope:
         raise ValueError("the recording's key space (pre/post RoPE) differs from the settings' post_rope")
     h = recording.h_for(settings.wrope_band_ratio)
@@ -162,12 +192,19 @@ def fit(recording: Recording, settings: CodebookSettings, progress: bool = True)
         )
     # the kernel where it builds and the keys are in CPU memory; else torch's chunked matmul (no n x C buffer)
     nearest = kernel_nearest if kernels.cpu_backend() is not None and recording.keys[0].device.type == "cpu" else None
-    for layer in tqdm(range(len(recording.keys)), desc="k-means per layer", unit="layer", disable=not progress):
+    bar = progress if isinstance(progress, CalibrationProgress) else CalibrationProgress(disable=not progress)
+    if bar is not progress:
+        bar.plan("k-means", "k-means", len(recording.keys), "layers")
+    bar.start("k-means")
+    for layer in range(len(recording.keys)):
         c, l, info = Codebooks.fit_layer(recording.keys[layer], h[layer], settings, nearest=nearest,
-                                         seed_picks=kernels.kmeans_pp_picks)
+                                         seed_picks=kernels.kmeans_pp_picks, among=kernels.kmeans_nearest_among)
         cents.append(c)
         chols.append(l)
         iters.append(info["iterations"])
+        bar.done("k-means")
+    if bar is not progress:
+        bar.close()
     info = {
         "calibration_tokens": recording.tokens,
         "forward_seconds": round(recording.seconds, 1),
@@ -207,8 +244,11 @@ def calibrate(
     check_rotary_layout(model)
     settings = settings or CodebookSettings()
     seqs = settings_sequences(model, tokenizer, settings)
-    rec = record(model, seqs, settings.wrope_distance, progress, settings.post_rope, settings.wrope_band_ratio, compute_dtype)
-    return fit(rec, settings, progress)
+    with CalibrationProgress(disable=not progress) as bar:  # one bar, one remaining time, over both phases
+        plan_calibration(bar, model, sum(len(s) for s in seqs), [settings])
+        rec = record(model, seqs, settings.wrope_distance, bar, settings.post_rope, settings.wrope_band_ratio,
+                     compute_dtype)
+        return fit(rec, settings, bar)
 
 
 def calibrate_missing(
@@ -229,13 +269,15 @@ def calibrate_missing(
         first = group[0][1]
         ratios = tuple(dict.fromkeys(s.wrope_band_ratio for _, s in group))
         log(f"calibrating {len(group)} codebook set(s) from one forward pass: {', '.join(s.tag for _, s in group)}")
-        rec = record(model, settings_sequences(model, tokenizer, first), first.wrope_distance, True, first.post_rope,
-                     ratios[0], compute_dtype, ratios[1:])
-        for path, s in group:
-            cb = fit(rec, s)
-            cb.save(path)
-            written.append(path)
-            log(f"saved {path} (forward {cb.info['forward_seconds']} s, shared; k-means {cb.info['fit_seconds']} s)")
+        seqs = settings_sequences(model, tokenizer, first)
+        with CalibrationProgress() as bar:
+            plan_calibration(bar, model, sum(len(s) for s in seqs), [s for _, s in group])
+            rec = record(model, seqs, first.wrope_distance, bar, first.post_rope, ratios[0], compute_dtype, ratios[1:])
+            for path, s in group:
+                cb = fit(rec, s, bar)
+                cb.save(path)
+                written.append(path)
+                log(f"saved {path} (forward {cb.info['forward_seconds']} s, shared; k-means {cb.info['fit_seconds']} s)")
     return written
 
 

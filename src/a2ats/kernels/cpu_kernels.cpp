@@ -548,12 +548,81 @@ torch::Tensor kmeans_pp_picks(torch::Tensor pts, torch::Tensor first, torch::Ten
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Kernel: k-means assignment among candidates (calibration)
+// ---------------------------------------------------------------------------------------------------
+
+// The nearest centroid (G, N) int64 of each point among the candidates of its current one: for point i of set g
+// with current centroid a = cur[g, i], the first argmax over j of pts[g, i] . cents[g, c] - half[g, c] with
+// c = cand[g, a, j]. A Lloyd pass that searches m neighbours instead of all k centroids costs N m d instead of
+// N k d (the centroids, a few MB, stay in cache), which is what makes k-means' middle passes cheap.
+torch::Tensor kmeans_nearest_among(torch::Tensor pts, torch::Tensor cents, torch::Tensor half, torch::Tensor cand,
+                                   torch::Tensor cur) {
+  TORCH_CHECK(pts.dim() == 3 && pts.scalar_type() == torch::kFloat32, "pts must be float32 (G, N, d)");
+  TORCH_CHECK(cents.dim() == 3 && cents.scalar_type() == torch::kFloat32 && cents.size(0) == pts.size(0) &&
+                  cents.size(2) == pts.size(2),
+              "cents must be float32 (G, k, d) matching pts");
+  TORCH_CHECK(half.dim() == 2 && half.scalar_type() == torch::kFloat32 && half.size(0) == cents.size(0) &&
+                  half.size(1) == cents.size(1),
+              "half must be float32 (G, k)");
+  TORCH_CHECK(cand.dim() == 3 && cand.scalar_type() == torch::kInt32 && cand.size(0) == cents.size(0) &&
+                  cand.size(1) == cents.size(1) && cand.size(2) > 0,
+              "cand must be int32 (G, k, m), m > 0");
+  TORCH_CHECK(cur.dim() == 2 && cur.scalar_type() == torch::kInt64 && cur.size(0) == pts.size(0) &&
+                  cur.size(1) == pts.size(1),
+              "cur must be int64 (G, N)");
+  pts = pts.contiguous();
+  cents = cents.contiguous();
+  half = half.contiguous();
+  cand = cand.contiguous();
+  cur = cur.contiguous();
+  const int64_t G = pts.size(0), N = pts.size(1), d = pts.size(2), k = cents.size(1), m = cand.size(2);
+  auto out = torch::empty({G, N}, torch::kInt64);
+  if (G == 0 || N == 0) return out;
+  TORCH_CHECK(cand.min().item<int32_t>() >= 0 && cand.max().item<int32_t>() < k, "candidates out of range");
+  TORCH_CHECK(cur.min().item<int64_t>() >= 0 && cur.max().item<int64_t>() < k, "current centroids out of range");
+  const float* P = pts.data_ptr<float>();
+  const float* C = cents.data_ptr<float>();
+  const float* HF = half.data_ptr<float>();
+  const int32_t* CA = cand.data_ptr<int32_t>();
+  const int64_t* CU = cur.data_ptr<int64_t>();
+  int64_t* O = out.data_ptr<int64_t>();
+  at::parallel_for(0, G * N, 512, [&](int64_t lo, int64_t hi) {
+    for (int64_t item = lo; item < hi; ++item) {
+      const int64_t g = item / N;
+      const float* __restrict p = P + item * d;
+      const int32_t* __restrict list = CA + (g * k + CU[item]) * m;
+      float best = -std::numeric_limits<float>::infinity();
+      int64_t arg = CU[item];  // NaN scores (never from finite points) keep the current centroid
+      for (int64_t j = 0; j < m; ++j) {
+        const int64_t c = list[j];
+        const float* __restrict q = C + (g * k + c) * d;
+        float part[16] = {};  // 16 independent sums: one vector FMA per 16 dims, no serial chain
+        int64_t e = 0;
+        for (; e + 16 <= d; e += 16)
+          for (int l = 0; l < 16; ++l) part[l] += p[e + l] * q[e + l];
+        for (; e < d; ++e) part[e % 16] += p[e] * q[e];
+        float dot = 0.f;
+        for (int l = 0; l < 16; ++l) dot += part[l];
+        const float s = dot - HF[g * k + c];
+        if (s > best) {
+          best = s;
+          arg = c;
+        }
+      }
+      O[item] = arg;
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_attention", &sparse_attention, "attention over selected rows", py::arg("q"), py::arg("k_buf"),
         py::arg("v_buf"), py::arg("idx"), py::arg("count"), py::arg("scaling"), py::arg("k_scale") = py::none(),
         py::arg("v_scale") = py::none());
   m.def("encode_nearest", &encode_nearest, "nearest centroid (argmax of z.t - half) -> int16 codes");
   m.def("kmeans_pp_picks", &kmeans_pp_picks, "k-means++ seeding: the sample index of each of k picks per point set");
+  m.def("kmeans_nearest_among", &kmeans_nearest_among, "k-means assignment among each point's candidate centroids");
   register_selection(m);
   register_linear(m);
   register_decode(m);

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from a2ats.core.kmeans import pp_picks
+from a2ats.core.kmeans import nearest_among, pp_picks
 from a2ats.kernels.cpu import cpu_backend
 from a2ats.kernels.reference import (
     dequantize_rows,
@@ -20,7 +20,7 @@ from a2ats.kernels.reference import (
 )
 from a2ats.kernels.triton_score import triton_available, triton_score_select
 
-__all__ = ["dequantize_rows", "encode_nearest", "kmeans_pp_picks", "linear_bf16w", "lookup_tables", "quantize_rows", "tile_centroids", "score",
+__all__ = ["dequantize_rows", "encode_nearest", "kmeans_nearest_among", "kmeans_pp_picks", "linear_bf16w", "lookup_tables", "quantize_rows", "tile_centroids", "score",
            "rope", "score_select", "score_select_direct", "sparse_attention", "store_rows"]
 
 
@@ -222,6 +222,20 @@ def kmeans_pp_picks(pts: torch.Tensor, first: torch.Tensor, u: torch.Tensor) -> 
     if ext is None:
         return pp_picks(pts, first, u)
     return ext.kmeans_pp_picks(pts.float(), first.long(), u.double())
+
+
+def kmeans_nearest_among(x: torch.Tensor, centroids: torch.Tensor, half: torch.Tensor, cand: torch.Tensor,
+                         cur: torch.Tensor) -> torch.Tensor:
+    """Each point's nearest centroid (G, N) int64 among the candidates of its current one:
+    :func:`a2ats.core.kmeans.nearest_among` in C++ on CPU tensors (the same choice but where float rounding
+    reorders two candidates' scores)."""
+    if x.dim() != 3 or centroids.dim() != 3 or cand.dim() != 3 or cur.shape != x.shape[:2]:
+        raise ValueError(f"x must be (G, N, d), centroids (G, k, d), cand (G, k, m), cur (G, N); got {tuple(x.shape)}, "
+                         f"{tuple(centroids.shape)}, {tuple(cand.shape)}, {tuple(cur.shape)}")
+    ext = cpu_backend() if _on_cpu(x, centroids, half, cand, cur) else None
+    if ext is None:
+        return nearest_among(x, centroids, half, cand, cur)
+    return ext.kmeans_nearest_among(x.float(), centroids.float(), half.float(), cand.to(torch.int32), cur.long())
 
 
 def linear_bf16w(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

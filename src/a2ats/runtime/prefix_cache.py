@@ -1,6 +1,11 @@
 """Prompts that share a prefix share its prefill: K/V rows and their codes kept in blocks of ``block`` tokens,
 keyed by a digest of every token up to the block's end, least recently used evicted first under a byte cap.
 
+A prompt's last, partial block is kept too (a tail), and every entry keeps its tokens: where a prompt's full
+blocks stop matching, it reuses as many rows of the entry after them as its own tokens share with that entry
+(the longest common prefix), so a question over a cached document prefills the question alone, not the rest of
+the document's last block as well.
+
 A block holds exactly what a slot holds for those positions (K and V as stored, an int8 cache's row scales, the
 keys' codes), copied out of the slot once the prefill has written them. A request whose prompt begins with cached
 blocks has them copied into its slot at memory speed and prefills only the rest, its key encoding included.
@@ -30,6 +35,18 @@ BLOCK = 256  # tokens per block
 class _Block:
     rows: list[list[torch.Tensor]]  # SlotCache.copy_out of the block's positions
     nbytes: int
+    tokens: tuple[int, ...]  # its positions' tokens: a block's worth, or fewer for a tail
+    parent: bytes  # the key of the full block before it (b"": none)
+
+
+def _common(a: tuple[int, ...], b: list[int]) -> int:
+    """Length of the longest common prefix of ``a`` and ``b``."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 @dataclass
@@ -45,7 +62,8 @@ class PrefixCache:
     def __init__(self, capacity_bytes: int, block: int = BLOCK):
         """``capacity_bytes`` (>= 0, checked by the engine's settings) of blocks of ``block`` tokens."""
         self.capacity, self.block = capacity_bytes, block
-        self._blocks: OrderedDict[bytes, _Block] = OrderedDict()  # least recently used first
+        self._blocks: OrderedDict[bytes, _Block] = OrderedDict()  # least recently used first, tails included
+        self._children: dict[bytes, set[bytes]] = {}  # key of a full block (b"": none) -> the entries after it
         self.bytes = 0
         self.stats = PrefixStats()
 
@@ -74,13 +92,29 @@ class PrefixCache:
             found.append((key, b))
         for i, (_, b) in enumerate(found):
             cache.copy_in(slot, i * self.block, b.rows)
-        self._touch([key for key, _ in found])
         n = len(found) * self.block
+        nbytes = sum(b.nbytes for _, b in found)
+        part, shared = self._best_child(found[-1][0] if found else b"", prompt[n : len(prompt) - 1])
+        if shared:
+            b = self._blocks[part]
+            cache.copy_in(slot, n, [[x[:, :shared] for x in rows] for rows in b.rows])
+            n += shared
+            nbytes += b.nbytes * shared // len(b.tokens)
+        self._touch([key for key, _ in found] + ([part] if shared else []))
         if n:
             self.stats.hits += 1
             self.stats.tokens_reused += n
-            self.stats.bytes_reused += sum(b.nbytes for _, b in found)
+            self.stats.bytes_reused += nbytes
         return n
+
+    def _best_child(self, parent: bytes, rest: list[int]) -> tuple[bytes, int]:
+        """The entry after ``parent`` sharing the most tokens with ``rest``, and how many (0: none)."""
+        best, shared = b"", 0
+        for key in self._children.get(parent, ()):
+            n = _common(self._blocks[key].tokens, rest)
+            if n > shared:
+                best, shared = key, n
+        return best, shared
 
     def store(self, prompt: list[int], cache: SlotCache, slot: int, end: int) -> None:
         """Keep the full blocks of ``prompt`` before position ``end``, which ``slot`` holds as prefilled, as far
@@ -93,18 +127,47 @@ class PrefixCache:
             if b is not None:
                 chain += b.nbytes
                 continue
-            rows = cache.copy_out(slot, i * self.block, (i + 1) * self.block)
-            nbytes = sum(x.numel() * x.element_size() for part in rows for x in part)
-            if chain + nbytes > self.capacity:
-                break
-            while self.bytes + nbytes > self.capacity:
-                _, old = self._blocks.popitem(last=False)
-                self.bytes -= old.nbytes
-                self.stats.evicted += 1
-            self._blocks[key] = _Block(rows, nbytes)
-            self.bytes += nbytes
-            chain += nbytes
+            if not self._add(key, prompt, i * self.block, (i + 1) * self.block, keys[i - 1] if i else b"", cache, slot,
+                             chain):
+                self._touch(keys)
+                return
+            chain += self._blocks[key].nbytes
+        start, parent = len(keys) * self.block, keys[-1] if keys else b""
+        tail = prompt[start:end]
+        if tail and self._best_child(parent, tail)[1] < len(tail):  # no entry after the same blocks holds it all
+            key = hashlib.blake2b(parent + b"tail" + torch.tensor(tail, dtype=torch.int64).numpy().tobytes(),
+                                  digest_size=16).digest()
+            if self._add(key, prompt, start, end, parent, cache, slot, chain):
+                keys = keys + [key]
         self._touch(keys)
+
+    def _add(self, key: bytes, prompt: list[int], start: int, end: int, parent: bytes, cache: SlotCache, slot: int,
+             chain: int) -> bool:
+        """Hold positions [start, end) of ``slot`` as the entry ``key`` after ``parent`` if it fits with its chain's
+        ``chain`` bytes, evicting the least recently used; False if it does not fit. Tails after ``parent`` that
+        the new entry begins with go: it serves all they served."""
+        tokens = tuple(prompt[start:end])
+        rows = cache.copy_out(slot, start, end)
+        nbytes = sum(x.numel() * x.element_size() for part in rows for x in part)
+        if chain + nbytes > self.capacity:
+            return False
+        for old in [k for k in self._children.get(parent, ()) if tokens[: len(self._blocks[k].tokens)] ==
+                    self._blocks[k].tokens]:
+            self._remove(old)
+        while self.bytes + nbytes > self.capacity:
+            self._remove(next(iter(self._blocks)))
+            self.stats.evicted += 1
+        self._blocks[key] = _Block(rows, nbytes, tokens, parent)
+        self._children.setdefault(parent, set()).add(key)
+        self.bytes += nbytes
+        return True
+
+    def _remove(self, key: bytes) -> None:
+        b = self._blocks.pop(key)
+        self.bytes -= b.nbytes
+        self._children[b.parent].discard(key)
+        if not self._children[b.parent]:
+            del self._children[b.parent]
 
     def _touch(self, keys: list[bytes]) -> None:
         """Mark a chain used, its first block most recently: eviction takes chains from their ends."""
@@ -114,4 +177,5 @@ class PrefixCache:
 
     def clear(self) -> None:
         self._blocks.clear()
+        self._children.clear()
         self.bytes = 0
