@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             cwd = os.path.join(tmp, "a2ats")
             subprocess.run(["git", "clone", "-q", str(Path(__file__).resolve().parents[1]), cwd], check=True)
             env["A2ATS_KERNEL_DIR"] = os.path.join(tmp, "kernels")
-            env.pop("VIRTUAL_ENV", None)
+            for var in ("VIRTUAL_ENV", "PYTHONPATH"):  # the clone's own environment, not this checkout's
+                env.pop(var, None)
         t = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         timed = [(time.perf_counter() - t, line.rstrip("\n")) for line in proc.stdout]

@@ -28,7 +28,13 @@ def command_time(root: Path, name: str, want: str) -> str:
     p = d["provenance"]
     return (f"{duration(d['seconds'])} (`{rel}`: {machine_short(p)}, {p['date'][:10]}, commit "
             f"{(p.get('commit') or 'unknown')[:12]}{', dirty tree' if p.get('dirty') else ''}"
-            f"{', from an empty cache' if d.get('fresh_cache') else ''})")
+            f"{_fresh(d)})")
+
+
+def _fresh(d: dict) -> str:
+    if d.get("fresh_clone"):
+        return ", a fresh clone with empty caches, set-up included"
+    return ", from an empty cache" if d.get("fresh_cache") else ""
 
 
 @block("make-test")
@@ -57,7 +63,7 @@ def demo_output(root: Path) -> str:
     expect(any(x.startswith("A: ") for x in lines), f"{rel}: no answer in the recorded output")
     p = d["provenance"]
     return (f"`make demo` on {machine_short(p)}, {p['date'][:10]}, commit {(p.get('commit') or 'unknown')[:12]}"
-            f"{' (dirty tree)' if p.get('dirty') else ''}{', from an empty cache' if d.get('fresh_cache') else ''} "
+            f"{' (dirty tree)' if p.get('dirty') else ''}{_fresh(d)} "
             f"(`{rel}`):\n\n```\n" + "\n".join(lines) + "\n```")
 
 
@@ -79,19 +85,21 @@ def first_run(root: Path) -> str:
     return "\n".join([table(["phase", "time"], rows), "", source_line(rel, d["provenance"])])
 
 
-_RECIPE_NAMES = {"oracle": "oracle (exact top-K)", "8k+sink/exact": "8K sequences, Lloyd over all centroids (before)",
+_RECIPE_NAMES = {"oracle": "oracle (exact top-K)",
+                 "16k+sink/exact": "16K sequences, Lloyd over all centroids (before)",
+                 "16k+sink": "16K sequences, neighbour passes",
+                 "8k+sink/exact": "8K sequences, Lloyd over all centroids (before)",
                  "8k+sink": "8K sequences, neighbour passes", "4k+sink": "4K sequences, neighbour passes",
                  "2k+sink": "2K sequences, neighbour passes"}
 
 
-@block("calibration-recipes-smollm2")
-def calibration_recipes(root: Path) -> str:
-    """Calibration recipes on SmolLM2: each one's forward and k-means seconds beside the attention mass its codebooks
-    keep on held-out prose (scripts/calibration_recipe.py)."""
-    rel = "docs/bench/speed/calibration-smollm2/calibration.json"
+def calibration_recipes(root: Path, rel: str, model: str) -> str:
+    """Calibration recipes: each one's forward and k-means seconds beside the attention mass its codebooks keep on
+    held-out prose (scripts/calibration_recipe.py)."""
     d = load_json(root, rel)
-    expect(d.get("model") == "smollm2-135m", f"{rel}: model {d.get('model')}")
+    expect(d.get("model") == model, f"{rel}: model {d.get('model')}, the block claims {model}")
     recipes = [r for r in _RECIPE_NAMES if r == "oracle" or r in d["calibration"]]
+    expect(len(recipes) == len(d["calibration"]) + 1, f"{rel}: a recipe without a name here: {sorted(d['calibration'])}")
     cells = {(r["recipe"], r["length"], r["budget"]): r["mass"] for r in d["rows"]}
     lengths = sorted({r["length"] for r in d["rows"]})
     budgets = sorted({r["budget"] for r in d["rows"]})
@@ -106,3 +114,13 @@ def calibration_recipes(root: Path) -> str:
     return "\n".join([f"Attention mass kept on held-out prose ({how}, GQA union) with each recipe's codebooks, and "
                       "each recipe's calibration seconds (recipes of one corpus share their forward pass):", "",
                       table(head, rows), "", source_line(rel, d["provenance"])])
+
+
+@block("calibration-recipes-smollm2")
+def calibration_recipes_smollm2(root: Path) -> str:
+    return calibration_recipes(root, "docs/bench/speed/calibration-smollm2/calibration.json", "smollm2-135m")
+
+
+@block("calibration-recipes-qwen")
+def calibration_recipes_qwen(root: Path) -> str:
+    return calibration_recipes(root, "docs/bench/speed/calibration-qwen/calibration.json", "qwen2.5-coder-0.5b")
