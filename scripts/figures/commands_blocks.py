@@ -51,14 +51,23 @@ def make_demo(root: Path) -> str:
 _DEMO_LINE = re.compile(r"^(Q: |A: |\[a2ats\] (context|prompt|expected|saved codebooks))")
 
 
+DEMO = "docs/bench/commands/demo.json"
+
+
+def _demo_run(root: Path) -> dict:
+    """The recorded `make demo`, checked to be a successful one."""
+    d = load_json(root, DEMO)
+    expect(d.get("command") == "make demo" and d.get("returncode") == 0, f"{DEMO}: not a successful `make demo`")
+    return d
+
+
 @block("demo-output")
 def demo_output(root: Path) -> str:
     """What `make demo` printed, from its recorded run, with the run's machine and date."""
-    rel = "docs/bench/commands/demo.json"
+    rel = DEMO
     if not (root / rel).is_file():
-        return "(not yet recorded: `python scripts/record_run.py --out docs/bench/commands/demo.json --fresh-cache -- make demo`)"
-    d = load_json(root, rel)
-    expect(d.get("command") == "make demo" and d.get("returncode") == 0, f"{rel}: not a successful `make demo`")
+        return f"(not yet recorded: `python scripts/record_run.py --out {DEMO} --fresh-clone -- make demo`)"
+    d = _demo_run(root)
     lines = [x for x in d["output_tail"] if _DEMO_LINE.match(x)]
     expect(any(x.startswith("A: ") for x in lines), f"{rel}: no answer in the recorded output")
     p = d["provenance"]
@@ -75,9 +84,8 @@ _PHASES = {"setup_s": "set-up (virtual environment, installs)", "calibration_for
 @block("first-run")
 def first_run(root: Path) -> str:
     """A newcomer's first `make demo` (a fresh clone, empty caches) split into its phases."""
-    rel = "docs/bench/commands/demo.json"
-    d = load_json(root, rel)
-    expect(d.get("command") == "make demo" and d.get("returncode") == 0, f"{rel}: not a successful `make demo`")
+    rel = DEMO
+    d = _demo_run(root)
     expect(bool(d.get("fresh_clone")), f"{rel}: not a fresh clone (record it with --fresh-clone)")
     ph = d.get("phases") or {}
     expect(set(ph) == set(_PHASES), f"{rel}: phases {sorted(ph)}, want {sorted(_PHASES)}")

@@ -484,6 +484,18 @@ torch::Tensor encode_nearest(torch::Tensor z, torch::Tensor t, torch::Tensor hal
   return out;
 }
 
+// a . b over d floats in 16 independent sums: one vector FMA per 16 dims, no serial chain (the k-means kernels')
+static inline float dot16(const float* __restrict a, const float* __restrict b, int64_t d) {
+  float part[16] = {};
+  int64_t e = 0;
+  for (; e + 16 <= d; e += 16)
+    for (int l = 0; l < 16; ++l) part[l] += a[e + l] * b[e + l];
+  for (; e < d; ++e) part[e % 16] += a[e] * b[e];
+  float dot = 0.f;
+  for (int l = 0; l < 16; ++l) dot += part[l];
+  return dot;
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Kernel: k-means++ seeding (calibration)
 // ---------------------------------------------------------------------------------------------------
@@ -520,14 +532,7 @@ torch::Tensor kmeans_pp_picks(torch::Tensor pts, torch::Tensor first, torch::Ten
       at::parallel_for(0, S, 4096, [&](int64_t lo, int64_t hi) {
         for (int64_t i = lo; i < hi; ++i) {
           const float* __restrict p = P + i * d;
-          float part[16] = {};  // 16 independent sums: one vector FMA per 16 dims, no serial chain
-          int64_t e = 0;
-          for (; e + 16 <= d; e += 16)
-            for (int l = 0; l < 16; ++l) part[l] += p[e + l] * c[e + l];
-          for (; e < d; ++e) part[e % 16] += p[e] * c[e];
-          float dot = 0.f;
-          for (int l = 0; l < 16; ++l) dot += part[l];
-          const float dist = std::max(norms[i] - 2.f * dot + cn, 0.f);
+          const float dist = std::max(norms[i] - 2.f * dot16(p, c, d) + cn, 0.f);
           mind[i] = init ? dist : std::min(mind[i], dist);
         }
       });
@@ -596,15 +601,7 @@ torch::Tensor kmeans_nearest_among(torch::Tensor pts, torch::Tensor cents, torch
       int64_t arg = CU[item];  // NaN scores (never from finite points) keep the current centroid
       for (int64_t j = 0; j < m; ++j) {
         const int64_t c = list[j];
-        const float* __restrict q = C + (g * k + c) * d;
-        float part[16] = {};  // 16 independent sums: one vector FMA per 16 dims, no serial chain
-        int64_t e = 0;
-        for (; e + 16 <= d; e += 16)
-          for (int l = 0; l < 16; ++l) part[l] += p[e + l] * q[e + l];
-        for (; e < d; ++e) part[e % 16] += p[e] * q[e];
-        float dot = 0.f;
-        for (int l = 0; l < 16; ++l) dot += part[l];
-        const float s = dot - HF[g * k + c];
+        const float s = dot16(p, C + (g * k + c) * d, d) - HF[g * k + c];
         if (s > best) {
           best = s;
           arg = c;
