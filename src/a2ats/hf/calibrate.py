@@ -182,7 +182,6 @@ def fit(recording: Recording, settings: CodebookSettings, progress: bool | Calib
     if recording.post_rope != settings.post_rope:
         raise ValueError("the recording's key space (pre/post RoPE) differs from the settings' post_rope")
     h = recording.h_for(settings.wrope_band_ratio)
-    t0 = time.perf_counter()
     cents, chols, iters = [], [], []
     n_tokens = recording.keys[0].shape[1]
     if settings.n_centroids > n_tokens:
@@ -190,8 +189,10 @@ def fit(recording: Recording, settings: CodebookSettings, progress: bool | Calib
             f"{settings.n_centroids} centroids need at least as many calibration tokens, got {n_tokens}: "
             "use more tokens or fewer centroids"
         )
-    # the kernel where it builds and the keys are in CPU memory; else torch's chunked matmul (no n x C buffer)
+    # the kernel where it builds and the keys are in CPU memory; else torch's chunked matmul (no n x C buffer).
+    # Asked before the clock starts: a first use builds the kernels, which is not k-means' time.
     nearest = kernel_nearest if kernels.cpu_backend() is not None and recording.keys[0].device.type == "cpu" else None
+    t0 = time.perf_counter()
     bar = progress if isinstance(progress, CalibrationProgress) else CalibrationProgress(disable=not progress)
     if bar is not progress:
         bar.plan("k-means", "k-means", len(recording.keys), "layers")
