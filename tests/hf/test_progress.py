@@ -38,3 +38,17 @@ def test_a_second_codebook_set_adds_its_layers_to_the_phase(clock):
         bar.plan("k-means", "k-means", 30, "layers", guess=2.0)
         bar.plan("k-means", "k-means", 30, "layers", guess=2.0)
         assert bar.estimate_left() == pytest.approx(60 * 2.0)
+
+
+def test_a_calibration_plans_its_forward_and_each_codebook_sets_kmeans_on_one_bar():
+    from a2ats.core.codebook import CodebookSettings
+    from a2ats.hf.calibrate import plan_calibration
+    from conftest import tiny_model
+
+    model = tiny_model("llama")
+    with P.CalibrationProgress(disable=True) as bar:
+        plan_calibration(bar, model, 5000, [CodebookSettings(n_centroids=64), CodebookSettings(n_centroids=64)])
+        layers = model.config.num_hidden_layers
+        assert {n: (p.units, p.guess is not None) for n, p in bar._phases.items()} == {
+            "forward": (5000, False), "k-means": (2 * layers, True)}
+        assert bar._phases["k-means"].guess > 0
