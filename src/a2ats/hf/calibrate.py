@@ -156,7 +156,7 @@ def kernel_nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 def kmeans_layer_guess(settings: CodebookSettings, kv_heads: int, head_dim: int, points: int) -> float:
     """Seconds one layer's k-means is guessed to take before one is measured (for the progress bar): one timed
     assignment of a small random sample, scaled to the points and to the passes that search every centroid,
-    times what the rest of a layer added on the 2-core machines (seeding, neighbour passes, updates)."""
+    times what the rest of a layer added (seeding, neighbour passes, updates: measured on SmolLM2, AMD EPYC)."""
     x, c = torch.randn(kv_heads, 2048, head_dim), torch.randn(kv_heads, settings.n_centroids, head_dim)
     nearest = kernel_nearest if kernels.cpu_backend() is not None else (lambda x, c: assign(x, c)[0])
     nearest(x, c)  # builds the kernels on a first run: not part of the timing
@@ -164,7 +164,7 @@ def kmeans_layer_guess(settings: CodebookSettings, kv_heads: int, head_dim: int,
     nearest(x, c)
     per_pass = (time.perf_counter() - t) * points / 2048
     neighbours = 0 < settings.kmeans_neighbours < settings.n_centroids
-    return per_pass * ((1 + EXACT_LAST) * 1.8 if neighbours else (settings.max_iter + 1) * 1.1)
+    return per_pass * ((1 + EXACT_LAST) * 1.4 if neighbours else (settings.max_iter + 1) * 1.1)
 
 
 def plan_calibration(bar: CalibrationProgress, model, tokens: int, settings: list[CodebookSettings]) -> None:
