@@ -113,6 +113,11 @@ def assign(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 512,
     return best, sqdist
 
 
+def nearest_all(x: torch.Tensor, centroids: torch.Tensor, nearest: Nearest | None = None) -> torch.Tensor:
+    """Each point's nearest centroid (G, N) over every centroid: ``nearest`` (the kernel's), else :func:`assign`."""
+    return nearest(x, centroids) if nearest is not None else assign(x, centroids)[0]
+
+
 def neighbour_lists(centroids: torch.Tensor, m: int) -> torch.Tensor:
     """Each centroid's ``m`` nearest centroids (G, k, m) int32, itself first (its own row is always a candidate)."""
     G, k, _ = centroids.shape
@@ -163,7 +168,7 @@ def lloyd(x: torch.Tensor, centroids: torch.Tensor, max_iter: int, tol: float, n
     reseeded = 0
     it = 0
     exact_from = max_iter - exact_last + 1 if 0 < neighbours < k else 1  # first iteration that searches all
-    best = nearest(x, c) if nearest is not None else assign(x, c)[0]
+    best = nearest_all(x, c, nearest)
     lists = None
     while it < max_iter:
         it += 1
@@ -186,7 +191,7 @@ def lloyd(x: torch.Tensor, centroids: torch.Tensor, max_iter: int, tol: float, n
         shift = ((new - c) ** 2).sum(-1).mean(-1) / scale
         c = new
         if it >= exact_from:
-            best = nearest(x, c) if nearest is not None else assign(x, c)[0]
+            best = nearest_all(x, c, nearest)
         else:
             half = 0.5 * (c * c).sum(-1)
             if lists is None or (it - 1) % refresh == 0:

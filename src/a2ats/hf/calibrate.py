@@ -26,7 +26,7 @@ from a2ats.core.codebook import (
     weights_digest,
 )
 from a2ats.core.distributed import head_counts, kv_heads_held, rank
-from a2ats.core.kmeans import EXACT_LAST, assign
+from a2ats.core.kmeans import EXACT_LAST, nearest_all
 from a2ats.core.rope import WRoPE, undo_rotation
 from a2ats.hf.patch import ModelPatch, check_rotary_layout, dense
 from a2ats.hf.precision import autocast, full_precision
@@ -158,10 +158,9 @@ def kmeans_layer_guess(settings: CodebookSettings, kv_heads: int, head_dim: int,
     assignment of a small random sample, scaled to the points and to the passes that search every centroid,
     times what the rest of a layer added (seeding, neighbour passes, updates: measured on SmolLM2, AMD EPYC)."""
     x, c = torch.randn(kv_heads, 2048, head_dim), torch.randn(kv_heads, settings.n_centroids, head_dim)
-    nearest = kernel_nearest if kernels.cpu_backend() is not None else (lambda x, c: assign(x, c)[0])
-    nearest(x, c)  # builds the kernels on a first run: not part of the timing
+    nearest = kernel_nearest if kernels.cpu_backend() is not None else None  # builds the kernels on a first run
     t = time.perf_counter()
-    nearest(x, c)
+    nearest_all(x, c, nearest)
     per_pass = (time.perf_counter() - t) * points / 2048
     neighbours = 0 < settings.kmeans_neighbours < settings.n_centroids
     return per_pass * ((1 + EXACT_LAST) * 1.4 if neighbours else (settings.max_iter + 1) * 1.1)

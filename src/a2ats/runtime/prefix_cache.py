@@ -39,6 +39,11 @@ class _Block:
     parent: bytes  # the key of the full block before it (b"": none)
 
 
+def _digest(prefix: bytes, tokens: list[int]) -> bytes:
+    """A key: ``prefix`` (the key before, with a mark for a tail) and ``tokens``, hashed."""
+    return hashlib.blake2b(prefix + torch.tensor(tokens, dtype=torch.int64).numpy().tobytes(), digest_size=16).digest()
+
+
 def _common(a: tuple[int, ...], b: list[int]) -> int:
     """Length of the longest common prefix of ``a`` and ``b``."""
     n = 0
@@ -75,8 +80,7 @@ class PrefixCache:
         block's end (a block is the same only after the same prefix)."""
         keys, h = [], b""
         for start in range(0, end - end % self.block, self.block):
-            tokens = torch.tensor(prompt[start : start + self.block], dtype=torch.int64).numpy().tobytes()
-            h = hashlib.blake2b(h + tokens, digest_size=16).digest()
+            h = _digest(h, prompt[start : start + self.block])
             keys.append(h)
         return keys
 
@@ -135,8 +139,7 @@ class PrefixCache:
         start, parent = len(keys) * self.block, keys[-1] if keys else b""
         tail = prompt[start:end]
         if tail and self._best_child(parent, tail)[1] < len(tail):  # no entry after the same blocks holds it all
-            key = hashlib.blake2b(parent + b"tail" + torch.tensor(tail, dtype=torch.int64).numpy().tobytes(),
-                                  digest_size=16).digest()
+            key = _digest(parent + b"tail", tail)
             if self._add(key, prompt, start, end, parent, cache, slot, chain):
                 keys = keys + [key]
         self._touch(keys)
