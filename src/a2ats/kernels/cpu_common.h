@@ -1,8 +1,15 @@
 // Helpers shared by the CPU kernels' source files (one extension, several translation units).
 #pragma once
 
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+
+#include "cpu_ops.h"
 
 #include <algorithm>
 #include <cmath>
@@ -82,7 +89,3 @@ inline __m512 sum16_head_major(const __m512* part) {
 
 }  // namespace a2ats
 
-// Each source file adds its functions to the module (cpu_kernels.cpp defines the module itself).
-void register_selection(pybind11::module_& m);
-void register_linear(pybind11::module_& m);
-void register_decode(pybind11::module_& m);

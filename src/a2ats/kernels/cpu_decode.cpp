@@ -33,17 +33,19 @@ __attribute__((optimize("fp-contract=off"))) void rope_row(const float* x, int64
   for (int64_t i = rot; i < d; ++i) out[i] = x[i * xs];
 }
 
+}  // namespace
+
 // x (B, H, t, d) float32, any strides; cos and signed_sin (B, 1, t, rot) float32 (rot <= d, even), broadcast over
 // heads: the rotated rows, contiguous (B, H, t, d).
-torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor signed_sin) {
-  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kFloat32, "x must be float32 (B, H, t, d)");
+at::Tensor rope(at::Tensor x, at::Tensor cos, at::Tensor signed_sin) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat, "x must be float32 (B, H, t, d)");
   const int64_t B = x.size(0), H = x.size(1), t = x.size(2), d = x.size(3);
   for (const auto& a : {cos, signed_sin})
-    TORCH_CHECK(a.dim() == 4 && a.scalar_type() == torch::kFloat32 && a.size(0) == B && a.size(1) == 1 &&
+    TORCH_CHECK(a.dim() == 4 && a.scalar_type() == at::kFloat && a.size(0) == B && a.size(1) == 1 &&
                     a.size(2) == t && a.size(3) == cos.size(3) && a.size(3) <= d && a.size(3) % 2 == 0,
                 "cos and signed_sin must be float32 (B, 1, t, rot) with rot even and at most x's d");
   const int64_t rot = cos.size(3);
-  auto out = torch::empty({B, H, t, d}, x.options());
+  auto out = at::empty({B, H, t, d}, x.options());
   const float* X = x.data_ptr<float>();
   const float* C = cos.data_ptr<float>();
   const float* S = signed_sin.data_ptr<float>();
@@ -63,13 +65,15 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor signed_sin)
   return out;
 }
 
+namespace {
+
 template <typename T>
 inline T from_float(float f) {
   return static_cast<T>(f);  // c10::BFloat16 rounds to nearest even, as torch's .to(bfloat16)
 }
 
 template <typename T>
-void store(T* dst, const int64_t* flat, int64_t rows, const torch::Tensor& src, int64_t d) {
+void store(T* dst, const int64_t* flat, int64_t rows, const at::Tensor& src, int64_t d) {
   const int64_t H = src.size(1), s0 = src.stride(0), s1 = src.stride(1);
   const float* p = src.data_ptr<float>();
   for (int64_t r = 0; r < rows; ++r) {
@@ -79,36 +83,31 @@ void store(T* dst, const int64_t* flat, int64_t rows, const torch::Tensor& src, 
   }
 }
 
+}  // namespace
+
 // k_dst, v_dst (N, d) float32 or bfloat16, contiguous (a layer's cache seen as rows); flat (S * H,) int64 row
 // numbers; k, v (S, H, d) float32 with unit stride along d: row s * H + h of k goes to k_dst[flat[s * H + h]].
-void store_rows(torch::Tensor k_dst, torch::Tensor v_dst, torch::Tensor flat, torch::Tensor k, torch::Tensor v) {
+void store_rows(at::Tensor k_dst, at::Tensor v_dst, at::Tensor flat, at::Tensor k, at::Tensor v) {
   TORCH_CHECK(k_dst.dim() == 2 && k_dst.is_contiguous() && v_dst.sizes() == k_dst.sizes() && v_dst.is_contiguous() &&
                   v_dst.scalar_type() == k_dst.scalar_type() &&
-                  (k_dst.scalar_type() == torch::kFloat32 || k_dst.scalar_type() == torch::kBFloat16),
+                  (k_dst.scalar_type() == at::kFloat || k_dst.scalar_type() == at::kBFloat16),
               "k_dst and v_dst must be contiguous float32 or bfloat16 (N, d) tensors of one shape");
   const int64_t N = k_dst.size(0), d = k_dst.size(1);
   for (const auto& a : {k, v})
-    TORCH_CHECK(a.dim() == 3 && a.scalar_type() == torch::kFloat32 && a.size(2) == d && a.stride(2) == 1 &&
+    TORCH_CHECK(a.dim() == 3 && a.scalar_type() == at::kFloat && a.size(2) == d && a.stride(2) == 1 &&
                     a.sizes() == k.sizes(),
                 "k and v must be float32 (S, H, d) of one shape with unit stride along d");
   const int64_t rows = k.size(0) * k.size(1);
-  TORCH_CHECK(flat.dim() == 1 && flat.scalar_type() == torch::kInt64 && flat.size(0) == rows,
+  TORCH_CHECK(flat.dim() == 1 && flat.scalar_type() == at::kLong && flat.size(0) == rows,
               "flat must be int64 (S * H,)");
   flat = flat.contiguous();
   const int64_t* F = flat.data_ptr<int64_t>();
   for (int64_t r = 0; r < rows; ++r) TORCH_CHECK(F[r] >= 0 && F[r] < N, "row ", F[r], " outside the ", N, " rows");
-  if (k_dst.scalar_type() == torch::kBFloat16) {
+  if (k_dst.scalar_type() == at::kBFloat16) {
     store(k_dst.data_ptr<c10::BFloat16>(), F, rows, k, d);
     store(v_dst.data_ptr<c10::BFloat16>(), F, rows, v, d);
   } else {
     store(k_dst.data_ptr<float>(), F, rows, k, d);
     store(v_dst.data_ptr<float>(), F, rows, v, d);
   }
-}
-
-}  // namespace
-
-void register_decode(pybind11::module_& m) {
-  m.def("rope", &rope, "x * cos + roll(x) * signed_sin on the first rot dims (RoPE as the lean model applies it)");
-  m.def("store_rows", &store_rows, "a decode step's new K and V rows into a layer's cache (float32 or bf16 rows)");
 }

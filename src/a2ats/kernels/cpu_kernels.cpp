@@ -6,7 +6,7 @@
 // parallelism goes through at::parallel_for so torch.set_num_threads governs it.
 //
 // The extension is built from every cpu_*.cpp file here: this one holds attention over the selection, key
-// encoding and k-means++ seeding, and defines the module; the others register their own functions.
+// encoding and k-means; cpu_ops.h declares what each file exports and cpu_module.cpp binds it to Python.
 
 #include "cpu_common.h"
 
@@ -369,14 +369,14 @@ void attend_impl(const float* Q, const TK* K, const TV* V, const int32_t* I, con
 }
 
 template <typename TK>
-void dispatch_v(const float* Q, const torch::Tensor& k, const torch::Tensor& v, const int32_t* I, const int32_t* N,
+void dispatch_v(const float* Q, const at::Tensor& k, const at::Tensor& v, const int32_t* I, const int32_t* N,
                 int64_t B, int64_t H, int64_t G, int64_t d, int64_t L, float scaling, float* out, const Scales& sc) {
   const int64_t ks[3] = {k.stride(0), k.stride(1), k.stride(2)};
   const int64_t vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
   const int64_t cap = std::min(k.size(2), v.size(2));
-  if (v.scalar_type() == torch::kBFloat16)
+  if (v.scalar_type() == at::kBFloat16)
     attend_impl(Q, k.data_ptr<TK>(), v.data_ptr<c10::BFloat16>(), I, N, B, H, G, d, L, cap, ks, vs, scaling, out, sc);
-  else if (v.scalar_type() == torch::kChar)
+  else if (v.scalar_type() == at::kChar)
     attend_impl(Q, k.data_ptr<TK>(), v.data_ptr<int8_t>(), I, N, B, H, G, d, L, cap, ks, vs, scaling, out, sc);
   else
     attend_impl(Q, k.data_ptr<TK>(), v.data_ptr<float>(), I, N, B, H, G, d, L, cap, ks, vs, scaling, out, sc);
@@ -386,9 +386,9 @@ void dispatch_v(const float* Q, const torch::Tensor& k, const torch::Tensor& v, 
 
 // Softmax attention of q (B, Hq, d) over rows idx[b, h // G, :count] of k_buf/v_buf (B, Hkv, cap, d).
 // An int8 cache (k or v) comes with float32 row scales (B, Hkv, cap): row = scale * int8 values.
-torch::Tensor sparse_attention(torch::Tensor q, torch::Tensor k_buf, torch::Tensor v_buf, torch::Tensor idx,
-                               torch::Tensor count, double scaling, c10::optional<torch::Tensor> k_scale,
-                               c10::optional<torch::Tensor> v_scale) {
+at::Tensor sparse_attention(at::Tensor q, at::Tensor k_buf, at::Tensor v_buf, at::Tensor idx,
+                               at::Tensor count, double scaling, std::optional<at::Tensor> k_scale,
+                               std::optional<at::Tensor> v_scale) {
   TORCH_CHECK(q.dim() == 3 && k_buf.dim() == 4 && v_buf.dim() == 4, "q must be (B, Hq, d), k/v (B, Hkv, cap, d)");
   const int64_t B = q.size(0), Hq = q.size(1), d = q.size(2), H = k_buf.size(1);
   TORCH_CHECK(H > 0 && Hq % H == 0, "query heads must be a multiple of KV heads");
@@ -396,12 +396,12 @@ torch::Tensor sparse_attention(torch::Tensor q, torch::Tensor k_buf, torch::Tens
               "k/v shapes disagree with q");
   TORCH_CHECK(k_buf.stride(3) == 1 && v_buf.stride(3) == 1, "k/v rows must be contiguous (unit stride on d)");
   for (const auto& t : {k_buf, v_buf})
-    TORCH_CHECK(t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16 || t.scalar_type() == torch::kChar,
+    TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kChar,
                 "k/v must be float32, bfloat16 or int8");
   Scales sc;
-  auto take_scale = [&](const torch::Tensor& buf, const c10::optional<torch::Tensor>& s, const float*& ptr, int64_t* st) {
-    if (buf.scalar_type() != torch::kChar) return;
-    TORCH_CHECK(s.has_value() && s->scalar_type() == torch::kFloat32 && s->dim() == 3 && s->size(0) == B &&
+  auto take_scale = [&](const at::Tensor& buf, const std::optional<at::Tensor>& s, const float*& ptr, int64_t* st) {
+    if (buf.scalar_type() != at::kChar) return;
+    TORCH_CHECK(s.has_value() && s->scalar_type() == at::kFloat && s->dim() == 3 && s->size(0) == B &&
                     s->size(1) == H && s->size(2) >= buf.size(2),
                 "an int8 k/v cache needs float32 row scales (B, Hkv, cap)");
     ptr = s->data_ptr<float>();
@@ -409,22 +409,22 @@ torch::Tensor sparse_attention(torch::Tensor q, torch::Tensor k_buf, torch::Tens
   };
   take_scale(k_buf, k_scale, sc.k, sc.ks);
   take_scale(v_buf, v_scale, sc.v, sc.vs);
-  TORCH_CHECK(idx.dim() == 3 && idx.scalar_type() == torch::kInt32 && idx.size(0) == B && idx.size(1) == H,
+  TORCH_CHECK(idx.dim() == 3 && idx.scalar_type() == at::kInt && idx.size(0) == B && idx.size(1) == H,
               "idx must be int32 (B, Hkv, L)");
-  TORCH_CHECK(count.dim() == 2 && count.scalar_type() == torch::kInt32 && count.size(0) == B && count.size(1) == H,
+  TORCH_CHECK(count.dim() == 2 && count.scalar_type() == at::kInt && count.size(0) == B && count.size(1) == H,
               "count must be int32 (B, Hkv)");
   idx = idx.contiguous();
   count = count.contiguous();
   const int64_t L = idx.size(2);
   const int32_t* N = count.data_ptr<int32_t>();
   for (int64_t i = 0; i < B * H; ++i) TORCH_CHECK(N[i] >= 0 && N[i] <= L, "count outside [0, L]");
-  const auto qf = q.to(torch::kFloat32).contiguous();
-  auto out = torch::empty({B, Hq, d}, qf.options());
+  const auto qf = q.to(at::kFloat).contiguous();
+  auto out = at::empty({B, Hq, d}, qf.options());
   const int64_t G = Hq / H;
-  if (k_buf.scalar_type() == torch::kBFloat16)
+  if (k_buf.scalar_type() == at::kBFloat16)
     dispatch_v<c10::BFloat16>(qf.data_ptr<float>(), k_buf, v_buf, idx.data_ptr<int32_t>(), N, B, H, G, d, L,
                               static_cast<float>(scaling), out.data_ptr<float>(), sc);
-  else if (k_buf.scalar_type() == torch::kChar)
+  else if (k_buf.scalar_type() == at::kChar)
     dispatch_v<int8_t>(qf.data_ptr<float>(), k_buf, v_buf, idx.data_ptr<int32_t>(), N, B, H, G, d, L,
                        static_cast<float>(scaling), out.data_ptr<float>(), sc);
   else
@@ -441,11 +441,11 @@ torch::Tensor sparse_attention(torch::Tensor q, torch::Tensor k_buf, torch::Tens
 // z (B, H, n, d) and t (H, C, d) float32, half (H, C). Tokens go in blocks of 64: the GEMM of a block
 // (BLAS, one thread per block) leaves a 64 x C similarity tile in cache, and the argmax is taken
 // there, instead of writing n x C similarities to memory and reading them back.
-torch::Tensor encode_nearest(torch::Tensor z, torch::Tensor t, torch::Tensor half) {
-  TORCH_CHECK(z.dim() == 4 && z.scalar_type() == torch::kFloat32, "z must be float32 (B, H, n, d)");
-  TORCH_CHECK(t.dim() == 3 && t.scalar_type() == torch::kFloat32 && t.size(0) == z.size(1) && t.size(2) == z.size(3),
+at::Tensor encode_nearest(at::Tensor z, at::Tensor t, at::Tensor half) {
+  TORCH_CHECK(z.dim() == 4 && z.scalar_type() == at::kFloat, "z must be float32 (B, H, n, d)");
+  TORCH_CHECK(t.dim() == 3 && t.scalar_type() == at::kFloat && t.size(0) == z.size(1) && t.size(2) == z.size(3),
               "t must be float32 (H, C, d) matching z");
-  TORCH_CHECK(half.dim() == 2 && half.scalar_type() == torch::kFloat32 && half.size(0) == t.size(0) &&
+  TORCH_CHECK(half.dim() == 2 && half.scalar_type() == at::kFloat && half.size(0) == t.size(0) &&
                   half.size(1) == t.size(1),
               "half must be float32 (H, C)");
   TORCH_CHECK(t.size(1) <= 32768, "more than 32768 centroids do not fit int16 codes");
@@ -453,7 +453,7 @@ torch::Tensor encode_nearest(torch::Tensor z, torch::Tensor t, torch::Tensor hal
   t = t.contiguous();
   half = half.contiguous();
   const int64_t B = z.size(0), H = z.size(1), n = z.size(2), C = t.size(1);
-  auto out = torch::empty({B, H, n}, torch::kInt16);
+  auto out = at::empty({B, H, n}, at::kShort);
   if (n == 0 || B == 0 || H == 0) return out;
   constexpr int64_t kRows = 64;
   const int64_t blocks = (n + kRows - 1) / kRows;
@@ -504,16 +504,16 @@ static inline float dot16(const float* __restrict a, const float* __restrict b, 
 // pick (G,) and the uniform draws u (G, k - 1) float64. Each draw is the first point whose running sum of
 // squared distances to the picks so far reaches u * the total (float64 sums), as a2ats.core.kmeans's loop does;
 // in torch that loop is ~10 small ops per draw, 4 s a layer in dispatch alone, here ~0.2 s.
-torch::Tensor kmeans_pp_picks(torch::Tensor pts, torch::Tensor first, torch::Tensor u) {
-  TORCH_CHECK(pts.dim() == 3 && pts.scalar_type() == torch::kFloat32, "pts must be float32 (G, S, d)");
-  TORCH_CHECK(first.dim() == 1 && first.scalar_type() == torch::kInt64 && first.size(0) == pts.size(0),
+at::Tensor kmeans_pp_picks(at::Tensor pts, at::Tensor first, at::Tensor u) {
+  TORCH_CHECK(pts.dim() == 3 && pts.scalar_type() == at::kFloat, "pts must be float32 (G, S, d)");
+  TORCH_CHECK(first.dim() == 1 && first.scalar_type() == at::kLong && first.size(0) == pts.size(0),
               "first must be int64 (G,)");
-  TORCH_CHECK(u.dim() == 2 && u.scalar_type() == torch::kFloat64 && u.size(0) == pts.size(0), "u must be float64 (G, k - 1)");
+  TORCH_CHECK(u.dim() == 2 && u.scalar_type() == at::kDouble && u.size(0) == pts.size(0), "u must be float64 (G, k - 1)");
   pts = pts.contiguous();
   u = u.contiguous();
   const int64_t G = pts.size(0), S = pts.size(1), d = pts.size(2), k = u.size(1) + 1;
   TORCH_CHECK(S > 0, "no points to seed from");
-  auto out = torch::empty({G, k}, torch::kInt64);
+  auto out = at::empty({G, k}, at::kLong);
   int64_t* O = out.data_ptr<int64_t>();
   std::vector<float> norms(S), mind(S);
   std::vector<double> cdf(S);
@@ -561,19 +561,19 @@ torch::Tensor kmeans_pp_picks(torch::Tensor pts, torch::Tensor first, torch::Ten
 // with current centroid a = cur[g, i], the first argmax over j of pts[g, i] . cents[g, c] - half[g, c] with
 // c = cand[g, a, j]. A Lloyd pass that searches m neighbours instead of all k centroids costs N m d instead of
 // N k d (the centroids, a few MB, stay in cache), which is what makes k-means' middle passes cheap.
-torch::Tensor kmeans_nearest_among(torch::Tensor pts, torch::Tensor cents, torch::Tensor half, torch::Tensor cand,
-                                   torch::Tensor cur) {
-  TORCH_CHECK(pts.dim() == 3 && pts.scalar_type() == torch::kFloat32, "pts must be float32 (G, N, d)");
-  TORCH_CHECK(cents.dim() == 3 && cents.scalar_type() == torch::kFloat32 && cents.size(0) == pts.size(0) &&
+at::Tensor kmeans_nearest_among(at::Tensor pts, at::Tensor cents, at::Tensor half, at::Tensor cand,
+                                   at::Tensor cur) {
+  TORCH_CHECK(pts.dim() == 3 && pts.scalar_type() == at::kFloat, "pts must be float32 (G, N, d)");
+  TORCH_CHECK(cents.dim() == 3 && cents.scalar_type() == at::kFloat && cents.size(0) == pts.size(0) &&
                   cents.size(2) == pts.size(2),
               "cents must be float32 (G, k, d) matching pts");
-  TORCH_CHECK(half.dim() == 2 && half.scalar_type() == torch::kFloat32 && half.size(0) == cents.size(0) &&
+  TORCH_CHECK(half.dim() == 2 && half.scalar_type() == at::kFloat && half.size(0) == cents.size(0) &&
                   half.size(1) == cents.size(1),
               "half must be float32 (G, k)");
-  TORCH_CHECK(cand.dim() == 3 && cand.scalar_type() == torch::kInt32 && cand.size(0) == cents.size(0) &&
+  TORCH_CHECK(cand.dim() == 3 && cand.scalar_type() == at::kInt && cand.size(0) == cents.size(0) &&
                   cand.size(1) == cents.size(1) && cand.size(2) > 0,
               "cand must be int32 (G, k, m), m > 0");
-  TORCH_CHECK(cur.dim() == 2 && cur.scalar_type() == torch::kInt64 && cur.size(0) == pts.size(0) &&
+  TORCH_CHECK(cur.dim() == 2 && cur.scalar_type() == at::kLong && cur.size(0) == pts.size(0) &&
                   cur.size(1) == pts.size(1),
               "cur must be int64 (G, N)");
   pts = pts.contiguous();
@@ -582,7 +582,7 @@ torch::Tensor kmeans_nearest_among(torch::Tensor pts, torch::Tensor cents, torch
   cand = cand.contiguous();
   cur = cur.contiguous();
   const int64_t G = pts.size(0), N = pts.size(1), d = pts.size(2), k = cents.size(1), m = cand.size(2);
-  auto out = torch::empty({G, N}, torch::kInt64);
+  auto out = at::empty({G, N}, at::kLong);
   if (G == 0 || N == 0) return out;
   TORCH_CHECK(cand.min().item<int32_t>() >= 0 && cand.max().item<int32_t>() < k, "candidates out of range");
   TORCH_CHECK(cur.min().item<int64_t>() >= 0 && cur.max().item<int64_t>() < k, "current centroids out of range");
@@ -611,16 +611,4 @@ torch::Tensor kmeans_nearest_among(torch::Tensor pts, torch::Tensor cents, torch
     }
   });
   return out;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("sparse_attention", &sparse_attention, "attention over selected rows", py::arg("q"), py::arg("k_buf"),
-        py::arg("v_buf"), py::arg("idx"), py::arg("count"), py::arg("scaling"), py::arg("k_scale") = py::none(),
-        py::arg("v_scale") = py::none());
-  m.def("encode_nearest", &encode_nearest, "nearest centroid (argmax of z.t - half) -> int16 codes");
-  m.def("kmeans_pp_picks", &kmeans_pp_picks, "k-means++ seeding: the sample index of each of k picks per point set");
-  m.def("kmeans_nearest_among", &kmeans_nearest_among, "k-means assignment among each point's candidate centroids");
-  register_selection(m);
-  register_linear(m);
-  register_decode(m);
 }

@@ -82,9 +82,9 @@ void bf16_rows_times_x(const float* X, const c10::BFloat16* W, const float* bp, 
       });
 }
 
-torch::Tensor bias_or_empty(const c10::optional<torch::Tensor>& bias, int64_t O) {
-  if (!bias.has_value()) return torch::Tensor();
-  auto b = bias->to(torch::kFloat32).contiguous();
+at::Tensor bias_or_empty(const std::optional<at::Tensor>& bias, int64_t O) {
+  if (!bias.has_value()) return at::Tensor();
+  auto b = bias->to(at::kFloat).contiguous();
   TORCH_CHECK(b.dim() == 1 && b.size(0) == O, "bias must be (O,), got ", b.sizes(), " for ", O, " outputs");
   return b;
 }
@@ -491,8 +491,8 @@ void q4_rows(int R, A&&... a) {
   }
 }
 
-void check_x(const torch::Tensor& x) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32,
+void check_x(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat,
               "x must be a float32 (M, I) tensor, got ", x.scalar_type(), " ", x.sizes());
 }
 
@@ -500,7 +500,7 @@ void check_x(const torch::Tensor& x) {
 // with weight `norm` (I',) as transformers' RMSNorm computes it in fp32; or, `gated`, a SiLU-gated MLP's
 // silu(x[:, :I]) * x[:, I:] with I = I' / 2. A decode step's layer is a few such rows: done here, each
 // costs a loop over the row instead of a handful of torch ops, whose dispatch outweighed the arithmetic.
-torch::Tensor prologue(torch::Tensor x, const c10::optional<torch::Tensor>& norm, double eps, bool gated) {
+at::Tensor prologue(at::Tensor x, const std::optional<at::Tensor>& norm, double eps, bool gated) {
   check_x(x);
   if (!norm.has_value() && !gated) return x.contiguous();
   TORCH_CHECK(!(norm.has_value() && gated), "a projection takes a norm or a gate, not both");
@@ -510,7 +510,7 @@ torch::Tensor prologue(torch::Tensor x, const c10::optional<torch::Tensor>& norm
   if (gated) {
     TORCH_CHECK(In % 2 == 0, "a gated projection takes x = [gate, up] (M, 2I), got ", x.sizes());
     const int64_t I = In / 2;
-    auto out = torch::empty({M, I}, x.options());
+    auto out = at::empty({M, I}, x.options());
     float* Y = out.data_ptr<float>();
     for (int64_t m = 0; m < M; ++m)
       for (int64_t i = 0; i < I; ++i) {
@@ -519,10 +519,10 @@ torch::Tensor prologue(torch::Tensor x, const c10::optional<torch::Tensor>& norm
       }
     return out;
   }
-  auto w = norm->to(torch::kFloat32).contiguous();
+  auto w = norm->to(at::kFloat).contiguous();
   TORCH_CHECK(w.dim() == 1 && w.size(0) == In, "norm must be (I,) = (", In, ",), got ", w.sizes());
   const float* Wn = w.data_ptr<float>();
-  auto out = torch::empty({M, In}, x.options());
+  auto out = at::empty({M, In}, x.options());
   float* Y = out.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) {
     double ss = 0.0;
@@ -534,9 +534,9 @@ torch::Tensor prologue(torch::Tensor x, const c10::optional<torch::Tensor>& norm
 }
 
 // y += residual (M, O): the residual stream's add, in the same call as the projection.
-torch::Tensor epilogue(torch::Tensor y, const c10::optional<torch::Tensor>& residual) {
+at::Tensor epilogue(at::Tensor y, const std::optional<at::Tensor>& residual) {
   if (!residual.has_value()) return y;
-  TORCH_CHECK(residual->scalar_type() == torch::kFloat32 && residual->dim() == 2 &&
+  TORCH_CHECK(residual->scalar_type() == at::kFloat && residual->dim() == 2 &&
                   residual->size(0) == y.size(0) && residual->size(1) == y.size(1),
               "residual must be float32 ", y.sizes(), ", got ", residual->scalar_type(), " ", residual->sizes());
   const auto r = residual->contiguous();
@@ -552,34 +552,34 @@ torch::Tensor epilogue(torch::Tensor y, const c10::optional<torch::Tensor>& resi
 // step's projections read every weight once for a few rows, so they are bound by memory bandwidth:
 // bf16 weights halve the bytes; widening bf16 to fp32 is a shift, so the math stays fp32 as with
 // fp32 weights rounded to bf16.
-torch::Tensor linear_bf16w(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias,
-                           c10::optional<torch::Tensor> norm, double eps, bool gated,
-                           c10::optional<torch::Tensor> residual) {
+at::Tensor linear_bf16w(at::Tensor x, at::Tensor w, std::optional<at::Tensor> bias,
+                           std::optional<at::Tensor> norm, double eps, bool gated,
+                           std::optional<at::Tensor> residual) {
   x = prologue(x, norm, eps, gated);
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kBFloat16 && w.is_contiguous() && w.size(1) == x.size(1),
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.size(1) == x.size(1),
               "w must be a contiguous bfloat16 (O, I) tensor matching x");
   const int64_t M = x.size(0), I = x.size(1), O = w.size(0);
   auto bias_f = bias_or_empty(bias, O);
   const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
-  auto y = torch::empty({M, O}, x.options());
+  auto y = at::empty({M, O}, x.options());
   bf16_rows_times_x(x.data_ptr<float>(), w.data_ptr<c10::BFloat16>(), bp, y.data_ptr<float>(), M, I, O);
   return epilogue(y, residual);
 }
 
 // y (M, O) = quantized x (M, I) @ w (O, I)^T * scale (+ bias): w int8 with a scale per output row, x
 // quantized in blocks of 32 (see above).
-torch::Tensor linear_int8w(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias,
-                           c10::optional<torch::Tensor> norm, double eps, bool gated,
-                           c10::optional<torch::Tensor> residual) {
+at::Tensor linear_int8w(at::Tensor x, at::Tensor w, at::Tensor scale, std::optional<at::Tensor> bias,
+                           std::optional<at::Tensor> norm, double eps, bool gated,
+                           std::optional<at::Tensor> residual) {
   x = prologue(x, norm, eps, gated);
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kInt8 && w.is_contiguous() && w.size(1) == x.size(1),
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous() && w.size(1) == x.size(1),
               "w must be a contiguous int8 (O, I) tensor matching x");
   const int64_t M = x.size(0), I = x.size(1), O = w.size(0);
-  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == O,
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == O,
               "scale must be float32 (O,)");
   auto bias_f = bias_or_empty(bias, O);
   const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
-  auto y = torch::empty({M, O}, x.options());
+  auto y = at::empty({M, O}, x.options());
   const QuantRows xq = quantize_rows(x.data_ptr<float>(), M, I, false);
   const int8_t* W = w.data_ptr<int8_t>();
   const float* S = scale.data_ptr<float>();
@@ -605,23 +605,23 @@ torch::Tensor linear_int8w(torch::Tensor x, torch::Tensor w, torch::Tensor scale
 // y (M, O) = quantized x (M, I) @ w^T (+ bias) for 4-bit w: groups of 32 inputs per output row, w = q * scale +
 // min with q in 0..15 packed two to a byte (byte j of a group: element j in the low nibble, element j + 16 in
 // the high one), x quantized in blocks of 32 (see above).
-torch::Tensor linear_int4w(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor mins,
-                           c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> norm, double eps, bool gated,
-                           c10::optional<torch::Tensor> residual) {
+at::Tensor linear_int4w(at::Tensor x, at::Tensor w, at::Tensor scale, at::Tensor mins,
+                           std::optional<at::Tensor> bias, std::optional<at::Tensor> norm, double eps, bool gated,
+                           std::optional<at::Tensor> residual) {
   x = prologue(x, norm, eps, gated);
   const int64_t M = x.size(0), I = x.size(1);
   TORCH_CHECK(I % kBlock == 0, "int4 weights need an input size divisible by 32, got ", I,
               ": pack this weight as int8 or bf16");
   const int64_t G = I / kBlock;
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kUInt8 && w.is_contiguous() && w.size(1) * 2 == I,
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous() && w.size(1) * 2 == I,
               "w must be a contiguous uint8 (O, I/2) tensor of packed nibbles matching x");
   const int64_t O = w.size(0);
   for (const auto* t : {&scale, &mins})
-    TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous() && t->numel() == O * G,
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == O * G,
                 "scale and mins must be float32 (O, I/32)");
   auto bias_f = bias_or_empty(bias, O);
   const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
-  auto y = torch::empty({M, O}, x.options());
+  auto y = at::empty({M, O}, x.options());
   const QuantRows xq = quantize_rows(x.data_ptr<float>(), M, I, true);
   const uint8_t* W = w.data_ptr<uint8_t>();
   const float* S = scale.data_ptr<float>();
@@ -646,38 +646,22 @@ torch::Tensor linear_int4w(torch::Tensor x, torch::Tensor w, torch::Tensor scale
   return epilogue(y, residual);
 }
 
+at::Tensor prepare_activations(at::Tensor x, std::optional<at::Tensor> norm, double eps, bool gated) {
+  return prologue(std::move(x), norm, eps, gated);
+}
+
 // Activations as the int8 and int4 kernels quantize them: (q int8 (M, I), scale float32 (M, ceil(I / 32))), for
 // tests against the torch reference.
-std::vector<torch::Tensor> quantize_activations(torch::Tensor x) {
+std::vector<at::Tensor> quantize_activations(at::Tensor x) {
   check_x(x);
   x = x.contiguous();
   const int64_t M = x.size(0), I = x.size(1), nb = (I + kBlock - 1) / kBlock;
   const QuantRows xq = quantize_rows(x.data_ptr<float>(), M, I, false);
-  auto q = torch::empty({M, I}, x.options().dtype(torch::kInt8));
-  auto s = torch::empty({M, nb}, x.options());
+  auto q = at::empty({M, I}, x.options().dtype(at::kChar));
+  auto s = at::empty({M, nb}, x.options());
   for (int64_t r = 0; r < M; ++r) {
     std::memcpy(q.data_ptr<int8_t>() + r * I, xq.q.data() + r * xq.stride, I);
     std::memcpy(s.data_ptr<float>() + r * nb, xq.scale.data() + r * xq.nscale, sizeof(float) * nb);
   }
   return {q, s};
-}
-
-void register_linear(pybind11::module_& m) {
-  namespace py = pybind11;
-  // after the weights: a decode layer's glue, fused (see prologue and epilogue)
-  const auto bias = py::arg("bias") = py::none(), norm = py::arg("norm") = py::none(), eps = py::arg("eps") = 1e-6,
-             gated = py::arg("gated") = false, residual = py::arg("residual") = py::none();
-  m.def("linear_bf16w", &linear_bf16w, "x @ w.T (+ bias) with bf16 weights, fp32 math", py::arg("x"), py::arg("w"),
-        bias, norm, eps, gated, residual);
-  m.def("linear_int8w", &linear_int8w,
-        "x @ w.T (+ bias) with int8 weights (a scale per output row), x quantized in blocks of 32: integer dots",
-        py::arg("x"), py::arg("w"), py::arg("scale"), bias, norm, eps, gated, residual);
-  m.def("linear_int4w", &linear_int4w,
-        "x @ w.T (+ bias) with 4-bit weights in groups of 32 (scale, min), x quantized in blocks of 32: integer dots",
-        py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("mins"), bias, norm, eps, gated, residual);
-  m.def("prepare_activations", &prologue,
-        "the rows the linear kernels multiply: x, x RMS-normalized by `norm`, or silu(gate) * up (`gated`)",
-        py::arg("x"), norm, eps, gated);
-  m.def("quantize_activations", &quantize_activations,
-        "x (M, I) float32 -> (int8 (M, I), float32 scales (M, ceil(I / 32))): the int kernels' activation blocks");
 }

@@ -67,7 +67,7 @@ struct RowInfo {
   std::vector<int64_t> n_always; // always-kept per row
 };
 
-RowInfo row_info(const torch::Tensor& valid, int64_t sinks, int64_t window) {
+RowInfo row_info(const at::Tensor& valid, int64_t sinks, int64_t window) {
   const int64_t B = valid.size(0), n = valid.size(1);
   RowInfo r;
   r.always = grown(scratch().always, B * n);  // every slot a row uses is written below
@@ -125,16 +125,16 @@ inline uint32_t top_bucket(const uint32_t* hist, uint32_t nb, int64_t& need) {
   return 0;  // unreachable when need <= count
 }
 
-void check_score_inputs(const torch::Tensor& lut, const torch::Tensor& codes, const c10::optional<torch::Tensor>& offsets) {
-  TORCH_CHECK(lut.dim() == 4 && lut.scalar_type() == torch::kFloat32 && lut.is_contiguous(),
+void check_score_inputs(const at::Tensor& lut, const at::Tensor& codes, const std::optional<at::Tensor>& offsets) {
+  TORCH_CHECK(lut.dim() == 4 && lut.scalar_type() == at::kFloat && lut.is_contiguous(),
               "lut must be a contiguous float32 (B, Hkv, G, T) tensor");
   TORCH_CHECK(lut.size(3) < (int64_t(1) << 31), "lookup table too long for int32 entry indices");
-  TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == torch::kInt16 && codes.stride(2) == 1,
+  TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == at::kShort && codes.stride(2) == 1,
               "codes must be int16 (B, Hkv, n) with unit stride along tokens");
   TORCH_CHECK(codes.size(0) == lut.size(0) && codes.size(1) == lut.size(1), "codes and lut disagree on (B, Hkv)");
   if (offsets.has_value()) {
     const auto& o = *offsets;
-    TORCH_CHECK(o.dim() == 2 && o.scalar_type() == torch::kInt32 && o.is_contiguous() && o.size(0) == codes.size(0) &&
+    TORCH_CHECK(o.dim() == 2 && o.scalar_type() == at::kInt && o.is_contiguous() && o.size(0) == codes.size(0) &&
                     o.size(1) == codes.size(2),
                 "offsets must be a contiguous int32 (B, n) tensor");
   }
@@ -151,10 +151,10 @@ inline float lookup(const float* lrow, int64_t T, const int16_t* crow, const int
 }  // namespace
 
 // Estimated scores alone: (B, Hkv*G, n) float32, score[b, h*G+g, j] = lut[b,h,g, codes[b,h,j] + offsets[b,j]].
-torch::Tensor score(torch::Tensor lut, torch::Tensor codes, c10::optional<torch::Tensor> offsets) {
+at::Tensor score(at::Tensor lut, at::Tensor codes, std::optional<at::Tensor> offsets) {
   check_score_inputs(lut, codes, offsets);
   const int64_t B = lut.size(0), H = lut.size(1), G = lut.size(2), T = lut.size(3), n = codes.size(2);
-  auto out = torch::empty({B, H * G, n}, lut.options());
+  auto out = at::empty({B, H * G, n}, lut.options());
   const float* L = lut.data_ptr<float>();
   const int16_t* C = codes.data_ptr<int16_t>();
   const int32_t* O = offsets.has_value() ? offsets->data_ptr<int32_t>() : nullptr;
@@ -306,8 +306,8 @@ int64_t list_entries(int32_t* cnt, int64_t bands, int64_t C, int32_t* list, uint
 // Counts, per (b, KV head) with a ranked row, the candidates of each entry (code + offset, which must lie in
 // [0, T = bands * C): the reference's gather would fail too), then lists the entries in use (list_entries).
 // Gr: the rows per (b, h) whose keys the entries will hold.
-std::unique_ptr<Entries> count_entries(const torch::Tensor& codes, const c10::optional<torch::Tensor>& offsets,
-                                       torch::Tensor valid, torch::Tensor k, int64_t bands, int64_t C, int64_t Gr,
+std::unique_ptr<Entries> count_entries(const at::Tensor& codes, const std::optional<at::Tensor>& offsets,
+                                       at::Tensor valid, at::Tensor k, int64_t bands, int64_t C, int64_t Gr,
                                        int64_t sinks, int64_t window) {
   TORCH_CHECK(bands >= 1 && bands <= 256 && C >= 1 && bands * C < (int64_t(1) << 31),
               "1 to 256 bands whose entries fit int32 indices");
@@ -321,9 +321,9 @@ std::unique_ptr<Entries> count_entries(const torch::Tensor& codes, const c10::op
   en.T = bands * C;
   en.Gr = Gr;
   const int64_t B = en.B, H = en.H, n = en.n, T = en.T;
-  TORCH_CHECK(valid.dim() == 2 && valid.scalar_type() == torch::kBool && valid.size(0) == B && valid.size(1) == n,
+  TORCH_CHECK(valid.dim() == 2 && valid.scalar_type() == at::kBool && valid.size(0) == B && valid.size(1) == n,
               "valid must be a bool (B, n) tensor");
-  TORCH_CHECK(k.dim() == 1 && k.size(0) == B && k.scalar_type() == torch::kInt64, "k must be int64 (B,)");
+  TORCH_CHECK(k.dim() == 1 && k.size(0) == B && k.scalar_type() == at::kLong, "k must be int64 (B,)");
   valid = valid.contiguous();
   k = k.contiguous();
   const int64_t* kp = k.data_ptr<int64_t>();
@@ -469,13 +469,13 @@ inline int64_t compact(const uint8_t* __restrict keep, int64_t n, int32_t* __res
 // (weights: how many candidates carry each); one vectorized pass over the tokens then marks those above the
 // threshold and lists those equal to it, of which the latest make up the rest of the K, as the reference's
 // (score, rank) order has it.
-std::vector<torch::Tensor> select_rows(const Entries& en, const float* tables) {
+std::vector<at::Tensor> select_rows(const Entries& en, const float* tables) {
   const int64_t B = en.B, H = en.H, T = en.T, n = en.n, Gr = en.Gr;
   const RowInfo& info = en.info;
   int64_t L = 0;
   for (int64_t b = 0; b < B; ++b) L = std::max(L, info.n_always[b] + std::min(Gr * en.keff[b], info.m[b]));
-  auto idx = torch::full({B, H, L}, -1, torch::kInt32);
-  auto count = torch::zeros({B, H}, torch::kInt32);
+  auto idx = at::full({B, H, L}, -1, at::kInt);
+  auto count = at::zeros({B, H}, at::kInt);
   int32_t* I = idx.data_ptr<int32_t>();
   int32_t* N = count.data_ptr<int32_t>();
   at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
@@ -553,8 +553,8 @@ void keys_from_tables(const Entries& en, const float* tables) {
 // Union-reduction selection from lookup tables (see a2ats.selection.select): lut (B, Hkv, G, T), a row per
 // query head (G = 1: one table per KV head, the "max" reduction already taken); returns (idx, count) as
 // select_rows does.
-std::vector<torch::Tensor> score_select(torch::Tensor lut, torch::Tensor codes, c10::optional<torch::Tensor> offsets,
-                                        torch::Tensor valid, torch::Tensor k, int64_t sinks, int64_t window) {
+std::vector<at::Tensor> score_select(at::Tensor lut, at::Tensor codes, std::optional<at::Tensor> offsets,
+                                        at::Tensor valid, at::Tensor k, int64_t sinks, int64_t window) {
   check_score_inputs(lut, codes, offsets);
   const auto en = count_entries(codes, offsets, valid, k, 1, lut.size(3), lut.size(2), sinks, window);
   keys_from_tables(*en, lut.data_ptr<float>());
@@ -896,21 +896,21 @@ void fill_entries(const Entries& en, const float* Q, int64_t R, int64_t G, const
 // centroids (Hkv, C, d) float32 or bfloat16, row-major; token j's entry is codes + offsets (band*C + code).
 // Only the entries that candidates carry are computed, each as plain row dot products (another summation
 // order than lookup_tables': values equal within fp32 rounding, so selections equal but for near-ties).
-std::vector<torch::Tensor> score_select_direct(torch::Tensor q, torch::Tensor centroids, int64_t bands, bool group_max,
-                                               torch::Tensor codes, c10::optional<torch::Tensor> offsets,
-                                               torch::Tensor valid, torch::Tensor k, int64_t sinks, int64_t window) {
-  TORCH_CHECK(q.dim() == 4 && q.scalar_type() == torch::kFloat32, "q must be float32 (B, Hkv, G*bands, d)");
+std::vector<at::Tensor> score_select_direct(at::Tensor q, at::Tensor centroids, int64_t bands, bool group_max,
+                                               at::Tensor codes, std::optional<at::Tensor> offsets,
+                                               at::Tensor valid, at::Tensor k, int64_t sinks, int64_t window) {
+  TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat, "q must be float32 (B, Hkv, G*bands, d)");
   TORCH_CHECK(centroids.dim() == 3 && centroids.is_contiguous() &&
-                  (centroids.scalar_type() == torch::kFloat32 || centroids.scalar_type() == torch::kBFloat16),
+                  (centroids.scalar_type() == at::kFloat || centroids.scalar_type() == at::kBFloat16),
               "centroids must be a contiguous float32 or bfloat16 (Hkv, C, d) tensor");
   TORCH_CHECK(q.size(1) == centroids.size(0) && q.size(3) == centroids.size(2), "q and centroids disagree on Hkv or d");
   TORCH_CHECK(bands >= 1 && q.size(2) % bands == 0 && q.size(2) >= bands, "q's rows must be G*bands");
-  TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == torch::kInt16 && codes.stride(2) == 1 &&
+  TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == at::kShort && codes.stride(2) == 1 &&
                   codes.size(0) == q.size(0) && codes.size(1) == q.size(1),
               "codes must be int16 (B, Hkv, n) with unit stride along tokens, matching q");
   if (offsets.has_value()) {
     const auto& o = *offsets;
-    TORCH_CHECK(o.dim() == 2 && o.scalar_type() == torch::kInt32 && o.is_contiguous() && o.size(0) == codes.size(0) &&
+    TORCH_CHECK(o.dim() == 2 && o.scalar_type() == at::kInt && o.is_contiguous() && o.size(0) == codes.size(0) &&
                     o.size(1) == codes.size(2),
                 "offsets must be a contiguous int32 (B, n) tensor");
   }
@@ -920,7 +920,7 @@ std::vector<torch::Tensor> score_select_direct(torch::Tensor q, torch::Tensor ce
   const auto en = count_entries(codes, offsets, valid, k, bands, C, Gr, sinks, window);
   float* TB = grown(scratch().tables, B * H * Gr * en->T);  // only the entries in use are written and read
   const float* Q = q.data_ptr<float>();
-  if (centroids.scalar_type() == torch::kFloat32) {
+  if (centroids.scalar_type() == at::kFloat) {
     const float* cp = centroids.data_ptr<float>();
     if (d == 64) fill_entries<64>(*en, Q, R, G, cp, d, TB);
     else fill_entries<0>(*en, Q, R, G, cp, d, TB);
@@ -937,7 +937,7 @@ std::vector<torch::Tensor> score_select_direct(torch::Tensor q, torch::Tensor ce
 // (Linux's transparent huge pages): score_select_direct reads centroid rows scattered over MiBs per head, and
 // with 4 KiB pages nearly every row was a TLB miss, a page walk that costs more than the row's read (a
 // virtual machine's walks cost twice).
-torch::Tensor huge_page_copy(torch::Tensor src) {
+at::Tensor huge_page_copy(at::Tensor src) {
   src = src.contiguous();
   constexpr size_t kHuge = size_t(2) << 20;
   const size_t bytes = src.nbytes(), size = std::max<size_t>(1, (bytes + kHuge - 1) / kHuge) * kHuge;
@@ -947,7 +947,7 @@ torch::Tensor huge_page_copy(torch::Tensor src) {
   madvise(p, size, MADV_HUGEPAGE);  // a hint: where huge pages are off it changes nothing
 #endif
   if (bytes) std::memcpy(p, src.data_ptr(), bytes);
-  return torch::from_blob(p, src.sizes(), [](void* q) { std::free(q); }, src.options());
+  return at::from_blob(p, src.sizes(), [](void* q) { std::free(q); }, src.options());
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -958,10 +958,10 @@ constexpr int64_t kTile = 16;  // centroids per tile: one AVX-512 register of fp
 
 // Centroids (H, C, d) -> tiles (H, ceil(C/16), d, 16): each tile's d x 16 block is contiguous, so a
 // pass over the tiles streams memory in order; missing centroids of the last tile are zeros.
-torch::Tensor tile_centroids(torch::Tensor cent) {
-  TORCH_CHECK(cent.dim() == 3 && cent.scalar_type() == torch::kFloat32, "centroids must be float32 (H, C, d)");
+at::Tensor tile_centroids(at::Tensor cent) {
+  TORCH_CHECK(cent.dim() == 3 && cent.scalar_type() == at::kFloat, "centroids must be float32 (H, C, d)");
   const int64_t H = cent.size(0), C = cent.size(1), d = cent.size(2), nt = (C + kTile - 1) / kTile;
-  auto padded = torch::zeros({H, nt * kTile, d}, cent.options());
+  auto padded = at::zeros({H, nt * kTile, d}, cent.options());
   padded.narrow(1, 0, C).copy_(cent);
   return padded.view({H, nt, kTile, d}).transpose(2, 3).contiguous();
 }
@@ -972,9 +972,9 @@ torch::Tensor tile_centroids(torch::Tensor cent) {
 // reaches a fraction of the bandwidth).
 // groups > 1: rows r = g * (R / groups) + i, and the output keeps the max over g of each i (B, H, R / groups, C):
 // the GQA "max" reduction taken on the tile in registers instead of as a pass over (B, H, R, C) afterwards.
-torch::Tensor lookup_tables(torch::Tensor q, torch::Tensor tiles, int64_t C, int64_t groups) {
-  TORCH_CHECK(q.dim() == 4 && q.scalar_type() == torch::kFloat32, "q must be float32 (B, H, R, d)");
-  TORCH_CHECK(tiles.dim() == 4 && tiles.scalar_type() == torch::kFloat32 && tiles.is_contiguous() &&
+at::Tensor lookup_tables(at::Tensor q, at::Tensor tiles, int64_t C, int64_t groups) {
+  TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat, "q must be float32 (B, H, R, d)");
+  TORCH_CHECK(tiles.dim() == 4 && tiles.scalar_type() == at::kFloat && tiles.is_contiguous() &&
                   tiles.size(0) == q.size(1) && tiles.size(2) == q.size(3) && tiles.size(3) == kTile &&
                   C > (tiles.size(1) - 1) * kTile && C <= tiles.size(1) * kTile,
               "tiles must be the contiguous (H, ceil(C/16), d, 16) layout of tile_centroids, matching q");
@@ -982,7 +982,7 @@ torch::Tensor lookup_tables(torch::Tensor q, torch::Tensor tiles, int64_t C, int
   const int64_t B = q.size(0), H = q.size(1), R = q.size(2), d = q.size(3), nt = tiles.size(1);
   TORCH_CHECK(groups >= 1 && R % groups == 0, "groups must divide the rows of q");
   const int64_t Ro = R / groups;
-  auto out = torch::empty({B, H, Ro, C}, q.options());
+  auto out = at::empty({B, H, Ro, C}, q.options());
   const float* Q = q.data_ptr<float>();
   const float* TL = tiles.data_ptr<float>();
   float* O = out.data_ptr<float>();
@@ -1016,17 +1016,4 @@ torch::Tensor lookup_tables(torch::Tensor q, torch::Tensor tiles, int64_t C, int
     }
   });
   return out;
-}
-
-void register_selection(pybind11::module_& m) {
-  m.def("score", &score, "LUT scores (B, Hkv*G, n)");
-  m.def("score_select", &score_select, "LUT scoring + union top-K selection -> (idx, count)");
-  m.def("score_select_direct", &score_select_direct,
-        "score_select's selection with only the entries in use computed from the centroids -> (idx, count)",
-        py::arg("q"), py::arg("centroids"), py::arg("bands"), py::arg("group_max"), py::arg("codes"), py::arg("offsets"),
-        py::arg("valid"), py::arg("k"), py::arg("sinks"), py::arg("window"));
-  m.def("huge_page_copy", &huge_page_copy, "a copy in memory advised as huge pages (fewer TLB misses for scattered reads)");
-  m.def("tile_centroids", &tile_centroids, "centroids (H, C, d) -> tiles (H, ceil(C/16), d, 16)");
-  m.def("lookup_tables", &lookup_tables, "q . centroids^T from tiles -> (B, H, R, C), or its max over groups",
-        py::arg("q"), py::arg("tiles"), py::arg("C"), py::arg("groups") = 1);
 }
