@@ -80,9 +80,10 @@ def test_calibrate_then_generate(tiny_checkpoint, tmp_path, capsys):
     cb_dir = tmp_path / "cb"
     small = ["--centroids", "32", "--text-tokens", "1024", "--uuid-tokens", "256", "--max-iter", "3"]
     assert main(["calibrate", "--model", str(tiny_checkpoint), "--out", str(cb_dir), *small]) == 0
-    # the default: banded WRoPE, 16K sequences + sink token
-    cb = Codebooks.load(cb_dir / "c32-bands2-qa-s16k.safetensors")
-    assert cb.settings.seq_len == 16384 and cb.settings.sink_prefix and cb.settings.wrope_band_ratio == 2.0
+    # the default: banded WRoPE, sequences of a quarter of the context (2K at least, never past the context: all of
+    # this model's 512 tokens) + sink token
+    cb = Codebooks.load(cb_dir / "c32-bands2-qa-s512.safetensors")
+    assert cb.settings.seq_len == 512 and cb.settings.sink_prefix and cb.settings.wrope_band_ratio == 2.0
     assert cb.centroids.shape == (2, 2, 32, 16)
     prompt = tmp_path / "p.txt"
     prompt.write_text("word " * 300)
@@ -102,7 +103,7 @@ def test_calibrate_then_generate(tiny_checkpoint, tmp_path, capsys):
     # hybrid WRoPE: the reference path over the paper's codebook (calibrated beside the default's); not on the fast path
     assert main([*args, "--hybrid", "0.5"]) == 0
     assert "reference path" in capsys.readouterr().err
-    assert Codebooks.load(cb_dir / "c32-b2048-qa-s16k.safetensors").settings.wrope_band_ratio is None
+    assert Codebooks.load(cb_dir / "c32-b2048-qa-s512.safetensors").settings.wrope_band_ratio is None
     assert main([*args, "--wrope-bands", "0"]) == 0  # the paper's selection, over that codebook
     assert "attended per step" in capsys.readouterr().err
     assert main([*args, "--wrope-bands", "1"]) == 2

@@ -127,7 +127,7 @@ def test_banded_calibration_pools_every_band():
     for layer in range(len(banded.h)):
         torch.testing.assert_close(both.h_for(4.0)[layer], banded.h[layer])
         torch.testing.assert_close(both.h_for(None)[layer], paper.h[layer])
-    cb = fit(banded, CodebookSettings(n_centroids=8, wrope_band_ratio=4.0, max_iter=2), progress=False)
+    cb = fit(banded, CodebookSettings(n_centroids=8, wrope_band_ratio=4.0, max_iter=2, seq_len=16384), progress=False)
     assert cb.settings.tag == "c8-bands4-qa-s16k"
 
 

@@ -50,7 +50,9 @@ def test_recipe_is_in_the_file_tag_and_old_files_still_load(tmp_path):
     assert CodebookSettings(seq_len=2048, sink_prefix=False, **paper).tag == "c4096-b2048-qa"  # the short recipe's name
     assert CodebookSettings(seq_len=16384, sink_prefix=True, **paper).tag == "c4096-b2048-qa-s16k"
     assert CodebookSettings(seq_len=2048, sink_prefix=True, query_aware=False, **paper).tag == "c4096-b2048-euclid-s2k"
-    assert CodebookSettings().tag == "c4096-bands2-qa-s16k"
+    with pytest.raises(ValueError, match="for_context"):
+        CodebookSettings().tag  # noqa: B018 (the length is the model's to say)
+    assert CodebookSettings().for_context(32768).tag == "c4096-bands2-qa-s8k"
     model = tiny_model("llama")
     cb = random_codebooks(model)
     meta = cb.metadata()
@@ -63,6 +65,13 @@ def test_recipe_is_in_the_file_tag_and_old_files_still_load(tmp_path):
     save_file({"centroids": cb.centroids, "chol": cb.chol}, str(tmp_path / "old.safetensors"),
               metadata={**meta, "settings": json.dumps(settings)})
     assert Codebooks.load(tmp_path / "old.safetensors").settings.sink_prefix is False
+
+
+@pytest.mark.parametrize("context,length", [(8192, 2048), (32768, 8192), (131072, 16384), (4096, 2048), (512, 512),
+                                            (None, 16384)])
+def test_default_sequence_length_is_a_quarter_of_the_context(context, length):
+    assert CodebookSettings().for_context(context).seq_len == length
+    assert CodebookSettings(seq_len=4096).for_context(context).seq_len == 4096  # a length asked for is kept
 
 
 def test_bf16_forward_keeps_calibration_statistics_in_fp32():

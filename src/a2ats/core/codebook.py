@@ -12,7 +12,7 @@ import copy
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,10 @@ def nearest_centroid(z: torch.Tensor, t: torch.Tensor, half: torch.Tensor, chunk
     return out
 
 
+# The automatic calibration sequence length: a quarter of the model's context, within these bounds (tokens).
+AUTO_SEQ_LEN = (2048, 16384)
+
+
 class CodebookError(ValueError):
     """A codebook file that cannot serve this model or these settings."""
 
@@ -53,10 +57,11 @@ class CodebookSettings:
     post_rope: bool = False  # True: keys and queries after RoPE, no WRoPE (an ablation; b unused)
     text_tokens: int = 65536
     uuid_tokens: int = 16384
-    # Long sequences, each starting with the token real prompts start with (the attention sink), as the official
-    # recipe: on Qwen2.5-Coder-0.5B they keep 0.2-0.6 points more attention mass at 4K-32K than 2K chunks
-    # (docs/eval/qwen/calibration). Capped at the model's context.
-    seq_len: int = 16384
+    # Sequences each starting with the token real prompts start with (the attention sink), as the official recipe.
+    # None: a quarter of the model's context, 2K to 16K tokens (see :meth:`for_context`): on Qwen2.5-Coder-0.5B
+    # (32K) 8K sequences keep the attention mass of 16K ones within 0.001 at 4K-16K, on SmolLM2 (8K) 2K sequences
+    # that of 8K ones within 0.002, at a third to a half of the forward's time (docs/bench/speed, first run).
+    seq_len: int | None = None
     sink_prefix: bool = True
     max_iter: int = 12
     # Lloyd's middle passes search each key's centroid's 32 nearest centroids, not all (core/kmeans.py): ~3x
@@ -70,8 +75,8 @@ class CodebookSettings:
             raise ValueError(f"n_centroids must be in [2, 32767] (codes are int16), got {self.n_centroids}")
         if self.text_tokens < 0 or self.uuid_tokens < 0 or self.text_tokens + self.uuid_tokens <= 0:
             raise ValueError("calibration needs a positive number of text_tokens + uuid_tokens")
-        if self.seq_len < 16:
-            raise ValueError(f"seq_len must be >= 16, got {self.seq_len}")
+        if self.seq_len is not None and self.seq_len < 16:
+            raise ValueError(f"seq_len must be >= 16 (or None: from the model's context), got {self.seq_len}")
         check_band_ratio(self.wrope_band_ratio)
         if self.max_iter < 0 or self.tol < 0:
             raise ValueError("max_iter and tol must be >= 0")
@@ -79,9 +84,21 @@ class CodebookSettings:
             raise ValueError(f"kmeans_neighbours must be >= 0 (0: every Lloyd pass searches all centroids), got "
                              f"{self.kmeans_neighbours}")
 
+    def for_context(self, context: int | None) -> CodebookSettings:
+        """These settings with the sequence length a model of ``context`` tokens calibrates on: ``seq_len`` when
+        set, else a quarter of the context between 2K and 16K tokens, never past the context (16K when the
+        context is unknown)."""
+        if self.seq_len is not None:
+            return self
+        low, high = AUTO_SEQ_LEN
+        auto = high if not context else min(max(context // 4, low), high, context)
+        return replace(self, seq_len=auto)
+
     @property
     def tag(self) -> str:
         """A file-name tag of the settings that change the codes (not the corpus size)."""
+        if self.seq_len is None:
+            raise ValueError("the calibration sequence length is not set: settings.for_context(model context) first")
         space = "postrope" if self.post_rope else f"b{self.wrope_distance}"
         if self.wrope_band_ratio is not None and not self.post_rope:
             space = f"bands{self.wrope_band_ratio:g}"

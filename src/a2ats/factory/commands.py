@@ -14,7 +14,7 @@ from a2ats.core.support import check_context
 from a2ats.factory import options
 from a2ats.factory.options import log
 from a2ats.hf.calibrate import calibrate as fit_codebooks
-from a2ats.hf.calibrate import check_writable, default_codebook_path
+from a2ats.hf.calibrate import check_writable, default_codebook_path, for_model
 from a2ats.hf.generate import GenerationResult, encode_prompt
 
 
@@ -87,6 +87,7 @@ def calibrate(a) -> int:
     check_writable(Path(out) if out.endswith(".safetensors") else Path(out) / "x" if out else options.cache_file())
     settings = options.settings(a)
     model, tok = models.load_model(a.model, options.DTYPES[a.dtype], a.device, log=log)
+    settings = for_model(model, settings)
     if not out:
         out = default_codebook_path(model, settings)
     elif not out.endswith(".safetensors"):

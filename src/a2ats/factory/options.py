@@ -20,7 +20,7 @@ from a2ats.assets import models
 from a2ats.core.codebook import Codebooks, CodebookSettings
 from a2ats.core.config import DEFAULT_BAND_RATIO, DEFAULT_BUDGETS, A2ATSConfig, Budget
 from a2ats.hf import tp
-from a2ats.hf.calibrate import check_writable, codebook_file, load_or_calibrate
+from a2ats.hf.calibrate import check_writable, load_or_calibrate, names_file
 from a2ats.hf.precision import parse_dtype
 from a2ats.methods.registry import build_method
 from a2ats.runtime.model import DECODE_WEIGHTS
@@ -108,7 +108,8 @@ def add_codebook_args(p: argparse.ArgumentParser, file: bool = True) -> None:
                         f"{s.kmeans_neighbours}); 0: every pass searches all")
     p.add_argument("--euclidean", action="store_true", help="plain k-means on pre-RoPE keys (ablation), not query-aware")
     p.add_argument("--calib-seq-len", type=int, default=None,
-                   help=f"calibration sequence length in tokens (default {s.seq_len}; capped at the model's context)")
+                   help="calibration sequence length in tokens (default: a quarter of the model's context, 2K to 16K; "
+                        "capped at the context)")
     p.add_argument("--no-sink-prefix", action="store_true",
                    help="calibration sequences without the token real prompts start with (2K sequences without it: "
                         "--calib-seq-len 2048 --no-sink-prefix)")
@@ -294,8 +295,10 @@ def check(a) -> None:
         if a.codebooks is None:
             check_writable(cache_file())
             return
-        file = codebook_file(a.codebooks, settings(a))
-        if file.exists():
-            Codebooks.load(file)  # a file that is not a codebook file is named now, not after the model loads
+        path = Path(a.codebooks)
+        if not names_file(path):
+            check_writable(path / "codebooks.safetensors")  # a folder: the file's name waits for the model's context
+        elif path.exists():
+            Codebooks.load(path)  # a file that is not a codebook file is named now, not after the model loads
         else:
-            check_writable(file)
+            check_writable(path)

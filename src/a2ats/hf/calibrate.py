@@ -214,8 +214,14 @@ def fit(recording: Recording, settings: CodebookSettings, progress: bool | Calib
     return Codebooks(torch.stack(cents), torch.stack(chols), recording.fingerprint, settings, recording.digest, info)
 
 
+def for_model(model, settings: CodebookSettings | None = None) -> CodebookSettings:
+    """``settings`` (default: the defaults) with the calibration sequence length ``model``'s context implies."""
+    return (settings or CodebookSettings()).for_context(getattr(model.config, "max_position_embeddings", None))
+
+
 def settings_sequences(model, tokenizer, settings: CodebookSettings) -> list[torch.Tensor]:
     """The calibration sequences ``settings`` ask for (length capped at the model's context)."""
+    settings = for_model(model, settings)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     seq_len = min(settings.seq_len, max_pos) if max_pos else settings.seq_len
     prefix = prompt_start(tokenizer) if settings.sink_prefix else []
@@ -242,7 +248,7 @@ def calibrate(
     """Build codebooks for ``model`` from the built-in offline corpus (forward under ``compute_dtype`` autocast)."""
     refuse_sharded(model)
     check_rotary_layout(model)
-    settings = settings or CodebookSettings()
+    settings = for_model(model, settings)
     seqs = settings_sequences(model, tokenizer, settings)
     with CalibrationProgress(disable=not progress) as bar:  # one bar, one remaining time, over both phases
         plan_calibration(bar, model, sum(len(s) for s in seqs), [settings])
@@ -258,7 +264,7 @@ def calibrate_missing(
     and key space: the paper's, the Euclidean and the banded codebooks share a pass (same keys; H rotated per band
     ratio), post-RoPE codebooks take another. Returns the files written."""
     check_rotary_layout(model)
-    todo = {default_codebook_path(model, s): s for s in settings}
+    todo = {default_codebook_path(model, s): for_model(model, s) for s in settings}
     todo = {path: s for path, s in todo.items() if not path.exists()}
     groups: dict[tuple, list[tuple[Path, CodebookSettings]]] = {}
     for path, s in todo.items():
@@ -283,6 +289,7 @@ def calibrate_missing(
 
 def default_codebook_path(model, settings: CodebookSettings) -> Path:
     """Where codebooks for this checkpoint and these settings are cached."""
+    settings = for_model(model, settings)
     key = fingerprint_id({**model_fingerprint(model.config), "digest": weights_digest(model)})
     name = str(getattr(model.config, "_name_or_path", "") or "model").rstrip("/").split("/")[-1] or "model"
     return cache_dir() / "codebooks" / f"{name}-{key}" / f"{settings.tag}.safetensors"
@@ -292,7 +299,12 @@ def codebook_file(path: str | Path, settings: CodebookSettings) -> Path:
     """The codebook file ``path`` names for ``settings``: ``path`` itself when it is a file (or ends in a suffix),
     else ``<path>/<settings tag>.safetensors``."""
     path = Path(path)
-    return path if path.is_file() or (path.suffix and not path.is_dir()) else path / f"{settings.tag}.safetensors"
+    return path if names_file(path) else path / f"{settings.tag}.safetensors"
+
+
+def names_file(path: Path) -> bool:
+    """Whether a codebook path names a file (an existing one, or one with a suffix), not a folder of them."""
+    return path.is_file() or bool(path.suffix and not path.is_dir())
 
 
 def check_writable(file: Path) -> None:
@@ -315,7 +327,7 @@ def load_or_calibrate(
 ) -> Codebooks:
     """Codebooks from ``path`` (a file, or a folder holding ``<settings tag>.safetensors``), or the cache;
     calibrated and saved there first when absent. A file that exists but does not fit is an error, never overwritten."""
-    settings = settings or CodebookSettings()
+    settings = for_model(model, settings)
     file = default_codebook_path(model, settings) if path is None else codebook_file(path, settings)
     if not file.exists():
         refuse_sharded(model, file)  # every rank sees the same file system: all refuse alike, none calibrates
