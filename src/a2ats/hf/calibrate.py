@@ -146,11 +146,16 @@ def record(
 
 
 def kernel_nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """k-means assignment by the C++ nearest-centroid kernel: the exact argmax of x·c - |c|²/2, on cache-sized
-    tiles (measured 1.1 s against 2.4 s for torch's matmul + max per pass over 3 x 81,920 points and 4,096
-    centroids, 2-core Xeon)."""
+    """k-means assignment by the C++ kernel (:func:`a2ats.kernels.kmeans_nearest`): the exact argmax of x·c - |c|²/2,
+    shortlisted with bf16 dot products under a proven bound and decided in fp32 where the CPU has AVX-512 BF16.
+    Points and centroids are first centred on the points' mean (the nearest centroid does not change): the bound
+    scales with |x| |c|, which the keys' offset from the origin would inflate. Measured 2.6x faster than the fp32
+    kernel (encode_nearest) it replaces: 0.73 s against 1.90 s per pass over 3 x 81,920 points and 4,096 centroids,
+    d = 64, centring included (AMD EPYC, AVX-512 BF16, 2 cores of which another job held one)."""
+    mu = x.mean(1, keepdim=True, dtype=torch.float32)
+    x, centroids = x.float() - mu, centroids.float() - mu
     half = 0.5 * (centroids * centroids).sum(-1)
-    return kernels.encode_nearest(x.unsqueeze(0), centroids, half).squeeze(0).long()
+    return kernels.kmeans_nearest(x, centroids, half)
 
 
 def kmeans_layer_guess(settings: CodebookSettings, kv_heads: int, head_dim: int, points: int) -> float:

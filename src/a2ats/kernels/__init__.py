@@ -10,6 +10,7 @@ from a2ats.kernels.cpu import cpu_backend
 from a2ats.kernels.ops import (
     dequantize_rows,
     encode_nearest,
+    kmeans_nearest,
     kmeans_nearest_among,
     kmeans_pp_picks,
     linear_bf16w,
@@ -41,6 +42,7 @@ __all__ = [
     "dequantize_rows",
     "quantize_rows",
     "encode_nearest",
+    "kmeans_nearest",
     "kmeans_nearest_among",
     "kmeans_pp_picks",
     "linear_bf16w",

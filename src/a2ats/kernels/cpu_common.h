@@ -87,5 +87,17 @@ inline __m512 sum16_head_major(const __m512* part) {
 }
 #endif
 
+// a . b over d floats in 16 independent sums: one vector FMA per 16 dims, no serial chain (the k-means kernels')
+inline float dot16(const float* __restrict a, const float* __restrict b, int64_t d) {
+  float part[16] = {};
+  int64_t e = 0;
+  for (; e + 16 <= d; e += 16)
+    for (int l = 0; l < 16; ++l) part[l] += a[e + l] * b[e + l];
+  for (; e < d; ++e) part[e % 16] += a[e] * b[e];
+  float dot = 0.f;
+  for (int l = 0; l < 16; ++l) dot += part[l];
+  return dot;
+}
+
 }  // namespace a2ats
 

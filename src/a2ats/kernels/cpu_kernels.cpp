@@ -5,8 +5,8 @@
 // Loops are plain C++ written so that -O3 vectorizes them for the ISA the extension was built for;
 // parallelism goes through at::parallel_for so torch.set_num_threads governs it.
 //
-// The extension is built from every cpu_*.cpp file here: this one holds attention over the selection, key
-// encoding and k-means; cpu_ops.h declares what each file exports and cpu_module.cpp binds it to Python.
+// The extension is built from every cpu_*.cpp file here: this one holds attention over the selection and key
+// encoding; cpu_ops.h declares what each file exports and cpu_module.cpp binds it to Python.
 
 #include "cpu_common.h"
 
@@ -479,135 +479,6 @@ at::Tensor encode_nearest(at::Tensor z, at::Tensor t, at::Tensor half) {
           }
         O[bh * n + j0 + r] = static_cast<int16_t>(arg);
       }
-    }
-  });
-  return out;
-}
-
-// a . b over d floats in 16 independent sums: one vector FMA per 16 dims, no serial chain (the k-means kernels')
-static inline float dot16(const float* __restrict a, const float* __restrict b, int64_t d) {
-  float part[16] = {};
-  int64_t e = 0;
-  for (; e + 16 <= d; e += 16)
-    for (int l = 0; l < 16; ++l) part[l] += a[e + l] * b[e + l];
-  for (; e < d; ++e) part[e % 16] += a[e] * b[e];
-  float dot = 0.f;
-  for (int l = 0; l < 16; ++l) dot += part[l];
-  return dot;
-}
-
-// ---------------------------------------------------------------------------------------------------
-// Kernel: k-means++ seeding (calibration)
-// ---------------------------------------------------------------------------------------------------
-
-// The k sequential draws of k-means++ over each point set: pick (G, k) int64 sample indices, given the first
-// pick (G,) and the uniform draws u (G, k - 1) float64. Each draw is the first point whose running sum of
-// squared distances to the picks so far reaches u * the total (float64 sums), as a2ats.core.kmeans's loop does;
-// in torch that loop is ~10 small ops per draw, 4 s a layer in dispatch alone, here ~0.2 s.
-at::Tensor kmeans_pp_picks(at::Tensor pts, at::Tensor first, at::Tensor u) {
-  TORCH_CHECK(pts.dim() == 3 && pts.scalar_type() == at::kFloat, "pts must be float32 (G, S, d)");
-  TORCH_CHECK(first.dim() == 1 && first.scalar_type() == at::kLong && first.size(0) == pts.size(0),
-              "first must be int64 (G,)");
-  TORCH_CHECK(u.dim() == 2 && u.scalar_type() == at::kDouble && u.size(0) == pts.size(0), "u must be float64 (G, k - 1)");
-  pts = pts.contiguous();
-  u = u.contiguous();
-  const int64_t G = pts.size(0), S = pts.size(1), d = pts.size(2), k = u.size(1) + 1;
-  TORCH_CHECK(S > 0, "no points to seed from");
-  auto out = at::empty({G, k}, at::kLong);
-  int64_t* O = out.data_ptr<int64_t>();
-  std::vector<float> norms(S), mind(S);
-  std::vector<double> cdf(S);
-  for (int64_t g = 0; g < G; ++g) {
-    const float* P = pts.data_ptr<float>() + g * S * d;
-    const double* U = u.data_ptr<double>() + g * (k - 1);
-    for (int64_t i = 0; i < S; ++i) {
-      float acc = 0.f;
-      for (int64_t e = 0; e < d; ++e) acc += P[i * d + e] * P[i * d + e];
-      norms[i] = acc;
-    }
-    // mind = min(mind, |p - c|^2) for the new pick c, as norms - 2 p.c + |c|^2 clamped at 0 (the torch loop's form)
-    auto update = [&](int64_t pick, bool init) {
-      const float* __restrict c = P + pick * d;
-      const float cn = norms[pick];
-      at::parallel_for(0, S, 4096, [&](int64_t lo, int64_t hi) {
-        for (int64_t i = lo; i < hi; ++i) {
-          const float* __restrict p = P + i * d;
-          const float dist = std::max(norms[i] - 2.f * dot16(p, c, d) + cn, 0.f);
-          mind[i] = init ? dist : std::min(mind[i], dist);
-        }
-      });
-    };
-    int64_t pick = first.data_ptr<int64_t>()[g];
-    TORCH_CHECK(pick >= 0 && pick < S, "first pick out of range");
-    O[g * k] = pick;
-    update(pick, true);
-    for (int64_t j = 1; j < k; ++j) {
-      double acc = 0.0;
-      for (int64_t i = 0; i < S; ++i) cdf[i] = (acc += mind[i]);
-      const double target = U[j - 1] * acc;
-      pick = std::min<int64_t>(std::lower_bound(cdf.begin(), cdf.end(), target) - cdf.begin(), S - 1);
-      O[g * k + j] = pick;
-      update(pick, false);
-    }
-  }
-  return out;
-}
-
-// ---------------------------------------------------------------------------------------------------
-// Kernel: k-means assignment among candidates (calibration)
-// ---------------------------------------------------------------------------------------------------
-
-// The nearest centroid (G, N) int64 of each point among the candidates of its current one: for point i of set g
-// with current centroid a = cur[g, i], the first argmax over j of pts[g, i] . cents[g, c] - half[g, c] with
-// c = cand[g, a, j]. A Lloyd pass that searches m neighbours instead of all k centroids costs N m d instead of
-// N k d (the centroids, a few MB, stay in cache), which is what makes k-means' middle passes cheap.
-at::Tensor kmeans_nearest_among(at::Tensor pts, at::Tensor cents, at::Tensor half, at::Tensor cand,
-                                   at::Tensor cur) {
-  TORCH_CHECK(pts.dim() == 3 && pts.scalar_type() == at::kFloat, "pts must be float32 (G, N, d)");
-  TORCH_CHECK(cents.dim() == 3 && cents.scalar_type() == at::kFloat && cents.size(0) == pts.size(0) &&
-                  cents.size(2) == pts.size(2),
-              "cents must be float32 (G, k, d) matching pts");
-  TORCH_CHECK(half.dim() == 2 && half.scalar_type() == at::kFloat && half.size(0) == cents.size(0) &&
-                  half.size(1) == cents.size(1),
-              "half must be float32 (G, k)");
-  TORCH_CHECK(cand.dim() == 3 && cand.scalar_type() == at::kInt && cand.size(0) == cents.size(0) &&
-                  cand.size(1) == cents.size(1) && cand.size(2) > 0,
-              "cand must be int32 (G, k, m), m > 0");
-  TORCH_CHECK(cur.dim() == 2 && cur.scalar_type() == at::kLong && cur.size(0) == pts.size(0) &&
-                  cur.size(1) == pts.size(1),
-              "cur must be int64 (G, N)");
-  pts = pts.contiguous();
-  cents = cents.contiguous();
-  half = half.contiguous();
-  cand = cand.contiguous();
-  cur = cur.contiguous();
-  const int64_t G = pts.size(0), N = pts.size(1), d = pts.size(2), k = cents.size(1), m = cand.size(2);
-  auto out = at::empty({G, N}, at::kLong);
-  if (G == 0 || N == 0) return out;
-  TORCH_CHECK(cand.min().item<int32_t>() >= 0 && cand.max().item<int32_t>() < k, "candidates out of range");
-  TORCH_CHECK(cur.min().item<int64_t>() >= 0 && cur.max().item<int64_t>() < k, "current centroids out of range");
-  const float* P = pts.data_ptr<float>();
-  const float* C = cents.data_ptr<float>();
-  const float* HF = half.data_ptr<float>();
-  const int32_t* CA = cand.data_ptr<int32_t>();
-  const int64_t* CU = cur.data_ptr<int64_t>();
-  int64_t* O = out.data_ptr<int64_t>();
-  at::parallel_for(0, G * N, 512, [&](int64_t lo, int64_t hi) {
-    for (int64_t item = lo; item < hi; ++item) {
-      const int64_t g = item / N;
-      const float* __restrict p = P + item * d;
-      const int32_t* __restrict list = CA + (g * k + CU[item]) * m;
-      float best = -std::numeric_limits<float>::infinity();
-      int64_t arg = CU[item];  // NaN scores (never from finite points) keep the current centroid
-      for (int64_t j = 0; j < m; ++j) {
-        const int64_t c = list[j];
-        const float s = dot16(p, C + (g * k + c) * d, d) - HF[g * k + c];
-        if (s > best) {
-          best = s;
-          arg = c;
-        }
-      }
-      O[item] = arg;
     }
   });
   return out;

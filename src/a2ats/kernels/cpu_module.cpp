@@ -13,7 +13,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("v_buf"), py::arg("idx"), py::arg("count"), py::arg("scaling"), py::arg("k_scale") = py::none(),
         py::arg("v_scale") = py::none());
   m.def("encode_nearest", &encode_nearest, "nearest centroid (argmax of z.t - half) -> int16 codes");
+
+  // cpu_kmeans.cpp
   m.def("kmeans_pp_picks", &kmeans_pp_picks, "k-means++ seeding: the sample index of each of k picks per point set");
+  m.def("kmeans_nearest", &kmeans_nearest, "k-means assignment over every centroid: first argmax of x.c - half");
   m.def("kmeans_nearest_among", &kmeans_nearest_among, "k-means assignment among each point's candidate centroids");
 
   // cpu_selection.cpp

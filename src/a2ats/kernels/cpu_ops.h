@@ -9,11 +9,14 @@
 #include <optional>
 #include <vector>
 
-// cpu_kernels.cpp: attention over the selection, key encoding, k-means
+// cpu_kernels.cpp: attention over the selection, key encoding
 at::Tensor sparse_attention(at::Tensor q, at::Tensor k_buf, at::Tensor v_buf, at::Tensor idx, at::Tensor count,
                             double scaling, std::optional<at::Tensor> k_scale, std::optional<at::Tensor> v_scale);
 at::Tensor encode_nearest(at::Tensor z, at::Tensor t, at::Tensor half);
+
+// cpu_kmeans.cpp: calibration's k-means (seeding, the assignment over every centroid, among candidates)
 at::Tensor kmeans_pp_picks(at::Tensor pts, at::Tensor first, at::Tensor u);
+at::Tensor kmeans_nearest(at::Tensor x, at::Tensor cents, at::Tensor half);
 at::Tensor kmeans_nearest_among(at::Tensor pts, at::Tensor cents, at::Tensor half, at::Tensor cand, at::Tensor cur);
 
 // cpu_selection.cpp: scoring and top-K selection

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from a2ats.core.kmeans import nearest_among, pp_picks
+from a2ats.core.kmeans import assign, nearest_among, pp_picks
 from a2ats.kernels.cpu import cpu_backend
 from a2ats.kernels.reference import (
     dequantize_rows,
@@ -20,7 +20,7 @@ from a2ats.kernels.reference import (
 )
 from a2ats.kernels.triton_score import triton_available, triton_score_select
 
-__all__ = ["dequantize_rows", "encode_nearest", "kmeans_nearest_among", "kmeans_pp_picks", "linear_bf16w", "lookup_tables", "quantize_rows", "tile_centroids", "score",
+__all__ = ["dequantize_rows", "encode_nearest", "kmeans_nearest", "kmeans_nearest_among", "kmeans_pp_picks", "linear_bf16w", "lookup_tables", "quantize_rows", "tile_centroids", "score",
            "rope", "score_select", "score_select_direct", "sparse_attention", "store_rows"]
 
 
@@ -236,6 +236,26 @@ def kmeans_nearest_among(x: torch.Tensor, centroids: torch.Tensor, half: torch.T
     if ext is None:
         return nearest_among(x, centroids, half, cand, cur)
     return ext.kmeans_nearest_among(x.float(), centroids.float(), half.float(), cand.to(torch.int32), cur.long())
+
+
+def kmeans_nearest(x: torch.Tensor, centroids: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
+    """Each point's nearest centroid (G, N) int64 over every centroid: the first argmax over c of
+    ``x[g, i] · centroids[g, c] - half[g, c]``, with ``half`` (G, k) the half squared norms of ``centroids`` (G, k, d)
+    and x (G, N, d). On CPU tensors the C++ kernel, which where the CPU has AVX-512 BF16 shortlists centroids with bf16
+    dot products under a proven error bound and decides among them in fp32: the exact nearest centroid but where fp32
+    rounding reorders a near-tie. Elsewhere :func:`a2ats.core.kmeans.assign` (which recomputes ``half``)."""
+    if x.dim() != 3 or centroids.dim() != 3 or half.dim() != 2:
+        raise ValueError(f"x must be (G, N, d), centroids (G, k, d), half (G, k); got {tuple(x.shape)}, "
+                         f"{tuple(centroids.shape)}, {tuple(half.shape)}")
+    if centroids.shape[0] != x.shape[0] or centroids.shape[2] != x.shape[2] or half.shape != centroids.shape[:2]:
+        raise ValueError(f"x {tuple(x.shape)}, centroids {tuple(centroids.shape)} and half {tuple(half.shape)} disagree "
+                         "on point sets or dims")
+    if centroids.shape[1] == 0 and x.shape[1] > 0:
+        raise ValueError("no centroids to assign the points to")
+    ext = cpu_backend() if _on_cpu(x, centroids, half) else None
+    if ext is None:
+        return assign(x, centroids)[0]
+    return ext.kmeans_nearest(x.float(), centroids.float(), half.float())
 
 
 def linear_bf16w(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
