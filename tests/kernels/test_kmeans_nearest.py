@@ -9,6 +9,7 @@ import torch
 
 from a2ats import kernels
 from a2ats.core.kmeans import assign
+from a2ats.kernels import reference_encode_nearest
 
 
 def scores64(x, c, half):
@@ -84,15 +85,17 @@ def test_half_is_the_kernels_not_recomputed(isa_ext):
     assert bool((isa_ext.kmeans_nearest(x, c, half) == 11).all())
 
 
-def test_equals_the_fp32_encoding_kernel_on_separated_data(isa_ext):
-    """Well separated clusters (no near-ties): exactly encode_nearest's codes, the kernel it replaces."""
+def test_equals_the_fp32_reference_on_separated_data(isa_ext):
+    """Well separated clusters (no near-ties): exactly the torch fp32 reference's codes, and key encoding's (which
+    takes this kernel for many keys)."""
     g = torch.Generator().manual_seed(4)
     G, N, k, d = 3, 2000, 300, 64
     c = torch.randn(G, k, d, generator=g) * 10
     x = c[:, torch.randint(k, (N,), generator=g)] + 0.5 * torch.randn(G, N, d, generator=g)
     half = 0.5 * (c * c).sum(-1)
-    old = isa_ext.encode_nearest(x.unsqueeze(0), c, half).squeeze(0).long()
-    assert torch.equal(isa_ext.kmeans_nearest(x, c, half), old)
+    ref = reference_encode_nearest(x.unsqueeze(0), c, half).squeeze(0).long()
+    assert torch.equal(isa_ext.kmeans_nearest(x, c, half), ref)
+    assert torch.equal(isa_ext.encode_nearest(x.unsqueeze(0), c, half).squeeze(0).long(), ref)
 
 
 def test_bad_shapes_raise(isa_ext):

@@ -441,6 +441,8 @@ at::Tensor sparse_attention(at::Tensor q, at::Tensor k_buf, at::Tensor v_buf, at
 // z (B, H, n, d) and t (H, C, d) float32, half (H, C). Tokens go in blocks of 64: the GEMM of a block
 // (BLAS, one thread per block) leaves a 64 x C similarity tile in cache, and the argmax is taken
 // there, instead of writing n x C similarities to memory and reading them back.
+constexpr int64_t kBf16Keys = 256;  // keys per head from which encoding takes the bf16 path
+
 at::Tensor encode_nearest(at::Tensor z, at::Tensor t, at::Tensor half) {
   TORCH_CHECK(z.dim() == 4 && z.scalar_type() == at::kFloat, "z must be float32 (B, H, n, d)");
   TORCH_CHECK(t.dim() == 3 && t.scalar_type() == at::kFloat && t.size(0) == z.size(1) && t.size(2) == z.size(3),
@@ -455,6 +457,14 @@ at::Tensor encode_nearest(at::Tensor z, at::Tensor t, at::Tensor half) {
   const int64_t B = z.size(0), H = z.size(1), n = z.size(2), C = t.size(1);
   auto out = at::empty({B, H, n}, at::kShort);
   if (n == 0 || B == 0 || H == 0) return out;
+#if defined(__AVX512BF16__)
+  // Many keys (a prefill's): the k-means assignment kernel, bf16 dot products under a proven bound decided in fp32.
+  // It packs the centroids to bf16 first, about one key's fp32 work: not worth it for a decode step's one key.
+  if (n >= kBf16Keys) {
+    for (int64_t b = 0; b < B; ++b) out[b].copy_(kmeans_nearest(z[b], t, half));
+    return out;
+  }
+#endif
   constexpr int64_t kRows = 64;
   const int64_t blocks = (n + kRows - 1) / kRows;
   int16_t* O = out.data_ptr<int16_t>();
