@@ -192,3 +192,52 @@ def qwen_calibration(root: Path) -> str:
            for r in ("oracle", "2k", "2k+sink", "16k+sink")]
     return "\n".join(["Attention mass kept on held-out prose by the paper's selection (single WRoPE distance, GQA "
                       "union) with each recipe's codebooks:", "", table(head, out), "", source_line(rel, d["provenance"])])
+
+
+SEQ8K = "docs/eval/qwen/calibration/seq8k"
+
+
+@block("qwen-calibration-8k-tasks")
+def qwen_calibration_8k_tasks(root: Path) -> str:
+    """The default selection's task scores at 8K with codebooks from 8K calibration sequences (the default since)
+    against the suite's, from 16K sequences, on the same prompts: the needle and suite shares of full attention."""
+    from a2ats.eval.report import _spread, bootstrap
+
+    default = library_default()
+    rows, runs, config = load_eval(root, SEQ8K)
+    expect(config.get("model") == "qwen2.5-coder-0.5b" and tuple(config["lengths"]) == (8192,),
+           f"{SEQ8K}/config.json: model {config.get('model')}, lengths {config.get('lengths')}")
+    new = [r for r in rows if "score" in r and (r["method"], r["budget"]) == default]
+    expect(len(new) == 28, f"{SEQ8K}: {len(new)} task rows of the default, expected 28")
+    suite, suite_runs, _, _ = qwen_rows(root)
+    prompts = {(r["task"], r["seed"]) for r in new}
+    before = [r for r in suite if "score" in r and r["length"] == 8192 and (r["task"], r["seed"]) in prompts
+              and ((r["method"], r["budget"]) == default or r["method"] == "full")]
+    label = "8K sequences"
+    rows = before + [{**r, "method": f"{default[0]} ({label})"} for r in new]
+    needles = {r["task"] for r in rows if r["task"].startswith("niah_")}
+    need, allt = bootstrap(rows, needles), bootstrap(rows)
+    full = ("full", 1.0)
+    out = [["full attention (average score ×100)", f"{100 * need[full][8192][0]:.1f}", f"{100 * allt[full][8192][0]:.1f}"]]
+    for key, name in [(default, "16K calibration sequences (the suite's codebooks, before)"),
+                      ((f"{default[0]} ({label})", default[1]), "8K calibration sequences (the default now)")]:
+        out.append([name, share_cell(need, key, 8192, _spread(rows, needles, 8192)),
+                    share_cell(allt, key, 8192, _spread(rows, None, 8192))])
+    used = sorted({r["_run"] for r in before})
+    same_machine(runs[0], suite_runs[used[0]])
+    return "\n".join([
+        "The default selection (banded WRoPE, max reduction, 10% per KV head) on the 8K task prompts, with codebooks "
+        "calibrated on 16K and on 8K sequences: share of full attention's average score on the same 28 prompts, with "
+        "its 95% bootstrap interval (paired over prompts; † marks an interval that cannot resample the one-sample "
+        "tasks):", "", table(["codebooks", "needles 8K", "suite 8K"], out), "",
+        f"Sources: `{SEQ8K}/results.jsonl` (run {runs[0]['date'][:10]}, commit {runs[0]['commit'][:12]}; machine: "
+        f"{machine_of(runs[0])}; command: `{worktree_command(runs[0]['command'])}`, run from a clean checkout of that "
+        "commit) and, for full attention and the 16K codebooks, " + qwen_source(root, suite_runs, used).replace("Source: ", "", 1)])
+
+
+def worktree_command(command: str) -> str:
+    """A recorded command run from a checkout elsewhere, as it reads from the repository root."""
+    import re
+
+    command = re.sub(r"^\S*/src/a2ats/__main__\.py ", "a2ats ", command)
+    return re.sub(r"(?<=\s)/\S*?/(?=docs/)", "", command)
