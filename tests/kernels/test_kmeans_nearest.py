@@ -121,13 +121,13 @@ def test_public_entry_point_and_its_fallback(monkeypatch):
 @pytest.mark.skipif(kernels.cpu_backend() is None, reason="CPU kernels could not be built here")
 @pytest.mark.parametrize("kind", ["scaled", "offset", "clustered"])
 def test_kernel_nearest_centres_and_picks_the_nearest(kind):
-    """Calibration's assignment (centred, then the kernel): the float64 nearest of the raw points up to fp32
-    rounding, and torch's matmul path's pick where there are no near-ties."""
+    """Calibration's assignment: the float64 nearest of the raw points up to fp32 rounding of their scores (the
+    kernel centres for its bound, and decides on the points as given), and torch's matmul path's pick where there
+    are no near-ties."""
     from a2ats.hf.calibrate import kernel_nearest
 
     x, c, half = make(kind, 3, 1001, 37, 64, seed=6)
     got = kernel_nearest(x, c)
-    mu = x.mean(1, keepdim=True)  # the distances' scale: centred
-    exact = assert_nearest(got, x - mu, c - mu, 0.5 * ((c - mu) ** 2).sum(-1))
+    exact = assert_nearest(got, x, c, half)
     if kind == "scaled":
         assert exact == 1.0 and torch.equal(got, assign(x, c)[0])

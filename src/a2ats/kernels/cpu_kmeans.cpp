@@ -78,13 +78,15 @@ void nearest_fp32(const at::Tensor& x, const at::Tensor& cents, const float* HF,
 // where f = 2^-100 (|x| + |c| + 1) bounds what flushing subnormal operands, products and sums to zero loses (the
 // bf16 instructions flush: at most 2^-126 (sqrt(d) (|x| + |c|) + 2d) in all).
 //
-// The shortlist. With M = max |c| and Hm = max |h_c| over a point set's centroids, B_c <= B = eps |x| M + eh Hm + f
-// for every c. Let S = max_c s~_c, taken at c'. The true best c* has s_{c*} >= s_{c'} >= S - B, hence
-// s~_{c*} >= S - 2B: every centroid with s~_c >= S - 2B (here: every centroid of a lane group whose maximum is,
-// a superset) is scored again in fp32, in index order, the first maximum kept; no other can be the nearest. One
-// bound per point (not per centroid) keeps the pass over the approximate scores to a compare per 48 centroids.
-// The bound is ~1% of |x| |c| where the scores spread over ~|x| |c| / sqrt(d): measured at d = 64, k = 4096 on
-// centred points, ~2 lane groups (6 centroids) per point are scored again.
+// The shortlist. Each centroid's bounds l_c = s~_c - B_c <= s_c <= s~_c + B_c = u_c; the true best c* has
+// s_{c*} >= s_c for every c, so u_{c*} >= s_{c*} >= max_c l_c = L. Every centroid with u_c >= L (here: every
+// centroid of a lane group whose maximum u reaches L, a superset) is scored again in fp32, in index order, the
+// first maximum kept; no other can be the nearest. The bound per centroid, not one per point with the largest |c|:
+// a few centroids of real keys' codebooks lie ten times farther out than the median one, and with their norm in
+// every bound shortlists ran to 40-80 centroids (SmolLM2's keys); with each its own, ~2. The bounds are formed in
+// fp32 (an FMA and an add from the rounded-up a = eps |x|, |c| and the other terms): each rounding, at most 2^-24
+// of |s| + B, is within the slack eps and eh keep over their exact terms.
+// The bound is ~1% of |x| |c| where the scores spread over ~|x| |c| / sqrt(d).
 
 constexpr int kR = 8;  // points per block: kR x kT accumulators and kT tile vectors fill the 32 vector registers
 constexpr int kT = 3;  // tiles (16 centroids each) per step: a lane group (measured: 6 x 4, 5 x 5, 4 x 6 no faster)
@@ -110,11 +112,15 @@ inline double norm_up(const float* v, int64_t d) {
 
 // Approximate scores of kR points against group q, tiles kT q .. kT q + kT - 1. Tile t, pair p is one vector of
 // 16 centroids' dims (2p, 2p + 1); point r's pair p (xb[p * kR + r]) is broadcast against it; the sums start from
-// -half (nh). Kept: per point, the lane-wise maximum over the group's tiles (to gm at (q * kR + r) * 16) and over
-// all tiles so far (mx). Lane j of a group stands for its kT centroids 16 t + j: a third of the scores to write
-// and scan again, for a shortlist of whole lanes.
+// -half (nh). Each score s~ then becomes its bounds s~ +- B_c, B_c = a_r |c| + (hb_c + f_r) (cn: |c|, hb: the
+// centroid's other terms, a_r = eps |x_r|, f_r: the point's part of f). Kept: per point, the lane-wise maximum of
+// the upper bounds over the group's tiles (to gm at (q * kR + r) * 16) and of the lower bounds over all tiles so
+// far (lo). Lane j of a group stands for its kT centroids 16 t + j: a third of the bounds to write and scan again,
+// for a shortlist of whole lanes.
 inline void score_group(const uint32_t* __restrict xb, int64_t P, const __m512i* __restrict tiles, int64_t q,
-                        const float* __restrict nh, float* __restrict gm, __m512* __restrict mx) {
+                        const float* __restrict nh, const float* __restrict cn, const float* __restrict hb,
+                        const float* __restrict a, const float* __restrict f, float* __restrict gm,
+                        __m512* __restrict lo) {
   __m512 acc[kR][kT];
   for (int t = 0; t < kT; ++t) {
     const __m512 h = _mm512_load_ps(nh + (q * kT + t) * 16);
@@ -129,15 +135,23 @@ inline void score_group(const uint32_t* __restrict xb, int64_t P, const __m512i*
       for (int t = 0; t < kT; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], c[t], xv);
     }
   }
+  __m512 norms[kT], others[kT];
+  for (int t = 0; t < kT; ++t) {
+    norms[t] = _mm512_load_ps(cn + (q * kT + t) * 16);
+    others[t] = _mm512_load_ps(hb + (q * kT + t) * 16);
+  }
   for (int r = 0; r < kR; ++r) {
-    __m512 m = acc[r][0];
-    for (int t = 1; t < kT; ++t) m = _mm512_max_ps(m, acc[r][t]);
-    _mm512_store_ps(gm + (q * kR + r) * 16, m);
-    mx[r] = _mm512_max_ps(mx[r], m);
+    const __m512 ar = _mm512_set1_ps(a[r]), fr = _mm512_set1_ps(f[r]);
+    __m512 up = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int t = 0; t < kT; ++t) {
+      const __m512 b = _mm512_fmadd_ps(ar, norms[t], _mm512_add_ps(others[t], fr));
+      up = _mm512_max_ps(up, _mm512_add_ps(acc[r][t], b));
+      lo[r] = _mm512_max_ps(lo[r], _mm512_sub_ps(acc[r][t], b));
+    }
+    _mm512_store_ps(gm + (q * kR + r) * 16, up);
   }
 }
 
-// Buffers of each worker thread, kept between calls (no allocation in the loop).
 struct Scratch {
   std::vector<uint32_t> xb;
   std::vector<float> gm;
@@ -155,48 +169,51 @@ T* grown(std::vector<T>& v, int64_t size) {
   return v.data();
 }
 
-void nearest_bf16(const float* X, const float* C, const float* HF, int64_t G, int64_t N, int64_t k, int64_t d,
-                  int64_t* O) {
+// X, C, HF: the points, centroids and halves the bf16 scores and bounds use (centred); X0, C0, H0: the caller's,
+// which the fp32 decision scores (the same argmax: centring shifts each point's scores by one constant, but it is
+// not exact in fp32, and the decision keeps the caller's rounding).
+void nearest_bf16(const float* X, const float* C, const float* HF, const float* X0, const float* C0, const float* H0,
+                  int64_t G, int64_t N, int64_t k, int64_t d, int64_t* O) {
   const int64_t P = (d + 1) / 2, ng = (k + 16 * kT - 1) / (16 * kT), nt = ng * kT, kpad = nt * 16;
+  const double eps = std::ldexp(1.0, -7) + std::ldexp(1.0, -15) + static_cast<double>(d + 2) * std::ldexp(1.0, -23);
+  const double eh = static_cast<double>(d + 4) * std::ldexp(1.0, -23), tiny = std::ldexp(1.0, -100);
+  const auto up = [](double v) {  // v as a float rounded up
+    float r = static_cast<float>(v);
+    return static_cast<double>(r) < v ? std::nextafter(r, std::numeric_limits<float>::infinity()) : r;
+  };
   // Centroids as tiles (G, nt, P, 32 bf16): lane pair j of tile t, pair p = centroid 16t + j's dims 2p, 2p + 1
-  // (centroids past k, up to whole groups: zeros, with half +inf so that they never score), and -half in tile
-  // order. ATen's allocator aligns to 64 bytes.
+  // (centroids past k, up to whole groups: zeros, with half +inf so that they never score), and in tile order
+  // -half, |c| and the bound's other terms eh |h| + tiny (|c| + 1), both rounded up. ATen's allocator aligns to 64
+  // bytes.
   auto tiles_t = at::empty({G * nt * P * 16}, at::kInt);
-  auto nh_t = at::empty({G * kpad}, at::kFloat);
+  auto per_c = at::empty({3, G * kpad}, at::kFloat);
   uint32_t* TL = reinterpret_cast<uint32_t*>(tiles_t.data_ptr<int32_t>());
-  float* NH = nh_t.data_ptr<float>();
-  std::vector<double> cmax(G * nt), hmax(G * nt);  // max |c| and max finite |h| per tile
+  float* NH = per_c.data_ptr<float>();
+  float* CN = NH + G * kpad;
+  float* HB = CN + G * kpad;
   at::parallel_for(0, G * nt, 16, [&](int64_t lo, int64_t hi) {
     for (int64_t item = lo; item < hi; ++item) {
       const int64_t g = item / nt, t = item % nt;
       uint32_t* tile = TL + item * P * 16;
-      double cm = 0.0, hm = 0.0;
       for (int64_t j = 0; j < 16; ++j) {
-        const int64_t c = t * 16 + j;
+        const int64_t c = t * 16 + j, at = g * kpad + c;
         if (c < k) {
           const float* cr = C + (g * k + c) * d;
           to_pairs(cr, d, tile + j, 16);
-          cm = std::max(cm, norm_up(cr, d));
-          const float h = HF[g * k + c];
-          if (std::isfinite(h)) hm = std::max(hm, static_cast<double>(std::fabs(h)));
-          NH[g * kpad + c] = -h;
+          const double norm = norm_up(cr, d), h = HF[g * k + c];
+          NH[at] = static_cast<float>(-h);
+          CN[at] = up(norm);
+          // a centroid whose half is not finite: +inf never scores (its bounds stay -inf), -inf or NaN reach the
+          // fp32 decision or its every-centroid fallback
+          HB[at] = std::isfinite(h) ? up(eh * std::fabs(h) + tiny * (norm + 1.0)) : 0.f;
         } else {
           for (int64_t p = 0; p < P; ++p) tile[p * 16 + j] = 0u;
-          NH[g * kpad + c] = -std::numeric_limits<float>::infinity();
+          NH[at] = -std::numeric_limits<float>::infinity();
+          CN[at] = HB[at] = 0.f;
         }
       }
-      cmax[item] = cm;
-      hmax[item] = hm;
     }
   });
-  std::vector<double> M(G, 0.0), Hm(G, 0.0);
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t t = 0; t < nt; ++t) {
-      M[g] = std::max(M[g], cmax[g * nt + t]);
-      Hm[g] = std::max(Hm[g], hmax[g * nt + t]);
-    }
-  const double eps = std::ldexp(1.0, -7) + std::ldexp(1.0, -15) + static_cast<double>(d + 2) * std::ldexp(1.0, -23);
-  const double eh = static_cast<double>(d + 4) * std::ldexp(1.0, -23), tiny = std::ldexp(1.0, -100);
 
   const int64_t blocks = (N + kR - 1) / kR;
   at::parallel_for(0, G * blocks, 1, [&](int64_t lo, int64_t hi) {
@@ -208,32 +225,36 @@ void nearest_bf16(const float* X, const float* C, const float* HF, int64_t G, in
     for (int64_t item = lo; item < hi; ++item) {
       const int64_t g = item / blocks, i0 = (item % blocks) * kR, rows = std::min<int64_t>(kR, N - i0);
       const float* xg = X + (g * N + i0) * d;
-      const float* cg = C + g * k * d;
-      const float* hg = HF + g * k;
+      const float* cg = C0 + g * k * d;
+      const float* hg = H0 + g * k;
+      float a[kR], f[kR];
+      bool finite[kR];
       for (int64_t r = 0; r < kR; ++r) {
-        if (r < rows)
+        if (r < rows) {
           to_pairs(xg + r * d, d, xb + r, kR);
-        else
+          const double xn = norm_up(xg + r * d, d);
+          finite[r] = std::isfinite(xn);
+          a[r] = finite[r] ? up(eps * xn) : 0.f;
+          f[r] = finite[r] ? up(tiny * xn) : 0.f;
+        } else {
           for (int64_t p = 0; p < P; ++p) xb[p * kR + r] = 0u;  // a short last block: zero points, ignored
+          a[r] = f[r] = 0.f;
+          finite[r] = false;
+        }
       }
       const __m512i* tiles = reinterpret_cast<const __m512i*>(TL + g * nt * P * 16);
-      const float* nh = NH + g * kpad;
-      __m512 mx[kR];
-      for (int r = 0; r < kR; ++r) mx[r] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-      for (int64_t q = 0; q < ng; ++q) score_group(xb, P, tiles, q, nh, gm, mx);
+      const int64_t off = g * kpad;
+      __m512 lower[kR];
+      for (int r = 0; r < kR; ++r) lower[r] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      for (int64_t q = 0; q < ng; ++q) score_group(xb, P, tiles, q, NH + off, CN + off, HB + off, a, f, gm, lower);
 
-      // Each point's threshold S - 2B, rounded down, then one pass over the group maxima for the shortlists: every
-      // centroid of a lane whose maximum reaches the threshold (a superset of those whose own score does)
+      // Each point's threshold: the largest lower bound. The nearest centroid's upper bound reaches it, so one pass
+      // over the group maxima of the upper bounds finds the shortlists: every centroid of a lane whose maximum
+      // reaches the threshold (a superset of those whose own bound does). Rows past the block's points and points
+      // that are not finite get none (the latter fall back to scoring every centroid).
       __m512 thr[kR];
       for (int r = 0; r < kR; ++r) {
-        float th = std::numeric_limits<float>::infinity();  // rows past the block's points: no shortlist
-        if (r < rows) {
-          const double xn = norm_up(xg + r * d, d);
-          const double B = eps * xn * M[g] + eh * Hm[g] + tiny * (xn + M[g] + 1.0);
-          const double th_d = static_cast<double>(_mm512_reduce_max_ps(mx[r])) - 2.0 * B;
-          th = static_cast<float>(th_d);
-          if (static_cast<double>(th) > th_d) th = std::nextafter(th, -std::numeric_limits<float>::infinity());
-        }
+        const float th = finite[r] ? _mm512_reduce_max_ps(lower[r]) : std::numeric_limits<float>::infinity();
         thr[r] = _mm512_set1_ps(th);
       }
       int64_t count[kR] = {};
@@ -256,7 +277,7 @@ void nearest_bf16(const float* X, const float* C, const float* HF, int64_t G, in
       }
       // The shortlist's exact fp32 scores, in index order (the first maximum wins)
       for (int64_t r = 0; r < rows; ++r) {
-        const float* xr = xg + r * d;
+        const float* xr = X0 + (g * N + i0 + r) * d;
         float best = -std::numeric_limits<float>::infinity();
         int64_t arg = -1;
         for (int64_t i = 0; i < count[r]; ++i) {
@@ -296,8 +317,35 @@ at::Tensor kmeans_nearest(at::Tensor x, at::Tensor cents, at::Tensor half) {
   TORCH_CHECK(k > 0, "no centroids to assign to");
   TORCH_CHECK(d > 0, "points must have at least one dim");
 #if defined(__AVX512BF16__)
-  nearest_bf16(x.data_ptr<float>(), cents.data_ptr<float>(), half.data_ptr<float>(), G, N, k, d,
-               out.data_ptr<int64_t>());
+  // Centred on the points' mean mu: x - mu, c - mu, half - c . mu. Each point's scores all shift by one constant
+  // (-x . mu + |mu|^2), so the argmax is the same, while the bound, which scales with |x| |c|, shrinks from the
+  // data's offset to its spread: keys sit far from the origin, and uncentred their shortlists run to hundreds.
+  auto xc = at::empty(x.sizes(), x.options()), cc = at::empty(cents.sizes(), cents.options()),
+       hc = at::empty(half.sizes(), half.options());
+  const float *X = x.data_ptr<float>(), *C = cents.data_ptr<float>(), *H = half.data_ptr<float>();
+  float *XC = xc.data_ptr<float>(), *CC = cc.data_ptr<float>(), *HC = hc.data_ptr<float>();
+  for (int64_t g = 0; g < G; ++g) {
+    std::vector<double> sum(d, 0.0);
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t e = 0; e < d; ++e) sum[e] += X[(g * N + i) * d + e];
+    std::vector<float> mu(d);
+    for (int64_t e = 0; e < d; ++e) mu[e] = static_cast<float>(sum[e] / N);
+    at::parallel_for(0, N, 4096, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i)
+        for (int64_t e = 0; e < d; ++e) XC[(g * N + i) * d + e] = X[(g * N + i) * d + e] - mu[e];
+    });
+    for (int64_t c = 0; c < k; ++c) {
+      const float* src = C + (g * k + c) * d;
+      float* dst = CC + (g * k + c) * d;
+      double dot = 0.0;
+      for (int64_t e = 0; e < d; ++e) {
+        dst[e] = src[e] - mu[e];
+        dot += static_cast<double>(src[e]) * mu[e];
+      }
+      HC[g * k + c] = static_cast<float>(H[g * k + c] - dot);
+    }
+  }
+  nearest_bf16(XC, CC, HC, X, C, H, G, N, k, d, out.data_ptr<int64_t>());
 #else
   nearest_fp32(x, cents, half.data_ptr<float>(), out.data_ptr<int64_t>());
 #endif
