@@ -99,5 +99,44 @@ inline float dot16(const float* __restrict a, const float* __restrict b, int64_t
   return dot;
 }
 
+// v's storage, grown to at least `size` elements (new elements are zero): per-thread scratch reused across calls
+template <typename T>
+T* grown(std::vector<T>& v, int64_t size) {
+  if (static_cast<int64_t>(v.size()) < size) v.resize(size);
+  return v.data();
+}
+
+// The first argmax over c of x[g, i] . cents[g % Gc, c] - half[g % Gc, c] for points x (G, N, d) and centroid sets
+// (Gc, k, d), fp32: points in blocks of 64, each block's (64, k) scores a GEMM (BLAS, one thread per block) left in
+// cache, where the argmax is taken, instead of N x k scores written to memory and read back. NaN rows (never from
+// finite points) give 0.
+template <typename OutT>
+void nearest_by_gemm(const at::Tensor& x, const at::Tensor& cents, const float* half, OutT* out) {
+  const int64_t G = x.size(0), N = x.size(1), Gc = cents.size(0), k = cents.size(1);
+  constexpr int64_t kRows = 64;
+  const int64_t blocks = (N + kRows - 1) / kRows;
+  at::parallel_for(0, G * blocks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t item = lo; item < hi; ++item) {
+      const int64_t g = item / blocks, i0 = (item % blocks) * kRows, rows = std::min(kRows, N - i0);
+      const auto sim = at::mm(x[g].narrow(0, i0, rows), cents[g % Gc].t()).contiguous();  // (rows, k)
+      const float* S = sim.data_ptr<float>();
+      const float* __restrict h = half + (g % Gc) * k;
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* __restrict s = S + r * k;
+        float best = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : best)
+        for (int64_t c = 0; c < k; ++c) best = std::max(best, s[c] - h[c]);
+        int64_t arg = 0;
+        for (int64_t c = 0; c < k; ++c)
+          if (s[c] - h[c] == best) {
+            arg = c;
+            break;
+          }
+        out[g * N + i0 + r] = static_cast<OutT>(arg);
+      }
+    }
+  });
+}
+
 }  // namespace a2ats
 

@@ -465,31 +465,6 @@ at::Tensor encode_nearest(at::Tensor z, at::Tensor t, at::Tensor half) {
     return out;
   }
 #endif
-  constexpr int64_t kRows = 64;
-  const int64_t blocks = (n + kRows - 1) / kRows;
-  int16_t* O = out.data_ptr<int16_t>();
-  const float* HP = half.data_ptr<float>();
-  at::parallel_for(0, B * H * blocks, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t item = lo; item < hi; ++item) {
-      const int64_t bh = item / blocks, h = bh % H, j0 = (item % blocks) * kRows;
-      const int64_t rows = std::min(kRows, n - j0);
-      const auto sim = at::mm(z[bh / H][h].narrow(0, j0, rows), t[h].t()).contiguous();  // (rows, C)
-      const float* S = sim.data_ptr<float>();
-      const float* __restrict hp = HP + h * C;
-      for (int64_t r = 0; r < rows; ++r) {
-        const float* __restrict s = S + r * C;
-        float best = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : best)
-        for (int64_t c = 0; c < C; ++c) best = std::max(best, s[c] - hp[c]);
-        int64_t arg = 0;  // NaN rows (never from finite keys) fall back to 0
-        for (int64_t c = 0; c < C; ++c)
-          if (s[c] - hp[c] == best) {
-            arg = c;
-            break;
-          }
-        O[bh * n + j0 + r] = static_cast<int16_t>(arg);
-      }
-    }
-  });
+  a2ats::nearest_by_gemm(z.view({B * H, n, z.size(3)}), t, half.data_ptr<float>(), out.data_ptr<int16_t>());
   return out;
 }

@@ -9,6 +9,7 @@
 #include "cpu_common.h"
 
 using a2ats::dot16;
+using a2ats::grown;
 using a2ats::prefetch_row;
 
 namespace {
@@ -30,36 +31,6 @@ inline int64_t nearest_exact(const float* p, const float* cents, const float* ha
   return arg;
 }
 
-#if !defined(__AVX512BF16__)
-// fp32 scores: points in blocks of 64, each block's (64, k) scores a GEMM (BLAS, one thread per block) left in
-// cache, where the argmax is taken (as encode_nearest).
-void nearest_fp32(const at::Tensor& x, const at::Tensor& cents, const float* HF, int64_t* O) {
-  const int64_t G = x.size(0), N = x.size(1), k = cents.size(1);
-  constexpr int64_t kRows = 64;
-  const int64_t blocks = (N + kRows - 1) / kRows;
-  at::parallel_for(0, G * blocks, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t item = lo; item < hi; ++item) {
-      const int64_t g = item / blocks, i0 = (item % blocks) * kRows, rows = std::min(kRows, N - i0);
-      const auto sim = at::mm(x[g].narrow(0, i0, rows), cents[g].t()).contiguous();  // (rows, k)
-      const float* S = sim.data_ptr<float>();
-      const float* __restrict h = HF + g * k;
-      for (int64_t r = 0; r < rows; ++r) {
-        const float* __restrict s = S + r * k;
-        float best = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : best)
-        for (int64_t c = 0; c < k; ++c) best = std::max(best, s[c] - h[c]);
-        int64_t arg = 0;  // NaN rows (never from finite points) fall back to 0
-        for (int64_t c = 0; c < k; ++c)
-          if (s[c] - h[c] == best) {
-            arg = c;
-            break;
-          }
-        O[g * N + i0 + r] = arg;
-      }
-    }
-  });
-}
-#endif
 
 #if defined(__AVX512BF16__)
 // ---------------------------------------------------------------------------------------------------
@@ -163,11 +134,6 @@ Scratch& scratch() {
   return s;
 }
 
-template <typename T>
-T* grown(std::vector<T>& v, int64_t size) {
-  if (static_cast<int64_t>(v.size()) < size) v.resize(size);
-  return v.data();
-}
 
 // X, C, HF: the points, centroids and halves the bf16 scores and bounds use (centred); X0, C0, H0: the caller's,
 // which the fp32 decision scores (the same argmax: centring shifts each point's scores by one constant, but it is
@@ -347,7 +313,7 @@ at::Tensor kmeans_nearest(at::Tensor x, at::Tensor cents, at::Tensor half) {
   }
   nearest_bf16(XC, CC, HC, X, C, H, G, N, k, d, out.data_ptr<int64_t>());
 #else
-  nearest_fp32(x, cents, half.data_ptr<float>(), out.data_ptr<int64_t>());
+  a2ats::nearest_by_gemm(x, cents, half.data_ptr<float>(), out.data_ptr<int64_t>());
 #endif
   return out;
 }

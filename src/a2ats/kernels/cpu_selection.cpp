@@ -10,6 +10,7 @@
 #endif
 
 using a2ats::prefetch_row;
+using a2ats::grown;
 using a2ats::to_f;
 #if defined(__AVX512F__)
 using a2ats::load16;
@@ -52,11 +53,6 @@ Scratch& scratch() {
   return s;
 }
 
-template <typename T>
-T* grown(std::vector<T>& v, int64_t size) {
-  if (static_cast<int64_t>(v.size()) < size) v.resize(size);  // new elements are zero
-  return v.data();
-}
 
 // Per row b: which tokens are always kept (first `sinks` / last `window` valid ones) and the list of
 // candidates (valid and not always kept), ascending. Mirrors selection.always_kept.
