@@ -132,3 +132,23 @@ def calibration_recipes_smollm2(root: Path) -> str:
 @block("calibration-recipes-qwen")
 def calibration_recipes_qwen(root: Path) -> str:
     return calibration_recipes(root, "docs/bench/speed/calibration-qwen/calibration.json", "qwen2.5-coder-0.5b")
+
+
+@block("first-calibration-qwen")
+def first_calibration_qwen(root: Path) -> str:
+    """Qwen2.5-Coder-0.5B's first use from an empty cache: assembling and converting its GGUF, then calibrating, with
+    the forward and k-means seconds the calibration printed."""
+    rel = "docs/bench/commands/calibrate-qwen.json"
+    d = load_json(root, rel)
+    expect(d.get("returncode") == 0 and d.get("fresh_cache"), f"{rel}: not a successful run from an empty cache")
+    expect(d["command"].endswith("a2ats calibrate --model qwen2.5-coder-0.5b"), f"{rel}: command {d['command']!r}")
+    line = next((x for x in reversed(d["output_tail"]) if "forward_seconds" in x), None)
+    expect(line is not None, f"{rel}: no line with the calibration's own seconds")
+    forward = float(re.search(r"'forward_seconds': ([\d.]+)", line).group(1))
+    fit = float(re.search(r"'fit_seconds': ([\d.]+)", line).group(1))
+    rows = [["assembling and converting the GGUF, loading the model", duration(d["seconds"] - forward - fit)],
+            ["calibration: forward pass", duration(forward)], ["calibration: k-means", duration(fit)],
+            ["**total**", f"**{duration(d['seconds'])}**"]]
+    p = d["provenance"]
+    return "\n".join([table(["phase", "time"], rows), "",
+                      source_line(rel, p) + " (written to a scratch path and committed here)"])

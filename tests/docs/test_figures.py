@@ -36,7 +36,7 @@ def test_no_measured_figure_outside_a_generated_block():
 def speed_root(tmp_path):
     """A copy of the speed report and the result files its blocks read (the first run's: the recorded demo)."""
     for rel in [f"{SPEED}/README.md", *(p.relative_to(ROOT).as_posix() for p in (ROOT / SPEED).rglob("*.json")),
-                "docs/bench/commands/demo.json"]:
+                "docs/bench/commands/demo.json", "docs/bench/commands/calibrate-qwen.json"]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / rel, tmp_path / rel)
     return tmp_path
