@@ -21,6 +21,7 @@ import importlib.util
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,6 +163,28 @@ def gguf_path(spec: NamedModel, log=print) -> Path:
     return target
 
 
+@contextmanager
+def _gguf_read_once():
+    """transformers reads a GGUF's header anew for the tokenizer, the config and the weights, and gguf's reader takes
+    seconds over a tokenizer's ~50K vocabulary strings: within this block each file is read once (the reader is a
+    read-only view of the file, safe to share)."""
+    import gguf
+
+    original, readers = gguf.GGUFReader, {}
+
+    def reader(path, *args, **kwargs):
+        key = (os.fspath(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = original(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
 def model_path(name: str = DEFAULT_MODEL, log=print) -> Path:
     """The dense bf16 copy of a named model, converted from its verified GGUF on first use."""
     spec = named_model(name)
@@ -174,10 +197,11 @@ def model_path(name: str = DEFAULT_MODEL, log=print) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     log(f"converting {gguf.name} to a dense bf16 copy in {target} (once; ~20 s for the default model, ~1 min for Qwen)")
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
-    )
+    with _gguf_read_once():
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
+        )
     # The dequantized model still says "quantized"; clear that so it saves and reloads as a plain model.
     model.hf_quantizer = None
     model.is_quantized = False
