@@ -1,4 +1,6 @@
 """The model assets' one-time conversion (a2ats.assets.models)."""
+
+
 def test_a_gguf_is_read_once_while_converting(monkeypatch):
     """transformers opens the GGUF for the tokenizer, the config and the weights: inside the conversion's block each
     file is read once, and the reader is gguf's own again after it."""
