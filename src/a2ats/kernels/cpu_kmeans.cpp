@@ -14,6 +14,19 @@ using a2ats::prefetch_row;
 
 namespace {
 
+// Points (G, N, d), centroids (G, k, d) and their halves (G, k), float32, one set of each per G: the assignment
+// kernels' inputs.
+void check_sets(const at::Tensor& x, const at::Tensor& cents, const at::Tensor& half) {
+  TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat, "points must be float32 (G, N, d)");
+  TORCH_CHECK(cents.dim() == 3 && cents.scalar_type() == at::kFloat && cents.size(0) == x.size(0) &&
+                  cents.size(2) == x.size(2),
+              "cents must be float32 (G, k, d) matching the points");
+  TORCH_CHECK(half.dim() == 2 && half.scalar_type() == at::kFloat && half.size(0) == cents.size(0) &&
+                  half.size(1) == cents.size(1),
+              "half must be float32 (G, k)");
+}
+
+
 // The first argmax over c of p . cents[c] - half[c] in fp32, every centroid scored (NaN scores never win; a
 // point whose scores are all NaN gets 0).
 inline int64_t nearest_exact(const float* p, const float* cents, const float* half, int64_t k, int64_t d) {
@@ -267,13 +280,7 @@ void nearest_bf16(const float* X, const float* C, const float* HF, const float* 
 // The first argmax over c of x[g, i] . cents[g, c] - half[g, c]: x (G, N, d), cents (G, k, d), half (G, k) float32
 // -> (G, N) int64. Exact: AVX-512 BF16 builds shortlist in bf16 under a proven bound and decide in fp32 (above).
 at::Tensor kmeans_nearest(at::Tensor x, at::Tensor cents, at::Tensor half) {
-  TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat, "x must be float32 (G, N, d)");
-  TORCH_CHECK(cents.dim() == 3 && cents.scalar_type() == at::kFloat && cents.size(0) == x.size(0) &&
-                  cents.size(2) == x.size(2),
-              "cents must be float32 (G, k, d) matching x");
-  TORCH_CHECK(half.dim() == 2 && half.scalar_type() == at::kFloat && half.size(0) == cents.size(0) &&
-                  half.size(1) == cents.size(1),
-              "half must be float32 (G, k)");
+  check_sets(x, cents, half);
   x = x.contiguous();
   cents = cents.contiguous();
   half = half.contiguous();
@@ -406,13 +413,7 @@ at::Tensor kmeans_pp_picks(at::Tensor pts, at::Tensor first, at::Tensor u) {
 // N k d (the centroids, a few MB, stay in cache), which is what makes k-means' middle passes cheap.
 at::Tensor kmeans_nearest_among(at::Tensor pts, at::Tensor cents, at::Tensor half, at::Tensor cand,
                                    at::Tensor cur) {
-  TORCH_CHECK(pts.dim() == 3 && pts.scalar_type() == at::kFloat, "pts must be float32 (G, N, d)");
-  TORCH_CHECK(cents.dim() == 3 && cents.scalar_type() == at::kFloat && cents.size(0) == pts.size(0) &&
-                  cents.size(2) == pts.size(2),
-              "cents must be float32 (G, k, d) matching pts");
-  TORCH_CHECK(half.dim() == 2 && half.scalar_type() == at::kFloat && half.size(0) == cents.size(0) &&
-                  half.size(1) == cents.size(1),
-              "half must be float32 (G, k)");
+  check_sets(pts, cents, half);
   TORCH_CHECK(cand.dim() == 3 && cand.scalar_type() == at::kInt && cand.size(0) == cents.size(0) &&
                   cand.size(1) == cents.size(1) && cand.size(2) > 0,
               "cand must be int32 (G, k, m), m > 0");
