@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from a2ats.core.kmeans import assign, nearest_among, pp_picks
+from a2ats.core.kmeans import nearest_among, pp_picks
 from a2ats.kernels.cpu import cpu_backend
 from a2ats.kernels.reference import (
     dequantize_rows,
@@ -243,7 +243,7 @@ def kmeans_nearest(x: torch.Tensor, centroids: torch.Tensor, half: torch.Tensor)
     ``x[g, i] · centroids[g, c] - half[g, c]``, with ``half`` (G, k) the half squared norms of ``centroids`` (G, k, d)
     and x (G, N, d). On CPU tensors the C++ kernel, which where the CPU has AVX-512 BF16 shortlists centroids with bf16
     dot products under a proven error bound and decides among them in fp32: the exact nearest centroid but where fp32
-    rounding reorders a near-tie. Elsewhere :func:`a2ats.core.kmeans.assign` (which recomputes ``half``)."""
+    rounding reorders a near-tie. Elsewhere the torch reference of key encoding, the same argmax with ``half`` as given."""
     if x.dim() != 3 or centroids.dim() != 3 or half.dim() != 2:
         raise ValueError(f"x must be (G, N, d), centroids (G, k, d), half (G, k); got {tuple(x.shape)}, "
                          f"{tuple(centroids.shape)}, {tuple(half.shape)}")
@@ -254,7 +254,7 @@ def kmeans_nearest(x: torch.Tensor, centroids: torch.Tensor, half: torch.Tensor)
         raise ValueError("no centroids to assign the points to")
     ext = cpu_backend() if _on_cpu(x, centroids, half) else None
     if ext is None:
-        return assign(x, centroids)[0]
+        return reference_encode_nearest(x.unsqueeze(0).float(), centroids.float(), half.float()).squeeze(0).long()
     return ext.kmeans_nearest(x.float(), centroids.float(), half.float())
 
 
