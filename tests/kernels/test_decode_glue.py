@@ -77,7 +77,6 @@ def test_store_rows_refuses_rows_outside_and_falls_back_for_int8(isa_ext):
 def test_band_queries_through_the_rope_kernel_are_wrope_queries_bit_for_bit(isa_ext, family):
     """A decode step rotates each query for every band in one kernel call (the query broadcast over the bands,
     each band's cos and sin broadcast over the rows): the values of WRoPE.queries, the reference, exactly."""
-    from a2ats.core.config import A2ATSConfig
     from a2ats.core.rope import WRoPE, find_rotary_embedding
     from a2ats.methods import A2ATSMethod
     from conftest import random_codebooks, tiny_model
@@ -93,8 +92,10 @@ def test_band_queries_through_the_rope_kernel_are_wrope_queries_bit_for_bit(isa_
         got = isa_ext.rope(q.unsqueeze(2).expand(3, Hq, bands, d), cos.expand(3, 1, bands, -1),
                            ssin.expand(3, 1, bands, -1))
         assert torch.equal(got, want)
-    # the method's decode queries (default build): the same rows, laid out per KV head
-    method = A2ATSMethod(random_codebooks(model), w, A2ATSConfig().score_precision)
+    # the method's decode queries (default build): the same rows, laid out per KV head, at the score precision
     Hkv = model.config.num_key_value_heads
-    got, _ = method.queries(0, q, q, 5, slice(0, Hkv))
-    assert torch.equal(got, w.queries(q, 5).reshape(3, Hkv, -1, d))
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        method = A2ATSMethod(random_codebooks(model), w, precision)
+        got, _ = method.queries(0, q, q, 5, slice(0, Hkv))
+        assert got.dtype == torch.float32
+        assert torch.equal(got, w.queries(q, 5).to(dtype).float().reshape(3, Hkv, -1, d))

@@ -212,6 +212,62 @@ def test_bf16_rounded_centroids_select_as_fp32_up_to_their_rounding(isa_ext):
         assert float(((scores - thr).abs() <= tol).float().mean()) < 0.05
 
 
+def distance_offsets(B, n, bands, C, first_edge=64):
+    """Offsets as banded WRoPE makes them (method.band_offsets): token j's band from its distance to the newest
+    token, bands doubling from ``first_edge``; the newest bands hold few tokens (few entries in use), the oldest
+    most (nearly every code), so one row mixes bands the kernel computes entry by entry and bands it computes
+    whole (every C codes at once)."""
+    dist = torch.arange(n - 1, -1, -1, dtype=torch.float32)
+    edges = torch.tensor([first_edge * 2.0 ** (i + 1) for i in range(bands - 1)])
+    return (torch.bucketize(dist, edges, right=True) * C).to(torch.int32).expand(B, n).contiguous()
+
+
+# Shapes whose rows mix sparse bands and whole bands (d = 64, bf16 centroids, up to 8 query heads per KV head),
+# the G = 9 case taking entry-by-entry dots only.
+DENSE_CASES = [  # B, H, G, bands, n, C, d
+    (1, 3, 3, 5, 2048, 4096, 64),  # SmolLM2's shapes at 2K: bands 0-2 sparse, 3-4 whole
+    (2, 2, 7, 6, 3000, 1000, 64),  # Qwen's group; C not a multiple of 16
+    (2, 1, 1, 4, 900, 77, 64),
+    (1, 2, 8, 3, 700, 300, 64),
+    (1, 1, 9, 3, 500, 150, 64),
+]
+
+
+@pytest.mark.parametrize("B,H,G,bands,n,C,d", DENSE_CASES)
+def test_bf16_operands_select_exactly_the_reference_on_exact_sums(isa_ext, B, H, G, bands, n, C, d):
+    """bf16 centroids and queries (score_precision "bf16") with small integer values: every score is exact in any
+    order, so the selection is the reference's exactly, ties included, whether a band's entries are computed one by
+    one or whole."""
+    lengths = [n, n - n // 3][:B]
+    q, cent, codes, _, valid = make_case(B, H, G, bands, n, C, d, lengths=lengths, seed=n + G, integer=True)
+    offsets = distance_offsets(B, n, bands, C)
+    for group_max in (True, False):
+        for k, sinks, window in BUDGETS:
+            k = torch.tensor(k[:B], dtype=torch.long)
+            want = reference_score_select_direct(q, cent, bands, group_max, codes, offsets, valid, k, sinks, window)
+            got = isa_ext.score_select_direct(q, cent.bfloat16(), bands, group_max, codes, offsets, valid, k, sinks,
+                                              window)
+            assert_same_selection(got, want)
+
+
+@pytest.mark.parametrize("B,H,G,bands,n,C,d", DENSE_CASES)
+@pytest.mark.parametrize("round_q", [True, False])
+def test_bf16_centroids_select_as_the_reference_up_to_near_ties(isa_ext, B, H, G, bands, n, C, d, round_q):
+    """Random bf16 centroids, queries rounded to bf16 (the method's, every lo half zero) or not (split into two
+    bf16 halves): the reference's selection on the same fp32 values, but for near-ties."""
+    lengths = [n, n - n // 3][:B]
+    q, cent, codes, _, valid = make_case(B, H, G, bands, n, C, d, lengths=lengths, seed=3 * n + G)
+    q = q.bfloat16().float() if round_q else q
+    c16 = cent.bfloat16()
+    offsets = distance_offsets(B, n, bands, C)
+    tol = rounding_tol(q, c16.float())
+    for group_max in (True, False):
+        k = torch.tensor([n // 10, 37][:B])
+        want = reference_score_select_direct(q, c16.float(), bands, group_max, codes, offsets, valid, k, 4, 16)
+        got = isa_ext.score_select_direct(q, c16, bands, group_max, codes, offsets, valid, k, 4, 16)
+        assert_same_up_to_near_ties(got, want, q, c16.float(), bands, group_max, codes, offsets, valid, k, 4, 16, tol)
+
+
 def test_out_of_table_codes_raise_and_leave_the_next_call_right(isa_ext):
     B, H, G, bands, n, C, d = 1, 2, 2, 2, 300, 40, 16
     q, cent, codes, offsets, valid = make_case(B, H, G, bands, n, C, d, lengths=[n], seed=5, integer=True)

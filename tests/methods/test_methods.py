@@ -174,6 +174,7 @@ class _CheckedBanded(A2ATSMethod):
                 distance = len(real) - 1 - r
                 band = int(self.wrope.band_of(torch.tensor([distance]))[0])
                 q = WRoPE(self.wrope.rotary, self.wrope.band_distance(band)).query(step.q_pre[b])  # (Hq, d)
+                q = q.to(self.score_dtype).float()  # queries at the score precision too
                 want = torch.stack([q[h] @ centroids[h // G, codes[b, h // G, j]] for h in range(Hq)])
                 torch.testing.assert_close(est[b, :, j], want, rtol=1e-4, atol=1e-4)
         _CheckedBanded.checked += 1

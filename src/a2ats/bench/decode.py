@@ -25,7 +25,7 @@ from a2ats.bench import DEFAULT_VARIANTS, VARIANTS, engine_variant
 from a2ats.bench.accounting import account, host_read_gbps, step_bytes
 from a2ats.bench.llamacpp import FLASH_SETTINGS
 from a2ats.bench.output import emit, machine
-from a2ats.bench.synthetic import decode_steps, real_prefill, tile
+from a2ats.bench.synthetic import STEADY, decode_steps, real_prefill, tile
 from a2ats.core.codebook import Codebooks
 from a2ats.core.config import A2ATSConfig
 from a2ats.core.rope import WRoPE, find_rotary_embedding
@@ -160,7 +160,8 @@ def bench_decode(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=
     def engine(cb=None, **kw):  # lengths past the model's context: speed only
         if cb is not None or "method" in kw:
             kw["dense_below"] = dense_below
-        return factory.decoder(model, cb, config, runtime="engine", beyond_model_context=True, kv_dtype=kv_dtype, **kw)
+        return factory.decoder(model, cb, config, runtime="engine", beyond_model_context=True, kv_dtype=kv_dtype,
+                               **STEADY, **kw)
 
     fast = engine(codebooks, path="fast")
     dense = engine()

@@ -13,6 +13,10 @@ import torch
 
 from a2ats.runtime import Engine, KVState, Request, StepResult
 
+# Engine settings for a steady-state decode measurement: every prompt (here one token over a given cache) runs
+# whole before decoding starts, so all the batch's sequences decode together from the first step.
+STEADY = {"prefill_budget": None, "prefill_stall": None, "prefill_step_seconds": None}
+
 
 def real_prefill(engine: Engine, ids: torch.Tensor) -> tuple[KVState, float]:
     """The cache of prompt ``ids`` (1, n) as ``engine`` prefills it, and the prefill's seconds."""
@@ -35,12 +39,19 @@ def tile(state: KVState, length: int, codes: bool = True) -> KVState:
 def decode_steps(engine: Engine, state: KVState, ids: torch.Tensor, rows: int, steps: int, warmup: int,
                  profile: bool = True) -> list[StepResult]:
     """``rows`` sequences, each the cache ``state`` plus one new token, decoded together for ``warmup + steps``
-    steps; the last ``steps`` decode steps' results (each with its wall time, per-part breakdown and counts)."""
+    steps; the last ``steps`` decode steps' results (each with its wall time, per-part breakdown and counts).
+
+    Only steps that decoded all ``rows`` sequences and prefilled nothing count: the steady state the bench
+    reports. ``engine`` should take whole prompts before decoding (see :data:`STEADY`), or too few such steps
+    remain and this raises."""
     n = state.length
     prompt = ids[0].tolist() * -(-n // ids.shape[1])
     prompt = prompt[:n] + [prompt[n % len(prompt)]]
     seen: list[StepResult] = []
     engine.serve([Request(prompt, steps + warmup + 1, kv=state) for _ in range(rows)], profile=profile,
                  on_step=seen.append)
-    decode = [r for r in seen if not r.prefill]
-    return decode[warmup:]
+    full = [r for r in seen if r.decode_rows == rows and r.prefill_tokens == 0]
+    if len(full) < warmup + steps:
+        raise RuntimeError(f"only {len(full)} of {len(seen)} steps decoded all {rows} sequences alone (wanted "
+                           f"{warmup + steps}): build the engine with the STEADY settings (whole prompts first)")
+    return full[warmup:warmup + steps]

@@ -27,7 +27,7 @@ from a2ats import factory
 from a2ats.bench.accounting import account, host_read_gbps, step_bytes
 from a2ats.bench.output import emit, machine, served_table
 from a2ats.bench.project.inputs import DEFAULT_SHAPE, SHAPES
-from a2ats.bench.synthetic import decode_steps, real_prefill, tile
+from a2ats.bench.synthetic import STEADY, decode_steps, real_prefill, tile
 from a2ats.core.codebook import Codebooks, CodebookSettings
 from a2ats.core.config import A2ATSConfig
 from a2ats.factory import options
@@ -75,8 +75,9 @@ def parse_system(system: str) -> tuple[str, int, torch.dtype | None] | None:
 
 
 def engine_for(model, codebooks: Codebooks | None, config: A2ATSConfig, system: str, slots: int, capacity: int,
-               decode_weights: str = "auto") -> Engine:
-    """The engine a system name describes (see :func:`parse_system`), with ``slots`` x ``capacity`` allocated."""
+               decode_weights: str = "auto", **settings) -> Engine:
+    """The engine a system name describes (see :func:`parse_system`), with ``slots`` x ``capacity`` allocated;
+    ``settings``: further engine settings (e.g. :data:`~a2ats.bench.synthetic.STEADY`)."""
     parsed = parse_system(system)
     if parsed is None:
         raise ValueError(f"unknown system {system!r}; {SYSTEM_CHOICES}")
@@ -87,7 +88,7 @@ def engine_for(model, codebooks: Codebooks | None, config: A2ATSConfig, system: 
     select = {"dense_below": 0} if cb is not None else {}
     return factory.decoder(model, cb, config, runtime="engine", slots=slots, max_context=capacity, placement=placement,
                            prefill_chunk=4096, decode_weights=decode_weights, overlap=overlap, kv_dtype=kv,
-                           beyond_model_context=True, **select)
+                           beyond_model_context=True, **select, **settings)
 
 
 def bench_throughput(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=LENGTHS,
@@ -114,7 +115,8 @@ def bench_throughput(model, tok, codebooks: Codebooks, config: A2ATSConfig, leng
             for B in batches:
                 t = time.perf_counter()
                 try:
-                    engine = engine_for(model, codebooks, config, system, B, length + warmup + steps + 2, decode_weights)
+                    engine = engine_for(model, codebooks, config, system, B, length + warmup + steps + 2, decode_weights,
+                                        **STEADY)
                 except PreflightError as e:
                     log(f"{system} {length} x {B}: skipped: {e}")
                     continue

@@ -84,7 +84,7 @@ Reduction = Literal["union", "max"]
 # of 7 query heads (Qwen2.5-Coder-0.5B) it reads about a tenth of each KV head's rows, so 0.10 per KV head with the
 # max reduction reads nearly the same bytes there (somewhat more on the task prompts: docs/eval/qwen).
 DEFAULT_BUDGETS = {"union": 0.03, "max": 0.10}
-SCORE_PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}  # the dtype of the centroid rows scored from
+SCORE_PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}  # the dtype of the centroid rows and queries scored from
 
 
 def score_dtype(precision: str) -> torch.dtype:
@@ -109,11 +109,12 @@ class A2ATSConfig:
     - ``wrope_distance``: b, the fixed distance every token outside the window is scored at.
     - ``wrope_band_ratio``: banded WRoPE (not in the paper): each geometric band of distances
       (ratio r, from 64 tokens) is scored at its own distance (the default, r = 2); None: the paper's single b.
-    - ``score_precision``: the centroid rows the fast paths score from, ``"bf16"`` (the default: half the bytes a
-      selecting step reads for scoring, which decide where selection pays) or ``"fp32"`` (as calibrated). bf16
-      rounding moves a token's estimated score by at most 2^-8 of the sum of |q_i c_i|, a small fraction of the
-      estimate's own error; tokens within that of the top-K threshold may swap against fp32 rows. Every path
-      (reference and fast) scores from the same rows, set when the method is made
+    - ``score_precision``: the precision of the centroid rows and queries scores are computed from, ``"bf16"``
+      (the default: half the bytes a selecting step reads for scoring, and bf16 dot-product instructions at twice
+      fp32's rate; products exact, sums in fp32) or ``"fp32"`` (as calibrated). Rounding both operands to bf16
+      moves a token's estimated score by at most ~2^-7 of the sum of |q_i c_i|, a small fraction of the
+      estimate's own error; tokens within that of the top-K threshold may swap against fp32. Every path
+      (reference and fast) scores from the same rounded operands, set when the method is made
       (:meth:`~a2ats.methods.A2ATSMethod.for_model`).
     """
 

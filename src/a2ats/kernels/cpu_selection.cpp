@@ -246,6 +246,10 @@ struct Entries {
   std::vector<int64_t> u;
   uint32_t* keys = nullptr;     // (B*H, Gr, cap): each used entry's key in each row, once values are in
   uint32_t* weights = nullptr;  // (B*H, cap): each used entry's count of candidates (listed with it)
+  // With a dense path (count_entries' `dense_cost`): per (b, h) the bands whose every entry is computed at once
+  // (dense, (B*H, bands)), whose used entries are listed last, from rows[bh] on; the others' first.
+  std::vector<uint8_t> dense;
+  std::vector<int64_t> rows;
 
   bool ranked(int64_t b) const { return keff[b] > 0 && keff[b] < info.m[b]; }
   bool contiguous(int64_t b) const {
@@ -264,47 +268,57 @@ struct Entries {
 // many). A code's centroid row is then read from memory once for all its bands (the block's rows stay in L1
 // while its bands are listed) and rows are visited in address order. The three arrays need kBlock slots of
 // slack (whole blocks are stored, the count advanced by the used ones).
-int64_t list_entries(int32_t* cnt, int64_t bands, int64_t C, int32_t* list, uint8_t* bands_of, uint32_t* weights) {
+// `dense` (bands flags, or null): those bands' entries are left out of that order and listed after it, band by
+// band in code order; `rows` receives where they begin.
+int64_t list_entries(int32_t* cnt, int64_t bands, int64_t C, int32_t* list, uint8_t* bands_of, uint32_t* weights,
+                     const uint8_t* dense = nullptr, int64_t* rows = nullptr) {
   int64_t u = 0;
-  for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
-    const int64_t cn = std::min(kBlock, C - c0);
-    for (int64_t band = 0; band < bands; ++band) {
-      int32_t* cb = cnt + band * C + c0;
-      const int32_t first = static_cast<int32_t>(band * C + c0);
+  auto take = [&](int64_t band, int64_t c0, int64_t cn) {
+    int32_t* cb = cnt + band * C + c0;
+    const int32_t first = static_cast<int32_t>(band * C + c0);
 #if defined(__AVX512F__)
-      if (cn == kBlock) {
-        const __m512i v = _mm512_loadu_si512(cb);
-        const __mmask16 used = _mm512_test_epi32_mask(v, v);
-        if (!used) continue;
-        const __m512i e = _mm512_add_epi32(_mm512_set1_epi32(first),
-                                           _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
-        _mm512_storeu_si512(list + u, _mm512_maskz_compress_epi32(used, e));  // a register compress, then a store
-        _mm512_storeu_si512(weights + u, _mm512_maskz_compress_epi32(used, v));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(bands_of + u), _mm_set1_epi8(static_cast<char>(band)));
-        _mm512_storeu_si512(cb, _mm512_setzero_si512());
-        u += __builtin_popcount(used);
-        continue;
-      }
-#endif
-      // Branch-free: which entries are used is data, so a branch on each would mispredict.
-      for (int64_t l = 0; l < cn; ++l) {
-        list[u] = first + static_cast<int32_t>(l);
-        bands_of[u] = static_cast<uint8_t>(band);
-        weights[u] = static_cast<uint32_t>(cb[l]);
-        u += cb[l] != 0;
-        cb[l] = 0;
-      }
+    if (cn == kBlock) {
+      const __m512i v = _mm512_loadu_si512(cb);
+      const __mmask16 used = _mm512_test_epi32_mask(v, v);
+      if (!used) return;
+      const __m512i e = _mm512_add_epi32(_mm512_set1_epi32(first),
+                                         _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
+      _mm512_storeu_si512(list + u, _mm512_maskz_compress_epi32(used, e));  // a register compress, then a store
+      _mm512_storeu_si512(weights + u, _mm512_maskz_compress_epi32(used, v));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(bands_of + u), _mm_set1_epi8(static_cast<char>(band)));
+      _mm512_storeu_si512(cb, _mm512_setzero_si512());
+      u += __builtin_popcount(used);
+      return;
     }
-  }
+#endif
+    // Branch-free: which entries are used is data, so a branch on each would mispredict.
+    for (int64_t l = 0; l < cn; ++l) {
+      list[u] = first + static_cast<int32_t>(l);
+      bands_of[u] = static_cast<uint8_t>(band);
+      weights[u] = static_cast<uint32_t>(cb[l]);
+      u += cb[l] != 0;
+      cb[l] = 0;
+    }
+  };
+  for (int64_t c0 = 0; c0 < C; c0 += kBlock)
+    for (int64_t band = 0; band < bands; ++band)
+      if (!dense || !dense[band]) take(band, c0, std::min(kBlock, C - c0));
+  if (rows) *rows = u;
+  if (dense)
+    for (int64_t band = 0; band < bands; ++band)
+      if (dense[band])
+        for (int64_t c0 = 0; c0 < C; c0 += kBlock) take(band, c0, std::min(kBlock, C - c0));
   return u;
 }
 
 // Counts, per (b, KV head) with a ranked row, the candidates of each entry (code + offset, which must lie in
 // [0, T = bands * C): the reference's gather would fail too), then lists the entries in use (list_entries).
 // Gr: the rows per (b, h) whose keys the entries will hold.
+// `dense_cost` > 0: a band whose entries in use number at least C / dense_cost is marked dense (Entries::dense):
+// computing its C entries at once costs less than its used ones one by one.
 std::unique_ptr<Entries> count_entries(const at::Tensor& codes, const std::optional<at::Tensor>& offsets,
                                        at::Tensor valid, at::Tensor k, int64_t bands, int64_t C, int64_t Gr,
-                                       int64_t sinks, int64_t window) {
+                                       int64_t sinks, int64_t window, double dense_cost = 0.0) {
   TORCH_CHECK(bands >= 1 && bands <= 256 && C >= 1 && bands * C < (int64_t(1) << 31),
               "1 to 256 bands whose entries fit int32 indices");
   auto owned = std::make_unique<Entries>();
@@ -342,6 +356,8 @@ std::unique_ptr<Entries> count_entries(const at::Tensor& codes, const std::optio
   en.keys = grown(s.keys, B * H * Gr * en.cap);
   en.weights = grown(s.weights, B * H * en.cap);
   en.u.assign(B * H, 0);
+  en.rows.assign(B * H, 0);
+  if (dense_cost > 0) en.dense.assign(B * H * bands, 0);
   std::vector<uint8_t> bad(B * H, 0);
   at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t bh = lo; bh < hi; ++bh) {
@@ -383,7 +399,17 @@ std::unique_ptr<Entries> count_entries(const at::Tensor& codes, const std::optio
         for (int64_t i = 0; i < m; ++i) add(cand[i]);
       }
       bad[bh] = out != 0;
-      en.u[bh] = list_entries(cnt, bands, C, en.used + bh * en.cap, en.band + bh * en.cap, en.weights + bh * en.cap);
+      uint8_t* dense = nullptr;
+      if (dense_cost > 0) {
+        dense = en.dense.data() + bh * bands;
+        for (int64_t band = 0; band < bands; ++band) {
+          int64_t used = 0;
+          for (int64_t c = 0; c < C; ++c) used += cnt[band * C + c] != 0;
+          dense[band] = static_cast<double>(used) * dense_cost >= static_cast<double>(C);
+        }
+      }
+      en.u[bh] = list_entries(cnt, bands, C, en.used + bh * en.cap, en.band + bh * en.cap, en.weights + bh * en.cap,
+                              dense, &en.rows[bh]);
     }
   });
   for (int64_t bh = 0; bh < B * H; ++bh)
@@ -729,6 +755,21 @@ struct SplitRows {
     return _mm512_dpbf16_ps(a, qg.hi[1], r.c1);
   }
 };
+// SplitRows for queries that bf16 holds exactly (every lo zero: the score_precision "bf16" queries): the same
+// sums without the two products by zero.
+struct HiRows : SplitRows {
+  __m512 dot(const Row& r, int64_t g, int64_t band) const {
+    const SplitQ& qg = qs[g * bands + band];
+    return _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), qg.hi[0], r.c0), qg.hi[1], r.c1);
+  }
+};
+
+inline bool lo_is_zero(const SplitQ* qs, int64_t n) {
+  __m512i any = _mm512_setzero_si512();
+  for (int64_t r = 0; r < n; ++r)
+    any = _mm512_or_si512(any, _mm512_or_si512((__m512i)qs[r].lo[0], (__m512i)qs[r].lo[1]));
+  return _mm512_test_epi32_mask(any, any) == 0;
+}
 #endif
 
 // The values and keys of used entries s .. s + n - 1 of (b, h) `bh` (n <= R = 16 / NG, NG = G query heads): one
@@ -821,8 +862,9 @@ template <int64_t D, typename CT>
 void fill_entries(const Entries& en, const float* Q, int64_t R, int64_t G, const CT* cent, int64_t d, float* tables) {
   const int64_t H = en.H, T = en.T, C = en.C, bands = en.bands, Gr = en.Gr;
   std::vector<std::array<int64_t, 3>> items;  // (bh, first, end) of a run of used[bh]
-  for (int64_t bh = 0; bh < en.B * H; ++bh)
-    for (int64_t s = 0; s < en.u[bh]; s += kEntriesPerItem) items.push_back({bh, s, std::min(en.u[bh], s + kEntriesPerItem)});
+  for (int64_t bh = 0; bh < en.B * H; ++bh)  // the entries of dense bands (from rows[bh] on) are fill_dense's
+    for (int64_t s = 0; s < en.rows[bh]; s += kEntriesPerItem)
+      items.push_back({bh, s, std::min(en.rows[bh], s + kEntriesPerItem)});
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> dots(kBatch * G);
     const CT* rows[kBatch];
@@ -830,6 +872,7 @@ void fill_entries(const Entries& en, const float* Q, int64_t R, int64_t G, const
     constexpr bool kSplit = D == 64 && std::is_same_v<CT, c10::BFloat16>;
     std::vector<SplitQ> qs(kSplit ? R : 0);
     int64_t split_for = -1;  // the KV head whose queries qs holds
+    bool hi_only = false;    // ... and whether bf16 holds them exactly
 #endif
     for (int64_t it = lo; it < hi; ++it) {
       const int64_t bh = items[it][0], first = items[it][1], end = items[it][2];
@@ -838,6 +881,7 @@ void fill_entries(const Entries& en, const float* Q, int64_t R, int64_t G, const
       if (kSplit && split_for != bh) {
         for (int64_t r = 0; r < R; ++r) qs[r] = split_q64(qb + r * 64);
         split_for = bh;
+        hi_only = lo_is_zero(qs.data(), R);
       }
 #endif
       const CT* ch = cent + (bh % H) * C * d;
@@ -845,7 +889,9 @@ void fill_entries(const Entries& en, const float* Q, int64_t R, int64_t G, const
       if constexpr (D == 64) {
 #if defined(__AVX512BF16__)
         if constexpr (kSplit) {
-          if (fill_run_g(G, en, SplitRows{qs.data(), bands}, ch, bh, first, end, tables)) continue;
+          if (hi_only ? fill_run_g(G, en, HiRows{{qs.data(), bands}}, ch, bh, first, end, tables)
+                      : fill_run_g(G, en, SplitRows{qs.data(), bands}, ch, bh, first, end, tables))
+            continue;
         } else
 #endif
         if (fill_run_g(G, en, WideRows{qb, bands}, ch, bh, first, end, tables)) continue;
@@ -885,6 +931,122 @@ void fill_entries(const Entries& en, const float* Q, int64_t R, int64_t G, const
   });
 }
 
+#if defined(__AVX512BF16__)
+constexpr int64_t kTilesPerItem = 16;  // 16-code tiles per work item of fill_dense
+constexpr double kDenseCost = 12;      // a band is computed whole once C / 12 of its entries are in use (measured)
+
+// A query row (64 floats) as bf16 pairs: word p holds dims 2p (low half) and 2p + 1, as in a bf16 centroid row.
+struct PairQ {
+  alignas(64) uint32_t hi[32], lo[32];
+};
+
+// The dense bands' entries (Entries::dense) of every (b, KV head) from bf16 centroids at d = 64: a band's C
+// values 16 codes at a time, from a tile of 16 centroid rows transposed so that a lane is a code (word p of the
+// rows), dotted with each query row's pairs broadcast (bf16 dot products; SPLIT: the queries' low halves too,
+// summed first). A tile is transposed once for every (b, band) of its head that reads it, and no sum crosses
+// lanes, so a code costs 2 dot-product instructions per query head (4 with SPLIT) and nothing else.
+template <int G, bool SPLIT>
+void fill_dense(const Entries& en, const PairQ* pq, int64_t R, const c10::BFloat16* cent, float* tables) {
+  const int64_t B = en.B, H = en.H, C = en.C, T = en.T, bands = en.bands, Gr = en.Gr, nt = (C + 15) / 16;
+  std::vector<std::vector<std::array<int64_t, 2>>> work(H);  // per head: its (b, band) computed whole
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t band = 0; band < bands; ++band)
+        if (en.dense[(b * H + h) * bands + band]) work[h].push_back({b, band});
+  const int64_t per_h = (nt + kTilesPerItem - 1) / kTilesPerItem;
+  at::parallel_for(0, H * per_h, 1, [&](int64_t lo, int64_t hi) {
+    alignas(64) uint32_t tile[32 * 16];
+    for (int64_t item = lo; item < hi; ++item) {
+      const int64_t h = item / per_h, t0 = (item % per_h) * kTilesPerItem, t1 = std::min(nt, t0 + kTilesPerItem);
+      if (work[h].empty()) continue;
+      const uint32_t* ch = reinterpret_cast<const uint32_t*>(cent + h * C * 64);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t c0 = t * 16, cn = std::min<int64_t>(16, C - c0);
+        for (int64_t l = 0; l < 16; ++l)
+          for (int64_t p = 0; p < 32; ++p) tile[p * 16 + l] = l < cn ? ch[(c0 + l) * 32 + p] : 0u;
+        const __mmask16 mk = static_cast<__mmask16>((1u << cn) - 1);
+        for (const auto& [b, band] : work[h]) {
+          const int64_t bh = b * H + h;
+          const PairQ* qb = pq + bh * R + band;  // query head g's row: qb[g * bands]
+          __m512 acc[G];
+#pragma GCC unroll 8
+          for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+          if constexpr (SPLIT) {
+#pragma GCC unroll 4
+            for (int p = 0; p < 32; ++p) {
+              const __m512bh tv = (__m512bh)_mm512_load_si512(tile + p * 16);
+#pragma GCC unroll 8
+              for (int g = 0; g < G; ++g)
+                acc[g] = _mm512_dpbf16_ps(acc[g], tv, (__m512bh)_mm512_set1_epi32(static_cast<int>(qb[g * bands].lo[p])));
+            }
+          }
+#pragma GCC unroll 4
+          for (int p = 0; p < 32; ++p) {
+            const __m512bh tv = (__m512bh)_mm512_load_si512(tile + p * 16);
+#pragma GCC unroll 8
+            for (int g = 0; g < G; ++g)
+              acc[g] = _mm512_dpbf16_ps(acc[g], tv, (__m512bh)_mm512_set1_epi32(static_cast<int>(qb[g * bands].hi[p])));
+          }
+          if (Gr == 1) {
+            __m512 m = acc[0];
+#pragma GCC unroll 8
+            for (int g = 1; g < G; ++g) m = _mm512_max_ps(m, acc[g]);
+            _mm512_mask_storeu_ps(tables + bh * T + band * C + c0, mk, m);
+          } else {
+#pragma GCC unroll 8
+            for (int g = 0; g < G; ++g) _mm512_mask_storeu_ps(tables + (bh * G + g) * T + band * C + c0, mk, acc[g]);
+          }
+        }
+      }
+    }
+  });
+  // the keys of the dense bands' entries in use (listed from rows[bh] on), from the values just stored
+  at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t bh = lo; bh < hi; ++bh) {
+      const int32_t* list = en.used + bh * en.cap;
+      for (int64_t g = 0; g < Gr; ++g) {
+        const float* lrow = tables + (bh * Gr + g) * T;
+        uint32_t* ek = en.keys + (bh * Gr + g) * en.cap;
+        for (int64_t i = en.rows[bh]; i < en.u[bh]; ++i) ek[i] = order_key(lrow[list[i]]);
+      }
+    }
+  });
+}
+
+template <bool SPLIT>
+bool fill_dense_g(int64_t G, const Entries& en, const PairQ* pq, int64_t R, const c10::BFloat16* cent, float* tables) {
+  switch (G) {
+    case 1: fill_dense<1, SPLIT>(en, pq, R, cent, tables); return true;
+    case 2: fill_dense<2, SPLIT>(en, pq, R, cent, tables); return true;
+    case 3: fill_dense<3, SPLIT>(en, pq, R, cent, tables); return true;
+    case 4: fill_dense<4, SPLIT>(en, pq, R, cent, tables); return true;
+    case 5: fill_dense<5, SPLIT>(en, pq, R, cent, tables); return true;
+    case 6: fill_dense<6, SPLIT>(en, pq, R, cent, tables); return true;
+    case 7: fill_dense<7, SPLIT>(en, pq, R, cent, tables); return true;
+    case 8: fill_dense<8, SPLIT>(en, pq, R, cent, tables); return true;
+    default: return false;
+  }
+}
+
+// fill_dense for q (B*H*R rows of 64 floats): their pairs, split when bf16 does not hold them exactly.
+void fill_dense_q(const Entries& en, const float* Q, int64_t R, int64_t G, const c10::BFloat16* cent, float* tables) {
+  const int64_t rows = en.B * en.H * R;
+  std::vector<PairQ> pq(rows);
+  bool split = false;
+  for (int64_t r = 0; r < rows; ++r) {
+    const SplitQ sq = split_q64(Q + r * 64);
+    _mm512_store_si512(pq[r].hi, (__m512i)sq.hi[0]);
+    _mm512_store_si512(pq[r].hi + 16, (__m512i)sq.hi[1]);
+    _mm512_store_si512(pq[r].lo, (__m512i)sq.lo[0]);
+    _mm512_store_si512(pq[r].lo + 16, (__m512i)sq.lo[1]);
+    split = split || !lo_is_zero(&sq, 1);
+  }
+  const bool done = split ? fill_dense_g<true>(G, en, pq.data(), R, cent, tables)
+                          : fill_dense_g<false>(G, en, pq.data(), R, cent, tables);
+  TORCH_CHECK(done, "dense bands need at most 8 query heads per KV head");  // count_entries marks none beyond
+}
+#endif
+
 }  // namespace
 
 // The selection of score_select on the tables q · centroids^T (or their group max), without building them:
@@ -913,9 +1075,18 @@ std::vector<at::Tensor> score_select_direct(at::Tensor q, at::Tensor centroids, 
   q = q.contiguous();
   const int64_t C = centroids.size(1), d = centroids.size(2);
   const int64_t B = q.size(0), H = q.size(1), R = q.size(2), G = R / bands, Gr = group_max ? 1 : G;
-  const auto en = count_entries(codes, offsets, valid, k, bands, C, Gr, sinks, window);
+#if defined(__AVX512BF16__)
+  const bool dense_path = centroids.scalar_type() == at::kBFloat16 && d == 64 && G <= 8;
+  const double dense_cost = dense_path ? kDenseCost : 0.0;
+#else
+  const double dense_cost = 0.0;
+#endif
+  const auto en = count_entries(codes, offsets, valid, k, bands, C, Gr, sinks, window, dense_cost);
   float* TB = grown(scratch().tables, B * H * Gr * en->T);  // only the entries in use are written and read
   const float* Q = q.data_ptr<float>();
+#if defined(__AVX512BF16__)
+  if (dense_path) fill_dense_q(*en, Q, R, G, centroids.data_ptr<c10::BFloat16>(), TB);
+#endif
   if (centroids.scalar_type() == at::kFloat) {
     const float* cp = centroids.data_ptr<float>();
     if (d == 64) fill_entries<64>(*en, Q, R, G, cp, d, TB);

@@ -68,7 +68,8 @@ class A2ATSMethod(Method):
                 kv_heads: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """(q (B, Hkv, G·bands, d) fp32, centroids (Hkv, C, d) as scored, :meth:`rows`): row g·bands + i of q is query head g's query for
         band i (q̃ = WRoPE's rotation of q_pre; the post-RoPE query itself for post-RoPE codebooks), whose dot
-        product with centroid c is the score of the tokens of band i that carry code c."""
+        product with centroid c is the score of the tokens of band i that carry code c. Rounded to the score
+        precision (bf16: every path's scores are then sums of exact bf16 products)."""
         B, Hq, d = q_pre.shape
         centroids = self.rows(layer, kv_heads, q_pre.device)
         Hkv = centroids.shape[0]
@@ -80,6 +81,8 @@ class A2ATSMethod(Method):
             q = kernels.rope(x, cos.expand(B, 1, bands, -1), sin.expand(B, 1, bands, -1))
         else:
             q = self.wrope.query(q_pre)
+        if self.score_dtype != torch.float32:  # both operands at the score precision, as a matrix unit takes them
+            q = q.to(self.score_dtype).float()
         return q.reshape(B, Hkv, (Hq // Hkv) * bands, d), centroids
 
     def rows(self, layer: int, kv_heads: slice, device) -> torch.Tensor:
