@@ -403,8 +403,10 @@ std::unique_ptr<Entries> count_entries(const at::Tensor& codes, const std::optio
       if (dense_cost > 0) {
         dense = en.dense.data() + bh * bands;
         for (int64_t band = 0; band < bands; ++band) {
-          int64_t used = 0;
-          for (int64_t c = 0; c < C; ++c) used += cnt[band * C + c] != 0;
+          int32_t used = 0;  // 32-bit lanes: twice the counts per vector of 64-bit ones
+          const int32_t* cb = cnt + band * C;
+#pragma omp simd reduction(+ : used)
+          for (int64_t c = 0; c < C; ++c) used += cb[c] != 0;
           dense[band] = static_cast<double>(used) * dense_cost >= static_cast<double>(C);
         }
       }
@@ -862,9 +864,13 @@ template <int64_t D, typename CT>
 void fill_entries(const Entries& en, const float* Q, int64_t R, int64_t G, const CT* cent, int64_t d, float* tables) {
   const int64_t H = en.H, T = en.T, C = en.C, bands = en.bands, Gr = en.Gr;
   std::vector<std::array<int64_t, 3>> items;  // (bh, first, end) of a run of used[bh]
-  for (int64_t bh = 0; bh < en.B * H; ++bh)  // the entries of dense bands (from rows[bh] on) are fill_dense's
+  for (int64_t bh = 0; bh < en.B * H; ++bh) {
     for (int64_t s = 0; s < en.rows[bh]; s += kEntriesPerItem)
       items.push_back({bh, s, std::min(en.rows[bh], s + kEntriesPerItem)});
+    // the dense bands' entries (from rows[bh] on): their values are fill_dense's, their keys read them here
+    for (int64_t s = en.rows[bh]; s < en.u[bh]; s += kEntriesPerItem)
+      items.push_back({bh, s, std::min(en.u[bh], s + kEntriesPerItem)});
+  }
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> dots(kBatch * G);
     const CT* rows[kBatch];
@@ -876,6 +882,15 @@ void fill_entries(const Entries& en, const float* Q, int64_t R, int64_t G, const
 #endif
     for (int64_t it = lo; it < hi; ++it) {
       const int64_t bh = items[it][0], first = items[it][1], end = items[it][2];
+      if (first >= en.rows[bh]) {  // a dense band's entries: their keys from the values fill_dense stored
+        const int32_t* list = en.used + bh * en.cap;
+        for (int64_t g = 0; g < Gr; ++g) {
+          const float* lrow = tables + (bh * Gr + g) * T;
+          uint32_t* ek = en.keys + (bh * Gr + g) * en.cap;
+          for (int64_t i = first; i < end; ++i) ek[i] = order_key(lrow[list[i]]);
+        }
+        continue;
+      }
       const float* qb = Q + bh * R * d;
 #if defined(__AVX512BF16__)
       if (kSplit && split_for != bh) {
@@ -933,12 +948,42 @@ void fill_entries(const Entries& en, const float* Q, int64_t R, int64_t G, const
 
 #if defined(__AVX512BF16__)
 constexpr int64_t kTilesPerItem = 16;  // 16-code tiles per work item of fill_dense
-constexpr double kDenseCost = 12;      // a band is computed whole once C / 12 of its entries are in use (measured)
+constexpr double kDenseCost = 4;       // a band is computed whole once C / 4 of its entries are in use (measured)
 
 // A query row (64 floats) as bf16 pairs: word p holds dims 2p (low half) and 2p + 1, as in a bf16 centroid row.
 struct PairQ {
   alignas(64) uint32_t hi[32], lo[32];
 };
+
+// tile (32 x 16 words) = the transpose of 16 rows of 32 words at `rows` (rows from `cn` on: zeros): two 16 x 16
+// transposes of 32-bit words, each in 64 shuffles (pairs of words, pairs of pairs, then 128-bit lanes twice).
+inline void transpose_tile(const uint32_t* rows, int64_t cn, uint32_t* tile) {
+  for (int half = 0; half < 2; ++half) {
+    __m512i r[16], a[16], b[16];
+    for (int l = 0; l < 16; ++l)
+      r[l] = l < cn ? _mm512_loadu_si512(rows + l * 32 + half * 16) : _mm512_setzero_si512();
+    for (int i = 0; i < 8; ++i) {
+      a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+      a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) {  // b[4i + j], 128-bit lane L: word 4L + j of rows 4i .. 4i + 3
+      b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+      b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+      b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+      b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+    }
+    uint32_t* out = tile + half * 16 * 16;
+    for (int j = 0; j < 4; ++j) {
+      const __m512i s0 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0x44), s1 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0xEE);
+      const __m512i s2 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0x44),
+                    s3 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0xEE);
+      _mm512_store_si512(out + (0 * 4 + j) * 16, _mm512_shuffle_i32x4(s0, s2, 0x88));
+      _mm512_store_si512(out + (1 * 4 + j) * 16, _mm512_shuffle_i32x4(s0, s2, 0xDD));
+      _mm512_store_si512(out + (2 * 4 + j) * 16, _mm512_shuffle_i32x4(s1, s3, 0x88));
+      _mm512_store_si512(out + (3 * 4 + j) * 16, _mm512_shuffle_i32x4(s1, s3, 0xDD));
+    }
+  }
+}
 
 // The dense bands' entries (Entries::dense) of every (b, KV head) from bf16 centroids at d = 64: a band's C
 // values 16 codes at a time, from a tile of 16 centroid rows transposed so that a lane is a code (word p of the
@@ -947,6 +992,7 @@ struct PairQ {
 // lanes, so a code costs 2 dot-product instructions per query head (4 with SPLIT) and nothing else.
 template <int G, bool SPLIT>
 void fill_dense(const Entries& en, const PairQ* pq, int64_t R, const c10::BFloat16* cent, float* tables) {
+  constexpr int P = G <= 4 ? 2 : 1;
   const int64_t B = en.B, H = en.H, C = en.C, T = en.T, bands = en.bands, Gr = en.Gr, nt = (C + 15) / 16;
   std::vector<std::vector<std::array<int64_t, 2>>> work(H);  // per head: its (b, band) computed whole
   for (int64_t b = 0; b < B; ++b)
@@ -962,52 +1008,58 @@ void fill_dense(const Entries& en, const PairQ* pq, int64_t R, const c10::BFloat
       const uint32_t* ch = reinterpret_cast<const uint32_t*>(cent + h * C * 64);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t c0 = t * 16, cn = std::min<int64_t>(16, C - c0);
-        for (int64_t l = 0; l < 16; ++l)
-          for (int64_t p = 0; p < 32; ++p) tile[p * 16 + l] = l < cn ? ch[(c0 + l) * 32 + p] : 0u;
+        transpose_tile(ch + c0 * 32, cn, tile);
         const __mmask16 mk = static_cast<__mmask16>((1u << cn) - 1);
-        for (const auto& [b, band] : work[h]) {
-          const int64_t bh = b * H + h;
-          const PairQ* qb = pq + bh * R + band;  // query head g's row: qb[g * bands]
-          __m512 acc[G];
+        // P rows (b, band) at a time: G * P independent sums in flight (a few heads alone would wait on each
+        // dot-product instruction's latency)
+        for (size_t w0 = 0; w0 < work[h].size(); w0 += P) {
+          const int np = static_cast<int>(std::min<size_t>(P, work[h].size() - w0));
+          const PairQ* qb[P];
+          __m512 acc[P][G];
+#pragma GCC unroll 2
+          for (int i = 0; i < P; ++i) {
+            const auto& [b, band] = work[h][w0 + std::min(i, np - 1)];  // a missing row repeats the last
+            qb[i] = pq + (b * H + h) * R + band;                        // query head g's row: qb[i][g * bands]
 #pragma GCC unroll 8
-          for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+            for (int g = 0; g < G; ++g) acc[i][g] = _mm512_setzero_ps();
+          }
           if constexpr (SPLIT) {
 #pragma GCC unroll 4
             for (int p = 0; p < 32; ++p) {
               const __m512bh tv = (__m512bh)_mm512_load_si512(tile + p * 16);
+#pragma GCC unroll 2
+              for (int i = 0; i < P; ++i)
 #pragma GCC unroll 8
-              for (int g = 0; g < G; ++g)
-                acc[g] = _mm512_dpbf16_ps(acc[g], tv, (__m512bh)_mm512_set1_epi32(static_cast<int>(qb[g * bands].lo[p])));
+                for (int g = 0; g < G; ++g)
+                  acc[i][g] = _mm512_dpbf16_ps(acc[i][g], tv,
+                                               (__m512bh)_mm512_set1_epi32(static_cast<int>(qb[i][g * bands].lo[p])));
             }
           }
 #pragma GCC unroll 4
           for (int p = 0; p < 32; ++p) {
             const __m512bh tv = (__m512bh)_mm512_load_si512(tile + p * 16);
+#pragma GCC unroll 2
+            for (int i = 0; i < P; ++i)
 #pragma GCC unroll 8
-            for (int g = 0; g < G; ++g)
-              acc[g] = _mm512_dpbf16_ps(acc[g], tv, (__m512bh)_mm512_set1_epi32(static_cast<int>(qb[g * bands].hi[p])));
+              for (int g = 0; g < G; ++g)
+                acc[i][g] = _mm512_dpbf16_ps(acc[i][g], tv,
+                                             (__m512bh)_mm512_set1_epi32(static_cast<int>(qb[i][g * bands].hi[p])));
           }
-          if (Gr == 1) {
-            __m512 m = acc[0];
+          for (int i = 0; i < np; ++i) {
+            const auto& [b, band] = work[h][w0 + i];
+            const int64_t bh = b * H + h;
+            if (Gr == 1) {
+              __m512 m = acc[i][0];
 #pragma GCC unroll 8
-            for (int g = 1; g < G; ++g) m = _mm512_max_ps(m, acc[g]);
-            _mm512_mask_storeu_ps(tables + bh * T + band * C + c0, mk, m);
-          } else {
+              for (int g = 1; g < G; ++g) m = _mm512_max_ps(m, acc[i][g]);
+              _mm512_mask_storeu_ps(tables + bh * T + band * C + c0, mk, m);
+            } else {
 #pragma GCC unroll 8
-            for (int g = 0; g < G; ++g) _mm512_mask_storeu_ps(tables + (bh * G + g) * T + band * C + c0, mk, acc[g]);
+              for (int g = 0; g < G; ++g)
+                _mm512_mask_storeu_ps(tables + (bh * G + g) * T + band * C + c0, mk, acc[i][g]);
+            }
           }
         }
-      }
-    }
-  });
-  // the keys of the dense bands' entries in use (listed from rows[bh] on), from the values just stored
-  at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t bh = lo; bh < hi; ++bh) {
-      const int32_t* list = en.used + bh * en.cap;
-      for (int64_t g = 0; g < Gr; ++g) {
-        const float* lrow = tables + (bh * Gr + g) * T;
-        uint32_t* ek = en.keys + (bh * Gr + g) * en.cap;
-        for (int64_t i = en.rows[bh]; i < en.u[bh]; ++i) ek[i] = order_key(lrow[list[i]]);
       }
     }
   });
@@ -1085,7 +1137,8 @@ std::vector<at::Tensor> score_select_direct(at::Tensor q, at::Tensor centroids, 
   float* TB = grown(scratch().tables, B * H * Gr * en->T);  // only the entries in use are written and read
   const float* Q = q.data_ptr<float>();
 #if defined(__AVX512BF16__)
-  if (dense_path) fill_dense_q(*en, Q, R, G, centroids.data_ptr<c10::BFloat16>(), TB);
+  if (dense_path && std::find(en->dense.begin(), en->dense.end(), 1) != en->dense.end())
+    fill_dense_q(*en, Q, R, G, centroids.data_ptr<c10::BFloat16>(), TB);
 #endif
   if (centroids.scalar_type() == at::kFloat) {
     const float* cp = centroids.data_ptr<float>();
