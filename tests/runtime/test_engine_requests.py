@@ -135,10 +135,10 @@ def test_a_failing_sequence_ends_alone(monkeypatch, where):
     if where == "prefill":
         prefill = engine._prefill
 
-        def faulty(chunk, res, deadline=None):
+        def faulty(chunk, res, *rest):
             if chunk.seq.prompt == poison:
                 raise RuntimeError("bad prefill")
-            return prefill(chunk, res, deadline)
+            return prefill(chunk, res, *rest)
 
         monkeypatch.setattr(engine, "_prefill", faulty)
     else:
@@ -186,6 +186,33 @@ def test_prompt_chunks_beside_decode_give_the_same_tokens(chunk, budget, stall):
     assert [done[i].tokens for i in idx] == alone
     if stall == 0.0:
         assert sliced
+
+
+def test_a_new_chunk_beside_decode_is_cut_to_what_one_layer_can_do_in_the_time_left():
+    """While sequences decode (a stall set), a new chunk keeps the tokens one of its layers can take before the
+    step's deadline, as its sequence's last chunk ran (never fewer than MIN_FITTED_CHUNK): its first layer runs
+    whatever the time, so an uncut chunk would hold the decoding sequences that long. The tokens do not change."""
+    from a2ats.runtime.engine import MIN_FITTED_CHUNK
+
+    model = tiny_model("llama")
+    short, long = _prompts()[3], _prompts()[0]
+    alone = [_run(_engine(model, slots=1), [Request(p, n)])[0].tokens for p, n in ((short, 20), (long, 4))]
+    engine = Engine(model, random_codebooks(model), CFG, slots=2, max_context=320, dense_below=0,
+                    decode_weights="model", prefill_dtype="model", prefill_chunk=4096, prefill_budget=None,
+                    prefill_stall=1.0)
+    a = engine.add(Request(short, 20))
+    done = dict(engine.step().finished)  # the short prompt, whole: it decodes from the next step on
+    b = engine.add(Request(long, 4))
+    seq = engine._sequences[b]
+    seq.layer_token_seconds = 10.0  # as if its last chunk's layer took 10 s a token: no room for more than the least
+    res = engine.step()
+    assert res.decode_rows == 1 and res.prefill_tokens <= MIN_FITTED_CHUNK
+    assert (seq.partial.end if seq.partial is not None else seq.prefilled) == MIN_FITTED_CHUNK
+    assert seq.layer_token_seconds < 10.0  # measured again on the chunk's layers
+    done.update(res.finished)
+    while engine.has_work:
+        done.update(engine.step().finished)
+    assert [done[a].tokens, done[b].tokens] == alone
 
 
 @pytest.mark.parametrize("stall", [None, 0.0])

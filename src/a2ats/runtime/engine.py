@@ -51,6 +51,10 @@ from a2ats.runtime.settings import EngineSettings
 from a2ats.runtime.slots import SlotCache
 from a2ats.runtime.step import Timer
 
+# A new prompt chunk beside decoding sequences is cut to what one of its layers can do in the step's time left,
+# but not below this many tokens (below it a layer's fixed cost outweighs its tokens).
+MIN_FITTED_CHUNK = 32
+
 
 class Engine:
     """Greedy decoding of a Llama-family HF model with A²ATS (``codebooks`` or an A²ATS ``method`` given) or
@@ -213,13 +217,14 @@ class Engine:
             plan = self.scheduler.schedule(self._fits, lambda seq: self._start(seq, failed))
             for seq, e in failed:
                 self._fail(seq, e, res)
-            deadline = None
+            deadline, fit = None, False
             if plan.decode:
                 t_decode = time.perf_counter()
                 self._decode(plan.decode, res)
                 res.decode_seconds = time.perf_counter() - t_decode
                 if self.settings.prefill_stall is not None:
                     deadline = time.perf_counter() + self.settings.prefill_stall * res.decode_seconds
+                    fit = True
             elif self.settings.prefill_step_seconds is not None:  # so an arrival is planned soon
                 deadline = time.perf_counter() + self.settings.prefill_step_seconds
             self._layers_run = 0
@@ -228,7 +233,7 @@ class Engine:
                 if self._sequences.get(seq.index) is not seq:
                     continue  # it failed at an earlier chunk
                 try:
-                    if not self._prefill(chunk, res, deadline):
+                    if not self._prefill(chunk, res, deadline, fit):
                         break  # the step's time for prompts is spent: the chunk goes on in the next step
                 except Exception as e:  # this sequence alone: the others' slots are untouched
                     self._fail(seq, e, res)
@@ -258,18 +263,30 @@ class Engine:
             failed.append((seq, e))
             return False
 
-    def _prefill(self, chunk: Chunk, res: StepResult, deadline: float | None = None) -> bool:
+    def _prefill(self, chunk: Chunk, res: StepResult, deadline: float | None = None, fit: bool = False) -> bool:
         """Dense prefill of prompt positions [start, end) of a sequence into its slot, layer by layer until
         ``deadline`` (None: all of them; a step runs one layer at least, so every prompt moves on); the prompt's
         last chunk picks the first token from the last position's logits. False: the chunk is part-way, kept in
-        ``seq.partial`` for the next step."""
+        ``seq.partial`` for the next step, or was cut (``fit``: a new chunk keeps the tokens one of its layers
+        can take before the deadline, as the sequence's last chunk ran, so that this first layer, which runs
+        whatever the time, does not hold the decoding sequences beyond the deadline); the step's prompt work ends.
+        """
         lean, runner, cache, device = self.lean, self.runner, self.cache, self.lean.device
         seq, slot = chunk.seq, chunk.seq.slot
         s, e = chunk.start, chunk.end  # at most prefill_chunk tokens: one forward
+        cut = False
+        if fit and deadline is not None and seq.partial is None:
+            left = deadline - time.perf_counter()
+            if self._layers_run and left <= 0:
+                return False  # the step's time is spent: the chunk begins in the next step
+            if seq.layer_token_seconds > 0 and e - s > max(int(left / seq.layer_token_seconds), MIN_FITTED_CHUNK):
+                chunk = Chunk(seq, s, s + max(int(left / seq.layer_token_seconds), MIN_FITTED_CHUNK))
+                e, cut = chunk.end, True
         runner.begin_prefill(slot, s, e)  # again on every step: the decode steps between reset the runner
         if seq.partial is None:
             seq.partial = Partial(s, e, lean.begin(torch.tensor([seq.prompt[s:e]], device=device),
-                                                  torch.arange(s, e, device=device)[None]))
+                                                  torch.arange(s, e, device=device)[None]),
+                                  layer_seconds=seq.layer_token_seconds * (e - s))  # a guess until a layer ran
         part = seq.partial
         if deadline is None:
             lean.run_layers(part.pass_, runner.attend)
@@ -279,6 +296,7 @@ class Engine:
                 return False
             lean.run_layers(part.pass_, runner.attend, 1)
             part.layer_seconds = time.perf_counter() - now
+            seq.layer_token_seconds = part.layer_seconds / (part.end - part.start)
             self._layers_run += 1
         logits = lean.logits(part.pass_)
         seq.partial = None
@@ -295,7 +313,7 @@ class Engine:
             token = self._pick(seq, logits, int(logits.argmax()), res)
             self._last[slot] = token
             self._take(seq, token, logits, res)
-        return True
+        return not cut  # a cut chunk's plan went further: the rest is planned again next step
 
     def _decode(self, running: list[Sequence], res: StepResult) -> None:
         runner, device = self.runner, self.lean.device
