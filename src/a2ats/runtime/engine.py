@@ -106,6 +106,8 @@ class Engine:
         self.trace: SelectionTrace | None = None  # every decode step's selection, rows = request indices
         self.dense_step: str | None = None  # why the last decode step attended to every token (None: it selected)
         self._layers_run = 0  # prompt layers this step has run (a step runs one at least)
+        self._decode_forward = 0.0  # the last decode forward's seconds: what a prompt layer beside decode may take
+        self._layer_token_seconds = 0.0  # the last prompt layer's seconds per token, any sequence's
         self._sequences: dict[int, Sequence] = {}  # every request in flight (queued or in a slot), by index
         self._next = 0
         self._owner: list[int | None] = []  # request index in each slot
@@ -217,16 +219,21 @@ class Engine:
             plan = self.scheduler.schedule(self._fits, lambda seq: self._start(seq, failed))
             for seq, e in failed:
                 self._fail(seq, e, res)
-            deadline, fit = None, False
+            deadline, fit = None, None
+            stall = self.settings.prefill_stall
             if plan.decode:
                 t_decode = time.perf_counter()
                 self._decode(plan.decode, res)
-                res.decode_seconds = time.perf_counter() - t_decode
-                if self.settings.prefill_stall is not None:
-                    deadline = time.perf_counter() + self.settings.prefill_stall * res.decode_seconds
-                    fit = True
+                res.decode_seconds = self._decode_forward = time.perf_counter() - t_decode
+                if stall is not None:
+                    deadline = time.perf_counter() + stall * res.decode_seconds
+                    fit = deadline
             elif self.settings.prefill_step_seconds is not None:  # so an arrival is planned soon
                 deadline = time.perf_counter() + self.settings.prefill_step_seconds
+            if fit is None and stall is not None and self._decode_forward > 0 and self._in_slots() > 1:
+                # nothing decodes now, but another sequence holds a slot and will: a chunk begun now is carried
+                # on beside its decoding, one layer a step at least, so its layers keep to what a step may add
+                fit = time.perf_counter() + stall * self._decode_forward
             self._layers_run = 0
             for chunk in plan.prefill:
                 seq = chunk.seq
@@ -263,24 +270,26 @@ class Engine:
             failed.append((seq, e))
             return False
 
-    def _prefill(self, chunk: Chunk, res: StepResult, deadline: float | None = None, fit: bool = False) -> bool:
+    def _prefill(self, chunk: Chunk, res: StepResult, deadline: float | None = None,
+                 fit: float | None = None) -> bool:
         """Dense prefill of prompt positions [start, end) of a sequence into its slot, layer by layer until
         ``deadline`` (None: all of them; a step runs one layer at least, so every prompt moves on); the prompt's
         last chunk picks the first token from the last position's logits. False: the chunk is part-way, kept in
-        ``seq.partial`` for the next step, or was cut (``fit``: a new chunk keeps the tokens one of its layers
-        can take before the deadline, as the sequence's last chunk ran, so that this first layer, which runs
-        whatever the time, does not hold the decoding sequences beyond the deadline); the step's prompt work ends.
-        """
+        ``seq.partial`` for the next step, or was cut; the step's prompt work ends. ``fit`` (a time): a new chunk
+        keeps the tokens one of its layers can take before it, at the cost per token its sequence's last chunk
+        (else any sequence's) measured: a chunk's first layer in a step runs whatever the time, and a chunk part-way
+        goes on one layer a step at least, so a layer longer than that would hold decoding sequences past it."""
         lean, runner, cache, device = self.lean, self.runner, self.cache, self.lean.device
         seq, slot = chunk.seq, chunk.seq.slot
         s, e = chunk.start, chunk.end  # at most prefill_chunk tokens: one forward
         cut = False
-        if fit and deadline is not None and seq.partial is None:
-            left = deadline - time.perf_counter()
+        if fit is not None and seq.partial is None:
+            left = fit - time.perf_counter()
             if self._layers_run and left <= 0:
                 return False  # the step's time is spent: the chunk begins in the next step
-            if seq.layer_token_seconds > 0 and e - s > max(int(left / seq.layer_token_seconds), MIN_FITTED_CHUNK):
-                chunk = Chunk(seq, s, s + max(int(left / seq.layer_token_seconds), MIN_FITTED_CHUNK))
+            per_token = seq.layer_token_seconds or self._layer_token_seconds  # its own chunks, else any's
+            if per_token > 0 and e - s > max(int(left / per_token), MIN_FITTED_CHUNK):
+                chunk = Chunk(seq, s, s + max(int(left / per_token), MIN_FITTED_CHUNK))
                 e, cut = chunk.end, True
         runner.begin_prefill(slot, s, e)  # again on every step: the decode steps between reset the runner
         if seq.partial is None:
@@ -296,7 +305,7 @@ class Engine:
                 return False
             lean.run_layers(part.pass_, runner.attend, 1)
             part.layer_seconds = time.perf_counter() - now
-            seq.layer_token_seconds = part.layer_seconds / (part.end - part.start)
+            seq.layer_token_seconds = self._layer_token_seconds = part.layer_seconds / (part.end - part.start)
             self._layers_run += 1
         logits = lean.logits(part.pass_)
         seq.partial = None
@@ -314,6 +323,9 @@ class Engine:
             self._last[slot] = token
             self._take(seq, token, logits, res)
         return not cut  # a cut chunk's plan went further: the rest is planned again next step
+
+    def _in_slots(self) -> int:
+        return sum(s is not None for s in self.scheduler.slots)
 
     def _decode(self, running: list[Sequence], res: StepResult) -> None:
         runner, device = self.runner, self.lean.device
