@@ -54,6 +54,8 @@ from a2ats.runtime.step import Timer
 # A new prompt chunk beside decoding sequences is cut to what one of its layers can do in the step's time left,
 # but not below this many tokens (below it a layer's fixed cost outweighs its tokens).
 MIN_FITTED_CHUNK = 32
+LONE_CHUNK_SHARE = 2  # a prompt alone in the slots: its layers may take twice the stall (chunks of ~1K tokens cost
+# no more than whole ones, measured on SmolLM2; a request arriving meanwhile waits that long at most a token)
 
 
 class Engine:
@@ -230,10 +232,11 @@ class Engine:
                     fit = deadline
             elif self.settings.prefill_step_seconds is not None:  # so an arrival is planned soon
                 deadline = time.perf_counter() + self.settings.prefill_step_seconds
-            if fit is None and stall is not None and self._decode_forward > 0 and self._in_slots() > 1:
-                # nothing decodes now, but another sequence holds a slot and will: a chunk begun now is carried
-                # on beside its decoding, one layer a step at least, so its layers keep to what a step may add
-                fit = time.perf_counter() + stall * self._decode_forward
+            if fit is None and stall is not None and self._decode_forward > 0:
+                # nothing decodes now, but a chunk begun now is carried on beside whatever decodes before its last
+                # layer (another sequence in a slot, or a request arriving meanwhile), one layer a step at least:
+                # its layers keep to what a step may add, twice that for a prompt alone (fewer, larger chunks)
+                fit = time.perf_counter() + (1 if self._in_slots() > 1 else LONE_CHUNK_SHARE) * stall * self._decode_forward
             self._layers_run = 0
             for chunk in plan.prefill:
                 seq = chunk.seq
