@@ -1023,28 +1023,23 @@ void fill_dense(const Entries& en, const PairQ* pq, int64_t R, const c10::BFloat
 #pragma GCC unroll 8
             for (int g = 0; g < G; ++g) acc[i][g] = _mm512_setzero_ps();
           }
-          if constexpr (SPLIT) {
+          // the query rows' low halves first (SPLIT), then their high halves: each pass over the tile's 32 pairs
+          auto accumulate = [&](bool low) __attribute__((always_inline)) {
 #pragma GCC unroll 4
             for (int p = 0; p < 32; ++p) {
               const __m512bh tv = (__m512bh)_mm512_load_si512(tile + p * 16);
 #pragma GCC unroll 2
               for (int i = 0; i < P; ++i)
 #pragma GCC unroll 8
-                for (int g = 0; g < G; ++g)
-                  acc[i][g] = _mm512_dpbf16_ps(acc[i][g], tv,
-                                               (__m512bh)_mm512_set1_epi32(static_cast<int>(qb[i][g * bands].lo[p])));
+                for (int g = 0; g < G; ++g) {
+                  const PairQ& qg = qb[i][g * bands];
+                  const int word = static_cast<int>(low ? qg.lo[p] : qg.hi[p]);
+                  acc[i][g] = _mm512_dpbf16_ps(acc[i][g], tv, (__m512bh)_mm512_set1_epi32(word));
+                }
             }
-          }
-#pragma GCC unroll 4
-          for (int p = 0; p < 32; ++p) {
-            const __m512bh tv = (__m512bh)_mm512_load_si512(tile + p * 16);
-#pragma GCC unroll 2
-            for (int i = 0; i < P; ++i)
-#pragma GCC unroll 8
-              for (int g = 0; g < G; ++g)
-                acc[i][g] = _mm512_dpbf16_ps(acc[i][g], tv,
-                                             (__m512bh)_mm512_set1_epi32(static_cast<int>(qb[i][g * bands].hi[p])));
-          }
+          };
+          if constexpr (SPLIT) accumulate(true);
+          accumulate(false);
           for (int i = 0; i < np; ++i) {
             const auto& [b, band] = work[h][w0 + i];
             const int64_t bh = b * H + h;
