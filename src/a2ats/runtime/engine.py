@@ -295,10 +295,10 @@ class Engine:
                 chunk = Chunk(seq, s, s + max(int(left / per_token), MIN_FITTED_CHUNK))
                 e, cut = chunk.end, True
         runner.begin_prefill(slot, s, e)  # again on every step: the decode steps between reset the runner
-        if seq.partial is None:
+        if seq.partial is None:  # its layer time a guess until one ran: whether the first fits what is left
             seq.partial = Partial(s, e, lean.begin(torch.tensor([seq.prompt[s:e]], device=device),
                                                   torch.arange(s, e, device=device)[None]),
-                                  layer_seconds=seq.layer_token_seconds * (e - s))  # a guess until a layer ran
+                                  layer_seconds=(seq.layer_token_seconds or self._layer_token_seconds) * (e - s))
         part = seq.partial
         if deadline is None:
             lean.run_layers(part.pass_, runner.attend)
