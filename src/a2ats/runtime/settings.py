@@ -44,10 +44,11 @@ class EngineSettings:
     ``prefill_chunk``: prompt tokens per prefill forward at most; ``prefill_budget``: prompt tokens a step prefills
     beside its decode while sequences decode (None: whole prompts first, the running sequences waiting);
     ``prefill_stall``: while sequences decode, a step's prompt work stops after this multiple of its decode
-    forward's time, and a chunk part-way continues layer by layer in the next steps; a new chunk is cut to the
-    tokens one of its layers can take in that time (at the cost per token the last chunk measured), since a
-    chunk's layer runs whole once begun, also when nothing decodes yet but another sequence holds a slot (it will
-    decode beside the chunk's remaining layers) (None: each step runs its chunks through); ``prefill_step_seconds``: the same with nothing decoding, a step's prompt work stopping after
+    forward's time, and a chunk part-way continues layer by layer in the next steps. A new chunk is cut to the
+    tokens one of its layers can take in that time, at the cost per token the last chunk measured (a layer runs
+    whole once begun), also when nothing decodes yet, since whatever starts decoding meanwhile waits on its
+    remaining layers (a prompt alone: twice that time). None: each step runs its chunks through.
+    ``prefill_step_seconds``: the same with nothing decoding, a step's prompt work stopping after
     that many seconds so that a request arriving meanwhile is planned at the next step (None: whole prompts in one
     step). Slicing a chunk by layers changes none of its arithmetic.
     ``prefix_cache``: bytes of host memory for prompt prefixes already prefilled (:mod:`.prefix_cache`; 0: none):
