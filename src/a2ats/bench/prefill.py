@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
 
-from a2ats import factory
+from a2ats import factory, kernels
 from a2ats.bench.output import emit, machine
 from a2ats.core.codebook import Codebooks
 from a2ats.core.config import A2ATSConfig
@@ -21,7 +22,9 @@ from a2ats.factory import options
 from a2ats.runtime import Request
 from a2ats.runtime.settings import PREFILL_CHUNK
 
-SYSTEMS = ("a2ats", "a2ats-fp32", "dense", "llama.cpp")  # a2ats: the default prefill dtype; -fp32: the model's own
+# a2ats: the default prefill dtype; -fp32: the model's own; -torch-attention: the default with torch's attention in
+# place of the bf16 attention kernel (its baseline)
+SYSTEMS = ("a2ats", "a2ats-fp32", "a2ats-torch-attention", "dense", "llama.cpp")
 DEFAULT_SYSTEMS = ("a2ats", "a2ats-fp32", "dense")
 LENGTHS = (4096, 16384)
 
@@ -64,9 +67,10 @@ def bench_prefill(model, codebooks: Codebooks, config: A2ATSConfig, text_ids: to
                     engine = factory.decoder(model, cb, config, runtime="engine", slots=1, max_context=length + 2,
                                              beyond_model_context=True, prefill_chunk=chunk,
                                              prefill_dtype="model" if system.endswith("-fp32") else "auto")
-                    t = time.perf_counter()
-                    engine.serve([Request(prompt, 1)])
-                    seconds = time.perf_counter() - t
+                    with kernels.torch_attention() if system.endswith("-torch-attention") else nullcontext():
+                        t = time.perf_counter()
+                        engine.serve([Request(prompt, 1)])
+                        seconds = time.perf_counter() - t
                     del engine
                 rows.append(PrefillRow(system, length, seconds, length / seconds, chunk))
                 log(f"{system:11s} {length:6d} tokens, chunks of {chunk:5d}: prefill {seconds:6.1f} s, "
@@ -98,7 +102,8 @@ def add_arguments(p) -> None:
     options.add_codebook_args(p)
     p.add_argument("--lengths", type=options.csv(int), help=f"prompt lengths (default {','.join(map(str, LENGTHS))})")
     p.add_argument("--prefill-systems", type=options.csv(str), default=DEFAULT_SYSTEMS,
-                   help="a2ats (default prefill dtype), a2ats-fp32 (the model's dtype), dense (no key encoding), "
+                   help="a2ats (default prefill dtype), a2ats-fp32 (the model's dtype), a2ats-torch-attention (the "
+                        "default with torch's attention, the bf16 attention kernel's baseline), dense (no key encoding), "
                         f"llama.cpp (its own prefill of the same ids, when installed); default {','.join(DEFAULT_SYSTEMS)}")
     p.add_argument("--chunks", type=options.csv(int), default=(PREFILL_CHUNK,),
                    help=f"prompt tokens per forward, ours (default {PREFILL_CHUNK}): a step's prefill beside running "

@@ -19,14 +19,34 @@ from transformers.masking_utils import (
     AttentionMaskInterface,
 )
 
+from a2ats import kernels
 from a2ats.core.distributed import kv_heads_held
 from a2ats.core.rope import WRoPE, find_rotary_embedding, undo_rotation
 from a2ats.core.support import UnsupportedModelError, check_supported, model_type
 
 
 def dense(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Ordinary causal attention, as transformers' SDPA integration computes it."""
+    """Ordinary causal attention, as transformers' SDPA integration computes it; a whole causal sequence in bf16 on
+    the CPU (a bf16 prefill or calibration forward) goes to the C++ kernel (:func:`a2ats.kernels.causal_attention`:
+    the same arithmetic as torch's bf16 attention, ~2.5x faster on 2 cores)."""
+    if _bf16_causal(module, query, key, attention_mask, dropout, kwargs):
+        out = kernels.causal_attention(query, key, value, query.shape[-1] ** -0.5 if scaling is None else scaling)
+        return out.to(torch.bfloat16).transpose(1, 2).contiguous(), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _bf16_causal(module, query, key, attention_mask, dropout, kwargs) -> bool:
+    """Whether SDPA would run plain causal attention over the whole sequence, in bf16 (bf16 operands, or autocast
+    to bf16), on CPU tensors: the case :func:`a2ats.kernels.causal_attention` computes."""
+    if attention_mask is not None or query.shape[2] < 2 or query.shape[2] != key.shape[2] or not query.is_cpu:
+        return False
+    if dropout or kwargs.get("cache") is not None or kwargs.get("position_bias") is not None or kwargs.get("softcap"):
+        return False
+    is_causal = kwargs.get("is_causal")
+    if not (getattr(module, "is_causal", True) if is_causal is None else is_causal):
+        return False
+    autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    return (autocast_bf16 or query.dtype == torch.bfloat16) and kernels.bf16_attention_kernel(query.shape[-1])
 
 
 ATTN_IMPLEMENTATION = "a2ats"

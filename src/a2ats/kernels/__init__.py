@@ -8,6 +8,8 @@ tensors runs a Triton kernel (:mod:`.triton_score`) when triton is installed.
 
 from a2ats.kernels.cpu import cpu_backend
 from a2ats.kernels.ops import (
+    bf16_attention_kernel,
+    causal_attention,
     dequantize_rows,
     encode_nearest,
     kmeans_nearest,
@@ -22,9 +24,11 @@ from a2ats.kernels.ops import (
     sparse_attention,
     store_rows,
     tile_centroids,
+    torch_attention,
 )
 from a2ats.kernels.paths import PATHS, resolve_path
 from a2ats.kernels.reference import (
+    reference_causal_attention,
     reference_encode_nearest,
     reference_lookup_tables,
     reference_rope,
@@ -37,6 +41,8 @@ from a2ats.kernels.triton_score import triton_available, triton_score_select
 
 __all__ = [
     "PATHS",
+    "bf16_attention_kernel",
+    "causal_attention",
     "cpu_backend",
     "resolve_path",
     "dequantize_rows",
@@ -47,6 +53,7 @@ __all__ = [
     "kmeans_pp_picks",
     "linear_bf16w",
     "lookup_tables",
+    "reference_causal_attention",
     "reference_encode_nearest",
     "reference_lookup_tables",
     "reference_score_select",
@@ -60,6 +67,7 @@ __all__ = [
     "sparse_attention",
     "store_rows",
     "tile_centroids",
+    "torch_attention",
     "triton_available",
     "triton_score_select",
 ]

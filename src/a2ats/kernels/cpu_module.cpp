@@ -8,6 +8,11 @@
 namespace py = pybind11;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // cpu_attention.cpp
+  m.def("bf16_attention", &bf16_attention, "whether this build has causal_attention (AVX-512 BF16)");
+  m.def("causal_attention", &causal_attention, "causal attention with bf16 operands, fp32 out; queries from `start`",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scaling"), py::arg("start") = 0);
+
   // cpu_kernels.cpp
   m.def("sparse_attention", &sparse_attention, "attention over selected rows", py::arg("q"), py::arg("k_buf"),
         py::arg("v_buf"), py::arg("idx"), py::arg("count"), py::arg("scaling"), py::arg("k_scale") = py::none(),

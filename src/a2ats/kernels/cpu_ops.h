@@ -9,6 +9,10 @@
 #include <optional>
 #include <vector>
 
+// cpu_attention.cpp: the dense passes' causal attention in bf16
+bool bf16_attention();
+at::Tensor causal_attention(at::Tensor q, at::Tensor k, at::Tensor v, double scaling, int64_t start);
+
 // cpu_kernels.cpp: attention over the selection, key encoding
 at::Tensor sparse_attention(at::Tensor q, at::Tensor k_buf, at::Tensor v_buf, at::Tensor idx, at::Tensor count,
                             double scaling, std::optional<at::Tensor> k_scale, std::optional<at::Tensor> v_scale);

@@ -3,6 +3,8 @@ selection on CUDA tensors when triton is installed, else the references."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from a2ats.core.kmeans import nearest_among, pp_picks
@@ -20,7 +22,7 @@ from a2ats.kernels.reference import (
 )
 from a2ats.kernels.triton_score import triton_available, triton_score_select
 
-__all__ = ["dequantize_rows", "encode_nearest", "kmeans_nearest", "kmeans_nearest_among", "kmeans_pp_picks", "linear_bf16w", "lookup_tables", "quantize_rows", "tile_centroids", "score",
+__all__ = ["bf16_attention_kernel", "causal_attention", "dequantize_rows", "encode_nearest", "kmeans_nearest", "kmeans_nearest_among", "kmeans_pp_picks", "linear_bf16w", "lookup_tables", "quantize_rows", "tile_centroids", "torch_attention", "score",
            "rope", "score_select", "score_select_direct", "sparse_attention", "store_rows"]
 
 
@@ -191,6 +193,52 @@ def sparse_attention(
 
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.int8)  # the rows sparse_attention's kernel reads
+
+
+_torch_attention = [False]  # set by torch_attention(): the benches' same-run baseline
+
+
+@contextlib.contextmanager
+def torch_attention():
+    """Within it, :func:`causal_attention` and the dense passes use torch's attention instead of the kernel (the
+    kernel's baseline, timed in the same run)."""
+    _torch_attention[0] = True
+    try:
+        yield
+    finally:
+        _torch_attention[0] = False
+
+
+def bf16_attention_kernel(head_dim: int) -> bool:
+    """Whether :func:`causal_attention` runs the C++ kernel for CPU tensors of this head dim (AVX-512 BF16, d 64)."""
+    ext = cpu_backend()
+    return head_dim == 64 and ext is not None and ext.bf16_attention() and not _torch_attention[0]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, start: int = 0) -> torch.Tensor:
+    """Causal attention (B, Hq, t, d) float32 with bf16 operands, as a bf16 dense pass computes it: q (B, Hq, t, d)
+    at positions start .. start + t - 1 over k/v (B, Hkv, start + t, d), query i seeing keys 0 .. start + i of KV
+    head h // (Hq / Hkv). Products of bf16 values, fp32 sums and softmax, the probabilities rounded to bf16 before
+    they weight V (as torch's bf16 attention does). The C++ kernel where the CPU has AVX-512 BF16 and d is 64;
+    elsewhere torch's attention on the bf16 operands."""
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"q must be (B, Hq, t, d) and k, v (B, Hkv, n, d) alike; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})")
+    if start < 0 or k.shape[2] != start + q.shape[2]:
+        raise ValueError(f"k and v must hold start + t = {start} + {q.shape[2]} rows, got {k.shape[2]}")
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    if _on_cpu(q, k, v) and bf16_attention_kernel(q.shape[3]):
+        ext = cpu_backend()
+        if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        return ext.causal_attention(q, k, v, float(scaling), int(start))
+    t, n = q.shape[2], k.shape[2]
+    mask = None if start == 0 else torch.ones(t, n, dtype=torch.bool, device=q.device).tril(start)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=start == 0,
+                                                           scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+    return out.float()
 
 
 def encode_nearest(z: torch.Tensor, t: torch.Tensor, half: torch.Tensor) -> torch.Tensor:

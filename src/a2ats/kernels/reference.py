@@ -16,6 +16,18 @@ from a2ats.core.selection import table_scores as reference_scores
 __all__ = ["reference_encode_nearest", "reference_scores"]  # the algorithm's own computations, named as references
 
 
+def reference_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
+                               start: int = 0) -> torch.Tensor:
+    """(B, Hq, t, d) float32: softmax attention of q (B, Hq, t, d) over k/v (B, Hkv, start + t, d), query i seeing
+    keys 0 .. start + i of KV head h // (Hq / Hkv); fp32 math on the operands as given."""
+    t, n = q.shape[2], k.shape[2]
+    group = q.shape[1] // k.shape[1]
+    keys, values = k.float().repeat_interleave(group, 1), v.float().repeat_interleave(group, 1)
+    s = torch.matmul(q.float(), keys.transpose(2, 3)) * scaling
+    seen = torch.arange(n, device=q.device) <= start + torch.arange(t, device=q.device)[:, None]
+    return torch.matmul(s.masked_fill(~seen, float("-inf")).softmax(-1), values)
+
+
 def reference_lookup_tables(q: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """(B, H, R, C) float32: q (B, H, R, d) · centroids (H, C, d) of the same KV head."""
     return torch.matmul(q.float(), centroids.float().transpose(1, 2))

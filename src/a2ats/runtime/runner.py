@@ -193,13 +193,14 @@ class Runner:
             prev_k, prev_v = cache.rows(layer, slice(s, s + 1), start, q.dtype, q.device)
             keys, values = torch.cat([prev_k, k], 2), torch.cat([prev_v, v], 2)
         t = end - start
-        # The first chunk is plain causal attention (SDPA's causal kernel, about twice as fast as a mask);
-        # later chunks see every earlier position, so their mask is offset.
-        causal = None if start == 0 else torch.ones(t, end, dtype=torch.bool, device=q.device).tril(start)
-        if bf16:  # as the projections: bf16 products, fp32 out (2.5x on 2 cores)
-            q, keys, values = q.bfloat16(), keys.bfloat16(), values.bfloat16()
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal, is_causal=start == 0,
-                                             scale=self.lean.scaling, enable_gqa=q.shape[1] != keys.shape[1])
+        if bf16:  # as the projections: bf16 products, fp32 sums (the kernel: ~2.5x torch's bf16 attention)
+            out = kernels.causal_attention(q, keys, values, self.lean.scaling, start)
+        else:
+            # The first chunk is plain causal attention (SDPA's causal kernel, about twice as fast as a mask);
+            # later chunks see every earlier position, so their mask is offset.
+            causal = None if start == 0 else torch.ones(t, end, dtype=torch.bool, device=q.device).tril(start)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal, is_causal=start == 0,
+                                                 scale=self.lean.scaling, enable_gqa=q.shape[1] != keys.shape[1])
         return out.to(self.lean.dtype).transpose(1, 2).reshape(1, t, -1)
 
     def _decode(self, layer: int, q_pre, q, k_pre, k, v) -> torch.Tensor:
