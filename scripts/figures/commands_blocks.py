@@ -134,6 +134,26 @@ def calibration_recipes_qwen(root: Path) -> str:
     return calibration_recipes(root, "docs/bench/speed/calibration-qwen/calibration.json", "qwen2.5-coder-0.5b")
 
 
+@block("calibration-kernel-smollm2")
+def calibration_kernel_smollm2(root: Path) -> str:
+    return calibration_recipes(root, "docs/bench/speed/calibration-smollm2-kernel/calibration.json", "smollm2-135m")
+
+
+@block("calibration-kernel-qwen")
+def calibration_kernel_qwen(root: Path) -> str:
+    return calibration_recipes(root, "docs/bench/speed/calibration-qwen-kernel/calibration.json", "qwen2.5-coder-0.5b")
+
+
+@block("calibration-exact2-smollm2")
+def calibration_exact2_smollm2(root: Path) -> str:
+    return calibration_recipes(root, "docs/bench/speed/calibration-smollm2-exact2/calibration.json", "smollm2-135m")
+
+
+@block("calibration-exact2-qwen")
+def calibration_exact2_qwen(root: Path) -> str:
+    return calibration_recipes(root, "docs/bench/speed/calibration-qwen-exact2/calibration.json", "qwen2.5-coder-0.5b")
+
+
 @block("first-calibration-qwen")
 def first_calibration_qwen(root: Path) -> str:
     """Qwen2.5-Coder-0.5B's first use from an empty cache: assembling and converting its GGUF, then calibrating, with

@@ -137,6 +137,33 @@ def speed_prefill(root: Path) -> str:
                       table(["model", "tokens", "system", "tokens/s", "seconds"], out), ""] + paragraphs(srcs))
 
 
+ATTENTION = {"smollm2": "docs/bench/speed/amd-smollm2/attention/prefill.json",
+             "qwen": "docs/bench/speed/amd-qwen/attention/prefill.json"}
+
+
+@block("prefill-attention")
+def prefill_attention(root: Path) -> str:
+    """The bf16 prefill with the attention kernel against the same prefill with torch's attention, same run."""
+    out, provs, srcs = [], [], []
+    for model, rel in ATTENTION.items():
+        d = load_json(root, rel)
+        expect(d.get("model") == MODELS[model][0], f"{rel}: model {d.get('model')!r}")
+        provs.append(d["provenance"])
+        srcs.append(source_line(rel, d["provenance"]))
+        at = {(r["system"], r["tokens"]): r for r in d["rows"]}
+        for n in sorted({r["tokens"] for r in d["rows"]}):
+            ours, torch_ = at.get(("a2ats", n)), at.get(("a2ats-torch-attention", n))
+            expect(ours is not None and torch_ is not None, f"{rel}: both systems at {n} tokens")
+            out.append([MODELS[model][1], k(n), f"{torch_['seconds']:.1f}", f"{ours['seconds']:.1f}",
+                        f"{torch_['seconds'] / ours['seconds']:.2f}x"])
+    same_machine(*provs)
+    return "\n".join(["One prompt prefilled by the engine in bf16 (key encoding included), with torch's attention and "
+                      "with the attention kernel, one after the other in one run (one run each: no spread is known), "
+                      "seconds:", "",
+                      table(["model", "tokens", "torch's attention", "the kernel", "speed-up"], out), ""]
+                     + paragraphs(srcs))
+
+
 CHUNKS = "docs/bench/speed/amd-smollm2/chunks/prefill.json"
 
 
