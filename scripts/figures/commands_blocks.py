@@ -124,34 +124,18 @@ def calibration_recipes(root: Path, rel: str, model: str) -> str:
                       table(head, rows), "", source_line(rel, d["provenance"])])
 
 
-@block("calibration-recipes-smollm2")
-def calibration_recipes_smollm2(root: Path) -> str:
-    return calibration_recipes(root, "docs/bench/speed/calibration-smollm2/calibration.json", "smollm2-135m")
-
-
-@block("calibration-recipes-qwen")
-def calibration_recipes_qwen(root: Path) -> str:
-    return calibration_recipes(root, "docs/bench/speed/calibration-qwen/calibration.json", "qwen2.5-coder-0.5b")
-
-
-@block("calibration-kernel-smollm2")
-def calibration_kernel_smollm2(root: Path) -> str:
-    return calibration_recipes(root, "docs/bench/speed/calibration-smollm2-kernel/calibration.json", "smollm2-135m")
-
-
-@block("calibration-kernel-qwen")
-def calibration_kernel_qwen(root: Path) -> str:
-    return calibration_recipes(root, "docs/bench/speed/calibration-qwen-kernel/calibration.json", "qwen2.5-coder-0.5b")
-
-
-@block("calibration-exact2-smollm2")
-def calibration_exact2_smollm2(root: Path) -> str:
-    return calibration_recipes(root, "docs/bench/speed/calibration-smollm2-exact2/calibration.json", "smollm2-135m")
-
-
-@block("calibration-exact2-qwen")
-def calibration_exact2_qwen(root: Path) -> str:
-    return calibration_recipes(root, "docs/bench/speed/calibration-qwen-exact2/calibration.json", "qwen2.5-coder-0.5b")
+# Each calibration-recipe run's block: its name, its result file (under docs/bench/speed) and the model it ran.
+_RECIPE_RUNS = {
+    "calibration-recipes-smollm2": ("calibration-smollm2", "smollm2-135m"),
+    "calibration-recipes-qwen": ("calibration-qwen", "qwen2.5-coder-0.5b"),
+    "calibration-kernel-smollm2": ("calibration-smollm2-kernel", "smollm2-135m"),  # with the attention kernel
+    "calibration-kernel-qwen": ("calibration-qwen-kernel", "qwen2.5-coder-0.5b"),
+    "calibration-exact2-smollm2": ("calibration-smollm2-exact2", "smollm2-135m"),  # two exact k-means passes
+    "calibration-exact2-qwen": ("calibration-qwen-exact2", "qwen2.5-coder-0.5b"),
+}
+for _name, (_folder, _model) in _RECIPE_RUNS.items():
+    block(_name)(lambda root, rel=f"docs/bench/speed/{_folder}/calibration.json", model=_model:
+                 calibration_recipes(root, rel, model))
 
 
 @block("first-calibration-qwen")

@@ -70,6 +70,16 @@ inline __mmask16 visible(int64_t base, int64_t lim) {
   return c == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << c) - 1);
 }
 
+// RB rows of 64 floats (4 vectors each, held in registers) to dst, rows 64 floats apart: scores (KB keys) and
+// outputs (D dims) alike
+static_assert(KB == 64 && D == 64, "a block's rows and a head's dims are 4 vectors each");
+inline void store_tile(const __m512 (&a)[RB][4], float* dst) {
+#pragma GCC unroll 4
+  for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(dst + r * 64 + 16 * c, a[r][c]);
+}
+
 // Scores of RB query rows (D / 2 dim pairs each) against the KB keys of a packed block, into sc (RB x KB): the
 // accumulators stay in registers through the loop (a loop the compiler does not unroll spills them every step).
 inline void block_scores(const uint32_t* const* q, const uint32_t* Kb, float* sc) {
@@ -89,10 +99,7 @@ inline void block_scores(const uint32_t* const* q, const uint32_t* Kb, float* sc
       for (int t = 0; t < 4; ++t) s[r][t] = _mm512_dpbf16_ps(s[r][t], qb, kv[t]);
     }
   }
-#pragma GCC unroll 4
-  for (int r = 0; r < RB; ++r)
-#pragma GCC unroll 4
-    for (int t = 0; t < 4; ++t) _mm512_storeu_ps(sc + r * KB + 16 * t, s[r][t]);
+  store_tile(s, sc);
 }
 
 // o (RB x D) += p (RB x KB, bf16) . the block's packed values, in registers through the loop
@@ -114,10 +121,7 @@ inline void block_values(const c10::BFloat16* pbuf, const uint32_t* Vb, float* o
       for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], pp, vv[c]);
     }
   }
-#pragma GCC unroll 4
-  for (int r = 0; r < RB; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(o + r * D + 16 * c, acc[r][c]);
+  store_tile(acc, o);
 }
 
 // One micro-kernel: RB rows q against key block kb, rows' last visible keys lim (ascending); online-softmax state
