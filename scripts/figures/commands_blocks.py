@@ -150,7 +150,8 @@ def first_calibration_qwen(root: Path) -> str:
     expect(line is not None, f"{rel}: no line with the calibration's own seconds")
     forward = float(re.search(r"'forward_seconds': ([\d.]+)", line).group(1))
     fit = float(re.search(r"'fit_seconds': ([\d.]+)", line).group(1))
-    rows = [["assembling and converting the GGUF, loading the model", duration(d["seconds"] - forward - fit)],
+    rows = [["the rest: assembling and converting the GGUF, loading the model, tokenizing the corpus",
+             duration(d["seconds"] - forward - fit)],
             ["calibration: forward pass", duration(forward)], ["calibration: k-means", duration(fit)],
             ["**total**", f"**{duration(d['seconds'])}**"]]
     p = d["provenance"]
