@@ -162,3 +162,13 @@ def test_torch_attention_turns_the_kernel_off_and_back_on(monkeypatch):
     outside, _ = patch.dense(_Module(2), q, k, v, None, scaling=0.125)
     assert calls == [1]
     torch.testing.assert_close(inside.float(), outside.float(), **TOL)
+
+
+@pytest.mark.parametrize("start", [0, 13])
+def test_torch_causal_attention_is_the_reference_in_fp32(start):
+    """torch's attention as the fp32 prefill calls it (a first chunk plain causal, a later one with an offset mask)."""
+    from a2ats.kernels import torch_causal_attention
+
+    q, k, v = (x.float() for x in _qkv(1, 6, 2, 19, start))
+    out = torch_causal_attention(q, k, v, 0.125, start)
+    torch.testing.assert_close(out, reference_causal_attention(q, k, v, 0.125, start), atol=1e-5, rtol=1e-5)

@@ -36,6 +36,7 @@ from a2ats.kernels.reference import (
     reference_scores,
     reference_sparse_attention,
     reference_store_rows,
+    torch_causal_attention,
 )
 from a2ats.kernels.triton_score import triton_available, triton_score_select
 
@@ -67,6 +68,7 @@ __all__ = [
     "sparse_attention",
     "store_rows",
     "tile_centroids",
+    "torch_causal_attention",
     "torch_attention",
     "triton_available",
     "triton_score_select",

@@ -19,6 +19,7 @@ from a2ats.kernels.reference import (
     reference_scores,
     reference_sparse_attention,
     reference_store_rows,
+    torch_causal_attention,
 )
 from a2ats.kernels.triton_score import triton_available, triton_score_select
 
@@ -234,11 +235,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling:
         if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         return ext.causal_attention(q, k, v, float(scaling), int(start))
-    t, n = q.shape[2], k.shape[2]
-    mask = None if start == 0 else torch.ones(t, n, dtype=torch.bool, device=q.device).tril(start)
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=start == 0,
-                                                           scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
-    return out.float()
+    return torch_causal_attention(q, k, v, scaling, start).float()
 
 
 def encode_nearest(z: torch.Tensor, t: torch.Tensor, half: torch.Tensor) -> torch.Tensor:

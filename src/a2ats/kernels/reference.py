@@ -28,6 +28,17 @@ def reference_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return torch.matmul(s.masked_fill(~seen, float("-inf")).softmax(-1), values)
 
 
+def torch_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
+                           start: int = 0) -> torch.Tensor:
+    """torch's attention (SDPA) for queries at positions start .. start + t - 1 over keys 0 .. start + t - 1, in the
+    operands' dtype: plain causal for a first chunk (SDPA's causal kernel, about twice as fast as a mask), an offset
+    mask for a later one, which sees every earlier position."""
+    t, n = q.shape[2], k.shape[2]
+    mask = None if start == 0 else torch.ones(t, n, dtype=torch.bool, device=q.device).tril(start)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=start == 0, scale=scaling,
+                                                            enable_gqa=q.shape[1] != k.shape[1])
+
+
 def reference_lookup_tables(q: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """(B, H, R, C) float32: q (B, H, R, d) · centroids (H, C, d) of the same KV head."""
     return torch.matmul(q.float(), centroids.float().transpose(1, 2))

@@ -196,11 +196,7 @@ class Runner:
         if bf16:  # as the projections: bf16 products, fp32 sums (the kernel: ~2.5x torch's bf16 attention)
             out = kernels.causal_attention(q, keys, values, self.lean.scaling, start)
         else:
-            # The first chunk is plain causal attention (SDPA's causal kernel, about twice as fast as a mask);
-            # later chunks see every earlier position, so their mask is offset.
-            causal = None if start == 0 else torch.ones(t, end, dtype=torch.bool, device=q.device).tril(start)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal, is_causal=start == 0,
-                                                 scale=self.lean.scaling, enable_gqa=q.shape[1] != keys.shape[1])
+            out = kernels.torch_causal_attention(q, keys, values, self.lean.scaling, start)
         return out.to(self.lean.dtype).transpose(1, 2).reshape(1, t, -1)
 
     def _decode(self, layer: int, q_pre, q, k_pre, k, v) -> torch.Tensor:
