@@ -41,15 +41,22 @@ inline uint32_t bf16_bits(const c10::BFloat16& x) {
   return raw;
 }
 
+// A contiguous bf16 row read as its D / 2 dim pairs: word p holds dims 2p (low half) and 2p + 1 (x86 is
+// little-endian), the pairs vdpbf16ps multiplies.
+inline void row_pairs(const c10::BFloat16* row, uint32_t* out) { std::memcpy(out, row, D * sizeof(c10::BFloat16)); }
+
 // keys (n, D) with row stride `rs` -> tiles (ceil(n / KB) * 4, D / 2, 16) of dim pairs, zero past n
 void pack_keys(const c10::BFloat16* k, int64_t rs, int64_t n, uint32_t* out) {
   const int64_t tiles = (n + KB - 1) / KB * (KB / 16);
+  uint32_t pairs[D / 2];
   for (int64_t t = 0; t < tiles; ++t)
     for (int64_t l = 0; l < 16; ++l) {
       const int64_t j = t * 16 + l;
-      for (int64_t p = 0; p < D / 2; ++p)
-        out[(t * (D / 2) + p) * 16 + l] =
-            j < n ? bf16_bits(k[j * rs + 2 * p]) | (bf16_bits(k[j * rs + 2 * p + 1]) << 16) : 0u;
+      if (j < n)
+        row_pairs(k + j * rs, pairs);
+      else
+        std::fill(pairs, pairs + D / 2, 0u);
+      for (int64_t p = 0; p < D / 2; ++p) out[(t * (D / 2) + p) * 16 + l] = pairs[p];
     }
 }
 
@@ -189,11 +196,11 @@ at::Tensor causal_attention(at::Tensor q, at::Tensor k, at::Tensor v, double sca
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "rows must be contiguous");
 #if defined(__AVX512BF16__)
   TORCH_CHECK(d == D, "the bf16 attention kernel takes head dim 64, got ", d);
-  const int64_t G = Hq / Hkv, nb = (n + KB - 1) / KB;
+  const int64_t G = Hq / Hkv, per_head = (n + KB - 1) / KB * KB * D / 2;  // words of a head's packed K (and V)
   auto out = at::empty({B, Hq, t, D}, q.options().dtype(at::kFloat));
   if (t == 0) return out;
-  auto kp = at::empty({B * Hkv, nb * KB * D / 2}, k.options().dtype(at::kInt));
-  auto vp = at::empty({B * Hkv, nb * KB * D / 2}, v.options().dtype(at::kInt));
+  auto kp = at::empty({B * Hkv, per_head}, k.options().dtype(at::kInt));
+  auto vp = at::empty({B * Hkv, per_head}, v.options().dtype(at::kInt));
   auto* KP = reinterpret_cast<uint32_t*>(kp.data_ptr<int32_t>());
   auto* VP = reinterpret_cast<uint32_t*>(vp.data_ptr<int32_t>());
   const auto* Kd = k.data_ptr<c10::BFloat16>();
@@ -202,9 +209,9 @@ at::Tensor causal_attention(at::Tensor q, at::Tensor k, at::Tensor v, double sca
     for (int64_t item = lo; item < hi; ++item) {
       const int64_t bh = item / 2, b = bh / Hkv, h = bh % Hkv;
       if (item % 2 == 0)
-        pack_keys(Kd + b * k.stride(0) + h * k.stride(1), k.stride(2), n, KP + bh * nb * KB * D / 2);
+        pack_keys(Kd + b * k.stride(0) + h * k.stride(1), k.stride(2), n, KP + bh * per_head);
       else
-        pack_values(Vd + b * v.stride(0) + h * v.stride(1), v.stride(2), n, VP + bh * nb * KB * D / 2);
+        pack_values(Vd + b * v.stride(0) + h * v.stride(1), v.stride(2), n, VP + bh * per_head);
     }
   });
   const int64_t pblocks = (t + POS - 1) / POS, items = B * Hkv * pblocks;
@@ -232,15 +239,14 @@ at::Tensor causal_attention(at::Tensor q, at::Tensor k, at::Tensor v, double sca
       for (int64_t g = 0; g < G; ++g)
         for (int64_t r = 0; r < POS; ++r) {
           const int64_t pos = i0 + std::min(r, valid - 1), row = g * POS + r;
-          const auto* src = Qd + b * q.stride(0) + (h * G + g) * q.stride(1) + pos * q.stride(2);
-          for (int64_t p = 0; p < D / 2; ++p) qs[row * D / 2 + p] = bf16_bits(src[2 * p]) | (bf16_bits(src[2 * p + 1]) << 16);
+          row_pairs(Qd + b * q.stride(0) + (h * G + g) * q.stride(1) + pos * q.stride(2), qs.data() + row * D / 2);
           lims[row] = start + pos;
         }
       std::fill(os.begin(), os.end(), 0.f);
       std::fill(ms.begin(), ms.end(), -std::numeric_limits<float>::infinity());
       std::fill(ls.begin(), ls.end(), 0.f);
-      const uint32_t* K = KP + bh * nb * KB * D / 2;
-      const uint32_t* V = VP + bh * nb * KB * D / 2;
+      const uint32_t* K = KP + bh * per_head;
+      const uint32_t* V = VP + bh * per_head;
       const int64_t last = (start + i0 + valid - 1) / KB;
       for (int64_t kb = 0; kb <= last; ++kb)
         for (int64_t r0 = 0; r0 < rows; r0 += RB) {
