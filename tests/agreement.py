@@ -36,20 +36,24 @@ def _sets_at(trace, row: int, step: int) -> dict[tuple[int, int], frozenset]:
 
 
 def assert_paths_agree(ref_tokens: torch.Tensor, ref_logits, ref_trace, tokens: torch.Tensor, logits, trace, *,
-                       logit_tol: float = LOGIT_TOL, set_slack: float = SET_SLACK) -> dict:
+                       logit_tol: float = LOGIT_TOL, set_slack: float = SET_SLACK,
+                       logit_rtol: float | None = None) -> dict:
     """``tokens`` (B, T) greedy new tokens, ``logits[i]`` (B, V) the logits that chose ``tokens[:, i]``
     (``logits[0]`` from the prefill, which selects nothing; ``logits[i]`` from decode step i, whose selection is
-    ``trace.sets[(layer, row)][i - 1]``). Returns, per row, the first step whose selection differs (T: none) and
-    how many sets were compared, for the caller's own checks."""
+    ``trace.sets[(layer, row)][i - 1]``; both traces None for paths that select nothing: full attention).
+    Returns, per row, the first step whose selection differs (T: none), how many sets were compared and the
+    first step whose token differs (T: none), for the caller's own checks."""
     assert ref_tokens.shape == tokens.shape, (ref_tokens.shape, tokens.shape)
     B, T = tokens.shape
     assert len(ref_logits) == len(logits) == T
-    assert ref_trace.steps() == trace.steps() == T - 1
+    selects = trace is not None
+    assert (ref_trace is None) == (trace is None), "trace one path's selections and the other's"
+    assert not selects or ref_trace.steps() == trace.steps() == T - 1
     report = {}
     for b in range(B):
-        first_diff, compared = T, 0
+        first_diff, compared, token_diff = T, 0, T
         for i in range(T):
-            if i >= 1:
+            if i >= 1 and selects:
                 ref_sets, sets = _sets_at(ref_trace, b, i), _sets_at(trace, b, i)
                 assert ref_sets.keys() == sets.keys() and ref_sets, f"row {b} step {i}: different layers/heads traced"
                 for where, r in ref_sets.items():
@@ -62,13 +66,14 @@ def assert_paths_agree(ref_tokens: torch.Tensor, ref_logits, ref_trace, tokens: 
                             "differ, more than near-ties")
             a, e = logits[i][b].float(), ref_logits[i][b].float()
             if i < first_diff:
-                torch.testing.assert_close(a, e, rtol=logit_tol, atol=logit_tol,
+                torch.testing.assert_close(a, e, rtol=logit_tol if logit_rtol is None else logit_rtol, atol=logit_tol,
                                            msg=lambda m, b=b, i=i: f"row {b} step {i}, same selections so far: {m}")
             if tokens[b, i] != ref_tokens[b, i]:
                 top2 = e.topk(2).values
                 assert i >= first_diff or float(top2[0] - top2[1]) <= 2 * logit_tol, (
                     f"row {b} step {i}: token {int(tokens[b, i])} against {int(ref_tokens[b, i])} with the same "
                     f"selections so far and a logit margin of {float(top2[0] - top2[1]):.2e}")
+                token_diff = i
                 break  # different inputs from here on
-        report[b] = {"first_diff": first_diff, "sets_compared": compared}
+        report[b] = {"first_diff": first_diff, "sets_compared": compared, "token_diff": token_diff}
     return report

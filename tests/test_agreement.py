@@ -37,7 +37,8 @@ def run(seed=0, swap_at=None, swap=2, logit_noise=1e-5, token_flip_at=None):
 
 def test_equal_runs_agree_and_report_no_difference():
     ref, out = run()
-    assert assert_paths_agree(*ref, *out)[0] == {"first_diff": T, "sets_compared": (T - 1) * LAYERS * HEADS}
+    assert assert_paths_agree(*ref, *out)[0] == {"first_diff": T, "sets_compared": (T - 1) * LAYERS * HEADS,
+                                                 "token_diff": T}
 
 
 def test_a_near_tie_moves_logits_after_it_only():
@@ -61,3 +62,19 @@ def test_a_different_token_with_the_same_selections_fails():
     ref, out = run(token_flip_at=2)
     with pytest.raises(AssertionError, match="with the same selections so far"):
         assert_paths_agree(*ref, *out)
+
+
+def test_paths_without_selections_pass_a_near_tie_and_fail_a_flip():
+    """Full-attention paths (no traces): only logits and tokens compared; a token may differ at a near-tie only."""
+    (ref_tokens, logits, _), (tokens, mine, _) = run()
+    tie = logits[2].clone()
+    top = int(tie.argmax())
+    tie[0, (top + 1) % V] = tie[0, top] - 1e-4  # the runner-up within rounding of the top
+    near = [tie if i == 2 else x for i, x in enumerate(logits)]
+    mine_near = [tie + 1e-5 if i == 2 else x for i, x in enumerate(mine)]
+    flipped = tokens.clone()
+    flipped[0, 2] = (top + 1) % V
+    assert assert_paths_agree(ref_tokens, near, None, flipped, mine_near, None)[0] == {
+        "first_diff": T, "sets_compared": 0, "token_diff": 2}
+    with pytest.raises(AssertionError, match="logit margin"):
+        assert_paths_agree(ref_tokens, logits, None, flipped, mine, None)

@@ -9,6 +9,7 @@ import torch
 from a2ats import A2ATSConfig
 from a2ats.runtime import Engine, Request, ServeError
 from a2ats.runtime.preflight import GiB, PreflightError, plan
+from agreement import assert_paths_agree
 from conftest import FAMILIES, padded_batch, random_codebooks, tiny_model
 
 LENGTHS = (300, 201, 257, 45, 130)
@@ -109,8 +110,10 @@ def test_serve_banded_and_eos():
 @pytest.mark.parametrize("dense", [False, True])
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8])
 def test_compact_host_cache_keeps_selections_and_stays_close(dense, kv_dtype):
-    """K/V stored in bf16, or int8 with a scale per row, under an fp32 model: the same selections (codes
-    come from fp32 keys), logits within the rounding of the fp32 cache's."""
+    """K/V stored in bf16, or int8 with a scale per row, under an fp32 model: while the tokens agree, the same
+    selections up to near-ties (codes come from fp32 keys; only the queries move) and logits within the rounding
+    of the fp32 cache's. A random tiny model's top two logits can sit closer than that rounding, so a greedy
+    token may differ there, and only there."""
     model = tiny_model("qwen2")
     cb = None if dense else random_codebooks(model)
     cfg = A2ATSConfig(budget=0.05, sinks=2, window=8)
@@ -119,14 +122,15 @@ def test_compact_host_cache_keeps_selections_and_stays_close(dense, kv_dtype):
                                                                                                    trace=True)
             for dt in (None, kv_dtype)]
     assert Engine(model, cb, cfg, placement="offload", slots=1, max_context=320, kv_dtype=kv_dtype, dense_below=0, decode_weights="model", prefill_dtype="model").cache.k[0].dtype == kv_dtype
-    for a, b in zip(*[r.completions for r in runs]):
-        assert a.tokens == b.tokens
-        for x, y in zip(a.logits, b.logits):
-            torch.testing.assert_close(x, y, rtol=0, atol=0.05)
-        # decode steps really read the bf16 cache (the first token comes from the prefill's own k/v)
-        assert all(not torch.equal(x, y) for x, y in zip(a.logits[1:], b.logits[1:]))
-    if not dense:
-        assert runs[0].trace.steps() > 0 and runs[0].trace.sets == runs[1].trace.sets
+    tokens = [torch.tensor([c.tokens for c in r.completions]) for r in runs]
+    logits = [[torch.stack(step) for step in zip(*[c.logits for c in r.completions])] for r in runs]
+    traces = [None if dense else r.trace for r in runs]
+    report = assert_paths_agree(tokens[0], logits[0], traces[0], tokens[1], logits[1], traces[1], logit_tol=0.05,
+                                logit_rtol=0)
+    # decode steps really read the compact cache (the first token comes from the prefill's own k/v)
+    same_inputs = [(b, i) for b, r in report.items() for i in range(1, min(r["token_diff"] + 1, len(logits[0])))]
+    assert same_inputs
+    assert all(not torch.equal(logits[0][i][b], logits[1][i][b]) for b, i in same_inputs)
 
 
 def test_dense_serve_equals_dense_generate():
