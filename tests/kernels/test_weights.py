@@ -8,8 +8,22 @@ import torch
 
 from a2ats.kernels import weights as W
 
+# each format, and int8 also in tiles of 16 output rows (weights.tiles: the AVX-512 VNNI build's layout)
+VARIANTS = ["bf16", "int8", "int8-tiles", "int4"]
+
+
+def _packed(w, variant, ext=None):
+    """``w`` packed as ``variant``; tiles are skipped on builds without their kernel."""
+    if variant != "int8-tiles":
+        return W.pack(w, variant)
+    if ext is not None and not ext.int8_tiles():
+        pytest.skip("int8 tiles need the AVX-512 VNNI build")
+    return W.tiles(W.pack(w, "int8"))
+
 
 def _kernel(ext, x, p, bias, **glue):
+    if p.layout == "tiles":
+        return ext.linear_int8w_tiles(x, p.data, p.scale, p.shape[0], bias, **glue)
     if p.fmt == "bf16":
         return ext.linear_bf16w(x, p.data, bias, **glue)
     if p.fmt == "int8":
@@ -26,23 +40,24 @@ def _exact(x, p, bias):
 
 
 # inputs: below one block (13), ragged blocks (37, 100, 576 + 5), odd 64-byte vectors and int4 groups of 4 (96, 160);
-# outputs: split across threads in 4 streams with rows left over (101, 1001), fewer than 4 (1, 3); rows: 1, 3, 8
-# (passes of 4 activation rows), 5
+# outputs: split across threads in 4 streams with rows left over (101, 1001), fewer than 4 (1, 3), tiles of 16 with
+# rows left over (all but 960), tiles in 2 streams with one left over (1001); rows: 1, 3, 8 (passes of 4 activation
+# rows; one pass over a tile), 5, 9 and 17 (passes of 8 over each tile)
 SHAPES = [(1, 576, 960), (3, 96, 101), (8, 64, 1), (1, 1536, 17), (3, 37, 13), (8, 100, 6), (1, 581, 33),
-          (3, 13, 3), (8, 160, 7), (5, 576, 20), (3, 96, 1001)]
+          (3, 13, 3), (8, 160, 7), (5, 576, 20), (3, 96, 1001), (9, 100, 50), (17, 581, 1001)]
 
 
-@pytest.mark.parametrize("fmt", W.FORMATS)
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("M,I,O", SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
-def test_kernels_match_the_reference(isa_ext, fmt, M, I, O, bias):
-    if fmt == "int4" and I % W.GROUP:
+def test_kernels_match_the_reference(isa_ext, variant, M, I, O, bias):
+    if variant == "int4" and I % W.GROUP:
         pytest.skip("int4 needs inputs in groups of 32 (refused: see test_int4_refuses_ragged_inputs)")
     g = torch.Generator().manual_seed(M * I + O)
     x, w = torch.randn(M, I, generator=g), torch.randn(O, I, generator=g)
     x[0, : I // 3] *= 20  # blocks of very different scales in one row
     b = torch.randn(O, generator=g) if bias else None
-    p = W.pack(w, fmt)
+    p = _packed(w, variant, isa_ext)
     want, mag = _exact(x, p, b)
     got = _kernel(isa_ext, x, p, b).double()
     assert got.shape == (M, O)
@@ -63,11 +78,11 @@ def test_kernels_quantize_activations_as_the_reference(isa_ext, I):
     assert torch.equal(q, want_q) and torch.equal(s, want_s)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_kernels_keep_nan(isa_ext, fmt):
+@pytest.mark.parametrize("variant", ["int8", "int8-tiles", "int4"])
+def test_kernels_keep_nan(isa_ext, variant):
     """A NaN activation makes its row's outputs NaN (the block's scale is NaN), not a silent number."""
     g = torch.Generator().manual_seed(1)
-    x, p = torch.randn(2, 128, generator=g), W.pack(torch.randn(9, 128, generator=g), fmt)
+    x, p = torch.randn(2, 128, generator=g), _packed(torch.randn(9, 128, generator=g), variant, isa_ext)
     x[1, 70] = float("nan")
     y = _kernel(isa_ext, x, p, None)
     assert torch.isfinite(y[0]).all() and torch.isnan(y[1]).all()
@@ -97,14 +112,14 @@ def test_kernels_prepare_rows_as_torch_does(isa_ext, I):
     assert torch.equal(isa_ext.prepare_activations(x), x)
 
 
-@pytest.mark.parametrize("fmt", W.FORMATS)
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("M,I,O", [(1, 576, 960), (3, 37, 13), (5, 96, 101)])
-def test_kernels_fuse_norm_gate_and_residual(isa_ext, fmt, M, I, O):
+def test_kernels_fuse_norm_gate_and_residual(isa_ext, variant, M, I, O):
     """A fused call is the plain kernel on the prepared rows, plus the residual: the same floats."""
-    if fmt == "int4" and I % W.GROUP:
+    if variant == "int4" and I % W.GROUP:
         pytest.skip("int4 needs inputs in groups of 32")
     g = torch.Generator().manual_seed(M + I + O)
-    p, b = W.pack(torch.randn(O, I, generator=g), fmt), torch.randn(O, generator=g)
+    p, b = _packed(torch.randn(O, I, generator=g), variant, isa_ext), torch.randn(O, generator=g)
     x, norm, res = torch.randn(M, I, generator=g), torch.randn(I, generator=g), torch.randn(M, O, generator=g)
     gate_up = torch.randn(M, 2 * I, generator=g)
     normed = _kernel(isa_ext, isa_ext.prepare_activations(x, norm, 1e-5), p, b)
@@ -112,6 +127,20 @@ def test_kernels_fuse_norm_gate_and_residual(isa_ext, fmt, M, I, O):
     assert torch.equal(_kernel(isa_ext, x, p, b, norm=norm, eps=1e-5, residual=res), normed + res)
     gated = _kernel(isa_ext, isa_ext.prepare_activations(gate_up, None, 1e-6, True), p, None)
     assert torch.equal(_kernel(isa_ext, gate_up, p, None, gated=True, residual=res), gated + res)
+
+
+def test_tiles_refuse_mismatched_inputs(isa_ext):
+    p = W.tiles(W.pack(torch.randn(20, 64), "int8"))
+    if not isa_ext.int8_tiles():
+        with pytest.raises(RuntimeError, match="need a build with AVX-512 VNNI: use the row layout"):
+            _kernel(isa_ext, torch.randn(2, 64), p, None)
+        return
+    with pytest.raises(RuntimeError, match=r"tiles must be a contiguous uint8 \(ceil\(O/16\)"):
+        isa_ext.linear_int8w_tiles(torch.randn(2, 96), p.data, p.scale, 20)  # I of another weight
+    with pytest.raises(RuntimeError, match="tiles must be"):
+        isa_ext.linear_int8w_tiles(torch.randn(2, 64), p.data, p.scale, 40)  # more rows than the tiles hold
+    with pytest.raises(RuntimeError, match="scale must be"):
+        isa_ext.linear_int8w_tiles(torch.randn(2, 64), p.data, p.scale[:20].contiguous(), 20)
 
 
 def test_kernels_refuse_mismatched_glue(isa_ext):
@@ -129,10 +158,11 @@ def test_kernels_refuse_mismatched_glue(isa_ext):
         W.prepare(x, torch.ones(64), gated=True)
 
 
-@pytest.mark.parametrize("fmt", W.FORMATS)
-def test_linear_fuses_the_glue_as_the_reference_does(fmt, monkeypatch):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_linear_fuses_the_glue_as_the_reference_does(variant, monkeypatch):
+    fmt = variant.split("-")[0]
     g = torch.Generator().manual_seed(9)
-    p, b = W.pack(torch.randn(33, 96, generator=g), fmt), torch.randn(33, generator=g)
+    p, b = _packed(torch.randn(33, 96, generator=g), variant), torch.randn(33, generator=g)
     x, norm, res = torch.randn(2, 1, 96, generator=g), torch.rand(96, generator=g) + 0.5, torch.randn(2, 1, 33, generator=g)
     gate_up = torch.randn(2, 1, 192, generator=g)
     for kw in ({"norm": norm, "eps": 1e-5}, {"gated": True}):
@@ -150,11 +180,11 @@ def test_linear_fuses_the_glue_as_the_reference_does(fmt, monkeypatch):
         W.linear(x, p, gated=True)
 
 
-@pytest.mark.parametrize("fmt", W.FORMATS)
-def test_linear_runs_the_kernel_or_the_reference(fmt, monkeypatch):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_linear_runs_the_kernel_or_the_reference(variant, monkeypatch):
     g = torch.Generator().manual_seed(7)
     x, w, b = torch.randn(2, 3, 96, generator=g), torch.randn(33, 96, generator=g), torch.randn(33, generator=g)
-    p = W.pack(w, fmt)
+    p = _packed(w, variant)
     want, mag = _exact(x, p, b)
     assert ((W.linear(x, p, b).double() - want).abs() <= 1e-6 * mag).all()
     monkeypatch.setenv("A2ATS_KERNELS", "0")
@@ -230,3 +260,33 @@ def test_int4_refuses_ragged_inputs():
         W.pack(torch.randn(4, 40), "int4")
     with pytest.raises(ValueError, match="weight format"):
         W.pack(torch.randn(4, 64), "int2")
+
+
+@pytest.mark.parametrize("O,I", [(1, 1), (16, 32), (33, 96), (20, 581)])
+def test_tiles_hold_the_rows_weight(O, I):
+    """Tiles are a layout, not a format: the same weight, its shape kept, zeros past O and I."""
+    rows = W.pack(torch.randn(O, I, generator=torch.Generator().manual_seed(O + I)), "int8")
+    t = W.tiles(rows)
+    assert t.layout == "tiles" and t.shape == (O, I) and t.data.dtype == torch.uint8
+    assert t.data.shape == (-(-O // W.TILE), -(-I // W.ACT_BLOCK) * W.ACT_BLOCK * W.TILE)
+    assert torch.equal(W.unpack(t), W.unpack(rows))
+    assert torch.equal(t.scale[O:], torch.zeros(t.scale.numel() - O))
+    quads = t.data.view(t.data.shape[0], -1, W.TILE, 4)
+    assert int(quads[0, 0, 0, 0]) == int(rows.data[0, 0]) + 128  # output row 0, input 0: offset to unsigned
+    if O > 1 and I > 5:
+        assert int(quads[0, 1, 1, 1]) == int(rows.data[1, 5]) + 128  # row 1, input 4 * 1 + 1
+
+
+def test_tiles_take_int8_by_rows_only():
+    for p in (W.pack(torch.randn(4, 64), "int4"), W.tiles(W.pack(torch.randn(4, 64), "int8"))):
+        with pytest.raises(ValueError, match="tiles take an int8 weight by rows"):
+            W.tiles(p)
+
+
+def test_for_kernel_tiles_int8_where_the_build_has_them(monkeypatch):
+    p8, p4 = W.pack(torch.randn(20, 64), "int8"), W.pack(torch.randn(20, 64), "int4")
+    ext = W.cpu_backend()
+    want = "tiles" if ext is not None and ext.int8_tiles() else "rows"
+    assert W.for_kernel(p8).layout == want and W.for_kernel(p4) is p4
+    monkeypatch.setenv("A2ATS_KERNELS", "0")
+    assert W.for_kernel(p8) is p8  # no kernels: the reference multiplies rows

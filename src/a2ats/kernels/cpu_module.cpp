@@ -44,6 +44,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_int8w", &linear_int8w,
         "x @ w.T (+ bias) with int8 weights (a scale per output row), x quantized in blocks of 32: integer dots",
         py::arg("x"), py::arg("w"), py::arg("scale"), bias, norm, eps, gated, residual);
+  m.def("int8_tiles", &int8_tiles, "whether this build has linear_int8w_tiles (AVX-512 VNNI)");
+  m.def("linear_int8w_tiles", &linear_int8w_tiles,
+        "linear_int8w with the weights in tiles of 16 output rows (weights.tiles): 16 rows per dpbusd",
+        py::arg("x"), py::arg("tiles"), py::arg("scale"), py::arg("O"), bias, norm, eps, gated, residual);
   m.def("linear_int4w", &linear_int4w,
         "x @ w.T (+ bias) with 4-bit weights in groups of 32 (scale, min), x quantized in blocks of 32: integer dots",
         py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("mins"), bias, norm, eps, gated, residual);

@@ -39,6 +39,10 @@ at::Tensor linear_bf16w(at::Tensor x, at::Tensor w, std::optional<at::Tensor> bi
                         double eps, bool gated, std::optional<at::Tensor> residual);
 at::Tensor linear_int8w(at::Tensor x, at::Tensor w, at::Tensor scale, std::optional<at::Tensor> bias,
                         std::optional<at::Tensor> norm, double eps, bool gated, std::optional<at::Tensor> residual);
+bool int8_tiles();
+at::Tensor linear_int8w_tiles(at::Tensor x, at::Tensor tiles, at::Tensor scale, int64_t O, std::optional<at::Tensor> bias,
+                              std::optional<at::Tensor> norm, double eps, bool gated,
+                              std::optional<at::Tensor> residual);
 at::Tensor linear_int4w(at::Tensor x, at::Tensor w, at::Tensor scale, at::Tensor mins, std::optional<at::Tensor> bias,
                         std::optional<at::Tensor> norm, double eps, bool gated, std::optional<at::Tensor> residual);
 at::Tensor prepare_activations(at::Tensor x, std::optional<at::Tensor> norm, double eps, bool gated);

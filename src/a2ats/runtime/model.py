@@ -173,9 +173,10 @@ class LeanModel:
                             # by input columns under tensor parallelism: quantized as the whole weight (:mod:`.tp`)
                             "o": tp.packed(a.o_proj.weight, decode_weights),
                             "down": tp.packed(m.down_proj.weight, decode_weights)}
+                w.packed = {k: packed_weights.for_kernel(p) for k, p in w.packed.items()}
         self.lm_head_packed = None
         if decode_weights != "model":
-            self.lm_head_packed = packed_weights.pack(self.lm_head, decode_weights)
+            self.lm_head_packed = packed_weights.for_kernel(packed_weights.pack(self.lm_head, decode_weights))
 
     @property
     def num_layers(self) -> int:
