@@ -147,7 +147,9 @@ def serve_qwen_8x32k(root: Path) -> str:
     expect(len(llama) == 1 and all(r["context"] == llama[0]["context"] and r["batch"] == llama[0]["batch"]
                                    for r in rows), f"{QWEN_BATCH}: one context and batch, llama.cpp's among them")
     base = llama[0]["tokens_per_s"]
-    names = {"a2ats-offload": "A²ATS (int8 weights, bf16 K/V)", "full-local": "full attention, same engine"}
+    names = {"a2ats-offload": "A²ATS (int8 weights, bf16 K/V)", "full-local": "full attention, same engine",
+             "a2ats-offload-int8rows": "A²ATS, int8 weights by rows (not in tiles)",
+             "full-local-int8rows": "full attention, int8 weights by rows (not in tiles)"}
     out = []
     for r in rows:
         f = r.get("floor") or {}

@@ -112,6 +112,13 @@ def test_throughput_bench_runs_both_systems(tmp_path):
         assert torch.equal(c.kv.codes[1][:, :180], tiled.codes[1])
     import pytest
 
+    # the tiles' baseline: int8 decode weights kept by rows in that engine alone
+    from a2ats.kernels import weights as packed_weights
+
+    rows_eng = engine_for(model, cb, cfg, "a2ats-offload-kvint8-int8rows", 2, 200, decode_weights="int8")
+    assert rows_eng.lean.lm_head_packed.layout == "rows" and not packed_weights._rows_only
+    assert engine_for(model, cb, cfg, "a2ats-offload", 2, 200, decode_weights="int8").lean.lm_head_packed.layout == (
+        packed_weights.for_kernel(packed_weights.pack(torch.ones(2, 32), "int8")).layout)
     with pytest.raises(ValueError, match="full-local-x2"):
         bench_throughput(model, None, cb, cfg, lengths=(200,), batches=(1,), text_ids=ids, systems=("full-local-x2",))
 

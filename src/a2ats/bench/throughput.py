@@ -15,6 +15,7 @@ no PCIe is crossed and both sides share the cores; say so wherever the figures g
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import statistics
 import sys
@@ -31,15 +32,17 @@ from a2ats.bench.synthetic import STEADY, decode_steps, real_prefill, tile
 from a2ats.core.codebook import Codebooks, CodebookSettings
 from a2ats.core.config import A2ATSConfig
 from a2ats.factory import options
+from a2ats.kernels import weights as packed_weights
 from a2ats.runtime import Engine, PreflightError, Request
 
 SYSTEMS = ("a2ats-offload", "full-local")
 LENGTHS = (8192, 32768)
 BATCHES = (1, 2, 4, 8)
 # Suffixes: "-xN" decode steps in N micro-batches (Engine(overlap=N)); "-kvbf16" / "-kvint8" K/V stored
-# in bf16 / int8 with a scale per row.
-SYSTEM_CHOICES = (f"choose from {SYSTEMS}, with -xN (a2ats-offload: N micro-batches) and/or -kvbf16 / -kvint8 "
-                  "(K/V stored in bf16 / int8)")
+# in bf16 / int8 with a scale per row; "-int8rows" int8 decode weights kept by rows where the build would tile them
+# (the tiles' baseline: weights.rows_only).
+SYSTEM_CHOICES = (f"choose from {SYSTEMS}, with -xN (a2ats-offload: N micro-batches), -kvbf16 / -kvint8 "
+                  "(K/V stored in bf16 / int8) and/or -int8rows (int8 decode weights by rows, not in tiles)")
 PARTS = ("weights", "scoring", "transfers", "host attention", "rest")
 
 
@@ -60,18 +63,20 @@ class ThroughputRow:
     floor: dict = field(default_factory=dict)
 
 
-def parse_system(system: str) -> tuple[str, int, torch.dtype | None] | None:
-    """(base system, micro-batches, K/V dtype) of a system name, or None when it is not one."""
+def parse_system(system: str) -> tuple[str, int, torch.dtype | None, bool] | None:
+    """(base system, micro-batches, K/V dtype, int8 weights by rows) of a system name, or None when it is not one."""
     parts = system.split("-")
     base, rest = "-".join(parts[:2]), parts[2:]
-    overlap, kv = 1, None
+    overlap, kv, rows = 1, None, False
+    if rest and rest[-1] == "int8rows":
+        rows, rest = True, rest[:-1]
     if rest and rest[-1] in ("kvbf16", "kvint8"):
         kv, rest = {"kvbf16": torch.bfloat16, "kvint8": torch.int8}[rest[-1]], rest[:-1]
     if rest and rest[0].startswith("x") and rest[0][1:].isdigit() and int(rest[0][1:]) >= 1:
         overlap, rest = int(rest[0][1:]), rest[1:]
     if base not in SYSTEMS or rest or (overlap > 1 and base != "a2ats-offload"):
         return None
-    return base, overlap, kv
+    return base, overlap, kv, rows
 
 
 def engine_for(model, codebooks: Codebooks | None, config: A2ATSConfig, system: str, slots: int, capacity: int,
@@ -81,14 +86,15 @@ def engine_for(model, codebooks: Codebooks | None, config: A2ATSConfig, system: 
     parsed = parse_system(system)
     if parsed is None:
         raise ValueError(f"unknown system {system!r}; {SYSTEM_CHOICES}")
-    base, overlap, kv = parsed
+    base, overlap, kv, rows = parsed
     cb = codebooks if base.startswith("a2ats") else None
     placement = "offload" if base.endswith("offload") else "local"
     # A²ATS systems select at every step (no dense fallback): the table compares the two ways of attending
     select = {"dense_below": 0} if cb is not None else {}
-    return factory.decoder(model, cb, config, runtime="engine", slots=slots, max_context=capacity, placement=placement,
-                           prefill_chunk=4096, decode_weights=decode_weights, overlap=overlap, kv_dtype=kv,
-                           beyond_model_context=True, **select, **settings)
+    with packed_weights.rows_only() if rows else contextlib.nullcontext():
+        return factory.decoder(model, cb, config, runtime="engine", slots=slots, max_context=capacity,
+                               placement=placement, prefill_chunk=4096, decode_weights=decode_weights, overlap=overlap,
+                               kv_dtype=kv, beyond_model_context=True, **select, **settings)
 
 
 def bench_throughput(model, tok, codebooks: Codebooks, config: A2ATSConfig, lengths=LENGTHS,

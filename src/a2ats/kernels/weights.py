@@ -24,6 +24,7 @@ reading the weights instead of bound by the instructions that scale each row's b
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -105,10 +106,24 @@ def tiles(p: PackedWeight) -> PackedWeight:
     return PackedWeight("int8", quads.reshape(T, width * TILE).contiguous(), scale, layout="tiles", dims=(O, I))
 
 
+_rows_only = False  # set by rows_only(): a benchmark's baseline
+
+
+@contextlib.contextmanager
+def rows_only():
+    """Within: :func:`for_kernel` keeps int8 weights by rows (a benchmark's baseline for the tiles, in one run)."""
+    global _rows_only
+    before, _rows_only = _rows_only, True
+    try:
+        yield
+    finally:
+        _rows_only = before
+
+
 def for_kernel(p: PackedWeight) -> PackedWeight:
     """``p`` in the layout this machine's kernels multiply fastest: int8 in tiles where the CPU build has them."""
     ext = cpu_backend() if p.data.is_cpu else None
-    if p.fmt == "int8" and p.layout == "rows" and ext is not None and ext.int8_tiles():
+    if p.fmt == "int8" and p.layout == "rows" and not _rows_only and ext is not None and ext.int8_tiles():
         return tiles(p)
     return p
 
