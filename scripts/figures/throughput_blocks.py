@@ -172,8 +172,20 @@ def serve_qwen_8x32k(root: Path) -> str:
                              "GB/s: weights / scoring / attention", "of the floor", "over llama.cpp"], out), "",
                       f"llama.cpp's row is from the first command, whose own rows for ours were {earlier} tokens/s "
                       f"against a read bandwidth it measured at {first['rows'][0]['floor']['host_gbps']:g} GB/s (its "
-                      "floor counted the codebooks once per sequence; the second command counts them once per step).", "", source_line(QWEN_BATCH, first["provenance"]), "",
+                      "floor counted the codebooks once per sequence; the second command counts them once per step)."
+                      + _tiles_line(ours["rows"]), "", source_line(QWEN_BATCH, first["provenance"]), "",
                       source_line(QWEN_OURS, ours["provenance"])])
+
+
+def _tiles_line(rows) -> str:
+    """The weights' part of a step with int8 weights in tiles against by rows, per system run both ways."""
+    ms = {r["system"]: r["breakdown_ms"]["weights"] for r in rows}
+    pairs = [(s, ms[s], ms[s + "-int8rows"]) for s in ("a2ats-offload", "full-local") if s in ms and s + "-int8rows" in ms]
+    if not pairs:
+        return ""
+    short = {"a2ats-offload": "A²ATS", "full-local": "full attention"}
+    return (" The weights' part of a step (ms, the mean of the timed steps), int8 weights in tiles against by rows: "
+            + "; ".join(f"{short[s]} {a:.1f} against {b:.1f}" for s, a, b in pairs) + ".")
 
 
 SOAK = "docs/bench/serve/soak-1000/serve.json"
