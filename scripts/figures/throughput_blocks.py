@@ -130,6 +130,33 @@ def serve_docqa_sliced(root: Path) -> str:
                      + paragraphs(srcs))
 
 
+QWEN_SLICED = "docs/bench/serve/docqa-qwen-sliced/serve.json"  # the Qwen docqa again, at later code
+
+
+@block("serve-docqa-qwen-sliced")
+def serve_docqa_qwen_sliced(root: Path) -> str:
+    """The Qwen docqa workload again with prompts sliced by layers and the attention kernel (ours only), beside the
+    earlier run's llama-server row."""
+    d = load_json(root, QWEN_SLICED)
+    expect(d.get("workload") == "docqa" and d.get("model") == "qwen2.5-coder-0.5b", f"{QWEN_SLICED}: not Qwen's docqa")
+    cmd = d["provenance"].get("command", "")
+    expect(all(f in cmd for f in ("--documents 2 ", "--doc-tokens 16000 ", "--questions 2 ", "--rate 0.02 ",
+                                  "--slots 2 ", "--max-new-tokens 64 ")), f"{QWEN_SLICED}: not the workload above: {cmd}")
+    rel_llama = DOCQA["qwen2.5-coder-0.5b"][1]
+    earlier = load_json(root, rel_llama)
+    same_machine(d["provenance"], earlier["provenance"])
+    (llama,) = [r for r in earlier["rows"] if r["system"].startswith("external")]
+    out = []
+    for name, r in [(r["system"], r) for r in d["rows"]] + [("llama.cpp llama-server, Q8_0 (the run above)", llama)]:
+        out.append([name, f"{r['requests']} ({r['ok']})", f"{r['wall_s']:.0f}", f"{r['output_tokens_per_s']:.2f}",
+                    f"{r['ttft_p50_s']:.1f} / {r['ttft_p99_s']:.1f}", f"{r['itl_p50_ms']:.0f} / {r['itl_p99_ms']:.0f}",
+                    f"{r['itl_p99_ms'] / r['itl_p50_ms']:.1f}"])
+    head = ["system", "requests (ok)", "wall s", "output tokens/s", "TTFT p50 / p99 s", "inter-token p50 / p99 ms",
+            "p99 / p50"]
+    return "\n".join(["The same workload, ours again at later code (one run; llama-server's row is the run above's, "
+                      "not repeated):", "", table(head, out), "", source_line(QWEN_SLICED, d["provenance"])])
+
+
 QWEN_BATCH = "docs/bench/serve/qwen-8x32k/throughput.json"  # ours and llama.cpp's, one command
 QWEN_OURS = "docs/bench/serve/qwen-8x32k-ours/throughput.json"  # ours again, the codebooks counted once per step
 
