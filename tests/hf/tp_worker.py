@@ -24,7 +24,8 @@ def codebooks_for(model, spec):
     return load_or_calibrate(model, None, None, CodebookSettings(**spec["settings"]), log=lambda *_: None)
 
 
-def decode(model, codebooks, spec, name: str) -> list[int]:
+def decode(model, codebooks, spec, name: str) -> tuple[list[int], list[tuple[list[float], list[int]]]]:
+    """The greedy tokens of decoder ``name``, and each step's top five logits (values, token ids)."""
     from a2ats import A2ATS, A2ATSConfig
     from a2ats.runtime import Engine
 
@@ -32,12 +33,16 @@ def decode(model, codebooks, spec, name: str) -> list[int]:
     n = spec["new_tokens"]
     if name == "engine":
         # fp32 prefill: a bf16 prefill rounds each rank's partial o/down products before they are summed
-        out = Engine(model, codebooks, A2ATSConfig(), prefill_dtype="model").generate(ids, max_new_tokens=n)
-        return out.tokens[0, : out.new_tokens[0]].tolist()
-    with A2ATS(model, codebooks, A2ATSConfig(), path=name):
-        seq = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                             min_new_tokens=n, pad_token_id=0)
-    return seq[0, ids.shape[1]:].tolist()
+        out = Engine(model, codebooks, A2ATSConfig(), prefill_dtype="model").generate(ids, max_new_tokens=n,
+                                                                                     keep_logits=True)
+        tokens, logits = out.tokens[0, : out.new_tokens[0]].tolist(), [x[0] for x in out.logits]
+    else:
+        with A2ATS(model, codebooks, A2ATSConfig(), path=name):
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                                 min_new_tokens=n, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+        tokens, logits = out.sequences[0, ids.shape[1]:].tolist(), [x[0] for x in out.scores]
+    top = [(t.values.tolist(), t.indices.tolist()) for t in (x.float().topk(5) for x in logits)]
+    return tokens, top
 
 
 @torch.inference_mode()
@@ -54,7 +59,9 @@ def main(spec_path: str, out: str) -> None:
         model = tp.load_sharded(spec["model"])
         res["digest"] = weights_digest(model)
         cb = codebooks_for(model, spec)
-        res["tokens"] = {name: decode(model, cb, spec, name) for name in spec["decoders"]}
+        seen = {name: decode(model, cb, spec, name) for name in spec["decoders"]}
+        res["tokens"] = {name: t for name, (t, _) in seen.items()}
+        res["top"] = {name: top for name, (_, top) in seen.items()}
         if spec.get("missing"):  # codebook settings not in the cache: looked up, never calibrated
             codebooks_for(model, {"settings": spec["missing"]})
     except ValueError as e:  # the refusals under test (CodebookError, TensorParallelError)

@@ -98,9 +98,8 @@ def tiles(p: PackedWeight) -> PackedWeight:
         raise ValueError(f"tiles take an int8 weight by rows, got {p.fmt} by {p.layout}")
     O, I = p.shape
     T, width = -(-O // TILE), -(-I // ACT_BLOCK) * ACT_BLOCK
-    q = torch.zeros(T * TILE, width, dtype=torch.int16)
-    q[:O, :I] = p.data
-    quads = (q + 128).to(torch.uint8).view(T, TILE, width // 4, 4).transpose(1, 2)
+    q = torch.nn.functional.pad(p.data, (0, width - I, 0, T * TILE - O))  # int8 throughout: an LM head is large
+    quads = (q.view(torch.uint8) ^ 0x80).view(T, TILE, width // 4, 4).transpose(1, 2)  # two's complement + 128
     scale = torch.zeros(T * TILE, dtype=torch.float32)
     scale[:O] = p.scale
     return PackedWeight("int8", quads.reshape(T, width * TILE).contiguous(), scale, layout="tiles", dims=(O, I))
@@ -135,8 +134,8 @@ def unpack(p: PackedWeight) -> torch.Tensor:
     if p.layout == "tiles":
         O, I = p.dims
         T, width = p.data.shape[0], p.data.shape[1] // TILE
-        q = p.data.view(T, width // 4, TILE, 4).transpose(1, 2).reshape(T * TILE, width)
-        return (q.float() - 128)[:O, :I] * p.scale[:O, None]
+        q = (p.data ^ 0x80).view(torch.int8).view(T, width // 4, TILE, 4).transpose(1, 2).reshape(T * TILE, width)
+        return q[:O, :I].float() * p.scale[:O, None]
     if p.fmt == "int8":
         return p.data.float() * p.scale[:, None]
     O, half = p.data.shape
