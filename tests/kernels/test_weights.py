@@ -281,6 +281,13 @@ def test_tiles_take_int8_by_rows_only():
     for p in (W.pack(torch.randn(4, 64), "int4"), W.tiles(W.pack(torch.randn(4, 64), "int8"))):
         with pytest.raises(ValueError, match="tiles take an int8 weight by rows"):
             W.tiles(p)
+    t = W.tiles(W.pack(torch.randn(4, 64), "int8"))
+    with pytest.raises(ValueError, match="make tiles with weights.tiles"):
+        W.PackedWeight("int8", t.data, t.scale, layout="tiles")  # no dims: the shape is unknown
+    with pytest.raises(ValueError, match="layout must be"):
+        W.PackedWeight("int8", t.data, t.scale, layout="columns")
+    with pytest.raises(ValueError, match="only int8 weights come in tiles"):
+        W.PackedWeight("int4", t.data, t.scale, layout="tiles", dims=(4, 64))
 
 
 def test_for_kernel_tiles_int8_where_the_build_has_them(monkeypatch):

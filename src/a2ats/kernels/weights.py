@@ -50,6 +50,13 @@ class PackedWeight:
     layout: str = "rows"
     dims: tuple[int, int] | None = None
 
+    def __post_init__(self):
+        if self.layout not in ("rows", "tiles") or (self.layout == "tiles") != (self.dims is not None):
+            raise ValueError(f"layout must be 'rows' (no dims) or 'tiles' (with dims (O, I)); got {self.layout!r} "
+                             f"with dims {self.dims}: make tiles with weights.tiles")
+        if self.layout == "tiles" and self.fmt != "int8":
+            raise ValueError(f"only int8 weights come in tiles, got {self.fmt}")
+
     @property
     def shape(self) -> tuple[int, int]:
         if self.dims is not None:
