@@ -560,24 +560,23 @@ inline int tile_streams(int R) { return R <= 4 ? 2 : 1; }
 
 inline void tile_rows(int R, int K, const QuantRows& x, const int32_t* corr, int64_t r0, const uint8_t* tile,
                       int64_t apart, int64_t nb, __m512* out) {
-  const int64_t d = apart;
   if (K == 2) {
     switch (R) {
-      case 1: return tile_q8<1, 2>(x, corr, r0, tile, d, nb, out);
-      case 2: return tile_q8<2, 2>(x, corr, r0, tile, d, nb, out);
-      case 3: return tile_q8<3, 2>(x, corr, r0, tile, d, nb, out);
-      default: return tile_q8<4, 2>(x, corr, r0, tile, d, nb, out);
+      case 1: return tile_q8<1, 2>(x, corr, r0, tile, apart, nb, out);
+      case 2: return tile_q8<2, 2>(x, corr, r0, tile, apart, nb, out);
+      case 3: return tile_q8<3, 2>(x, corr, r0, tile, apart, nb, out);
+      default: return tile_q8<4, 2>(x, corr, r0, tile, apart, nb, out);
     }
   }
   switch (R) {
-    case 1: return tile_q8<1, 1>(x, corr, r0, tile, d, nb, out);
-    case 2: return tile_q8<2, 1>(x, corr, r0, tile, d, nb, out);
-    case 3: return tile_q8<3, 1>(x, corr, r0, tile, d, nb, out);
-    case 4: return tile_q8<4, 1>(x, corr, r0, tile, d, nb, out);
-    case 5: return tile_q8<5, 1>(x, corr, r0, tile, d, nb, out);
-    case 6: return tile_q8<6, 1>(x, corr, r0, tile, d, nb, out);
-    case 7: return tile_q8<7, 1>(x, corr, r0, tile, d, nb, out);
-    default: return tile_q8<8, 1>(x, corr, r0, tile, d, nb, out);
+    case 1: return tile_q8<1, 1>(x, corr, r0, tile, apart, nb, out);
+    case 2: return tile_q8<2, 1>(x, corr, r0, tile, apart, nb, out);
+    case 3: return tile_q8<3, 1>(x, corr, r0, tile, apart, nb, out);
+    case 4: return tile_q8<4, 1>(x, corr, r0, tile, apart, nb, out);
+    case 5: return tile_q8<5, 1>(x, corr, r0, tile, apart, nb, out);
+    case 6: return tile_q8<6, 1>(x, corr, r0, tile, apart, nb, out);
+    case 7: return tile_q8<7, 1>(x, corr, r0, tile, apart, nb, out);
+    default: return tile_q8<8, 1>(x, corr, r0, tile, apart, nb, out);
   }
 }
 #endif
@@ -770,13 +769,11 @@ at::Tensor linear_int8w_tiles(at::Tensor x, at::Tensor tiles, at::Tensor scale, 
   float* Y = y.data_ptr<float>();
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   const QuantRows xq = quantize_rows(x.data_ptr<float>(), M, I, false);
-  std::vector<int32_t> corr(M * nb);  // -128 * the sum of each block of x: the offset's share, cancelled exactly
+  // -128 * the sum of each block of x, the offset's share (cancelled exactly): its 8 quads' corrections summed
+  std::vector<int32_t> corr(M * nb, 0);
   for (int64_t r = 0; r < M; ++r)
-    for (int64_t b = 0; b < nb; ++b) {
-      int32_t sum = 0;
-      for (int i = 0; i < kBlock; ++i) sum += xq.q_row(r)[b * kBlock + i];
-      corr[r * nb + b] = -128 * sum;
-    }
+    for (int64_t b = 0; b < nb; ++b)
+      for (int j = 0; j < kBlock / 4; ++j) corr[r * nb + b] += xq.corr_row(r)[b * (kBlock / 4) + j];
   const uint8_t* Wt = tiles.data_ptr<uint8_t>();
   const float* S = scale.data_ptr<float>();
   const int64_t tile_bytes = nb * kBlock * kTile;
