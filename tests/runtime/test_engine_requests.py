@@ -215,6 +215,42 @@ def test_a_new_chunk_beside_decode_is_cut_to_what_one_layer_can_do_in_the_time_l
     assert [done[a].tokens, done[b].tokens] == alone
 
 
+def test_a_chunk_under_way_whose_layer_outgrew_the_step_goes_on_in_pieces():
+    """A chunk begun before any sequence decoded was sized without a decode step's time; once one decodes, a layer
+    of it longer than the step may give would hold that sequence as long. Such a chunk is split at its layer: as
+    many first positions as one layer does in the time go on alone (never fewer than MIN_FITTED_CHUNK), the others
+    wait at that layer and follow. The tokens do not change."""
+    from a2ats.runtime.engine import MIN_FITTED_CHUNK
+
+    model = tiny_model("llama")
+    short, long = _prompts()[3], _prompts()[0]
+    alone = [_run(_engine(model, slots=1), [Request(p, n)])[0].tokens for p, n in ((short, 20), (long, 4))]
+    engine = Engine(model, random_codebooks(model), CFG, slots=2, max_context=320, dense_below=0,
+                    decode_weights="model", prefill_dtype="model", prefill_chunk=4096, prefill_budget=None,
+                    prefill_stall=1.0, prefill_step_seconds=0.0)
+    b = engine.add(Request(long, 4))
+    engine.step()  # nothing has decoded yet: the whole prompt is one chunk, one layer a step
+    seq = engine._sequences[b]
+    assert (seq.partial.start, seq.partial.through, seq.partial.pass_.layer) == (0, len(long), 1)
+    a = engine.add(Request(short, 20))
+    done: dict = {}
+    while engine._sequences[a].status is not Status.RUNNING:
+        done.update(engine.step().finished)
+    assert seq.partial.rest is None and seq.partial.pass_.layer == 1
+    seq.partial.layer_seconds = 10.0  # as if its next layer took 10 s: a decode step may give it far less
+    res = engine.step()
+    assert res.decode_rows == 1 and res.prefill_tokens == MIN_FITTED_CHUNK == seq.prefilled
+    assert (seq.partial.start, seq.partial.through, seq.partial.pass_.layer) == (MIN_FITTED_CHUNK, len(long), 1)
+    done.update(res.finished)
+    pieces = 1
+    while engine.has_work:
+        res = engine.step()
+        pieces += res.prefill_tokens > 0
+        done.update(res.finished)
+    assert pieces > 2  # the rest kept its share of the long layer: it went on in pieces too
+    assert [done[a].tokens, done[b].tokens] == alone
+
+
 @pytest.mark.parametrize("stall", [None, 0.0])
 def test_requests_arriving_mid_run_get_the_tokens_they_get_alone(stall):
     """Requests added while others decode: each gets the tokens it gets alone; every step decodes every running

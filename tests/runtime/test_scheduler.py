@@ -45,6 +45,16 @@ def test_a_chunk_begun_is_carried_on_whole_whatever_the_budget():
     assert _chunks(plan) == [(2, 0, 40), (1, 256, 512)]  # over the budget: nothing after the chunk begun
 
 
+def test_a_chunk_split_at_a_layer_is_carried_on_whole_with_its_rest():
+    """A chunk under way split into pieces (its later positions waiting at a layer) is planned as one chunk to the
+    end of its last piece, and nothing is planned over the positions its pieces hold."""
+    running = _seq(0, 10, 10, Status.RUNNING)
+    long = _seq(1, 1000, 256, Status.PREFILLING)
+    long.partial = Partial(256, 300, pass_=None, rest=Partial(300, 512, pass_=None))
+    plan = _scheduler(256, None, running, long).schedule(lambda s: True, lambda s: True)
+    assert _chunks(plan)[:2] == [(1, 256, 512), (1, 512, 768)]
+
+
 def test_waiting_requests_take_free_slots_in_order_even_when_the_budget_is_spent():
     """Admission costs no prefill: a waiting request takes a free slot at once (its prefix-cache rows copied in), so
     next step it competes for the budget by what it has left; the first that does not fit holds the others back."""

@@ -281,7 +281,8 @@ class Engine:
         ``seq.partial`` for the next step, or was cut; the step's prompt work ends. ``fit`` (a time): a new chunk
         keeps the tokens one of its layers can take before it, at the cost per token its sequence's last chunk
         (else any sequence's) measured: a chunk's first layer in a step runs whatever the time, and a chunk part-way
-        goes on one layer a step at least, so a layer longer than that would hold decoding sequences past it."""
+        goes on one layer a step at least, so a layer longer than that would hold decoding sequences past it; for
+        the same reason a chunk under way whose layer grew longer than that is split (:meth:`_fit_piece`)."""
         lean, runner, cache, device = self.lean, self.runner, self.cache, self.lean.device
         seq, slot = chunk.seq, chunk.seq.slot
         s, e = chunk.start, chunk.end  # at most prefill_chunk tokens: one forward
@@ -294,38 +295,53 @@ class Engine:
             if per_token > 0 and e - s > max(int(left / per_token), MIN_FITTED_CHUNK):
                 chunk = Chunk(seq, s, s + max(int(left / per_token), MIN_FITTED_CHUNK))
                 e, cut = chunk.end, True
-        runner.begin_prefill(slot, s, e)  # again on every step: the decode steps between reset the runner
         if seq.partial is None:  # its layer time a guess until one ran: whether the first fits what is left
             seq.partial = Partial(s, e, lean.begin(torch.tensor([seq.prompt[s:e]], device=device),
                                                   torch.arange(s, e, device=device)[None]),
                                   layer_seconds=(seq.layer_token_seconds or self._layer_token_seconds) * (e - s))
-        part = seq.partial
-        if deadline is None:
-            lean.run_layers(part.pass_, runner.attend)
-        while not part.pass_.done(lean.num_layers):
-            now = time.perf_counter()
-            if self._layers_run and now + part.layer_seconds > deadline:
-                return False
-            lean.run_layers(part.pass_, runner.attend, 1)
-            part.layer_seconds = time.perf_counter() - now
-            seq.layer_token_seconds = self._layer_token_seconds = part.layer_seconds / (part.end - part.start)
-            self._layers_run += 1
-        logits = lean.logits(part.pass_)
-        seq.partial = None
-        seq.prefilled = e
-        res.prefill_tokens += e - s
-        if self.prefix is not None and seq.request.kv is None:  # a given cache's rows were not prefilled here
-            runner.host_ready()  # the rows it copies have arrived
-            self.prefix.store(seq.prompt, cache, slot, e)
+        limit = fit if fit is not None else deadline  # what the step's first prompt layer may take
+        while seq.partial is not None:
+            if not self._layers_run and limit is not None:
+                self._fit_piece(seq, limit - time.perf_counter())
+            part = seq.partial
+            runner.begin_prefill(slot, part.start, part.end)  # again on every step: decode steps reset the runner
+            if deadline is None:
+                lean.run_layers(part.pass_, runner.attend)
+            while not part.pass_.done(lean.num_layers):
+                now = time.perf_counter()
+                if self._layers_run and now + part.layer_seconds > deadline:
+                    return False
+                lean.run_layers(part.pass_, runner.attend, 1)
+                part.layer_seconds = time.perf_counter() - now
+                seq.layer_token_seconds = self._layer_token_seconds = part.layer_seconds / (part.end - part.start)
+                self._layers_run += 1
+            seq.partial, seq.prefilled = part.rest, part.end
+            res.prefill_tokens += part.end - part.start
+            if self.prefix is not None and seq.request.kv is None:  # a given cache's rows were not prefilled here
+                runner.host_ready()  # the rows it copies have arrived
+                self.prefix.store(seq.prompt, cache, slot, part.end)
         if chunk.last:
             runner.host_ready()
             cache.filled(slot, len(seq.prompt))
             seq.status = Status.RUNNING
-            logits = logits[0, -1]
+            logits = lean.logits(part.pass_)[0, -1]
             token = self._pick(seq, logits, int(logits.argmax()), res)
             self._last[slot] = token
             self._take(seq, token, logits, res)
         return not cut  # a cut chunk's plan went further: the rest is planned again next step
+
+    def _fit_piece(self, seq: Sequence, left: float) -> None:
+        """Before a step's first prompt layer: when one layer of ``seq``'s chunk under way would run past the
+        ``left`` seconds the step may give it (one is run whatever the time, and a chunk begun before any sequence
+        decoded was sized without knowing a decode step's time), its first positions, as many as one layer does in
+        that time, go on alone; the others wait at this layer (:meth:`Partial.split`)."""
+        part = seq.partial
+        n = part.end - part.start
+        if part.layer_seconds <= max(left, 0.0) or n <= MIN_FITTED_CHUNK:
+            return
+        keep = max(int(max(left, 0.0) / (part.layer_seconds / n)), MIN_FITTED_CHUNK)
+        if keep < n:
+            seq.partial = part.split(keep)
 
     def _in_slots(self) -> int:
         return sum(s is not None for s in self.scheduler.slots)

@@ -278,6 +278,13 @@ class Pass:
     def done(self, layers: int) -> bool:
         return self.layer >= layers
 
+    def split(self, at: int) -> tuple[Pass, Pass]:
+        """Its first ``at`` positions and the rest, each at this layer. Attention is causal, so the first part may
+        go through the remaining layers alone and the rest after it (reading the first part's K/V): the same
+        result as going on whole, in two smaller forwards."""
+        cut = slice(None, at), slice(at, None)
+        return tuple(Pass(self.x[:, c], self.cos[:, :, c], self.sin[:, :, c], self.layer) for c in cut)
+
 
 def _signed(sin: torch.Tensor) -> torch.Tensor:
     """``sin`` with its first half negated: rotate_half's sign, applied once per forward."""

@@ -90,8 +90,8 @@ class Scheduler:
         for seq in sorted(prefilling, key=lambda s: (s.left, s.index)):
             start, end = seq.prefilled, len(seq.prompt)
             if seq.partial is not None:  # begun: carried on whole
-                plan.prefill.append(Chunk(seq, seq.partial.start, seq.partial.end))
-                start = seq.partial.end
+                plan.prefill.append(Chunk(seq, seq.partial.start, seq.partial.through))
+                start = seq.partial.through
                 if room is not None:
                     room -= start - seq.partial.start
             while start < end and (room is None or room > 0):

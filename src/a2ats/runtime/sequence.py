@@ -15,12 +15,31 @@ from a2ats.runtime.sampling import Sampler, TokenLogprobs
 
 @dataclass
 class Partial:
-    """Prompt positions [start, end) part-way through the model: a chunk whose layers run over several steps."""
+    """Prompt positions [start, end) part-way through the model: a chunk whose layers run over several steps.
+    ``rest``: the chunk's later positions, split off at a layer when one of its layers grew too long for a step
+    (:meth:`split`); they wait at that layer and go on once [start, end) is through every layer."""
 
     start: int
     end: int
     pass_: Pass
     layer_seconds: float = 0.0  # its last layer's time: whether the next fits what is left of a step
+    rest: Partial | None = None
+
+    @property
+    def through(self) -> int:
+        """The end of the whole chunk, its rest included."""
+        return self.end if self.rest is None else self.rest.through
+
+    def split(self, tokens: int) -> Partial:
+        """This piece's first ``tokens`` positions, the others put ahead of its rest; each keeps its share of the
+        layer time."""
+        if not 0 < tokens < self.end - self.start:
+            raise ValueError(f"a split keeps 1 to {self.end - self.start - 1} of the piece's positions, got {tokens}")
+        head, tail = self.pass_.split(tokens)
+        share = self.layer_seconds / (self.end - self.start)
+        at = self.start + tokens
+        return Partial(self.start, at, head, share * tokens,
+                       Partial(at, self.end, tail, share * (self.end - at), self.rest))
 
 
 class Status(Enum):
@@ -36,7 +55,7 @@ class Sequence:
     status: Status = Status.WAITING
     slot: int | None = None
     prefilled: int = 0  # prompt tokens in the cache (a given cache's count from admission)
-    partial: Partial | None = None  # a chunk begun and not through every layer: positions [prefilled, end)
+    partial: Partial | None = None  # a chunk begun, not through every layer: positions [prefilled, partial.through)
     layer_token_seconds: float = 0.0  # one prompt layer's seconds per token, from its last chunk (0: none yet)
     tokens: list[int] = field(default_factory=list)  # generated
     logits: list[torch.Tensor] = field(default_factory=list)  # per token, when the engine keeps them
