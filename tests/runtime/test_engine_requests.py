@@ -251,6 +251,28 @@ def test_a_chunk_under_way_whose_layer_outgrew_the_step_goes_on_in_pieces():
     assert [done[a].tokens, done[b].tokens] == alone
 
 
+def test_a_piece_is_split_only_when_its_layer_runs_well_past_the_time_left():
+    """Layer times vary from step to step: a piece cut to fit is not split again for running a little over (a
+    trail of small pieces, each its own forward), only past SPLIT_OVERRUN times the time left, and then to what
+    one layer does in that time."""
+    from a2ats.runtime.engine import SPLIT_OVERRUN
+    from a2ats.runtime.sequence import Partial, Sequence
+
+    engine = _engine(tiny_model("llama"))
+    seq = Sequence(0, Request(_prompts()[0], 4))
+    n = len(seq.prompt)
+    lean = engine.lean
+    for over, split in ((0.9, False), (SPLIT_OVERRUN * 0.99, False), (SPLIT_OVERRUN * 1.01, True), (3.0, True)):
+        seq.partial = Partial(0, n, lean.begin(torch.tensor([seq.prompt]), torch.arange(n)[None]), over * 1.0)
+        engine._fit_piece(seq, 1.0)
+        part = seq.partial
+        assert (part.rest is not None) == split
+        if split:
+            assert part.end == int(n / over) and part.rest.through == n
+            assert part.pass_.x.shape[1] == part.end and part.rest.pass_.x.shape[1] == n - part.end
+            assert abs(part.layer_seconds + part.rest.layer_seconds - over) < 1e-9
+
+
 @pytest.mark.parametrize("stall", [None, 0.0])
 def test_requests_arriving_mid_run_get_the_tokens_they_get_alone(stall):
     """Requests added while others decode: each gets the tokens it gets alone; every step decodes every running

@@ -54,6 +54,10 @@ from a2ats.runtime.step import Timer
 # A new prompt chunk beside decoding sequences is cut to what one of its layers can do in the step's time left,
 # but not below this many tokens (below it a layer's fixed cost outweighs its tokens).
 MIN_FITTED_CHUNK = 32
+# A chunk under way is split only when its layer would take this many times what the step may give: a layer's time
+# varies from step to step by more than a tenth, and splitting a piece cut to fit again for that would leave a trail
+# of small pieces, each a forward of its own.
+SPLIT_OVERRUN = 1.5
 LONE_CHUNK_SHARE = 2  # a prompt alone in the slots: its layers may take twice the stall (chunks of ~1K tokens cost
 # no more than whole ones, measured on SmolLM2; a request arriving meanwhile waits that long at most a token)
 
@@ -299,10 +303,9 @@ class Engine:
             seq.partial = Partial(s, e, lean.begin(torch.tensor([seq.prompt[s:e]], device=device),
                                                   torch.arange(s, e, device=device)[None]),
                                   layer_seconds=(seq.layer_token_seconds or self._layer_token_seconds) * (e - s))
-        limit = fit if fit is not None else deadline  # what the step's first prompt layer may take
         while seq.partial is not None:
-            if not self._layers_run and limit is not None:
-                self._fit_piece(seq, limit - time.perf_counter())
+            if not self._layers_run and fit is not None:
+                self._fit_piece(seq, fit - time.perf_counter())
             part = seq.partial
             runner.begin_prefill(slot, part.start, part.end)  # again on every step: decode steps reset the runner
             if deadline is None:
@@ -331,13 +334,13 @@ class Engine:
         return not cut  # a cut chunk's plan went further: the rest is planned again next step
 
     def _fit_piece(self, seq: Sequence, left: float) -> None:
-        """Before a step's first prompt layer: when one layer of ``seq``'s chunk under way would run past the
-        ``left`` seconds the step may give it (one is run whatever the time, and a chunk begun before any sequence
-        decoded was sized without knowing a decode step's time), its first positions, as many as one layer does in
-        that time, go on alone; the others wait at this layer (:meth:`Partial.split`)."""
+        """Before a step's first prompt layer: when one layer of ``seq``'s chunk under way would run well past the
+        ``left`` seconds the step may give it (SPLIT_OVERRUN times; one layer is run whatever the time, and a chunk
+        begun before any sequence decoded was sized without knowing a decode step's time), its first positions, as
+        many as one layer does in that time, go on alone; the others wait at this layer (:meth:`Partial.split`)."""
         part = seq.partial
         n = part.end - part.start
-        if part.layer_seconds <= max(left, 0.0) or n <= MIN_FITTED_CHUNK:
+        if part.layer_seconds <= SPLIT_OVERRUN * max(left, 0.0) or n <= MIN_FITTED_CHUNK:
             return
         keep = max(int(max(left, 0.0) / (part.layer_seconds / n)), MIN_FITTED_CHUNK)
         if keep < n:
