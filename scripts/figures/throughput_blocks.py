@@ -157,6 +157,44 @@ def serve_docqa_qwen_sliced(root: Path) -> str:
                       "not repeated):", "", table(head, out), "", source_line(QWEN_SLICED, d["provenance"])])
 
 
+QWEN_PIECES = "docs/bench/serve/docqa-qwen-pieces/serve.json"  # again, chunks under way split to fit a decode step
+
+
+@block("serve-docqa-qwen-pieces")
+def serve_docqa_qwen_pieces(root: Path) -> str:
+    """The Qwen docqa workload once more, a chunk under way split at its layer where that layer would hold a decoding
+    sequence past the stall, beside the run before it (same machine) and llama-server's row."""
+    d, before = load_json(root, QWEN_PIECES), load_json(root, QWEN_SLICED)
+    expect(d.get("workload") == "docqa" and d.get("model") == "qwen2.5-coder-0.5b", f"{QWEN_PIECES}: not Qwen's docqa")
+    expect(d["provenance"].get("command", "").split("bench serve")[-1].split("--out")[0]
+           == before["provenance"].get("command", "").split("bench serve")[-1].split("--out")[0],
+           f"{QWEN_PIECES}: not the workload of {QWEN_SLICED}")
+    same_machine(d["provenance"], before["provenance"])
+    earlier = load_json(root, DOCQA["qwen2.5-coder-0.5b"][1])
+    (llama,) = [r for r in earlier["rows"] if r["system"].startswith("external")]
+    runs = ([(f"{r['system']}, chunks split to fit", r) for r in d["rows"]]
+            + [(f"{r['system']}, the run before", r) for r in before["rows"]]
+            + [("llama.cpp llama-server, Q8_0 (the first run)", llama)])
+    out = [[name, f"{r['requests']} ({r['ok']})", f"{r['wall_s']:.0f}", f"{r['output_tokens_per_s']:.2f}",
+            f"{r['ttft_p50_s']:.1f} / {r['ttft_p99_s']:.1f}", f"{r['itl_p50_ms']:.0f} / {r['itl_p99_ms']:.0f}",
+            f"{r['itl_p99_ms'] / r['itl_p50_ms']:.1f}"] for name, r in runs]
+    head = ["system", "requests (ok)", "wall s", "output tokens/s", "TTFT p50 / p99 s", "inter-token p50 / p99 ms",
+            "p99 / p50"]
+    spans = "; ".join(f"{r['system']}: {slow} of {n} over three times the p50, the longest {hi:.2f} s"
+                      for r, (n, slow, hi) in ((r, _first_gaps(r)) for r in before["rows"] + d["rows"]))
+    return "\n".join(["One run of each (no repeats: no spread is known); llama-server's row is the first run's, not "
+                      "repeated:", "", table(head, out), "",
+                      f"The first request's gaps between two tokens, the run before then this one: {spans}.", "",
+                      source_line(QWEN_PIECES, d["provenance"])])
+
+
+def _first_gaps(row) -> tuple[int, int, float]:
+    """(count, how many over three times the run's inter-token p50, longest) of the gaps between the tokens of a
+    run's first request."""
+    gaps = min(row["exchanges"], key=lambda e: e["sent"])["gaps"]
+    return len(gaps), sum(g > 3e-3 * row["itl_p50_ms"] for g in gaps), max(gaps)
+
+
 QWEN_BATCH = "docs/bench/serve/qwen-8x32k/throughput.json"  # ours and llama.cpp's, one command
 QWEN_OURS = "docs/bench/serve/qwen-8x32k-ours/throughput.json"  # ours again, the codebooks counted once per step
 
@@ -202,6 +240,39 @@ def serve_qwen_8x32k(root: Path) -> str:
                       "floor counted the codebooks once per sequence; the second command counts them once per step)."
                       + _tiles_line(ours["rows"]), "", source_line(QWEN_BATCH, first["provenance"]), "",
                       source_line(QWEN_OURS, ours["provenance"])])
+
+
+SCORE_QUALITY = ("docs/bench/quality/score-precision-qwen2.5-coder-0.5b-8192.json",
+                 "docs/bench/quality/score-precision-smollm2-135m-4096.json")
+INT8_SCORES = "docs/bench/serve/qwen-8x32k-int8scores/throughput.json"  # bf16 and int8 scores, one run
+
+
+@block("serve-int8-scores")
+def serve_int8_scores(root: Path) -> str:
+    """Scores from int8 steps against bf16: the attention mass selection keeps on held-out text (each model), and
+    the decode step at 32K (one run, the two systems alternating)."""
+    quality = []
+    for rel in SCORE_QUALITY:
+        d = load_json(root, rel)
+        expect({"fp32", "bf16", "int8"} <= set(d["rows"]), f"{rel}: not the three precisions")
+        for label in ("fp32", "bf16", "int8"):
+            r = d["rows"][label]
+            quality.append([d["model"], k(d["length"]), label, f"{r['mass']:.4f}", f"{r['recall']:.4f}",
+                            f"{r['mass'] - d['rows']['bf16']['mass']:+.4f}", f"{r['samples']:,}"])
+    d = load_json(root, INT8_SCORES)
+    expect(d.get("model") == "qwen2.5-coder-0.5b", f"{INT8_SCORES}: model {d.get('model')!r}")
+    names = {"a2ats-offload": "bf16 scores", "a2ats-offload-int8scores": "int8 scores"}
+    speed = [[names[r["system"]], str(r["batch"]), k(r["context"]), f"{r['tokens_per_s']:.1f}", f"{r['ms_per_step']:.0f}",
+              f"{r['breakdown_ms']['scoring']:.1f}", f"{r['floor']['share_of_floor']:.2f}"]
+             for r in sorted(d["rows"], key=lambda r: (r["batch"], r["context"], r["system"]))]
+    return "\n".join([
+        "Attention mass (the share of each query head's true attention the selection keeps) and recall of the exact "
+        "top-K, on held-out text, the last 32 tokens decoded one at a time; the change against bf16 scores:", "",
+        table(["model", "context", "scores", "attention mass", "recall", "mass against bf16", "samples"], quality), "",
+        *[source_line(rel, load_json(root, rel)["provenance"]) + "\n" for rel in SCORE_QUALITY],
+        "A²ATS decoding on Qwen2.5-Coder-0.5B (the median of the timed steps; scoring ms: the mean per step):", "",
+        table(["scores", "sequences", "context", "tokens/s", "ms per step", "scoring ms", "of the floor"], speed), "",
+        source_line(INT8_SCORES, d["provenance"])])
 
 
 def _tiles_line(rows) -> str:
