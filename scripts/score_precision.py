@@ -1,6 +1,6 @@
-"""What scoring from rounded centroids and queries (A2ATSConfig.score_precision) costs in quality: the share of the
-true attention mass A²ATS selection keeps when it scores from the codebooks' centroids as calibrated (fp32), rounded
-to bf16 and in int8 steps, everything else equal (the same codes, prefill and decode).
+"""What scoring from bf16-rounded centroids (A2ATSConfig.score_precision, the fast paths' default) costs in
+quality: the share of the true attention mass A²ATS selection keeps when it scores from the codebooks' centroids as
+calibrated (fp32) and rounded to bf16, everything else equal (the same codes, prefill and decode).
 
     .venv/bin/python scripts/score_precision.py --model qwen2.5-coder-0.5b --length 8192 --out docs/bench/quality
 
@@ -30,7 +30,6 @@ p = argparse.ArgumentParser()
 p.add_argument("--model", default=None)
 p.add_argument("--length", type=int, default=8192)
 p.add_argument("--decode-last", type=int, default=32)
-p.add_argument("--precisions", default="fp32,bf16,int8", help="score precisions to compare, comma-separated")
 p.add_argument("--out", default="docs/bench/quality")
 a = p.parse_args()
 
@@ -43,7 +42,7 @@ if ids.shape[1] < a.length:
 t = time.perf_counter()
 pre = prefill(model, ids[0, : -a.decode_last])
 rows = {}
-for label in a.precisions.split(","):
+for label in ("fp32", "bf16"):
     config = A2ATSConfig(score_precision=label)
     probe = attention_mass(model, A2ATSMethod.for_model(model, codebooks, config), config, ids, a.decode_last, pre=pre)
     flat = {k: torch.tensor([x for v in getattr(probe, k).values() for x in v]) for k in ("mass", "recall", "oracle_mass")}
@@ -51,8 +50,7 @@ for label in a.precisions.split(","):
     print(f"{label}: {rows[label]}", flush=True)
 res = {"model": a.model or "smollm2-135m", "length": a.length, "decode_last": a.decode_last,
        "budget": config.budget_label, "seconds": round(time.perf_counter() - t, 1), "rows": rows,
-       "provenance": provenance({"model": a.model, "length": a.length, "decode_last": a.decode_last,
-                                 "precisions": a.precisions})}
+       "provenance": provenance({"model": a.model, "length": a.length, "decode_last": a.decode_last})}
 out = Path(a.out)
 out.mkdir(parents=True, exist_ok=True)
 name = f"score-precision-{(a.model or 'smollm2-135m').split('/')[-1]}-{a.length}.json"

@@ -242,39 +242,6 @@ def serve_qwen_8x32k(root: Path) -> str:
                       source_line(QWEN_OURS, ours["provenance"])])
 
 
-SCORE_QUALITY = ("docs/bench/quality/score-precision-qwen2.5-coder-0.5b-8192.json",
-                 "docs/bench/quality/score-precision-smollm2-135m-4096.json")
-INT8_SCORES = "docs/bench/serve/qwen-8x32k-int8scores/throughput.json"  # bf16 and int8 scores, one run
-
-
-@block("serve-int8-scores")
-def serve_int8_scores(root: Path) -> str:
-    """Scores from int8 steps against bf16: the attention mass selection keeps on held-out text (each model), and
-    the decode step at 32K (one run, the two systems alternating)."""
-    quality = []
-    for rel in SCORE_QUALITY:
-        d = load_json(root, rel)
-        expect({"fp32", "bf16", "int8"} <= set(d["rows"]), f"{rel}: not the three precisions")
-        for label in ("fp32", "bf16", "int8"):
-            r = d["rows"][label]
-            quality.append([d["model"], k(d["length"]), label, f"{r['mass']:.4f}", f"{r['recall']:.4f}",
-                            f"{r['mass'] - d['rows']['bf16']['mass']:+.4f}", f"{r['samples']:,}"])
-    d = load_json(root, INT8_SCORES)
-    expect(d.get("model") == "qwen2.5-coder-0.5b", f"{INT8_SCORES}: model {d.get('model')!r}")
-    names = {"a2ats-offload": "bf16 scores", "a2ats-offload-int8scores": "int8 scores"}
-    speed = [[names[r["system"]], str(r["batch"]), k(r["context"]), f"{r['tokens_per_s']:.1f}", f"{r['ms_per_step']:.0f}",
-              f"{r['breakdown_ms']['scoring']:.1f}", f"{r['floor']['share_of_floor']:.2f}"]
-             for r in sorted(d["rows"], key=lambda r: (r["batch"], r["context"], r["system"]))]
-    return "\n".join([
-        "Attention mass (the share of each query head's true attention the selection keeps) and recall of the exact "
-        "top-K, on held-out text, the last 32 tokens decoded one at a time; the change against bf16 scores:", "",
-        table(["model", "context", "scores", "attention mass", "recall", "mass against bf16", "samples"], quality), "",
-        *[source_line(rel, load_json(root, rel)["provenance"]) + "\n" for rel in SCORE_QUALITY],
-        "A²ATS decoding on Qwen2.5-Coder-0.5B (the median of the timed steps; scoring ms: the mean per step):", "",
-        table(["scores", "sequences", "context", "tokens/s", "ms per step", "scoring ms", "of the floor"], speed), "",
-        source_line(INT8_SCORES, d["provenance"])])
-
-
 def _tiles_line(rows) -> str:
     """The weights' part of a step with int8 weights in tiles against by rows, per system run both ways."""
     ms = {r["system"]: r["breakdown_ms"]["weights"] for r in rows}

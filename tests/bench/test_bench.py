@@ -1,7 +1,5 @@
 """The benchmarks run end to end on a tiny model (their figures are not checked here: speed lives in `a2ats bench`)."""
 
-from dataclasses import replace
-
 import torch
 
 from a2ats import A2ATSConfig
@@ -121,12 +119,6 @@ def test_throughput_bench_runs_both_systems(tmp_path):
     assert rows_eng.lean.lm_head_packed.layout == "rows" and not packed_weights._rows_only
     assert engine_for(model, cb, cfg, "a2ats-offload", 2, 200, decode_weights="int8").lean.lm_head_packed.layout == (
         packed_weights.for_kernel(packed_weights.pack(torch.ones(2, 32), "int8")).layout)
-    # a score precision for that engine alone, whatever the configuration says
-    scored = engine_for(model, cb, cfg, "a2ats-offload-int8rows-int8scores", 2, 200)
-    assert scored.method.int8 and not engine_for(model, cb, cfg, "a2ats-offload", 2, 200).method.int8
-    assert not engine_for(model, cb, replace(cfg, score_precision="int8"), "a2ats-offload-bf16scores", 2, 200).method.int8
-    with pytest.raises(ValueError, match="full-local-int8scores"):
-        engine_for(model, cb, cfg, "full-local-int8scores", 2, 200)
     with pytest.raises(ValueError, match="full-local-x2"):
         bench_throughput(model, None, cb, cfg, lengths=(200,), batches=(1,), text_ids=ids, systems=("full-local-x2",))
 

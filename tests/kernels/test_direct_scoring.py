@@ -250,77 +250,6 @@ def test_bf16_operands_select_exactly_the_reference_on_exact_sums(isa_ext, B, H,
             assert_same_selection(got, want)
 
 
-def int8_case(B, H, G, bands, n, C, d, lengths, seed):
-    """The int8 score precision's operands: integer centroids in [-127, 127], queries in int8 steps of their rows
-    (powers of two from row to row, as A2ATSMethod.queries makes them)."""
-    from a2ats.methods.a2ats import int8_steps
-
-    q, cent, codes, _, valid = make_case(B, H, G, bands, n, C, d, lengths=lengths, seed=seed)
-    scale = torch.exp2(torch.randint(-6, 7, (B, H, G * bands, 1), generator=torch.Generator().manual_seed(seed))
-                       .float())
-    return int8_steps(q * scale), (cent * 40).round().clamp(-127, 127), codes, valid
-
-
-@pytest.mark.parametrize("B,H,G,bands,n,C,d", DENSE_CASES)
-def test_int8_tiles_select_exactly_what_the_rows_select(isa_ext, B, H, G, bands, n, C, d):
-    """The int8 score precision: with int8_tiles the whole bands are computed by int8 dot products (where the CPU
-    has them) from the same integers the bf16 rows hold; every sum is exact either way, so the selection is the
-    reference's exactly, ties included, and the kernel's without tiles."""
-    from a2ats.kernels.ops import int8_tiles
-
-    q, cent, codes, valid = int8_case(B, H, G, bands, n, C, d, [n, n - n // 3][:B], seed=5 * n + G)
-    offsets = distance_offsets(B, n, bands, C)
-    tiles = int8_tiles(cent.bfloat16())
-    for group_max in (True, False):
-        for k, sinks, window in BUDGETS:
-            k = torch.tensor(k[:B], dtype=torch.long)
-            want = reference_score_select_direct(q, cent, bands, group_max, codes, offsets, valid, k, sinks, window)
-            got = isa_ext.score_select_direct(q, cent.bfloat16(), bands, group_max, codes, offsets, valid, k, sinks,
-                                              window, tiles)
-            assert_same_selection(got, want)
-            assert_same_selection(got, isa_ext.score_select_direct(q, cent.bfloat16(), bands, group_max, codes,
-                                                                   offsets, valid, k, sinks, window))
-
-
-def test_int8_tiles_with_queries_not_in_int8_steps_fall_back_to_the_rows(isa_ext):
-    """Queries that are not integers times a power of two (here three times one) cannot use the int8 tiles: the
-    kernel computes from the bf16 rows instead, and the selection is still the reference's (exact sums)."""
-    from a2ats.kernels.ops import int8_tiles
-
-    B, H, G, bands, n, C, d = 2, 2, 7, 6, 3000, 1000, 64
-    q, cent, codes, valid = int8_case(B, H, G, bands, n, C, d, [n, 2000], seed=8)
-    q = 3 * q
-    offsets = distance_offsets(B, n, bands, C)
-    k = torch.tensor([300, 200])
-    want = reference_score_select_direct(q, cent, bands, True, codes, offsets, valid, k, 4, 64)
-    got = isa_ext.score_select_direct(q, cent.bfloat16(), bands, True, codes, offsets, valid, k, 4, 64,
-                                      int8_tiles(cent))
-    assert_same_selection(got, want)
-
-
-def test_int8_tiles_layout_and_refusals(isa_ext):
-    """A tile holds quad p of dims of its 16 codes, integer + 128; codes past C are zeros (128). Centroids that
-    are not integers in [-127, 127], or not at head size 64, are refused; so are tiles of another shape."""
-    from a2ats.kernels.ops import int8_tiles
-
-    cent = torch.randint(-127, 128, (2, 37, 64)).float()
-    tiles = int8_tiles(cent)
-    assert tiles.shape == (2, 3, 16, 16, 4) and tiles.dtype == torch.uint8
-    h, code, dim = 1, 20, 45
-    assert int(tiles[h, code // 16, dim // 4, code % 16, dim % 4]) == int(cent[h, code, dim]) + 128
-    assert bool((tiles[:, 2, :, 37 - 32:] == 128).all())
-    with pytest.raises(ValueError, match="integers in"):
-        int8_tiles(cent + 0.5)
-    with pytest.raises(ValueError, match="integers in"):
-        int8_tiles(cent * 2)
-    with pytest.raises(ValueError, match="head size 64"):
-        int8_tiles(cent[:, :, :32])
-    q, c, codes, valid = int8_case(1, 2, 2, 2, 100, 37, 64, [100], seed=1)
-    with pytest.raises(RuntimeError, match="int8_tiles"):
-        isa_ext.score_select_direct(q, c.bfloat16(), 2, True, codes, distance_offsets(1, 100, 2, 37), valid,
-                                    torch.tensor([10]), 2, 4, tiles[:1])
-
-
 @pytest.mark.parametrize("B,H,G,bands,n,C,d", DENSE_CASES)
 @pytest.mark.parametrize("round_q", [True, False])
 def test_bf16_centroids_select_as_the_reference_up_to_near_ties(isa_ext, B, H, G, bands, n, C, d, round_q):
@@ -366,7 +295,7 @@ def test_fallback_without_kernels_is_the_reference(monkeypatch):
         score_select_direct(q, cent, 4, True, codes, offsets, valid, k, 2, 8)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp32", "int8"])
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
 @pytest.mark.parametrize("reduction", ["max", "union"])
 @pytest.mark.parametrize("banded", [True, False])
 def test_method_select_rows_selects_what_score_tokens_and_select_do(reduction, banded, precision):
@@ -400,12 +329,7 @@ def test_method_select_rows_selects_what_score_tokens_and_select_do(reduction, b
         q, cent = method.queries(layer, q_pre, q_pre, bands, heads)
         from a2ats.kernels.reference import mask_to_indices
 
-        assert cent.dtype == (torch.float32 if precision == "fp32" else torch.bfloat16)
-        if precision == "int8":  # integers, and queries in int8 steps: every sum exact
-            assert torch.equal(cent.float(), cent.float().round()) and float(cent.float().abs().max()) <= 127
-            top = q.abs().amax(-1, keepdim=True)
-            step = torch.ldexp(torch.ones_like(top), torch.frexp(top).exponent - 7)
-            assert torch.equal(q / step, (q / step).round()) and float((q / step).abs().max()) <= 127
+        assert cent.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
         assert_same_up_to_near_ties(got, mask_to_indices(want), q, cent, bands, reduction == "max", codes, offsets,
                                     valid, k, cfg.sinks, cfg.window, rounding_tol(q, cent))
 

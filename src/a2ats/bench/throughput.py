@@ -20,7 +20,7 @@ import gc
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -40,12 +40,9 @@ LENGTHS = (8192, 32768)
 BATCHES = (1, 2, 4, 8)
 # Suffixes: "-xN" decode steps in N micro-batches (Engine(overlap=N)); "-kvbf16" / "-kvint8" K/V stored
 # in bf16 / int8 with a scale per row; "-int8rows" int8 decode weights kept by rows where the build would tile them
-# (the tiles' baseline: weights.rows_only); "-bf16scores" / "-int8scores" (A²ATS) scores at that precision whatever
-# the configuration says (A2ATSConfig.score_precision).
+# (the tiles' baseline: weights.rows_only).
 SYSTEM_CHOICES = (f"choose from {SYSTEMS}, with -xN (a2ats-offload: N micro-batches), -kvbf16 / -kvint8 "
-                  "(K/V stored in bf16 / int8), -int8rows (int8 decode weights by rows, not in tiles) and/or "
-                  "-bf16scores / -int8scores (a2ats-offload: that score precision)")
-SCORE_SUFFIXES = {"bf16scores": "bf16", "int8scores": "int8"}
+                  "(K/V stored in bf16 / int8) and/or -int8rows (int8 decode weights by rows, not in tiles)")
 PARTS = ("weights", "scoring", "transfers", "host attention", "rest")
 
 
@@ -66,23 +63,20 @@ class ThroughputRow:
     floor: dict = field(default_factory=dict)
 
 
-def parse_system(system: str) -> tuple[str, int, torch.dtype | None, bool, str | None] | None:
-    """(base system, micro-batches, K/V dtype, int8 weights by rows, score precision or None) of a system name, or
-    None when it is not one."""
+def parse_system(system: str) -> tuple[str, int, torch.dtype | None, bool] | None:
+    """(base system, micro-batches, K/V dtype, int8 weights by rows) of a system name, or None when it is not one."""
     parts = system.split("-")
     base, rest = "-".join(parts[:2]), parts[2:]
-    overlap, kv, rows, scores = 1, None, False, None
-    if rest and rest[-1] in SCORE_SUFFIXES:
-        scores, rest = SCORE_SUFFIXES[rest[-1]], rest[:-1]
+    overlap, kv, rows = 1, None, False
     if rest and rest[-1] == "int8rows":
         rows, rest = True, rest[:-1]
     if rest and rest[-1] in ("kvbf16", "kvint8"):
         kv, rest = {"kvbf16": torch.bfloat16, "kvint8": torch.int8}[rest[-1]], rest[:-1]
     if rest and rest[0].startswith("x") and rest[0][1:].isdigit() and int(rest[0][1:]) >= 1:
         overlap, rest = int(rest[0][1:]), rest[1:]
-    if base not in SYSTEMS or rest or (overlap > 1 or scores) and base != "a2ats-offload":
+    if base not in SYSTEMS or rest or (overlap > 1 and base != "a2ats-offload"):
         return None
-    return base, overlap, kv, rows, scores
+    return base, overlap, kv, rows
 
 
 def engine_for(model, codebooks: Codebooks | None, config: A2ATSConfig, system: str, slots: int, capacity: int,
@@ -92,9 +86,7 @@ def engine_for(model, codebooks: Codebooks | None, config: A2ATSConfig, system: 
     parsed = parse_system(system)
     if parsed is None:
         raise ValueError(f"unknown system {system!r}; {SYSTEM_CHOICES}")
-    base, overlap, kv, rows, scores = parsed
-    if scores is not None:
-        config = replace(config, score_precision=scores)
+    base, overlap, kv, rows = parsed
     cb = codebooks if base.startswith("a2ats") else None
     placement = "offload" if base.endswith("offload") else "local"
     # A²ATS systems select at every step (no dense fallback): the table compares the two ways of attending
@@ -247,8 +239,7 @@ def add_arguments(p) -> None:
     p.add_argument("--systems", type=options.csv(str), default=SYSTEMS,
                    help="a2ats-offload (K/V in host memory), full-local (full attention, cache beside the model), "
                         "suffixes: -xN (a2ats-offload: decode steps in N micro-batches), -kvbf16 / -kvint8 (K/V stored "
-                        "in bf16 / int8 with a scale per row), -int8rows (int8 decode weights by rows), -bf16scores / "
-                        "-int8scores (a2ats-offload: that score precision)")
+                        "in bf16 / int8 with a scale per row)")
     p.add_argument("--steps", type=int, default=8, help="timed steps per system, length and batch (median reported)")
     p.add_argument("--random-weights", action="store_true",
                    help="a model of --shape with random weights and codebooks (e.g. Llama-3.1-8B on a GPU): speed only")

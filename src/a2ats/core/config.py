@@ -84,9 +84,7 @@ Reduction = Literal["union", "max"]
 # of 7 query heads (Qwen2.5-Coder-0.5B) it reads about a tenth of each KV head's rows, so 0.10 per KV head with the
 # max reduction reads nearly the same bytes there (somewhat more on the task prompts: docs/eval/qwen).
 DEFAULT_BUDGETS = {"union": 0.03, "max": 0.10}
-# The dtype of the centroid rows scored from; int8's rows hold integers (exact in bf16) and queries integers times a
-# power of two, so their products and sums are exact in fp32 on every path (A2ATSMethod.rows, .queries).
-SCORE_PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.bfloat16}
+SCORE_PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}  # the dtype of the centroid rows and queries scored from
 
 
 def score_dtype(precision: str) -> torch.dtype:
@@ -115,10 +113,7 @@ class A2ATSConfig:
       (the default: half the bytes a selecting step reads for scoring, and bf16 dot-product instructions at twice
       fp32's rate; products exact, sums in fp32) or ``"fp32"`` (as calibrated). Rounding both operands to bf16
       moves a token's estimated score by at most ~2^-7 of the sum of |q_i c_i|, a small fraction of the
-      estimate's own error; tokens within that of the top-K threshold may swap against fp32. ``"int8"``: each
-      codebook's centroids in int8 steps per dimension (the step folded into the query), each query row in int8
-      steps of a power of two: every product and sum is exact in fp32, so every path computes the same scores
-      bit for bit, and int8 dot-product instructions compute the dense bands at twice bf16's rate. Every path
+      estimate's own error; tokens within that of the top-K threshold may swap against fp32. Every path
       (reference and fast) scores from the same rounded operands, set when the method is made
       (:meth:`~a2ats.methods.A2ATSMethod.for_model`).
     """

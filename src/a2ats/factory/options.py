@@ -18,13 +18,7 @@ import torch
 from a2ats import factory
 from a2ats.assets import models
 from a2ats.core.codebook import Codebooks, CodebookSettings
-from a2ats.core.config import (
-    DEFAULT_BAND_RATIO,
-    DEFAULT_BUDGETS,
-    SCORE_PRECISIONS,
-    A2ATSConfig,
-    Budget,
-)
+from a2ats.core.config import DEFAULT_BAND_RATIO, DEFAULT_BUDGETS, A2ATSConfig, Budget
 from a2ats.hf import tp
 from a2ats.hf.calibrate import check_writable, load_or_calibrate, names_file
 from a2ats.hf.precision import parse_dtype
@@ -94,9 +88,6 @@ def add_selection_args(p: argparse.ArgumentParser, paper_default: bool = False) 
     p.add_argument("--sinks", type=int, default=None, help=f"first tokens always attended (default {A2ATSConfig.sinks})")
     p.add_argument("--window", type=int, default=None,
                    help=f"last tokens always attended, the current one included (default {A2ATSConfig.window})")
-    p.add_argument("--score-precision", choices=list(SCORE_PRECISIONS), default=None,
-                   help="the centroids and queries scores are computed from: bf16, fp32 (as calibrated) or int8 "
-                        f"(int8 steps, exact sums; int8 dot products) (default {A2ATSConfig.score_precision})")
 
 
 def add_codebook_args(p: argparse.ArgumentParser, file: bool = True) -> None:
@@ -215,7 +206,7 @@ def _bands(a) -> dict:
 
 def config(a) -> A2ATSConfig:
     return A2ATSConfig(**_given(a, budget="budget", reduction="reduction", sinks="sinks", window="window",
-                                wrope_distance="wrope_distance", score_precision="score_precision"), **_bands(a))
+                                wrope_distance="wrope_distance"), **_bands(a))
 
 
 def settings(a) -> CodebookSettings:

@@ -30,7 +30,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("score_select_direct", &score_select_direct,
         "score_select's selection with only the entries in use computed from the centroids -> (idx, count)",
         py::arg("q"), py::arg("centroids"), py::arg("bands"), py::arg("group_max"), py::arg("codes"), py::arg("offsets"),
-        py::arg("valid"), py::arg("k"), py::arg("sinks"), py::arg("window"), py::arg("tiles") = py::none());
+        py::arg("valid"), py::arg("k"), py::arg("sinks"), py::arg("window"));
   m.def("huge_page_copy", &huge_page_copy, "a copy in memory advised as huge pages (fewer TLB misses for scattered reads)");
   m.def("tile_centroids", &tile_centroids, "centroids (H, C, d) -> tiles (H, ceil(C/16), d, 16)");
   m.def("lookup_tables", &lookup_tables, "q . centroids^T from tiles -> (B, H, R, C), or its max over groups",

@@ -29,8 +29,7 @@ std::vector<at::Tensor> score_select(at::Tensor lut, at::Tensor codes, std::opti
                                      at::Tensor valid, at::Tensor k, int64_t sinks, int64_t window);
 std::vector<at::Tensor> score_select_direct(at::Tensor q, at::Tensor centroids, int64_t bands, bool group_max,
                                             at::Tensor codes, std::optional<at::Tensor> offsets, at::Tensor valid,
-                                            at::Tensor k, int64_t sinks, int64_t window,
-                                            std::optional<at::Tensor> tiles = std::nullopt);
+                                            at::Tensor k, int64_t sinks, int64_t window);
 at::Tensor huge_page_copy(at::Tensor src);
 at::Tensor tile_centroids(at::Tensor cent);
 at::Tensor lookup_tables(at::Tensor q, at::Tensor tiles, int64_t C, int64_t groups);

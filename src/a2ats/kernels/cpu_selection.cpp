@@ -1094,125 +1094,6 @@ void fill_dense_q(const Entries& en, const float* Q, int64_t R, int64_t G, const
 }
 #endif
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
-constexpr int64_t kI8Tile = 16 * 64;  // bytes of an int8 tile: 16 quads of dims x 16 codes x 4
-
-// A query row in int8 steps (the int8 score precision): its integers as 16 words of 4 int8 (dims 4p .. 4p + 3),
-// their sum, and the power of two that scales them back.
-struct QuadQ {
-  alignas(64) int32_t quad[16];
-  int32_t sum;
-  float step;
-};
-
-// q (64 floats) as integer x step, |integer| <= 127, step a power of two; false when q is not of that form.
-// The step is recovered from the largest value, whose integer lies in [64, 127] as the method rounds.
-bool int8_row(const float* q, QuadQ& out) {
-  float top = 0.f;
-  for (int i = 0; i < 64; ++i) top = std::max(top, std::fabs(q[i]));
-  int e = 0;
-  std::frexp(top, &e);  // top in [2^(e-1), 2^e)
-  const float step = top > 0.f ? std::ldexp(1.0f, e - 7) : 1.0f;
-  alignas(64) int8_t ints[64];
-  int32_t sum = 0;
-  for (int i = 0; i < 64; ++i) {
-    const float v = q[i] / step, r = std::nearbyint(v);
-    if (r != v || std::fabs(r) > 127.f) return false;
-    ints[i] = static_cast<int8_t>(r);
-    sum += ints[i];
-  }
-  std::memcpy(out.quad, ints, 64);
-  out.sum = sum;
-  out.step = step;
-  return true;
-}
-
-// fill_dense from int8 tiles (int8_tiles in ops.py: per head, 16 codes a tile, each 64-byte vector one quad of
-// dims of its 16 codes, stored as integer + 128) and queries in int8 steps: a quad of the query broadcast times a
-// tile vector is 4 dims of 16 codes in one dot-product instruction, half bf16's count for the same dims, and the
-// accumulator starts at -128 x the query's sum, which cancels the stored offset exactly. The integer sums are
-// exact, and so is their product with the power-of-two step: the values equal the bf16 path's bit for bit.
-template <int G>
-void fill_dense_i8(const Entries& en, const QuadQ* qq, int64_t R, const uint8_t* tiles, float* tables) {
-  constexpr int P = G <= 4 ? 2 : 1;
-  const int64_t B = en.B, H = en.H, C = en.C, T = en.T, bands = en.bands, Gr = en.Gr, nt = (C + 15) / 16;
-  std::vector<std::vector<std::array<int64_t, 2>>> work(H);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H; ++h)
-      for (int64_t band = 0; band < bands; ++band)
-        if (en.dense[(b * H + h) * bands + band]) work[h].push_back({b, band});
-  const int64_t per_h = (nt + kTilesPerItem - 1) / kTilesPerItem;
-  at::parallel_for(0, H * per_h, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t item = lo; item < hi; ++item) {
-      const int64_t h = item / per_h, t0 = (item % per_h) * kTilesPerItem, t1 = std::min(nt, t0 + kTilesPerItem);
-      if (work[h].empty()) continue;
-      for (int64_t t = t0; t < t1; ++t) {
-        const uint8_t* tile = tiles + (h * nt + t) * kI8Tile;
-        const int64_t c0 = t * 16, cn = std::min<int64_t>(16, C - c0);
-        const __mmask16 mk = static_cast<__mmask16>((1u << cn) - 1);
-        for (size_t w0 = 0; w0 < work[h].size(); w0 += P) {
-          const int np = static_cast<int>(std::min<size_t>(P, work[h].size() - w0));
-          const QuadQ* qb[P];
-          __m512i acc[P][G];
-#pragma GCC unroll 2
-          for (int i = 0; i < P; ++i) {
-            const auto& [b, band] = work[h][w0 + std::min(i, np - 1)];
-            qb[i] = qq + (b * H + h) * R + band;  // query head g's row: qb[i][g * bands]
-#pragma GCC unroll 8
-            for (int g = 0; g < G; ++g) acc[i][g] = _mm512_set1_epi32(-128 * qb[i][g * bands].sum);
-          }
-#pragma GCC unroll 4
-          for (int p = 0; p < 16; ++p) {
-            const __m512i tv = _mm512_load_si512(tile + p * 64);
-#pragma GCC unroll 2
-            for (int i = 0; i < P; ++i)
-#pragma GCC unroll 8
-              for (int g = 0; g < G; ++g)
-                acc[i][g] = _mm512_dpbusd_epi32(acc[i][g], tv, _mm512_set1_epi32(qb[i][g * bands].quad[p]));
-          }
-          for (int i = 0; i < np; ++i) {
-            const auto& [b, band] = work[h][w0 + i];
-            const int64_t bh = b * H + h;
-            __m512 v[G];
-#pragma GCC unroll 8
-            for (int g = 0; g < G; ++g)
-              v[g] = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[i][g]), _mm512_set1_ps(qb[i][g * bands].step));
-            if (Gr == 1) {
-              __m512 m = v[0];
-#pragma GCC unroll 8
-              for (int g = 1; g < G; ++g) m = _mm512_max_ps(m, v[g]);
-              _mm512_mask_storeu_ps(tables + bh * T + band * C + c0, mk, m);
-            } else {
-#pragma GCC unroll 8
-              for (int g = 0; g < G; ++g) _mm512_mask_storeu_ps(tables + (bh * G + g) * T + band * C + c0, mk, v[g]);
-            }
-          }
-        }
-      }
-    }
-  });
-}
-
-// fill_dense_i8 for q (B*H*R rows of 64 floats); false (nothing written) when a row is not in int8 steps or G > 8.
-bool fill_dense_i8_q(const Entries& en, const float* Q, int64_t R, int64_t G, const uint8_t* tiles, float* tables) {
-  const int64_t rows = en.B * en.H * R;
-  std::vector<QuadQ> qq(rows);
-  for (int64_t r = 0; r < rows; ++r)
-    if (!int8_row(Q + r * 64, qq[r])) return false;
-  switch (G) {
-    case 1: fill_dense_i8<1>(en, qq.data(), R, tiles, tables); return true;
-    case 2: fill_dense_i8<2>(en, qq.data(), R, tiles, tables); return true;
-    case 3: fill_dense_i8<3>(en, qq.data(), R, tiles, tables); return true;
-    case 4: fill_dense_i8<4>(en, qq.data(), R, tiles, tables); return true;
-    case 5: fill_dense_i8<5>(en, qq.data(), R, tiles, tables); return true;
-    case 6: fill_dense_i8<6>(en, qq.data(), R, tiles, tables); return true;
-    case 7: fill_dense_i8<7>(en, qq.data(), R, tiles, tables); return true;
-    case 8: fill_dense_i8<8>(en, qq.data(), R, tiles, tables); return true;
-    default: return false;
-  }
-}
-#endif
-
 }  // namespace
 
 // The selection of score_select on the tables q · centroids^T (or their group max), without building them:
@@ -1222,8 +1103,7 @@ bool fill_dense_i8_q(const Entries& en, const float* Q, int64_t R, int64_t G, co
 // order than lookup_tables': values equal within fp32 rounding, so selections equal but for near-ties).
 std::vector<at::Tensor> score_select_direct(at::Tensor q, at::Tensor centroids, int64_t bands, bool group_max,
                                                at::Tensor codes, std::optional<at::Tensor> offsets,
-                                               at::Tensor valid, at::Tensor k, int64_t sinks, int64_t window,
-                                               std::optional<at::Tensor> tiles) {
+                                               at::Tensor valid, at::Tensor k, int64_t sinks, int64_t window) {
   TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat, "q must be float32 (B, Hkv, G*bands, d)");
   TORCH_CHECK(centroids.dim() == 3 && centroids.is_contiguous() &&
                   (centroids.scalar_type() == at::kFloat || centroids.scalar_type() == at::kBFloat16),
@@ -1242,10 +1122,6 @@ std::vector<at::Tensor> score_select_direct(at::Tensor q, at::Tensor centroids, 
   q = q.contiguous();
   const int64_t C = centroids.size(1), d = centroids.size(2);
   const int64_t B = q.size(0), H = q.size(1), R = q.size(2), G = R / bands, Gr = group_max ? 1 : G;
-  if (tiles.has_value())
-    TORCH_CHECK(tiles->scalar_type() == at::kByte && tiles->is_contiguous() && d == 64 &&
-                    tiles->numel() == centroids.size(0) * ((C + 15) / 16) * 16 * 64,
-                "tiles must be int8_tiles(centroids): contiguous uint8 (Hkv, ceil(C/16), 16, 16, 4) at d = 64");
 #if defined(__AVX512BF16__)
   const bool dense_path = centroids.scalar_type() == at::kBFloat16 && d == 64 && G <= 8;
   const double dense_cost = dense_path ? kDenseCost : 0.0;
@@ -1256,13 +1132,8 @@ std::vector<at::Tensor> score_select_direct(at::Tensor q, at::Tensor centroids, 
   float* TB = grown(scratch().tables, B * H * Gr * en->T);  // only the entries in use are written and read
   const float* Q = q.data_ptr<float>();
 #if defined(__AVX512BF16__)
-  if (dense_path && std::find(en->dense.begin(), en->dense.end(), 1) != en->dense.end()) {
-    bool done = false;
-#if defined(__AVX512VNNI__)
-    if (tiles.has_value()) done = fill_dense_i8_q(*en, Q, R, G, tiles->data_ptr<uint8_t>(), TB);
-#endif
-    if (!done) fill_dense_q(*en, Q, R, G, centroids.data_ptr<c10::BFloat16>(), TB);
-  }
+  if (dense_path && std::find(en->dense.begin(), en->dense.end(), 1) != en->dense.end())
+    fill_dense_q(*en, Q, R, G, centroids.data_ptr<c10::BFloat16>(), TB);
 #endif
   if (centroids.scalar_type() == at::kFloat) {
     const float* cp = centroids.data_ptr<float>();

@@ -24,7 +24,7 @@ from a2ats.kernels.reference import (
 from a2ats.kernels.triton_score import triton_available, triton_score_select
 
 __all__ = ["bf16_attention_kernel", "causal_attention", "dequantize_rows", "encode_nearest", "kmeans_nearest", "kmeans_nearest_among", "kmeans_pp_picks", "linear_bf16w", "lookup_tables", "quantize_rows", "tile_centroids", "torch_attention", "score",
-           "int8_tiles", "rope", "score_select", "score_select_direct", "sparse_attention", "store_rows"]
+           "rope", "score_select", "score_select_direct", "sparse_attention", "store_rows"]
 
 
 def _check_score_inputs(lut, codes, offsets):
@@ -113,12 +113,9 @@ def score_select_direct(
     k: torch.Tensor | int,
     sinks: int,
     window: int,
-    tiles: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`score_select` on the lookup tables of q (B, Hkv, G·bands, d) float32 and centroids (Hkv, C, d) float32
     or bfloat16, ``group_max``: on their max over each GQA group (the "max" reduction), without building the tables.
-    ``tiles``: :func:`int8_tiles` of integer-valued centroids, for queries in int8 steps (the int8 score precision):
-    where the CPU has int8 dot products the bands computed whole read them, for the same values.
 
     Row g·bands + i of q is query head g's query for band i, whose table entries are i·C + code (offsets (B, n)
     int32: each token's band·C, or None with one band); k (B,) int64. On CPU tensors the kernel computes, per
@@ -146,24 +143,7 @@ def score_select_direct(
     if offsets is not None and (offsets.dtype != torch.int32 or not offsets.is_contiguous()):
         offsets = offsets.to(torch.int32).contiguous()
     return ext.score_select_direct(q.float(), centroids, int(bands), bool(group_max), codes, offsets, valid,
-                                   k.to(torch.long), int(sinks), int(window), tiles)
-
-
-def int8_tiles(centroids: torch.Tensor) -> torch.Tensor:
-    """Integer-valued centroids (Hkv, C, 64) in [-127, 127] as the int8 kernel's tiles, uint8 (Hkv, ceil(C/16), 16,
-    16, 4): per tile of 16 codes, quad p of dims (4p .. 4p + 3) of each code, stored as integer + 128; the codes past
-    C are zeros."""
-    H, C, d = centroids.shape
-    if d != 64:
-        raise ValueError(f"int8 tiles are made for head size 64, got {d}")
-    ints = centroids.float()
-    if not (torch.equal(ints, ints.round()) and bool((ints.abs() <= 127).all())):
-        raise ValueError("int8 tiles need centroids holding integers in [-127, 127] (the int8 score precision's rows)")
-    nt = -(-C // 16)
-    padded = torch.zeros(H, nt * 16, d)
-    padded[:, :C] = ints
-    tiles = padded.view(H, nt, 16, 16, 4).transpose(2, 3) + 128  # (H, tile, quad, code, 4)
-    return tiles.to(torch.uint8).contiguous()
+                                   k.to(torch.long), int(sinks), int(window))
 
 
 def sparse_attention(

@@ -16,7 +16,7 @@ from a2ats.core.distributed import kv_heads_held
 from a2ats.core.rope import WRoPE, find_rotary_embedding
 from a2ats.core.selection import DecodeStep, table_scores
 from a2ats.kernels import lookup_tables, tile_centroids
-from a2ats.kernels.ops import huge_page_copy, int8_tiles, score_select_direct
+from a2ats.kernels.ops import huge_page_copy, score_select_direct
 from a2ats.methods.base import Method
 
 
@@ -25,7 +25,6 @@ class A2ATSMethod(Method):
         """``score_precision``: the centroid rows every path scores from (:class:`~a2ats.core.config.A2ATSConfig`),
         the same on the reference and the fast paths, so the two select alike."""
         self.score_dtype = score_dtype(score_precision)
-        self.int8 = score_precision == "int8"
         self.codebooks = codebooks
         self.wrope = wrope
         self._tiles: dict = {}  # (layer or "rows", heads, device) -> the kernels' centroid layouts
@@ -82,12 +81,9 @@ class A2ATSMethod(Method):
             q = kernels.rope(x, cos.expand(B, 1, bands, -1), sin.expand(B, 1, bands, -1))
         else:
             q = self.wrope.query(q_pre)
-        q = q.reshape(B, Hkv, (Hq // Hkv) * bands, d)
-        if self.int8:
-            q = int8_steps(q * self.steps(layer, kv_heads, q_pre.device)[:, None])
-        elif self.score_dtype != torch.float32:  # both operands at the score precision, as a matrix unit takes them
+        if self.score_dtype != torch.float32:  # both operands at the score precision, as a matrix unit takes them
             q = q.to(self.score_dtype).float()
-        return q, centroids
+        return q.reshape(B, Hkv, (Hq // Hkv) * bands, d), centroids
 
     def rows(self, layer: int, kv_heads: slice, device) -> torch.Tensor:
         """The centroids (Hkv, C, d) every path scores from, in the method's score precision: a view of one copy of
@@ -97,27 +93,8 @@ class A2ATSMethod(Method):
         if key not in self._tiles:
             rows = torch.stack([self.codebooks.tensors_for(i, kv_heads, device)[0]
                                 for i in range(self.codebooks.num_layers)])
-            if self.int8:  # integers of each dimension's step; the steps scale the queries instead
-                step = rows.abs().amax(2, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / 127
-                self._tiles[("steps",) + key[1:]] = step[:, :, 0]
-                rows = (rows / step).round().clamp(-127, 127)
             self._tiles[key] = huge_page_copy(rows.to(self.score_dtype))
         return self._tiles[key][layer]
-
-    def int8_tiles(self, layer: int, kv_heads: slice, device) -> torch.Tensor | None:
-        """The int8 precision's centroids as the CPU kernel's int8 tiles (:func:`~a2ats.kernels.ops.int8_tiles`),
-        made once; None off the CPU or at a head size other than 64 (the rows serve there)."""
-        if torch.device(device).type != "cpu" or self.rows(layer, kv_heads, device).shape[-1] != 64:
-            return None
-        key = ("int8", kv_heads.start, kv_heads.stop, str(device))
-        if key not in self._tiles:
-            self._tiles[key] = [int8_tiles(self.rows(i, kv_heads, device)) for i in range(self.codebooks.num_layers)]
-        return self._tiles[key][layer]
-
-    def steps(self, layer: int, kv_heads: slice, device) -> torch.Tensor:
-        """(Hkv, d) float32: the int8 precision's step of each dimension of this layer's centroids (:meth:`rows`)."""
-        self.rows(layer, kv_heads, device)
-        return self._tiles[("steps", kv_heads.start, kv_heads.stop, str(device))][layer]
 
     def lut(self, layer: int, q_pre: torch.Tensor, query: torch.Tensor, bands: int, kv_heads: slice) -> torch.Tensor:
         """Lookup tables (B, Hkv, G, bands·C) fp32, a row per query head: q̃ · centroids for each band's q̃."""
@@ -143,22 +120,13 @@ class A2ATSMethod(Method):
         system) selects through here; it selects the set of :meth:`score_tokens` + :func:`a2ats.core.selection.select`
         but where a score's fp32 rounding in another summation order decides a near-tie at the threshold."""
         q, centroids = self.queries(layer, q_pre, query, bands, kv_heads)
-        tiles = self.int8_tiles(layer, kv_heads, q.device) if self.int8 else None
         return score_select_direct(q, centroids, bands, config.reduction == "max", codes, offsets, valid, budget,
-                                   config.sinks, config.window, tiles)
+                                   config.sinks, config.window)
 
     def scores(self, step: DecodeStep) -> torch.Tensor:
         bands, offsets = self.band_offsets(step.valid)
         return self.score_tokens(step.layer, step.q_pre, step.query, step.store.extra("codes"), bands, offsets,
                                  step.kv_heads)
-
-
-def int8_steps(q: torch.Tensor) -> torch.Tensor:
-    """``q`` (..., d) float32 rounded to int8 steps of its row: integers in [-127, 127] times the power of two that
-    fits the row's largest value in 127 steps (exact in bf16 and fp32; so are its products with int8 centroids)."""
-    top = q.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    step = torch.ldexp(torch.ones_like(top), torch.frexp(top / 127).exponent)  # the power of two above top / 127
-    return (q / step).round().clamp(-127, 127) * step
 
 
 def _relative_distance(valid: torch.Tensor) -> torch.Tensor:
