@@ -132,6 +132,53 @@ def test_engine_with_a_prefix_cache_gives_the_same_tokens_and_prefills_less(kv_d
     assert eng.prefix.stats.hits == 2  # the second and the third found the first's blocks
 
 
+def test_loading_again_copies_only_what_the_slot_lacks():
+    """A catch-up (``have``): the positions the slot holds stay as they are, the rest is copied, and it counts as
+    no new lookup; nothing new leaves the count where it was."""
+    src, dst = _filled(torch.float32), _filled(torch.float32, seed=1)
+    store = PrefixCache(1 << 30, block=32)
+    prompt = list(range(100, 200))
+    store.store(prompt, src, 1, 40)  # a block and 8 rows of the next
+    assert store.load(prompt, dst, 0) == 40 and _same(src, 1, dst, 0, 40)
+    store.store(prompt, src, 1, 90)
+    mark = dst.k[0][0, :, :40].clone()
+    dst.k[0][0, :, :40] = 0  # what a slot holds already is not copied again
+    assert store.load(prompt, dst, 0, have=40) == 90
+    assert bool((dst.k[0][0, :, :40] == 0).all())
+    dst.k[0][0, :, :40] = mark
+    assert _same(src, 1, dst, 0, 90)
+    assert store.load(prompt, dst, 0, have=90) == 90 and store.load(prompt, dst, 0, have=95) == 95
+    assert store.stats.lookups == 1 and store.stats.hits == 1 and store.stats.tokens_reused == 90
+
+
+@pytest.mark.parametrize("budget", [None, 40])
+def test_two_prompts_over_one_document_prefill_it_once(budget):
+    """Two questions over one document arrive together (neither in the cache): the second waits while the first
+    prefills the document, copies in its rows as they are stored, and prefills only its question; each gets the
+    tokens it gets alone."""
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(11)
+    doc = torch.randint(3, 97, (290,), generator=g).tolist()
+    prompts = [doc + torch.randint(3, 97, (n,), generator=g).tolist() for n in (6, 12)]
+
+    def engine() -> Engine:
+        return Engine(model, random_codebooks(model), CFG, slots=2, max_context=400, dense_below=0,
+                      decode_weights="model", prefill_dtype="model", prefix_cache=1 << 30, prefill_chunk=64,
+                      prefill_budget=budget, prefill_stall=None)
+
+    alone = [engine().serve([Request(p, 5)]).completions[0].tokens for p in prompts]
+    seen = []
+    got = engine().serve([Request(p, 5) for p in prompts], on_step=seen.append).completions
+    assert [c.tokens for c in got] == alone
+    assert sum(r.prefill_tokens for r in seen) == len(prompts[0]) + 12  # the document once
+    # without a prefix cache both prefill it
+    plain = Engine(model, random_codebooks(model), CFG, slots=2, max_context=400, dense_below=0, decode_weights="model",
+                   prefill_dtype="model", prefill_chunk=64, prefill_budget=budget, prefill_stall=None)
+    seen = []
+    plain.serve([Request(p, 5) for p in prompts], on_step=seen.append)
+    assert sum(r.prefill_tokens for r in seen) == sum(map(len, prompts))
+
+
 def test_a_given_cache_is_not_kept_as_a_prefix():
     model = tiny_model("llama")
     eng = Engine(model, random_codebooks(model), CFG, slots=1, max_context=400, dense_below=0, decode_weights="model",

@@ -13,8 +13,8 @@ def _seq(index: int, prompt: int, prefilled: int = 0, status: Status = Status.WA
     return seq
 
 
-def _scheduler(chunk: int, budget: int | None, *placed: Sequence, slots: int = 4) -> Scheduler:
-    s = Scheduler(chunk, budget)
+def _scheduler(chunk: int, budget: int | None, *placed: Sequence, slots: int = 4, shares: bool = False) -> Scheduler:
+    s = Scheduler(chunk, budget, shares)
     s.resize(slots)
     for i, seq in enumerate(placed):
         seq.slot = i
@@ -91,3 +91,40 @@ def test_with_nothing_decoding_prompts_go_in_whole_in_chunks():
     plan = s.schedule(lambda seq: True, lambda seq: True)
     assert plan.decode == []
     assert _chunks(plan) == [(1, 0, 30), (0, 0, 100), (0, 100, 200), (0, 200, 250)]
+
+
+def _prompted(index: int, prompt: list[int], prefilled: int) -> Sequence:
+    seq = Sequence(index, Request(prompt, 4))
+    seq.prefilled, seq.status = prefilled, Status.PREFILLING
+    return seq
+
+
+def test_a_prompt_waits_for_another_prefilling_its_next_positions_when_prefills_are_shared():
+    """With a prefix cache, a prompt whose next position another prompt in a slot prefills too (the same tokens up
+    to it) waits, the one further on (or, level, the earlier) going on; where the tokens part, or at its own last
+    token, or for a chunk begun, each prefills its own. Without a prefix cache nobody waits."""
+    doc = list(range(1, 1001))
+    lead, late = _prompted(0, doc + [7, 7], 512), _prompted(1, doc + [8, 8, 8], 256)
+    plan = _scheduler(256, None, lead, late, shares=True).schedule(lambda s: True, lambda s: True)
+    assert {c.seq.index for c in plan.prefill} == {0} and late.follows and not lead.follows
+    # level: the earlier arrival goes on
+    a, b = _prompted(0, doc + [7], 256), _prompted(1, doc + [8], 256)
+    plan = _scheduler(256, None, b, a, shares=True).schedule(lambda s: True, lambda s: True)
+    assert {c.seq.index for c in plan.prefill} == {0} and b.follows
+    # parted: where the tokens differ, each its own
+    a, b = _prompted(0, doc + [7, 7, 7], 1001), _prompted(1, doc + [8, 8, 8], 1000)
+    plan = _scheduler(256, None, a, b, shares=True).schedule(lambda s: True, lambda s: True)
+    assert {c.seq.index for c in plan.prefill} == {0, 1} and not b.follows
+    # a prompt at its last token prefills it (its logits give its first token)
+    a, b = _prompted(0, doc + [7, 7], 1001), _prompted(1, doc[:600], 599)
+    plan = _scheduler(256, None, a, b, shares=True).schedule(lambda s: True, lambda s: True)
+    assert {c.seq.index for c in plan.prefill} == {0, 1}
+    # a chunk begun is carried on whatever the other does
+    a, b = _prompted(0, doc + [7], 512), _prompted(1, doc + [8], 256)
+    b.partial = Partial(256, 300, pass_=None)
+    plan = _scheduler(256, None, a, b, shares=True).schedule(lambda s: True, lambda s: True)
+    assert (1, 256, 300) in _chunks(plan) and not b.follows
+    # no prefix cache: both prefill
+    lead, late = _prompted(0, doc + [7, 7], 512), _prompted(1, doc + [8, 8, 8], 256)
+    plan = _scheduler(256, None, lead, late).schedule(lambda s: True, lambda s: True)
+    assert {c.seq.index for c in plan.prefill} == {0, 1} and not late.follows

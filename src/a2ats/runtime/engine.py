@@ -74,7 +74,7 @@ class Engine:
         if unknown:
             raise ValueError(f"unknown engine setting(s) {unknown}; the settings are {', '.join(EngineSettings.names())}")
         self.settings = s = replace(settings or EngineSettings(), **overrides)  # checked on construction
-        self.scheduler = Scheduler(s.prefill_chunk, s.prefill_budget)
+        self.scheduler = Scheduler(s.prefill_chunk, s.prefill_budget, shares=bool(s.prefix_cache))
         self.prefix = PrefixCache(s.prefix_cache) if s.prefix_cache else None
         self.model, self.config = model, config or A2ATSConfig()
         self.lean = lean = LeanModel(model, s.decode_weights, s.prefill_dtype)
@@ -114,6 +114,7 @@ class Engine:
         self._layers_run = 0  # prompt layers this step has run (a step runs one at least)
         self._decode_forward = 0.0  # the last decode forward's seconds: what a prompt layer beside decode may take
         self._layer_token_seconds = 0.0  # the last prompt layer's seconds per token, any sequence's
+        self._prefix_seen = -1  # the prefix cache's version at the last catch-up
         self._sequences: dict[int, Sequence] = {}  # every request in flight (queued or in a slot), by index
         self._next = 0
         self._owner: list[int | None] = []  # request index in each slot
@@ -221,6 +222,7 @@ class Engine:
             if not self.scheduler.busy:
                 self._fit_waiting()
             t = time.perf_counter()
+            self._catch_up()
             failed: list[tuple[Sequence, Exception]] = []
             plan = self.scheduler.schedule(self._fits, lambda seq: self._start(seq, failed))
             for seq, e in failed:
@@ -257,6 +259,16 @@ class Engine:
         except Exception:
             self._abort()
             raise
+
+    def _catch_up(self) -> None:
+        """Prompts that waited for another one prefilling the same tokens (the scheduler's ``follows``) copy in
+        what it stored in the prefix cache since (looked up only when the cache took something new)."""
+        if self.prefix is None or self.prefix.version == self._prefix_seen:
+            return
+        self._prefix_seen = self.prefix.version
+        for seq in self.scheduler.slots:
+            if seq is not None and seq.follows and seq.partial is None:
+                seq.prefilled = self.prefix.load(seq.prompt, self.cache, seq.slot, have=seq.prefilled)
 
     def _fits(self, seq: Sequence) -> bool:
         """Whether ``seq`` fits the cache as allocated (an engine sized to its runs grows when idle)."""

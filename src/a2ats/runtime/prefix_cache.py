@@ -70,6 +70,7 @@ class PrefixCache:
         self._blocks: OrderedDict[bytes, _Block] = OrderedDict()  # least recently used first, tails included
         self._children: dict[bytes, set[bytes]] = {}  # key of a full block (b"": none) -> the entries after it
         self.bytes = 0
+        self.version = 0  # grows with every entry added: whether a catch-up could find anything new
         self.stats = PrefixStats()
 
     def __len__(self) -> int:
@@ -84,32 +85,37 @@ class PrefixCache:
             keys.append(h)
         return keys
 
-    def load(self, prompt: list[int], cache: SlotCache, slot: int) -> int:
+    def load(self, prompt: list[int], cache: SlotCache, slot: int, have: int = 0) -> int:
         """Copy the longest run of cached blocks that ``prompt`` begins with into ``slot`` (leaving its last token
-        to prefill); the number of prompt tokens now in the slot."""
-        self.stats.lookups += 1
+        to prefill); the number of prompt tokens now in the slot. ``have``: positions the slot already holds (a
+        sequence catching up with what another one prefilling the same prefix stored since): only the positions
+        after them are copied, and the catch-up counts as no new lookup."""
+        if not have:
+            self.stats.lookups += 1
         found = []
         for key in self._keys(prompt, len(prompt) - 1):
             b = self._blocks.get(key)
             if b is None:
                 break
             found.append((key, b))
-        for i, (_, b) in enumerate(found):
-            cache.copy_in(slot, i * self.block, b.rows)
+        pieces = [(i * self.block, b, self.block) for i, (_, b) in enumerate(found)]
         n = len(found) * self.block
-        nbytes = sum(b.nbytes for _, b in found)
         part, shared = self._best_child(found[-1][0] if found else b"", prompt[n : len(prompt) - 1])
         if shared:
-            b = self._blocks[part]
-            cache.copy_in(slot, n, [[x[:, :shared] for x in rows] for rows in b.rows])
-            n += shared
-            nbytes += b.nbytes * shared // len(b.tokens)
+            pieces.append((n, self._blocks[part], shared))
         self._touch([key for key, _ in found] + ([part] if shared else []))
-        if n:
-            self.stats.hits += 1
-            self.stats.tokens_reused += n
+        nbytes = 0
+        for start, b, count in pieces:
+            skip = min(max(have - start, 0), count)  # rows the slot holds already
+            if skip < count:
+                cache.copy_in(slot, start + skip, [[x[:, skip:count] for x in rows] for rows in b.rows])
+                nbytes += b.nbytes * (count - skip) // len(b.tokens)
+        n += shared
+        if n > have:
+            self.stats.hits += not have
+            self.stats.tokens_reused += n - have
             self.stats.bytes_reused += nbytes
-        return n
+        return max(n, have)
 
     def _best_child(self, parent: bytes, rest: list[int]) -> tuple[bytes, int]:
         """The entry after ``parent`` sharing the most tokens with ``rest``, and how many (0: none)."""
@@ -163,6 +169,7 @@ class PrefixCache:
         self._blocks[key] = _Block(rows, nbytes, tokens, parent)
         self._children.setdefault(parent, set()).add(key)
         self.bytes += nbytes
+        self.version += 1
         return True
 
     def _remove(self, key: bytes) -> None:

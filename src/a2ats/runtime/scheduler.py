@@ -6,6 +6,11 @@ none overtakes it). Among the prompts in slots, the one with the fewest tokens l
 cached document, whose prompt is mostly in the prefix cache, is answered before a long prompt that arrived earlier
 is through (in-flight chunks, begun in an earlier step, are carried on whatever the budget). With nothing decoding
 the budget does not apply: prompts go in whole, in chunks of ``chunk`` tokens.
+
+With a prefix cache (``shares``), a prompt whose next position another prompt in a slot is prefilling too (the same
+tokens up to it, that one further on or at the same place and earlier in arrival) waits for it instead of
+prefilling the same tokens beside it, each at half the rate: the engine copies in what the other stored meanwhile
+(two questions over one document, the second arriving while the first's document is still prefilling).
 """
 
 from __future__ import annotations
@@ -38,10 +43,12 @@ class Plan:
 
 
 class Scheduler:
-    def __init__(self, chunk: int, budget: int | None):
+    def __init__(self, chunk: int, budget: int | None, shares: bool = False):
         """``chunk``: prompt tokens per prefill forward at most; ``budget``: prompt tokens per step while sequences
-        decode (None: whole prompts, the running sequences wait for them). Both checked by the engine's settings."""
-        self.chunk, self.budget = chunk, budget
+        decode (None: whole prompts, the running sequences wait for them). Both checked by the engine's settings.
+        ``shares``: prompts' prefills are shared through a prefix cache (a prompt waits for another one prefilling
+        the same tokens ahead of it)."""
+        self.chunk, self.budget, self.shares = chunk, budget, shares
         self.waiting: deque[Sequence] = deque()
         self.slots: list[Sequence | None] = []
 
@@ -88,6 +95,9 @@ class Scheduler:
                 failed.append(seq)
         prefilling = [s for s in self.slots if s is not None and s.status is Status.PREFILLING and s not in failed]
         for seq in sorted(prefilling, key=lambda s: (s.left, s.index)):
+            seq.follows = self.shares and self._follows(seq, prefilling)
+            if seq.follows:
+                continue
             start, end = seq.prefilled, len(seq.prompt)
             if seq.partial is not None:  # begun: carried on whole
                 plan.prefill.append(Chunk(seq, seq.partial.start, seq.partial.through))
@@ -101,3 +111,20 @@ class Scheduler:
                     room -= stop - start
                 start = stop
         return plan
+
+    @staticmethod
+    def _follows(seq: Sequence, prefilling: list[Sequence]) -> bool:
+        """Whether another prompt in a slot will prefill ``seq``'s next position before ``seq`` could: the same
+        tokens up to it, and further on, or at the same place and earlier in arrival. Never for a chunk begun, a
+        given cache, or the prompt's last token (its logits give the first new token: always prefilled)."""
+        at = seq.prefilled
+        if seq.partial is not None or seq.request.kv is not None or at >= len(seq.prompt) - 1:
+            return False
+        for o in prefilling:
+            ahead = o.partial.through if o.partial is not None else o.prefilled
+            if (o is seq or o.request.kv is not None or len(o.prompt) <= at or ahead < at
+                    or (ahead == at and o.index > seq.index)):
+                continue
+            if o.prompt[: at + 1] == seq.prompt[: at + 1]:
+                return True
+        return False

@@ -57,6 +57,7 @@ class Sequence:
     prefilled: int = 0  # prompt tokens in the cache (a given cache's count from admission)
     partial: Partial | None = None  # a chunk begun, not through every layer: positions [prefilled, partial.through)
     layer_token_seconds: float = 0.0  # one prompt layer's seconds per token, from its last chunk (0: none yet)
+    follows: bool = False  # waits for another prompt prefilling its next positions (Scheduler: shares)
     tokens: list[int] = field(default_factory=list)  # generated
     logits: list[torch.Tensor] = field(default_factory=list)  # per token, when the engine keeps them
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # per token, when the request asks for them
