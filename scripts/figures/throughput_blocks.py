@@ -188,6 +188,38 @@ def serve_docqa_qwen_pieces(root: Path) -> str:
                       source_line(QWEN_PIECES, d["provenance"])])
 
 
+QWEN_SHARED = "docs/bench/serve/docqa-qwen-shared/serve.json"  # again, a document prefilled once for its questions
+
+
+@block("serve-docqa-qwen-shared")
+def serve_docqa_qwen_shared(root: Path) -> str:
+    """The Qwen docqa workload once more, a question waiting for another question's prefill of the same document
+    instead of prefilling it beside it, against the run before it (same machine) and llama-server's row."""
+    d, before = load_json(root, QWEN_SHARED), load_json(root, QWEN_PIECES)
+    expect(d["provenance"].get("command", "").split("bench serve")[-1].split("--out")[0]
+           == before["provenance"].get("command", "").split("bench serve")[-1].split("--out")[0],
+           f"{QWEN_SHARED}: not the workload of {QWEN_PIECES}")
+    same_machine(d["provenance"], before["provenance"])
+    earlier = load_json(root, DOCQA["qwen2.5-coder-0.5b"][1])
+    (llama,) = [r for r in earlier["rows"] if r["system"].startswith("external")]
+    runs = ([(f"{r['system']}, a document prefilled once", r) for r in d["rows"]]
+            + [(f"{r['system']}, the run before", r) for r in before["rows"]]
+            + [("llama.cpp llama-server, Q8_0 (the first run)", llama)])
+    out = [[name, f"{r['requests']} ({r['ok']})", f"{r['wall_s']:.0f}", f"{r['output_tokens_per_s']:.2f}",
+            f"{r['ttft_p50_s']:.1f} / {r['ttft_p99_s']:.1f}", f"{r['itl_p50_ms']:.0f} / {r['itl_p99_ms']:.0f}",
+            f"{r['itl_p99_ms'] / r['itl_p50_ms']:.1f}", f"{r['output_tokens_per_s'] / llama['output_tokens_per_s']:.1f}x"]
+           for name, r in runs]
+    head = ["system", "requests (ok)", "wall s", "output tokens/s", "TTFT p50 / p99 s", "inter-token p50 / p99 ms",
+            "p99 / p50", "output rate over llama-server's"]
+    ttfts = "; ".join(f"{r['system']}: " + ", ".join(f"{e['ttft']:.0f}" for e in sorted(r["exchanges"],
+                                                                                        key=lambda e: e["sent"]))
+                      for r in d["rows"])
+    return "\n".join(["One run of each (no repeats: no spread is known); llama-server's row is the first run's, not "
+                      "repeated:", "", table(head, out), "",
+                      f"Each request's TTFT in s, in order of arrival (documents 1, 2, 1, 2): {ttfts}.", "",
+                      source_line(QWEN_SHARED, d["provenance"])])
+
+
 def _first_gaps(row) -> tuple[int, int, float]:
     """(count, how many over three times the run's inter-token p50, longest) of the gaps between the tokens of a
     run's first request."""

@@ -149,6 +149,7 @@ def test_loading_again_copies_only_what_the_slot_lacks():
     assert _same(src, 1, dst, 0, 90)
     assert store.load(prompt, dst, 0, have=90) == 90 and store.load(prompt, dst, 0, have=95) == 95
     assert store.stats.lookups == 1 and store.stats.hits == 1 and store.stats.tokens_reused == 90
+    assert store.load(prompt, dst, 1, have=0) == 90 and store.stats.hits == 2  # a catch-up from nothing: a hit
 
 
 @pytest.mark.parametrize("budget", [None, 40])
@@ -162,21 +163,27 @@ def test_two_prompts_over_one_document_prefill_it_once(budget):
     prompts = [doc + torch.randint(3, 97, (n,), generator=g).tolist() for n in (6, 12)]
 
     def engine() -> Engine:
-        return Engine(model, random_codebooks(model), CFG, slots=2, max_context=400, dense_below=0,
+        return Engine(model, random_codebooks(model), CFG, slots=3, max_context=400, dense_below=0,
                       decode_weights="model", prefill_dtype="model", prefix_cache=1 << 30, prefill_chunk=64,
                       prefill_budget=budget, prefill_stall=None)
 
-    alone = [engine().serve([Request(p, 5)]).completions[0].tokens for p in prompts]
+    short = torch.randint(3, 97, (20,), generator=g).tolist()  # decoding meanwhile: the budget applies
+    requests = [Request(short, 40)] + [Request(p, 5) for p in prompts]
+    alone = [engine().serve([r]).completions[0].tokens for r in requests]
     seen = []
-    got = engine().serve([Request(p, 5) for p in prompts], on_step=seen.append).completions
+    eng = engine()
+    got = eng.serve(requests, on_step=seen.append).completions
     assert [c.tokens for c in got] == alone
-    assert sum(r.prefill_tokens for r in seen) == len(prompts[0]) + 12  # the document once
+    assert sum(r.prefill_tokens for r in seen) == len(short) + len(prompts[0]) + 12  # the document once
+    if budget is not None:  # the second copied the rows in as the first stored them: a hit, no new lookup
+        stats = eng.prefix.stats
+        assert (stats.lookups, stats.hits, stats.tokens_reused) == (3, 1, 290)
     # without a prefix cache both prefill it
-    plain = Engine(model, random_codebooks(model), CFG, slots=2, max_context=400, dense_below=0, decode_weights="model",
+    plain = Engine(model, random_codebooks(model), CFG, slots=3, max_context=400, dense_below=0, decode_weights="model",
                    prefill_dtype="model", prefill_chunk=64, prefill_budget=budget, prefill_stall=None)
     seen = []
-    plain.serve([Request(p, 5) for p in prompts], on_step=seen.append)
-    assert sum(r.prefill_tokens for r in seen) == sum(map(len, prompts))
+    plain.serve(requests, on_step=seen.append)
+    assert sum(r.prefill_tokens for r in seen) == len(short) + sum(map(len, prompts))
 
 
 def test_a_given_cache_is_not_kept_as_a_prefix():

@@ -124,6 +124,10 @@ def test_a_prompt_waits_for_another_prefilling_its_next_positions_when_prefills_
     b.partial = Partial(256, 300, pass_=None)
     plan = _scheduler(256, None, a, b, shares=True).schedule(lambda s: True, lambda s: True)
     assert (1, 256, 300) in _chunks(plan) and not b.follows
+    # a few shared tokens (a system prompt) are not worth a wait
+    a, b = _prompted(0, doc[:40] + [7] * 600, 256), _prompted(1, doc[:40] + [8] * 600, 0)
+    plan = _scheduler(256, None, a, b, shares=True).schedule(lambda s: True, lambda s: True)
+    assert {c.seq.index for c in plan.prefill} == {0, 1} and not b.follows
     # no prefix cache: both prefill
     lead, late = _prompted(0, doc + [7, 7], 512), _prompted(1, doc + [8, 8, 8], 256)
     plan = _scheduler(256, None, lead, late).schedule(lambda s: True, lambda s: True)

@@ -85,13 +85,14 @@ class PrefixCache:
             keys.append(h)
         return keys
 
-    def load(self, prompt: list[int], cache: SlotCache, slot: int, have: int = 0) -> int:
+    def load(self, prompt: list[int], cache: SlotCache, slot: int, have: int | None = None) -> int:
         """Copy the longest run of cached blocks that ``prompt`` begins with into ``slot`` (leaving its last token
         to prefill); the number of prompt tokens now in the slot. ``have``: positions the slot already holds (a
         sequence catching up with what another one prefilling the same prefix stored since): only the positions
-        after them are copied, and the catch-up counts as no new lookup."""
-        if not have:
-            self.stats.lookups += 1
+        after them are copied, and the catch-up counts as no new lookup (as a hit where the lookup found none)."""
+        lookup = have is None
+        have = have or 0
+        self.stats.lookups += lookup
         found = []
         for key in self._keys(prompt, len(prompt) - 1):
             b = self._blocks.get(key)
@@ -112,7 +113,7 @@ class PrefixCache:
                 nbytes += b.nbytes * (count - skip) // len(b.tokens)
         n += shared
         if n > have:
-            self.stats.hits += not have
+            self.stats.hits += not have  # a prompt's first rows from the cache, at admission or in a catch-up
             self.stats.tokens_reused += n - have
             self.stats.bytes_reused += nbytes
         return max(n, have)

@@ -22,6 +22,11 @@ from dataclasses import dataclass, field
 from a2ats.runtime.sequence import Sequence, Status
 
 
+# A prompt waits for another prefilling the same tokens only when the two begin with at least this many (a prefix
+# cache block's worth): a system prompt of a few tokens is not worth a wait.
+SHARED_SPAN = 256
+
+
 @dataclass(frozen=True)
 class Chunk:
     """Prompt positions [start, end) of ``seq`` to prefill."""
@@ -115,16 +120,18 @@ class Scheduler:
     @staticmethod
     def _follows(seq: Sequence, prefilling: list[Sequence]) -> bool:
         """Whether another prompt in a slot will prefill ``seq``'s next position before ``seq`` could: the same
-        tokens up to it, and further on, or at the same place and earlier in arrival. Never for a chunk begun, a
-        given cache, or the prompt's last token (its logits give the first new token: always prefilled)."""
+        tokens up to it and over SHARED_SPAN at least (a shared system prompt of a few tokens is not worth a wait),
+        and further on, or at the same place and earlier in arrival. Never for a chunk begun, a given cache, or the
+        prompt's last token (its logits give the first new token: always prefilled)."""
         at = seq.prefilled
         if seq.partial is not None or seq.request.kv is not None or at >= len(seq.prompt) - 1:
             return False
+        span = max(at + 1, SHARED_SPAN)
         for o in prefilling:
             ahead = o.partial.through if o.partial is not None else o.prefilled
-            if (o is seq or o.request.kv is not None or len(o.prompt) <= at or ahead < at
+            if (o is seq or o.request.kv is not None or min(len(o.prompt), len(seq.prompt)) < span or ahead < at
                     or (ahead == at and o.index > seq.index)):
                 continue
-            if o.prompt[: at + 1] == seq.prompt[: at + 1]:
+            if o.prompt[:span] == seq.prompt[:span]:
                 return True
         return False
