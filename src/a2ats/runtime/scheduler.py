@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 from a2ats.runtime.sequence import Sequence, Status
 
-
 # A prompt waits for another prefilling the same tokens only when the two begin with at least this many (a prefix
 # cache block's worth): a system prompt of a few tokens is not worth a wait.
 SHARED_SPAN = 256
