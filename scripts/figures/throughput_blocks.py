@@ -220,6 +220,32 @@ def serve_docqa_qwen_shared(root: Path) -> str:
                       source_line(QWEN_SHARED, d["provenance"])])
 
 
+SMOL_STALL1 = "docs/bench/serve/docqa-smollm2-stall1/serve.json"
+SMOL_SHARED = "docs/bench/serve/docqa-smollm2-shared/serve.json"
+
+
+@block("serve-docqa-smollm2-shared")
+def serve_docqa_smollm2_shared(root: Path) -> str:
+    """The default model's docqa workload again at the code of the Qwen runs above (chunks under way split to fit,
+    a document prefilled once for its questions), against its run with the stall's default and llama-server's."""
+    d, before = load_json(root, SMOL_SHARED), load_json(root, SMOL_STALL1)
+    expect(d["provenance"].get("command", "").split("bench serve")[-1].split("--out")[0]
+           == before["provenance"].get("command", "").split("bench serve")[-1].split("--out")[0],
+           f"{SMOL_SHARED}: not the workload of {SMOL_STALL1}")
+    same_machine(d["provenance"], before["provenance"])
+    earlier = load_json(root, DOCQA["smollm2-135m"][1])
+    (llama,) = [r for r in earlier["rows"] if r["system"].startswith("external")]
+    runs = ([(f"{r['system']}, now", r) for r in d["rows"]]
+            + [(f"{r['system']}, prompts sliced by layers (above)", r) for r in before["rows"]]
+            + [("llama.cpp llama-server, Q8_0 (the first run)", llama)])
+    out = [[name, f"{r['requests']} ({r['ok']})", f"{r['output_tokens_per_s']:.2f}",
+            f"{r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.1f}", f"{r['itl_p50_ms']:.0f} / {r['itl_p99_ms']:.0f}",
+            f"{r['itl_p99_ms'] / r['itl_p50_ms']:.1f}"] for name, r in runs]
+    head = ["system", "requests (ok)", "output tokens/s", "TTFT p50 / p99 s", "inter-token p50 / p99 ms", "p99 / p50"]
+    return "\n".join(["One run of each (no repeats: no spread is known); llama-server's row is the first run's, not "
+                      "repeated:", "", table(head, out), "", source_line(SMOL_SHARED, d["provenance"])])
+
+
 def _first_gaps(row) -> tuple[int, int, float]:
     """(count, how many over three times the run's inter-token p50, longest) of the gaps between the tokens of a
     run's first request."""
