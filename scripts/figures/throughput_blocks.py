@@ -158,92 +158,67 @@ def serve_docqa_qwen_sliced(root: Path) -> str:
 
 
 QWEN_PIECES = "docs/bench/serve/docqa-qwen-pieces/serve.json"  # again, chunks under way split to fit a decode step
+QWEN_SHARED = "docs/bench/serve/docqa-qwen-shared/serve.json"  # again, a document prefilled once for its questions
+SMOL_STALL1 = "docs/bench/serve/docqa-smollm2-stall1/serve.json"
+SMOL_SHARED = "docs/bench/serve/docqa-smollm2-shared/serve.json"
+
+
+def _docqa_against(root: Path, rel: str, rel_before: str, model: str, now: str, before_label: str):
+    """A docqa run (``rel``) against the run before it (the same workload and machine) and llama-server's first
+    run: (run, the run before, the table of the three)."""
+    d, before = load_json(root, rel), load_json(root, rel_before)
+
+    def workload(x):
+        return x["provenance"].get("command", "").split("bench serve")[-1].split("--out")[0]
+
+    expect(workload(d) == workload(before), f"{rel}: not the workload of {rel_before}")
+    same_machine(d["provenance"], before["provenance"])
+    (llama,) = [r for r in load_json(root, DOCQA[model][1])["rows"] if r["system"].startswith("external")]
+    runs = ([(f"{r['system']}, {now}", r) for r in d["rows"]] + [(f"{r['system']}, {before_label}", r)
+                                                                  for r in before["rows"]]
+            + [("llama.cpp llama-server, Q8_0 (the first run)", llama)])
+    out = [[name, f"{r['requests']} ({r['ok']})", f"{r['wall_s']:.0f}", f"{r['output_tokens_per_s']:.2f}",
+            f"{r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.1f}", f"{r['itl_p50_ms']:.0f} / {r['itl_p99_ms']:.0f}",
+            f"{r['itl_p99_ms'] / r['itl_p50_ms']:.1f}", f"{r['output_tokens_per_s'] / llama['output_tokens_per_s']:.1f}x"]
+           for name, r in runs]
+    head = ["system", "requests (ok)", "wall s", "output tokens/s", "TTFT p50 / p99 s", "inter-token p50 / p99 ms",
+            "p99 / p50", "output rate over llama-server's"]
+    return d, before, "\n".join(["One run of each (no repeats: no spread is known); llama-server's row is the first "
+                                 "run's, not repeated:", "", table(head, out)])
 
 
 @block("serve-docqa-qwen-pieces")
 def serve_docqa_qwen_pieces(root: Path) -> str:
     """The Qwen docqa workload once more, a chunk under way split at its layer where that layer would hold a decoding
     sequence past the stall, beside the run before it (same machine) and llama-server's row."""
-    d, before = load_json(root, QWEN_PIECES), load_json(root, QWEN_SLICED)
-    expect(d.get("workload") == "docqa" and d.get("model") == "qwen2.5-coder-0.5b", f"{QWEN_PIECES}: not Qwen's docqa")
-    expect(d["provenance"].get("command", "").split("bench serve")[-1].split("--out")[0]
-           == before["provenance"].get("command", "").split("bench serve")[-1].split("--out")[0],
-           f"{QWEN_PIECES}: not the workload of {QWEN_SLICED}")
-    same_machine(d["provenance"], before["provenance"])
-    earlier = load_json(root, DOCQA["qwen2.5-coder-0.5b"][1])
-    (llama,) = [r for r in earlier["rows"] if r["system"].startswith("external")]
-    runs = ([(f"{r['system']}, chunks split to fit", r) for r in d["rows"]]
-            + [(f"{r['system']}, the run before", r) for r in before["rows"]]
-            + [("llama.cpp llama-server, Q8_0 (the first run)", llama)])
-    out = [[name, f"{r['requests']} ({r['ok']})", f"{r['wall_s']:.0f}", f"{r['output_tokens_per_s']:.2f}",
-            f"{r['ttft_p50_s']:.1f} / {r['ttft_p99_s']:.1f}", f"{r['itl_p50_ms']:.0f} / {r['itl_p99_ms']:.0f}",
-            f"{r['itl_p99_ms'] / r['itl_p50_ms']:.1f}"] for name, r in runs]
-    head = ["system", "requests (ok)", "wall s", "output tokens/s", "TTFT p50 / p99 s", "inter-token p50 / p99 ms",
-            "p99 / p50"]
+    d, before, text = _docqa_against(root, QWEN_PIECES, QWEN_SLICED, "qwen2.5-coder-0.5b", "chunks split to fit",
+                                     "the run before")
     spans = "; ".join(f"{r['system']}: {slow} of {n} over three times the p50, the longest {hi:.2f} s"
                       for r, (n, slow, hi) in ((r, _first_gaps(r)) for r in before["rows"] + d["rows"]))
-    return "\n".join(["One run of each (no repeats: no spread is known); llama-server's row is the first run's, not "
-                      "repeated:", "", table(head, out), "",
-                      f"The first request's gaps between two tokens, the run before then this one: {spans}.", "",
-                      source_line(QWEN_PIECES, d["provenance"])])
-
-
-QWEN_SHARED = "docs/bench/serve/docqa-qwen-shared/serve.json"  # again, a document prefilled once for its questions
+    return "\n".join([text, "", f"The first request's gaps between two tokens, the run before then this one: {spans}.",
+                      "", source_line(QWEN_PIECES, d["provenance"])])
 
 
 @block("serve-docqa-qwen-shared")
 def serve_docqa_qwen_shared(root: Path) -> str:
     """The Qwen docqa workload once more, a question waiting for another question's prefill of the same document
     instead of prefilling it beside it, against the run before it (same machine) and llama-server's row."""
-    d, before = load_json(root, QWEN_SHARED), load_json(root, QWEN_PIECES)
-    expect(d["provenance"].get("command", "").split("bench serve")[-1].split("--out")[0]
-           == before["provenance"].get("command", "").split("bench serve")[-1].split("--out")[0],
-           f"{QWEN_SHARED}: not the workload of {QWEN_PIECES}")
-    same_machine(d["provenance"], before["provenance"])
-    earlier = load_json(root, DOCQA["qwen2.5-coder-0.5b"][1])
-    (llama,) = [r for r in earlier["rows"] if r["system"].startswith("external")]
-    runs = ([(f"{r['system']}, a document prefilled once", r) for r in d["rows"]]
-            + [(f"{r['system']}, the run before", r) for r in before["rows"]]
-            + [("llama.cpp llama-server, Q8_0 (the first run)", llama)])
-    out = [[name, f"{r['requests']} ({r['ok']})", f"{r['wall_s']:.0f}", f"{r['output_tokens_per_s']:.2f}",
-            f"{r['ttft_p50_s']:.1f} / {r['ttft_p99_s']:.1f}", f"{r['itl_p50_ms']:.0f} / {r['itl_p99_ms']:.0f}",
-            f"{r['itl_p99_ms'] / r['itl_p50_ms']:.1f}", f"{r['output_tokens_per_s'] / llama['output_tokens_per_s']:.1f}x"]
-           for name, r in runs]
-    head = ["system", "requests (ok)", "wall s", "output tokens/s", "TTFT p50 / p99 s", "inter-token p50 / p99 ms",
-            "p99 / p50", "output rate over llama-server's"]
+    d, _, text = _docqa_against(root, QWEN_SHARED, QWEN_PIECES, "qwen2.5-coder-0.5b", "a document prefilled once",
+                                "the run before")
     ttfts = "; ".join(f"{r['system']}: " + ", ".join(f"{e['ttft']:.0f}" for e in sorted(r["exchanges"],
                                                                                         key=lambda e: e["sent"]))
                       for r in d["rows"])
-    return "\n".join(["One run of each (no repeats: no spread is known); llama-server's row is the first run's, not "
-                      "repeated:", "", table(head, out), "",
-                      f"Each request's TTFT in s, in order of arrival (documents 1, 2, 1, 2): {ttfts}.", "",
+    return "\n".join([text, "", f"Each request's TTFT in s, in order of arrival (documents 1, 2, 1, 2): {ttfts}.", "",
                       source_line(QWEN_SHARED, d["provenance"])])
-
-
-SMOL_STALL1 = "docs/bench/serve/docqa-smollm2-stall1/serve.json"
-SMOL_SHARED = "docs/bench/serve/docqa-smollm2-shared/serve.json"
 
 
 @block("serve-docqa-smollm2-shared")
 def serve_docqa_smollm2_shared(root: Path) -> str:
     """The default model's docqa workload again at the code of the Qwen runs above (chunks under way split to fit,
     a document prefilled once for its questions), against its run with the stall's default and llama-server's."""
-    d, before = load_json(root, SMOL_SHARED), load_json(root, SMOL_STALL1)
-    expect(d["provenance"].get("command", "").split("bench serve")[-1].split("--out")[0]
-           == before["provenance"].get("command", "").split("bench serve")[-1].split("--out")[0],
-           f"{SMOL_SHARED}: not the workload of {SMOL_STALL1}")
-    same_machine(d["provenance"], before["provenance"])
-    earlier = load_json(root, DOCQA["smollm2-135m"][1])
-    (llama,) = [r for r in earlier["rows"] if r["system"].startswith("external")]
-    runs = ([(f"{r['system']}, now", r) for r in d["rows"]]
-            + [(f"{r['system']}, prompts sliced by layers (above)", r) for r in before["rows"]]
-            + [("llama.cpp llama-server, Q8_0 (the first run)", llama)])
-    out = [[name, f"{r['requests']} ({r['ok']})", f"{r['output_tokens_per_s']:.2f}",
-            f"{r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.1f}", f"{r['itl_p50_ms']:.0f} / {r['itl_p99_ms']:.0f}",
-            f"{r['itl_p99_ms'] / r['itl_p50_ms']:.1f}"] for name, r in runs]
-    head = ["system", "requests (ok)", "output tokens/s", "TTFT p50 / p99 s", "inter-token p50 / p99 ms", "p99 / p50"]
-    return "\n".join(["One run of each (no repeats: no spread is known); llama-server's row is the first run's, not "
-                      "repeated:", "", table(head, out), "", source_line(SMOL_SHARED, d["provenance"])])
+    d, _, text = _docqa_against(root, SMOL_SHARED, SMOL_STALL1, "smollm2-135m", "now",
+                                "prompts sliced by layers (above)")
+    return "\n".join([text, "", source_line(SMOL_SHARED, d["provenance"])])
 
 
 def _first_gaps(row) -> tuple[int, int, float]:
