@@ -308,8 +308,8 @@ class Engine:
             if self._layers_run and left <= 0:
                 return False  # the step's time is spent: the chunk begins in the next step
             per_token = seq.layer_token_seconds or self._layer_token_seconds  # its own chunks, else any's
-            if per_token > 0 and e - s > max(int(left / per_token), MIN_FITTED_CHUNK):
-                chunk = Chunk(seq, s, s + max(int(left / per_token), MIN_FITTED_CHUNK))
+            if per_token > 0 and e - s > _fitted(left, per_token):
+                chunk = Chunk(seq, s, s + _fitted(left, per_token))
                 e, cut = chunk.end, True
         if seq.partial is None:  # its layer time a guess until one ran: whether the first fits what is left
             seq.partial = Partial(s, e, lean.begin(torch.tensor([seq.prompt[s:e]], device=device),
@@ -350,13 +350,10 @@ class Engine:
         ``left`` seconds the step may give it (SPLIT_OVERRUN times; one layer is run whatever the time, and a chunk
         begun before any sequence decoded was sized without knowing a decode step's time), its first positions, as
         many as one layer does in that time, go on alone; the others wait at this layer (:meth:`Partial.split`)."""
-        part = seq.partial
+        part, left = seq.partial, max(left, 0.0)
         n = part.end - part.start
-        if part.layer_seconds <= SPLIT_OVERRUN * max(left, 0.0) or n <= MIN_FITTED_CHUNK:
-            return
-        keep = max(int(max(left, 0.0) / (part.layer_seconds / n)), MIN_FITTED_CHUNK)
-        if keep < n:
-            seq.partial = part.split(keep)
+        if part.layer_seconds > SPLIT_OVERRUN * left and _fitted(left, part.layer_seconds / n) < n:
+            seq.partial = part.split(_fitted(left, part.layer_seconds / n))
 
     def _in_slots(self) -> int:
         return sum(s is not None for s in self.scheduler.slots)
@@ -563,6 +560,12 @@ class Engine:
                       for t in range(width)]
         return EngineOutput(tokens, lengths, n, res.prefill_seconds, res.step_seconds, res.breakdown, res.stats, logits,
                             res.trace)
+
+
+def _fitted(left: float, per_token: float) -> int:
+    """Prompt tokens one layer takes in ``left`` seconds at ``per_token`` seconds a token (MIN_FITTED_CHUNK at
+    least)."""
+    return max(int(left / per_token), MIN_FITTED_CHUNK)
 
 
 def default_kv_dtype(lean: LeanModel, host: torch.device) -> torch.dtype:
